@@ -1,0 +1,150 @@
+//! The experts: feed-forward networks stored stacked, run as one batched matmul.
+
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::tensor::activation::relu;
+use burn::tensor::{Device, Tensor};
+
+use crate::error::{check_nonzero, MoeError};
+use crate::init::uniform;
+
+/// Activation of an [`ExpertKind::Ffn`] expert.
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `gelu(x)` (exact, erf-based), as in GPT-2 / BERT.
+    Gelu,
+    /// `max(x, 0)`.
+    Relu,
+    /// `x * sigmoid(x)`.
+    Silu,
+}
+
+impl Activation {
+    /// Applies the activation.
+    pub fn apply<const D: usize>(self, x: Tensor<D>) -> Tensor<D> {
+        match self {
+            Activation::Gelu => gelu(x),
+            Activation::Relu => relu(x),
+            Activation::Silu => silu(x),
+        }
+    }
+}
+
+/// Exact GELU, `x * (1 + erf(x / sqrt(2))) / 2`, written out so that autodiff differentiates
+/// the function actually computed: Burn 0.22's `activation::gelu` computes this forward but
+/// back-propagates the derivative of the tanh approximation (a relative gradient error of about
+/// 1e-3, caught by our finite-difference test).
+pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    x.clone()
+        .div_scalar(std::f64::consts::SQRT_2)
+        .erf()
+        .add_scalar(1.0)
+        .mul(x)
+        .mul_scalar(0.5)
+}
+
+/// SiLU (swish), `x / (1 + exp(-x))`, written out so that it keeps the input's precision:
+/// Burn 0.22's `activation::sigmoid` (and so `silu`) computes in f32 even on f64 tensors.
+pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    x.clone() / x.neg().exp().add_scalar(1.0)
+}
+
+/// The form of one expert.
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
+pub enum ExpertKind {
+    /// `act(x W_in + b_in) W_out + b_out` (Transformer FFN).
+    Ffn(Activation),
+    /// `(silu(x W_gate) * (x W_in)) W_out`, no biases (Shazeer 2020, "GLU Variants Improve
+    /// Transformer"; LLaMA, Mixtral).
+    SwiGlu,
+}
+
+/// Shape and form of every expert of a layer.
+#[derive(Config, Debug, PartialEq)]
+pub struct ExpertConfig {
+    /// Hidden size of one expert.
+    pub d_hidden: usize,
+    /// Feed-forward or SwiGLU.
+    #[config(default = "ExpertKind::Ffn(Activation::Gelu)")]
+    pub kind: ExpertKind,
+}
+
+impl ExpertConfig {
+    pub(crate) fn validate(&self) -> Result<(), MoeError> {
+        check_nonzero("expert.d_hidden", self.d_hidden)
+    }
+
+    /// `num_experts` experts of this form on `d_model`-sized tokens, stacked. Weights are drawn
+    /// as Burn's `Linear` draws them: `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`.
+    pub fn init(&self, num_experts: usize, d_model: usize, device: &Device) -> Experts {
+        let (e, d, h) = (num_experts, d_model, self.d_hidden);
+        let has_bias = matches!(self.kind, ExpertKind::Ffn(_));
+        Experts {
+            w_in: uniform([e, d, h], d, device),
+            b_in: has_bias.then(|| uniform([e, h], d, device)),
+            w_gate: matches!(self.kind, ExpertKind::SwiGlu).then(|| uniform([e, d, h], d, device)),
+            w_out: uniform([e, h, d], h, device),
+            b_out: has_bias.then(|| uniform([e, d], h, device)),
+            kind: self.kind,
+        }
+    }
+
+    /// Parameters of one expert.
+    pub fn params_per_expert(&self, d_model: usize) -> usize {
+        let (d, h) = (d_model, self.d_hidden);
+        match self.kind {
+            ExpertKind::Ffn(_) => 2 * d * h + h + d,
+            ExpertKind::SwiGlu => 3 * d * h,
+        }
+    }
+}
+
+/// `E` experts of one form, stacked so that all of them run as one batched matmul:
+/// input `[E, C, d_model]` (row `c` of slice `e` is the `c`-th token of expert `e`), output
+/// the same shape.
+#[derive(Module, Debug)]
+pub struct Experts {
+    /// Input projection, `[E, d_model, d_hidden]`.
+    pub w_in: Param<Tensor<3>>,
+    /// Input bias, `[E, d_hidden]` (FFN only).
+    pub b_in: Option<Param<Tensor<2>>>,
+    /// Gate projection, `[E, d_model, d_hidden]` (SwiGLU only).
+    pub w_gate: Option<Param<Tensor<3>>>,
+    /// Output projection, `[E, d_hidden, d_model]`.
+    pub w_out: Param<Tensor<3>>,
+    /// Output bias, `[E, d_model]` (FFN only).
+    pub b_out: Option<Param<Tensor<2>>>,
+    /// The form of the experts.
+    #[module(skip)]
+    pub kind: ExpertKind,
+}
+
+impl Experts {
+    /// Runs expert `e` on slice `e` of `x: [E, C, d_model]`.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let mut hidden = x.clone().matmul(self.w_in.val());
+        if let Some(bias) = &self.b_in {
+            hidden = hidden + bias.val().unsqueeze_dim(1);
+        }
+        let hidden = match (self.kind, &self.w_gate) {
+            (ExpertKind::SwiGlu, Some(w_gate)) => silu(x.matmul(w_gate.val())) * hidden,
+            (ExpertKind::Ffn(activation), _) => activation.apply(hidden),
+            (ExpertKind::SwiGlu, None) => unreachable!("SwiGLU experts are built with a gate"),
+        };
+        let mut output = hidden.matmul(self.w_out.val());
+        if let Some(bias) = &self.b_out {
+            output = output + bias.val().unsqueeze_dim(1);
+        }
+        output
+    }
+
+    /// Number of experts in the stack.
+    pub fn num_experts(&self) -> usize {
+        self.w_in.shape().dims::<3>()[0]
+    }
+
+    /// Hidden size of one expert.
+    pub fn d_hidden(&self) -> usize {
+        self.w_in.shape().dims::<3>()[2]
+    }
+}

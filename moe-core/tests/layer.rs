@@ -1,0 +1,18 @@
+//! Tests of the MoE layer on the CPU backend (ndarray, f32).
+
+mod common;
+
+#[path = "layer/balancing.rs"]
+mod balancing;
+#[path = "layer/capacity.rs"]
+mod capacity;
+#[path = "layer/config.rs"]
+mod config;
+#[path = "layer/dense.rs"]
+mod dense;
+#[path = "layer/determinism.rs"]
+mod determinism;
+#[path = "layer/losses.rs"]
+mod losses;
+#[path = "layer/reference_parity.rs"]
+mod reference_parity;

@@ -1,0 +1,2 @@
+//! burn-moe facade
+pub use moe_core;

@@ -1,2 +1,13 @@
-//! burn-moe facade
-pub use moe_core;
+//! # burn-moe
+//!
+//! Mixture-of-Experts for Burn, in pure Rust. This crate re-exports the parts:
+//!
+//! - [`core`] (`moe-core`): the MoE layer: gates, experts, dispatch, balancing losses;
+//! - [`models`] (`moe-models`): MoE transformers built from the layer;
+//! - [`train`] (`moe-train`): training, generation and the backend chooser.
+
+pub use moe_core as core;
+pub use moe_models as models;
+pub use moe_train as train;
+
+pub use moe_core::burn;

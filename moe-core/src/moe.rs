@@ -281,6 +281,7 @@ impl Moe {
         let dropped_assignments = (routed_per_expert.clone() - tokens_per_expert.clone()).sum();
         let unrouted_tokens = kept.sum_dim(1).equal_elem(0).int().sum();
         let stats = RoutingStats {
+            assignments: plan.kept,
             routed_per_expert,
             tokens_per_expert,
             dropped_assignments,

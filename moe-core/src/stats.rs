@@ -1,6 +1,6 @@
 //! Routing statistics: what the router did in one forward pass.
 
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Bool, Int, Tensor};
 
 use crate::LossKind;
 
@@ -8,6 +8,9 @@ use crate::LossKind;
 /// reductions and no host synchronisation; call [`RoutingStats::summary`] to read it.
 #[derive(Debug, Clone)]
 pub struct RoutingStats {
+    /// Which (token, expert) pairs the experts processed, `[tokens, E]`: the routing decision
+    /// after capacity.
+    pub assignments: Tensor<2, Bool>,
     /// Assignments each expert was asked for, before capacity, `[E]`. For expert choice, the
     /// tokens each expert picked.
     pub routed_per_expert: Tensor<1, Int>,

@@ -1,0 +1,92 @@
+//! Drop the MoE layer into your own Burn model and train it.
+//!
+//! A toy regression where the right answer depends on which quadrant the input lies in: four
+//! different linear maps, one per quadrant of `(x0, x1)`. A layer of four experts learns it;
+//! the router learns to send each quadrant to its own expert.
+//!
+//! ```sh
+//! cargo run --release --example moe_layer -- --backend auto --steps 1000
+//! ```
+
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::{Device, Tensor, TensorData};
+use burn_moe::core::reference::SplitMix64;
+use burn_moe::core::{CapacityConfig, ExpertConfig, GateConfig, Moe, MoeConfig};
+use burn_moe::train::backend::{select_and_report, Backend, Precision};
+use clap::Parser;
+
+/// Command line.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
+    backend: Backend,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 1000)]
+    steps: usize,
+}
+
+const D: usize = 8;
+const BATCH: usize = 256;
+
+/// A user's model that contains the MoE layer.
+#[derive(Module, Debug)]
+struct Regressor {
+    moe: Moe,
+}
+
+/// A batch of the toy task: `y = A_q x` with `q` the quadrant of `(x0, x1)`.
+fn batch(rng: &mut SplitMix64, maps: &[Vec<f32>], device: &Device) -> (Tensor<2>, Tensor<2>) {
+    let mut x = Vec::with_capacity(BATCH * D);
+    let mut y = Vec::with_capacity(BATCH * D);
+    for _ in 0..BATCH {
+        let row: Vec<f32> = (0..D).map(|_| rng.uniform() as f32).collect();
+        let quadrant = usize::from(row[0] > 0.0) * 2 + usize::from(row[1] > 0.0);
+        let map = &maps[quadrant];
+        for i in 0..D {
+            y.push((0..D).map(|j| map[i * D + j] * row[j]).sum());
+        }
+        x.extend(row);
+    }
+    let tensor = |v: Vec<f32>| Tensor::<2>::from_data(TensorData::new(v, [BATCH, D]), device);
+    (tensor(x), tensor(y))
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    let selected = select_and_report(args.backend, Precision::F32)?;
+    let device = selected.device.autodiff();
+    device.seed(0);
+
+    let mut rng = SplitMix64(42);
+    let maps: Vec<Vec<f32>> = (0..4)
+        .map(|_| (0..D * D).map(|_| rng.uniform() as f32).collect())
+        .collect();
+    let mut model = Regressor {
+        moe: MoeConfig::new(D, 4, ExpertConfig::new(32))
+            .with_top_k(1)
+            .with_gate(GateConfig::switch())
+            .with_capacity(CapacityConfig::dropless())
+            .init(&device)?,
+    };
+    let mut optim = AdamWConfig::new().init();
+
+    for step in 1..=args.steps {
+        let (x, y) = batch(&mut rng, &maps, &device);
+        let out = model.moe.forward(x);
+        let mse = (out.output - y).powi_scalar(2).mean();
+        let loss = mse.clone() + out.aux_loss;
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(3e-3, model, grads);
+        if step % 50 == 0 || step == 1 {
+            let summary = out.stats.summary();
+            println!(
+                "step {step:4}  mse {:.4}  tokens per expert {:?}",
+                mse.into_scalar::<f32>(),
+                summary.tokens_per_expert
+            );
+        }
+    }
+    Ok(())
+}

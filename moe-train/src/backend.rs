@@ -1,0 +1,255 @@
+//! Choosing the device a program runs on: `--backend auto|wgpu|ndarray|flex`.
+//!
+//! This is the one place in burn-moe where a backend is named; everything else takes the
+//! [`Device`] chosen here. `auto` takes a real GPU adapter when wgpu finds one (discrete, then
+//! integrated, then virtual) and the CPU otherwise. On the CPU it uses flex, Burn's pure-Rust
+//! CPU backend, which measured fastest of the CPU backends on our machines (see
+//! BENCHMARKS.md). A software Vulkan device such as Mesa's llvmpipe is never chosen by `auto`:
+//! it is a CPU in disguise and slower than flex; ask for it with `--backend wgpu`.
+
+use std::fmt;
+
+use burn::tensor::{Device, FloatDType};
+use thiserror::Error;
+
+/// Which backend to run on.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// A real GPU through wgpu if there is one, otherwise the CPU (flex).
+    #[default]
+    Auto,
+    /// wgpu (Vulkan, Metal, DX12), on its default adapter.
+    Wgpu,
+    /// The ndarray CPU backend.
+    Ndarray,
+    /// The flex CPU backend.
+    Flex,
+}
+
+/// Floating-point precision of the model.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// 32-bit floats.
+    #[default]
+    F32,
+    /// 16-bit floats (wgpu adapters with the `shader-f16` feature).
+    F16,
+}
+
+/// Why no device could be set up.
+#[derive(Debug, Error)]
+pub enum BackendError {
+    /// The backend was left out of this build.
+    #[error("the {backend} backend is not compiled into this build; rebuild with `--features {backend}`")]
+    NotCompiled {
+        /// The backend's name, which is also its Cargo feature.
+        backend: &'static str,
+    },
+    /// wgpu found no usable adapter.
+    #[error("wgpu found no usable adapter: {0}. Install your GPU's Vulkan/Metal/DX12 driver (on Debian without a GPU: `apt-get install mesa-vulkan-drivers` for software Vulkan), or use `--backend flex`")]
+    NoAdapter(String),
+    /// f16 was asked for where it is not supported.
+    #[error("{device} cannot compute in f16 (wgpu needs an adapter with the `shader-f16` feature); use `--precision f32`")]
+    NoF16 {
+        /// The device, in words.
+        device: String,
+    },
+}
+
+/// A device ready to use, and what it is.
+#[derive(Debug, Clone)]
+pub struct SelectedDevice {
+    /// The device (without autodiff; call `.autodiff()` to train).
+    pub device: Device,
+    /// The backend it runs on (never [`Backend::Auto`]).
+    pub backend: Backend,
+    /// The adapter's name and kind, for wgpu; "CPU" otherwise.
+    pub adapter: String,
+    /// The float precision tensors are created in.
+    pub precision: Precision,
+}
+
+impl fmt::Display for SelectedDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let backend = match self.backend {
+            Backend::Auto => "auto",
+            Backend::Wgpu => "wgpu",
+            Backend::Ndarray => "ndarray",
+            Backend::Flex => "flex",
+        };
+        let precision = match self.precision {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+        };
+        write!(f, "{backend} on {} ({precision})", self.adapter)
+    }
+}
+
+/// Sets up the device for `backend` in `precision`. Call it once, before any tensor is made.
+pub fn select(backend: Backend, precision: Precision) -> Result<SelectedDevice, BackendError> {
+    let mut selected = match backend {
+        Backend::Auto => match first_gpu() {
+            Some(gpu) => gpu,
+            None => cpu(Backend::Flex)?,
+        },
+        Backend::Wgpu => wgpu_default()?,
+        Backend::Ndarray | Backend::Flex => cpu(backend)?,
+    };
+    if precision == Precision::F16 {
+        if selected.backend != Backend::Wgpu || !selected.device.supports_dtype(FloatDType::F16) {
+            return Err(BackendError::NoF16 {
+                device: selected.to_string(),
+            });
+        }
+        selected
+            .device
+            .configure(FloatDType::F16)
+            .map_err(|error| BackendError::NoF16 {
+                device: format!("{selected} ({error})"),
+            })?;
+        selected.precision = Precision::F16;
+    }
+    Ok(selected)
+}
+
+/// Like [`select`], and prints what was chosen on standard error.
+pub fn select_and_report(
+    backend: Backend,
+    precision: Precision,
+) -> Result<SelectedDevice, BackendError> {
+    let selected = select(backend, precision)?;
+    eprintln!("device: {selected}");
+    Ok(selected)
+}
+
+fn cpu(backend: Backend) -> Result<SelectedDevice, BackendError> {
+    let device = match backend {
+        #[cfg(feature = "flex")]
+        Backend::Flex => Device::flex(),
+        #[cfg(not(feature = "flex"))]
+        Backend::Flex => return Err(BackendError::NotCompiled { backend: "flex" }),
+        #[cfg(feature = "ndarray")]
+        #[allow(deprecated)]
+        Backend::Ndarray => Device::ndarray(),
+        #[cfg(not(feature = "ndarray"))]
+        Backend::Ndarray => return Err(BackendError::NotCompiled { backend: "ndarray" }),
+        Backend::Auto | Backend::Wgpu => unreachable!("cpu() is called with a CPU backend"),
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Ok(SelectedDevice {
+        device,
+        backend,
+        adapter: format!("CPU ({threads} threads)"),
+        precision: Precision::F32,
+    })
+}
+
+/// The first real (non-software) GPU adapter wgpu can open, if any.
+#[cfg(feature = "wgpu")]
+fn first_gpu() -> Option<SelectedDevice> {
+    use burn::tensor::DeviceKind;
+    [
+        DeviceKind::DiscreteGpu(0),
+        DeviceKind::IntegratedGpu(0),
+        DeviceKind::VirtualGpu(0),
+    ]
+    .into_iter()
+    .find_map(|kind| open_wgpu(kind).ok())
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn first_gpu() -> Option<SelectedDevice> {
+    None
+}
+
+/// wgpu's default adapter (which may be a software one).
+#[cfg(feature = "wgpu")]
+fn wgpu_default() -> Result<SelectedDevice, BackendError> {
+    open_wgpu(burn::tensor::DeviceKind::DefaultDevice)
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn wgpu_default() -> Result<SelectedDevice, BackendError> {
+    Err(BackendError::NotCompiled { backend: "wgpu" })
+}
+
+#[cfg(feature = "wgpu")]
+fn open_wgpu(kind: burn::tensor::DeviceKind) -> Result<SelectedDevice, BackendError> {
+    let (device, setup) = Device::wgpu_options()
+        .device_kind(kind)
+        .init_with_setup()
+        .map_err(|error| BackendError::NoAdapter(error.to_string()))?;
+    let info = setup.adapter.get_info();
+    Ok(SelectedDevice {
+        device,
+        backend: Backend::Wgpu,
+        adapter: format!("{} ({:?}, {:?})", info.name, info.device_type, info.backend),
+        precision: Precision::F32,
+    })
+}
+
+/// A wgpu device on whatever adapter wgpu offers (software ones included), or why there is
+/// none. For tests that compare backends: they run wherever any Vulkan/Metal/DX12 device exists.
+#[cfg(feature = "wgpu")]
+pub fn any_wgpu() -> Result<SelectedDevice, BackendError> {
+    wgpu_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_backends_are_what_was_asked_for() {
+        let selected = select(Backend::Ndarray, Precision::F32).unwrap();
+        assert_eq!(selected.backend, Backend::Ndarray);
+        assert!(
+            selected.to_string().starts_with("ndarray on CPU"),
+            "{selected}"
+        );
+        let selected = select(Backend::Flex, Precision::F32).unwrap();
+        assert_eq!(selected.backend, Backend::Flex);
+    }
+
+    #[test]
+    fn auto_never_picks_a_software_adapter() {
+        let selected = select(Backend::Auto, Precision::F32).unwrap();
+        match selected.backend {
+            Backend::Flex => assert!(selected.adapter.starts_with("CPU")),
+            Backend::Wgpu => assert!(!selected.adapter.contains("(Cpu,"), "{}", selected.adapter),
+            other => panic!("auto chose {other:?}"),
+        }
+    }
+
+    #[test]
+    fn f16_on_the_cpu_is_refused_with_a_clear_message() {
+        let error = select(Backend::Flex, Precision::F16).unwrap_err();
+        let message = error.to_string();
+        assert!(matches!(error, BackendError::NoF16 { .. }));
+        assert!(message.contains("shader-f16"), "{message}");
+        assert!(message.contains("--precision f32"), "{message}");
+        assert!(message.contains("flex on CPU"), "{message}");
+    }
+}

@@ -11,7 +11,7 @@
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Tensor, TensorData};
-use burn_moe::core::reference::SplitMix64;
+use burn_moe::core::rng::SplitMix64;
 use burn_moe::core::{CapacityConfig, ExpertConfig, GateConfig, Moe, MoeConfig};
 use burn_moe::train::backend::{select_and_report, Backend, Precision};
 use clap::Parser;

@@ -253,6 +253,65 @@ fn compare(case: &Case, device: &Device) {
     }
 }
 
+/// A whole small MoE text model: logits, auxiliary loss, every layer's routing and the
+/// gradients of the embedding and of the first MoE layer's router and experts.
+fn compare_text_model(device: &Device) {
+    use burn_moe::models::{MoeTransformerConfig, PositionKind};
+    let reference = reference_device();
+    reference.seed(23);
+    let moe = MoeConfig::new(16, 4, ExpertConfig::new(24).with_kind(ExpertKind::SwiGlu))
+        .with_top_k(2)
+        .with_capacity(
+            CapacityConfig::new()
+                .with_train_factor(1.0)
+                .with_min_capacity(1),
+        )
+        .with_losses(LossConfig::new().with_z_loss_weight(0.01));
+    let config =
+        MoeTransformerConfig::new(31, 12, 16, 2, 4, 48, moe).with_positions(PositionKind::Learned);
+    let model = config.init(&reference).unwrap();
+    let ids: Vec<i64> = (0..24).map(|i| (i * 7 % 31) as i64).collect();
+
+    let observe = |device: &Device| {
+        let autodiff = device.clone().autodiff();
+        let model = model.clone().to_device(device).train();
+        let tokens = Tensor::<2, burn::tensor::Int>::from_data(
+            TensorData::new(ids.clone(), [2, 12]),
+            &autodiff,
+        );
+        let out = model.forward(tokens);
+        let assignments: Vec<Vec<bool>> = out
+            .layer_stats
+            .iter()
+            .map(|stats| stats.assignments.clone().try_into_vec_as::<bool>().unwrap())
+            .collect();
+        let loss = out.logits.clone().powi_scalar(2).mean() + out.aux_loss.clone();
+        let grads = loss.backward();
+        let layer = model.stack.blocks[0].ffn.moe.as_ref().unwrap();
+        (
+            host(out.logits),
+            host(out.aux_loss),
+            assignments,
+            vec![
+                host(model.token_embedding.weight.val().grad(&grads).unwrap()),
+                host(layer.router.weight.val().grad(&grads).unwrap()),
+                host(layer.experts.w_in.val().grad(&grads).unwrap()),
+            ],
+        )
+    };
+    let expected = observe(&reference);
+    let actual = observe(device);
+    assert_eq!(actual.2, expected.2, "routing decisions differ");
+    assert_close("logits", &actual.0, &expected.0);
+    assert_close("aux loss", &actual.1, &expected.1);
+    for (name, (a, e)) in ["embedding", "router", "w_in"]
+        .iter()
+        .zip(actual.3.iter().zip(&expected.3))
+    {
+        assert_close(&format!("gradient of {name}"), a, e);
+    }
+}
+
 fn main() {
     let require_wgpu = std::env::var("BURN_MOE_REQUIRE_WGPU").is_ok_and(|v| v == "1");
     let mut backends: Vec<(&str, Result<Device, String>)> = vec![("flex", Ok(Device::flex()))];
@@ -282,11 +341,24 @@ fn main() {
                 continue;
             }
         };
-        for case in &cases {
-            let result = catch_unwind(AssertUnwindSafe(|| compare(case, device)));
+        let mut runs: Vec<(String, Box<dyn Fn()>)> = cases
+            .iter()
+            .map(|case| {
+                (
+                    case.name.clone(),
+                    Box::new(move || compare(case, device)) as Box<dyn Fn()>,
+                )
+            })
+            .collect();
+        runs.push((
+            "whole MoE text model, training mode".into(),
+            Box::new(move || compare_text_model(device)),
+        ));
+        for (name, run) in &runs {
+            let result = catch_unwind(AssertUnwindSafe(run));
             match result {
                 Ok(()) => {
-                    println!("test {backend} vs ndarray: {} ... ok", case.name);
+                    println!("test {backend} vs ndarray: {name} ... ok");
                     passed += 1;
                 }
                 Err(panic) => {
@@ -295,10 +367,7 @@ fn main() {
                         .cloned()
                         .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                         .unwrap_or_default();
-                    println!(
-                        "test {backend} vs ndarray: {} ... FAILED: {message}",
-                        case.name
-                    );
+                    println!("test {backend} vs ndarray: {name} ... FAILED: {message}");
                     failed += 1;
                 }
             }

@@ -8,11 +8,12 @@ use crate::RoutingMode;
 /// Which assignments an expert keeps when more arrive than its capacity.
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
 pub enum DropPolicy {
-    /// Earlier tokens win: an expert keeps the first `capacity` tokens of the flattened
-    /// `[batch * seq]` order that chose it. Deterministic on every backend. (FastMoE's CUDA
-    /// kernel keeps tokens in arrival order, which is not reproducible; GShard gives all first
-    /// choices priority over second choices. Here a token's rank among its own choices does not
-    /// matter, only its position.)
+    /// Earlier tokens win: an expert keeps the first `capacity` tokens that chose it, in order
+    /// of sequence position, then batch row (for a `[tokens, d_model]` input, in row order).
+    /// Deterministic on every backend, and causal: a token never loses its slot to a later
+    /// position, so decoders stay causal also in batches. (FastMoE's CUDA kernel keeps tokens
+    /// in arrival order, which is not reproducible; GShard gives all first choices priority
+    /// over second choices. Here a token's rank among its own choices does not matter.)
     Position,
     /// Highest gate weight wins (V-MoE's batch prioritized routing): an expert keeps the
     /// `capacity` assignments with the largest combine weights; equal weights fall back to

@@ -5,7 +5,7 @@ use burn::module::Param;
 use burn::tensor::{Device, Distribution, Tensor};
 
 /// `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`, the distribution Burn's `Linear` uses.
-pub(crate) fn uniform<const D: usize>(
+pub fn uniform<const D: usize>(
     shape: [usize; D],
     fan_in: usize,
     device: &Device,
@@ -19,6 +19,15 @@ pub(crate) fn uniform<const D: usize>(
 }
 
 /// All zeros.
-pub(crate) fn zeros<const D: usize>(shape: [usize; D], device: &Device) -> Param<Tensor<D>> {
+pub fn zeros<const D: usize>(shape: [usize; D], device: &Device) -> Param<Tensor<D>> {
     Param::from_tensor(Tensor::zeros(shape, device))
+}
+
+/// `N(0, std^2)`.
+pub fn normal<const D: usize>(shape: [usize; D], std: f64, device: &Device) -> Param<Tensor<D>> {
+    Param::from_tensor(Tensor::random(
+        shape,
+        Distribution::Normal(0.0, std),
+        device,
+    ))
 }

@@ -31,7 +31,8 @@
 //! - [`dispatch`]: capacity, the expert buffer layout, gather and scatter-add;
 //! - [`losses`]: balancing and z-loss;
 //! - [`balancing`]: auxiliary-loss-free balancing by a per-expert bias;
-//! - [`reference`]: a deliberately simple loop implementation that the tests compare against.
+//! - [`reference`]: a deliberately simple loop implementation that the tests compare against;
+//! - [`init`] and [`rng`]: eager parameter initialisation and a small seeded generator.
 
 #![warn(missing_docs)]
 
@@ -41,10 +42,11 @@ pub mod dispatch;
 mod error;
 mod experts;
 pub mod gate;
-mod init;
+pub mod init;
 pub mod losses;
 mod moe;
 pub mod reference;
+pub mod rng;
 mod router;
 mod stats;
 

@@ -2,7 +2,7 @@
 
 use burn::config::Config;
 use burn::module::{Module, Param};
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor};
 
 use crate::balancing::{updated_bias, BiasBalancingConfig};
 use crate::dispatch::DispatchPlan;
@@ -136,30 +136,33 @@ impl MoeConfig {
         routed + self.shared_experts
     }
 
-    /// Parameters of the layer: router, all experts and the shared experts.
+    /// Parameters of the layer: router (with the noise weight and the balancing bias, when
+    /// present), all experts and the shared experts. Equals Burn's `Module::num_params`.
     pub fn num_params(&self) -> usize {
-        let router = self.d_model
-            * self.num_experts
-            * if matches!(self.gate, GateConfig::Noisy(_)) {
-                2
-            } else {
-                1
-            };
         let per_expert = self.expert.params_per_expert(self.d_model);
-        router + (self.num_experts + self.shared_experts) * per_expert - self.shared_bias_overlap()
+        self.router_params() + (self.num_experts + self.shared_experts) * per_expert
+            - self.shared_bias_overlap()
     }
 
     /// Parameters one token uses: the router, its `top_k` experts and the shared experts.
     pub fn num_active_params(&self) -> usize {
-        let router = self.d_model
-            * self.num_experts
-            * if matches!(self.gate, GateConfig::Noisy(_)) {
-                2
-            } else {
-                1
-            };
         let per_expert = self.expert.params_per_expert(self.d_model);
-        router + self.active_experts_per_token() * per_expert - self.shared_bias_overlap()
+        self.router_params() + self.active_experts_per_token() * per_expert
+            - self.shared_bias_overlap()
+    }
+
+    fn router_params(&self) -> usize {
+        let weights = if matches!(self.gate, GateConfig::Noisy(_)) {
+            2
+        } else {
+            1
+        };
+        let bias = if self.balance_bias.is_some() {
+            self.num_experts
+        } else {
+            0
+        };
+        weights * self.d_model * self.num_experts + bias
     }
 
     /// The shared experts are stored as one wide expert with one output bias instead of
@@ -236,7 +239,8 @@ impl Moe {
             self.config.d_model
         );
         let num_tokens = shape[..D - 1].iter().product::<usize>();
-        let tokens: Tensor<2> = x.reshape([num_tokens, d_model]);
+        let order = TokenOrder::new(&shape);
+        let tokens = order.flatten(x);
 
         let gate = self.config.gate.route(GateInput {
             x: tokens.clone(),
@@ -281,7 +285,7 @@ impl Moe {
         let dropped_assignments = (routed_per_expert.clone() - tokens_per_expert.clone()).sum();
         let unrouted_tokens = kept.sum_dim(1).equal_elem(0).int().sum();
         let stats = RoutingStats {
-            assignments: plan.kept,
+            assignments: order.restore_rows(plan.kept),
             routed_per_expert,
             tokens_per_expert,
             dropped_assignments,
@@ -292,7 +296,7 @@ impl Moe {
             num_tokens,
         };
         MoeOutput {
-            output: output.reshape(shape),
+            output: order.unflatten(output, shape),
             aux_loss,
             stats,
         }
@@ -301,7 +305,7 @@ impl Moe {
     /// Buffer slots per expert and the drop policy for this pass.
     fn capacity_and_policy(
         &self,
-        candidates: &Tensor<2, burn::tensor::Bool>,
+        candidates: &Tensor<2, Bool>,
         num_tokens: usize,
         mode: RoutingMode,
     ) -> (usize, DropPolicy) {
@@ -346,5 +350,58 @@ impl Moe {
     /// The selection bias of auxiliary-loss-free balancing, if enabled, `[E]`.
     pub fn balance_bias(&self) -> Option<Tensor<1>> {
         self.router.selection_bias.as_ref().map(|bias| bias.val())
+    }
+}
+
+/// The order in which tokens compete for capacity: sequence position first, then batch row.
+///
+/// An input `[..., seq, d_model]` is flattened position-major (all first positions of the
+/// batch, then all second positions, ...), so under [`DropPolicy::Position`] a token competes
+/// only with tokens at the same or earlier positions: changing a later token of any sequence
+/// never changes an earlier token's routing, which keeps decoders causal also in batches.
+/// A `[tokens, d_model]` input keeps its order.
+struct TokenOrder {
+    batch: usize,
+    seq: usize,
+}
+
+impl TokenOrder {
+    fn new(shape: &[usize]) -> Self {
+        let rank = shape.len();
+        if rank >= 3 {
+            Self {
+                batch: shape[..rank - 2].iter().product(),
+                seq: shape[rank - 2],
+            }
+        } else {
+            Self {
+                batch: 1,
+                seq: shape[0],
+            }
+        }
+    }
+
+    /// `[..., seq, d] -> [seq * batch, d]`, position-major.
+    fn flatten<const D: usize>(&self, x: Tensor<D>) -> Tensor<2> {
+        let d_model = x.dims()[D - 1];
+        x.reshape([self.batch, self.seq, d_model])
+            .swap_dims(0, 1)
+            .reshape([self.seq * self.batch, d_model])
+    }
+
+    /// The inverse of [`flatten`](Self::flatten), back to `shape`.
+    fn unflatten<const D: usize>(&self, y: Tensor<2>, shape: [usize; D]) -> Tensor<D> {
+        let d_model = shape[D - 1];
+        y.reshape([self.seq, self.batch, d_model])
+            .swap_dims(0, 1)
+            .reshape(shape)
+    }
+
+    /// Per-token rows `[seq * batch, E]` (position-major) back to the input's token order.
+    fn restore_rows(&self, rows: Tensor<2, Bool>) -> Tensor<2, Bool> {
+        let [_, columns] = rows.dims();
+        rows.reshape([self.seq, self.batch, columns])
+            .swap_dims(0, 1)
+            .reshape([self.batch * self.seq, columns])
     }
 }

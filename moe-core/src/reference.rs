@@ -8,6 +8,7 @@
 use burn::tensor::Tensor;
 
 use crate::gate::GateConfig;
+use crate::rng::SplitMix64;
 use crate::{Activation, CapacityConfig, DropPolicy, ExpertKind, Experts, Moe};
 
 /// A [`Moe`] layer's weights copied to the host, with a loop-based forward pass.
@@ -260,32 +261,6 @@ pub fn host<const D: usize>(tensor: Tensor<D>) -> Vec<f64> {
     tensor
         .try_into_vec_as::<f64>()
         .expect("a float tensor converts to f64")
-}
-
-/// SplitMix64 (Steele, Lea, Flood 2014): a tiny seeded generator for test data, identical on
-/// every platform and backend.
-#[derive(Debug, Clone)]
-pub struct SplitMix64(pub u64);
-
-impl SplitMix64 {
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[-1, 1)`.
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 52) as f64 - 1.0
-    }
-
-    /// Uniform in `0..n`.
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n.max(1) as u64) as usize
-    }
 }
 
 /// `len` values drawn uniformly from `[-1, 1)` with a fixed seed.

@@ -8,8 +8,9 @@ use crate::LossKind;
 /// reductions and no host synchronisation; call [`RoutingStats::summary`] to read it.
 #[derive(Debug, Clone)]
 pub struct RoutingStats {
-    /// Which (token, expert) pairs the experts processed, `[tokens, E]`: the routing decision
-    /// after capacity.
+    /// Which (token, expert) pairs the experts processed, `[tokens, E]`, rows in the input's
+    /// token order (batch-major for `[batch, seq, d_model]`): the routing decision after
+    /// capacity.
     pub assignments: Tensor<2, Bool>,
     /// Assignments each expert was asked for, before capacity, `[E]`. For expert choice, the
     /// tokens each expert picked.

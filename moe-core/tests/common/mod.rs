@@ -10,7 +10,9 @@ pub fn cpu() -> Device {
 }
 
 #[allow(unused_imports)]
-pub use moe_core::reference::{assert_close, random_values, SplitMix64};
+pub use moe_core::reference::{assert_close, random_values};
+#[allow(unused_imports)]
+pub use moe_core::rng::SplitMix64;
 
 /// A `[rows, columns]` tensor from row-major values.
 pub fn matrix(values: &[f32], rows: usize, columns: usize, device: &Device) -> Tensor<2> {

@@ -167,3 +167,23 @@ fn configs_survive_a_serde_round_trip() {
     }
     std::fs::remove_file(&path).unwrap();
 }
+
+#[test]
+fn parameter_counts_match_burn() {
+    use burn::module::Module;
+    let configs = [
+        valid(),
+        swiglu().with_shared_experts(3),
+        valid()
+            .with_shared_experts(2)
+            .with_gate(GateConfig::noisy()),
+        valid().with_balance_bias(Some(BiasBalancingConfig::new())),
+    ];
+    for config in configs {
+        let moe = config.init(&cpu()).unwrap();
+        assert_eq!(config.num_params(), moe.num_params(), "{config}");
+    }
+    // Hand count: d 16, 4 FFN experts of 32: router 64, expert 2*16*32 + 32 + 16 = 1072.
+    assert_eq!(valid().num_params(), 64 + 4 * 1072);
+    assert_eq!(valid().num_active_params(), 64 + 2 * 1072);
+}

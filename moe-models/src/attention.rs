@@ -1,0 +1,130 @@
+//! Causal multi-head self-attention with an optional key/value cache.
+
+use burn::module::Module;
+use burn::nn::{Dropout, DropoutConfig, Linear, RotaryEncoding, RotaryEncodingConfig};
+use burn::tensor::activation::softmax;
+use burn::tensor::{Bool, Device, Int, Tensor};
+
+use crate::init::linear;
+
+/// Keys and values of the positions seen so far, for one layer: `[batch, heads, positions,
+/// head_dim]` each.
+#[derive(Debug, Clone)]
+pub struct LayerCache {
+    /// Cached keys.
+    pub key: Tensor<4>,
+    /// Cached values.
+    pub value: Tensor<4>,
+}
+
+/// Causal multi-head self-attention (Vaswani et al. 2017), with rotary positions (Su et al.,
+/// "RoFormer", 2021) when enabled:
+///
+/// `softmax(Q K^T / sqrt(d_head) + causal_mask) V`, heads concatenated, then `W_o`.
+#[derive(Module, Debug)]
+pub struct CausalSelfAttention {
+    /// Query projection.
+    pub query: Linear,
+    /// Key projection.
+    pub key: Linear,
+    /// Value projection.
+    pub value: Linear,
+    /// Output projection.
+    pub output: Linear,
+    /// Rotary position encoding, if the model uses rotary positions.
+    pub rotary: Option<RotaryEncoding>,
+    /// Dropout on the attention weights.
+    pub dropout: Dropout,
+    /// Number of heads.
+    pub num_heads: usize,
+}
+
+impl CausalSelfAttention {
+    /// Attention over `d_model` with `num_heads` heads; `rotary_positions` is the longest
+    /// sequence to precompute rotations for, or `None` for no rotary encoding.
+    pub fn init(
+        d_model: usize,
+        num_heads: usize,
+        rotary_positions: Option<usize>,
+        dropout: f64,
+        device: &Device,
+    ) -> Self {
+        let head_dim = d_model / num_heads;
+        Self {
+            query: linear(d_model, d_model, true, device),
+            key: linear(d_model, d_model, true, device),
+            value: linear(d_model, d_model, true, device),
+            output: linear(d_model, d_model, true, device),
+            rotary: rotary_positions
+                .map(|positions| RotaryEncodingConfig::new(positions, head_dim).init(device)),
+            dropout: DropoutConfig::new(dropout).init(),
+            num_heads,
+        }
+    }
+
+    /// Parameters of the attention of a `d_model`-wide model.
+    pub fn num_params(d_model: usize) -> usize {
+        4 * (d_model * d_model + d_model)
+    }
+
+    /// Attends `x: [batch, length, d_model]` whose first position is position `start` of the
+    /// sequence. With a cache, the new keys and values are appended to it and the queries also
+    /// see every cached position.
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        start: usize,
+        cache: Option<&mut Option<LayerCache>>,
+    ) -> Tensor<3> {
+        let [batch, length, d_model] = x.dims();
+        let heads = self.num_heads;
+        let head_dim = d_model / heads;
+        let split = |t: Tensor<3>| -> Tensor<4> {
+            t.reshape([batch, length, heads, head_dim]).swap_dims(1, 2)
+        };
+        let mut query = split(self.query.forward(x.clone()));
+        let mut key = split(self.key.forward(x.clone()));
+        let mut value = split(self.value.forward(x));
+        if let Some(rotary) = &self.rotary {
+            query = rotary.apply(query, start);
+            key = rotary.apply(key, start);
+        }
+        if let Some(cache) = cache {
+            if let Some(past) = cache.take() {
+                key = Tensor::cat(vec![past.key, key], 2);
+                value = Tensor::cat(vec![past.value, value], 2);
+            }
+            *cache = Some(LayerCache {
+                key: key.clone(),
+                value: value.clone(),
+            });
+        }
+        let key_positions = key.dims()[2];
+
+        let scores = query
+            .matmul(key.swap_dims(2, 3))
+            .div_scalar((head_dim as f64).sqrt());
+        let future = causal_mask(start, length, key_positions, &scores.device())
+            .unsqueeze_dims::<4>(&[0, 1])
+            .expand([batch, heads, length, key_positions]);
+        let weights = softmax(scores.mask_fill(future, f32::NEG_INFINITY), 3);
+        let weights = self.dropout.forward(weights);
+        let context = weights
+            .matmul(value)
+            .swap_dims(1, 2)
+            .reshape([batch, length, d_model]);
+        self.output.forward(context)
+    }
+}
+
+/// `true` where key position `j` lies in the future of query `i` (absolute position
+/// `start + i`), `[queries, keys]`. Built on the device.
+fn causal_mask(start: usize, queries: usize, keys: usize, device: &Device) -> Tensor<2, Bool> {
+    let query_positions = Tensor::<1, Int>::arange(start as i64..(start + queries) as i64, device)
+        .unsqueeze_dim::<2>(1)
+        .expand([queries, keys]);
+    let key_positions = Tensor::<1, Int>::arange(0..keys as i64, device)
+        .unsqueeze_dim::<2>(0)
+        .expand([queries, keys]);
+    key_positions.greater(query_positions)
+}

@@ -1,0 +1,21 @@
+//! Tests of the MoE transformers on the CPU backend (ndarray).
+
+#[path = "models/common.rs"]
+mod common;
+
+#[path = "models/causality.rs"]
+mod causality;
+#[path = "models/config.rs"]
+mod config;
+#[path = "models/dense.rs"]
+mod dense;
+#[path = "models/generation.rs"]
+mod generation;
+#[path = "models/multimodal.rs"]
+mod multimodal;
+#[path = "models/overfit.rs"]
+mod overfit;
+#[path = "models/parameters.rs"]
+mod parameters;
+#[path = "models/upcycle.rs"]
+mod upcycle;

@@ -10,8 +10,6 @@ mod capacity;
 mod config;
 #[path = "layer/dense.rs"]
 mod dense;
-#[path = "layer/determinism.rs"]
-mod determinism;
 #[path = "layer/losses.rs"]
 mod losses;
 #[path = "layer/reference_parity.rs"]

@@ -1,7 +1,35 @@
-//! # moe-train: training and running burn-moe models
+//! # moe-train: the program that trains burn-moe models
 //!
-//! - [`backend`]: `--backend auto|wgpu|ndarray|flex`, the one place where a backend is chosen.
+//! `burn-moe train` trains a Wudao-style MoE language model on Chinese poetry (the npm package
+//! `chinese-poetry`) or your own text, or the multimodal model on a digits task; `burn-moe
+//! generate` streams text from a checkpoint; `burn-moe eval` reports validation loss and
+//! expert load. The pieces:
+//!
+//! - [`backend`]: `--backend auto|wgpu|ndarray|flex`, the one place where a backend is chosen;
+//! - [`config`]: presets, config files and flags;
+//! - [`corpus`], [`split`], [`tokenizer`], [`data`]: from files to batches;
+//! - [`trainer`]: the loop (AdamW, schedule, clipping, accumulation), with [`schedule`],
+//!   [`clip`], [`checkpoint`], [`metrics`] and [`plots`];
+//! - [`tasks`]: text and digits;
+//! - [`commands`]: generation and evaluation.
 
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod checkpoint;
+pub mod cli;
+pub mod clip;
+pub mod commands;
+pub mod config;
+pub mod corpus;
+pub mod data;
+pub mod error;
+pub mod metrics;
+pub mod plots;
+pub mod schedule;
+pub mod split;
+pub mod tasks;
+pub mod tokenizer;
+pub mod trainer;
+
+pub use error::{Result, TrainError};

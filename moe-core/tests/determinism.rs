@@ -1,11 +1,23 @@
 //! Same seed, same outputs, also when the gate draws random numbers in training.
+//!
+//! A test binary of its own: Burn's CPU backends keep one random generator per process, so
+//! tests drawing from it in parallel threads would interleave their draws. The two tests here
+//! take a lock for the same reason.
+
+mod common;
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 use moe_core::{ExpertConfig, GateConfig, MoeConfig, RoutingMode};
 
-use crate::common::{cpu, matrix, random_values, values};
+use common::{cpu, matrix, random_values, values};
 
 #[test]
 fn same_seed_same_init() {
+    let _serial = serial();
     let device = cpu();
     let init = |seed: u64| {
         device.seed(seed);
@@ -20,6 +32,7 @@ fn same_seed_same_init() {
 
 #[test]
 fn same_seed_same_noise_different_seed_different_noise() {
+    let _serial = serial();
     let device = cpu();
     let (tokens, d_model) = (32, 6);
     let x = matrix(

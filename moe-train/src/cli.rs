@@ -1,0 +1,270 @@
+//! The command line of `burn-moe`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::backend::{Backend, Precision};
+use crate::checkpoint;
+use crate::config::{CorpusChoice, GateChoice, Preset, Task, TokenizerKind, TrainConfig};
+use crate::error::{Result, TrainError};
+
+/// burn-moe: train Mixture-of-Experts models on a laptop GPU or the CPU.
+#[derive(Debug, Parser)]
+#[command(name = "burn-moe", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train a model (by default: the tiny preset on 唐诗三百首).
+    Train(TrainArgs),
+    /// Generate text (or digit images) from a checkpoint, streaming it as it is produced.
+    Generate(GenerateArgs),
+    /// Validation loss, perplexity and expert load of a checkpoint.
+    Eval(EvalArgs),
+}
+
+/// `burn-moe train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Starting point of the config.
+    #[arg(long, value_enum, default_value_t = Preset::Tiny)]
+    pub preset: Preset,
+    /// A TOML or JSON file with config fields to change (any subset of the sections `task`,
+    /// `data`, `model`, `optim`, `run`).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The run folder: checkpoints, metrics, plots and the resolved config (default
+    /// `runs/<preset>` or `runs/<preset>-<task>`).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Continue the run in `--out` from its latest checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Optimizer steps (total, counting the steps already done when resuming).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Stop after this step, saving a checkpoint, as if interrupted (continue later with
+    /// `--resume`; the schedule still spans `--steps`).
+    #[arg(long)]
+    pub stop_after: Option<usize>,
+    /// Where to run.
+    #[arg(long, value_enum)]
+    pub backend: Option<Backend>,
+    /// Float precision.
+    #[arg(long, value_enum)]
+    pub precision: Option<Precision>,
+    /// What to train.
+    #[arg(long, value_enum)]
+    pub task: Option<Task>,
+    /// Part of the chinese-poetry corpus.
+    #[arg(long, value_enum)]
+    pub corpus: Option<CorpusChoice>,
+    /// Train on your own UTF-8 text file (documents separated by blank lines).
+    #[arg(long, conflicts_with = "jsonl")]
+    pub text: Option<PathBuf>,
+    /// Train on a JSON-lines file (one document per line, in `--field`).
+    #[arg(long, requires = "field")]
+    pub jsonl: Option<PathBuf>,
+    /// The JSON field holding the text.
+    #[arg(long, requires = "jsonl")]
+    pub field: Option<String>,
+    /// Where the corpus is cached (default `~/.cache/burn-moe`).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Tokenizer.
+    #[arg(long, value_enum)]
+    pub tokenizer: Option<TokenizerKind>,
+    /// Rarer characters become `<unk>`.
+    #[arg(long)]
+    pub min_freq: Option<usize>,
+    /// Train the dense model with the same active parameters instead.
+    #[arg(long)]
+    pub dense: bool,
+    /// The MoE gate.
+    #[arg(long, value_enum)]
+    pub gate: Option<GateChoice>,
+    /// Experts per MoE layer.
+    #[arg(long)]
+    pub experts: Option<usize>,
+    /// Experts per token.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Context length.
+    #[arg(long)]
+    pub context: Option<usize>,
+    /// Weight of the balancing loss.
+    #[arg(long)]
+    pub aux_loss_weight: Option<f64>,
+    /// Peak learning rate.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Sequences per micro-batch.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimizer step.
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Seed.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Evaluate every N steps.
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Save a checkpoint every N steps.
+    #[arg(long)]
+    pub checkpoint_every: Option<usize>,
+    /// Checkpoints to keep.
+    #[arg(long)]
+    pub keep: Option<usize>,
+    /// Samples to print at the end.
+    #[arg(long)]
+    pub samples: Option<usize>,
+}
+
+impl TrainArgs {
+    /// The run folder.
+    pub fn out_dir(&self) -> PathBuf {
+        self.out.clone().unwrap_or_else(|| {
+            let preset = serde_json::to_value(self.preset).expect("serialises");
+            let preset = preset.as_str().unwrap_or("run").to_string();
+            match self.task {
+                Some(task) if task != Task::Text => {
+                    let task = serde_json::to_value(task).expect("serialises");
+                    PathBuf::from("runs")
+                        .join(format!("{preset}-{}", task.as_str().unwrap_or("task")))
+                }
+                _ => PathBuf::from("runs").join(preset),
+            }
+        })
+    }
+
+    /// The config of the run: the preset, the config file, then the flags. When resuming, the
+    /// saved config with the flags on top (the trainer refuses changes beyond the `run`
+    /// section).
+    pub fn resolve(&self) -> Result<TrainConfig> {
+        let mut config = if self.resume {
+            let folder = checkpoint::resolve(&self.out_dir())?;
+            checkpoint::read_state(&folder)?.1
+        } else {
+            TrainConfig::from_preset_and_file(self.preset, self.config.as_deref())?
+        };
+        if self.resume && self.config.is_some() {
+            return Err(TrainError::Config(
+                "`--resume` continues the saved config; `--config` cannot be combined with it"
+                    .into(),
+            ));
+        }
+        let set = |slot: &mut usize, value: Option<usize>| {
+            if let Some(value) = value {
+                *slot = value;
+            }
+        };
+        set(&mut config.run.steps, self.steps);
+        set(&mut config.data.min_freq, self.min_freq);
+        set(&mut config.model.experts, self.experts);
+        set(&mut config.model.top_k, self.top_k);
+        set(&mut config.model.context_length, self.context);
+        set(&mut config.optim.batch_size, self.batch_size);
+        set(&mut config.optim.grad_accum, self.grad_accum);
+        set(&mut config.run.eval_every, self.eval_every);
+        set(&mut config.run.checkpoint_every, self.checkpoint_every);
+        set(&mut config.run.keep_checkpoints, self.keep);
+        set(&mut config.run.samples, self.samples);
+        if let Some(backend) = self.backend {
+            config.run.backend = backend;
+        }
+        if let Some(precision) = self.precision {
+            config.run.precision = precision;
+        }
+        if let Some(task) = self.task {
+            config.task = task;
+        }
+        if let Some(corpus) = self.corpus {
+            config.data.corpus = corpus;
+        }
+        if self.text.is_some() {
+            config.data.text = self.text.clone();
+        }
+        if self.jsonl.is_some() {
+            config.data.jsonl = self.jsonl.clone();
+            config.data.field = self.field.clone();
+        }
+        if self.cache_dir.is_some() {
+            config.data.cache_dir = self.cache_dir.clone();
+        }
+        if let Some(tokenizer) = self.tokenizer {
+            config.data.tokenizer = tokenizer;
+        }
+        if self.dense {
+            config.model.dense = true;
+        }
+        if let Some(gate) = self.gate {
+            config.model.gate = gate;
+            match gate {
+                GateChoice::Switch => config.model.top_k = self.top_k.unwrap_or(1),
+                GateChoice::Gshard => config.model.top_k = self.top_k.unwrap_or(2),
+                _ => {}
+            }
+        }
+        if let Some(weight) = self.aux_loss_weight {
+            config.model.aux_loss_weight = weight;
+        }
+        if let Some(lr) = self.lr {
+            config.optim.lr = lr;
+            config.optim.min_lr = config.optim.min_lr.min(lr);
+        }
+        if let Some(seed) = self.seed {
+            config.run.seed = seed;
+        }
+        Ok(config)
+    }
+}
+
+/// `burn-moe generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// A run folder (its latest checkpoint) or a checkpoint folder.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Text to continue (a numeral such as 七 for the digits tasks).
+    #[arg(long, default_value = "")]
+    pub prompt: String,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Sampling temperature (0: greedy).
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f64,
+    /// Sample among the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// Sample among the most likely tokens that make up this much probability (1: all).
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f64,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
+    pub backend: Backend,
+}
+
+/// `burn-moe eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// A run folder (its latest checkpoint) or a checkpoint folder.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Validation batches (default: the run's `eval_batches`).
+    #[arg(long)]
+    pub batches: Option<usize>,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
+    pub backend: Backend,
+}

@@ -1,0 +1,168 @@
+//! `burn-moe generate` and `burn-moe eval`.
+
+use std::io::Write;
+
+use moe_models::digits::{self, IMAGE_SIZE, NUMERALS, TEXT_VOCAB};
+use moe_models::{GenerationConfig, Modality, SamplingConfig, Segment};
+
+use crate::backend::{self, Precision};
+use crate::checkpoint;
+use crate::cli::{EvalArgs, GenerateArgs};
+use crate::config::Task as TaskKind;
+use crate::error::{Result, TrainError};
+use crate::tasks::digits::{ascii_image, DigitsTask};
+use crate::tasks::text::TextTask;
+use crate::tasks::{Evaluation, Task};
+use crate::tokenizer::{Tokenizer, BOS, EOS, PAD};
+
+/// Streams generated text to standard output as it is produced; returns the generated text.
+pub fn generate(args: &GenerateArgs) -> Result<String> {
+    let folder = checkpoint::resolve(&args.checkpoint)?;
+    let (_, config) = checkpoint::read_state(&folder)?;
+    let device = backend::select_and_report(args.backend, Precision::F32)?.device;
+    let sampling = SamplingConfig {
+        temperature: args.temperature,
+        top_k: (args.top_k > 0).then_some(args.top_k),
+        top_p: (args.top_p < 1.0).then_some(args.top_p),
+        seed: args.seed,
+    };
+    match config.task {
+        TaskKind::Text => {
+            let tokenizer = Tokenizer::load(&folder.join(checkpoint::TOKENIZER_FILE))?;
+            let model = config
+                .text_model_config(tokenizer.vocab_size())
+                .init(&device)?;
+            let model = checkpoint::load_model(&folder, model)?;
+            let mut prompt = vec![BOS];
+            prompt.extend(tokenizer.encode(&args.prompt));
+            let generation = GenerationConfig {
+                max_new_tokens: args.max_tokens,
+                sampling,
+                stop_tokens: vec![EOS],
+                banned_tokens: vec![PAD, BOS],
+            };
+            let mut stdout = std::io::stdout();
+            let _ = write!(stdout, "{}", args.prompt);
+            let mut generated = Vec::new();
+            let mut shown = String::new();
+            model.generate(&prompt, &generation, |token| {
+                generated.push(token);
+                // Decode everything so far and print what is new (BPE tokens may complete a
+                // character only together).
+                let text = tokenizer.decode(&generated);
+                if let Some(new) = text.strip_prefix(shown.as_str()) {
+                    let _ = write!(stdout, "{new}");
+                    let _ = stdout.flush();
+                }
+                shown = text;
+            })?;
+            let _ = writeln!(stdout);
+            Ok(format!("{}{}", args.prompt, shown))
+        }
+        TaskKind::Caption | TaskKind::TextToImage => {
+            let digit = NUMERALS
+                .iter()
+                .position(|n| args.prompt.contains(n))
+                .or_else(|| args.prompt.trim().parse::<usize>().ok().filter(|d| *d < 10))
+                .ok_or_else(|| TrainError::Config(format!("the digits model needs a numeral (零 一 ... 九) or a digit as prompt, got {:?}", args.prompt)))?;
+            let model = config
+                .multimodal_model_config(TEXT_VOCAB.len())
+                .init(&device)?;
+            let model = checkpoint::load_model(&folder, model)?;
+            let levels = config.data.image_levels;
+            let text = if config.task == TaskKind::TextToImage {
+                let ids = burn::tensor::Tensor::<2, burn::tensor::Int>::from_data(
+                    burn::tensor::TensorData::new(
+                        vec![digits::BOS as i64, digits::numeral_token(digit) as i64],
+                        [1, 2],
+                    ),
+                    &device,
+                );
+                let pixels = model.generate(
+                    &Segment::Text(ids),
+                    Modality::Image,
+                    IMAGE_SIZE * IMAGE_SIZE,
+                    sampling,
+                )?;
+                ascii_image(&pixels, levels)
+            } else {
+                let pixels = digits::draw(digit, &mut moe_core::rng::SplitMix64(args.seed));
+                let image = burn::tensor::Tensor::<4>::from_data(
+                    burn::tensor::TensorData::new(pixels.clone(), [1, 1, IMAGE_SIZE, IMAGE_SIZE]),
+                    &device,
+                );
+                let caption =
+                    model.generate(&Segment::ImagePatches(image), Modality::Text, 1, sampling)?;
+                let quantized: Vec<usize> = pixels
+                    .iter()
+                    .map(|&p| digits::quantize(p, levels))
+                    .collect();
+                let word = caption
+                    .first()
+                    .and_then(|&t| TEXT_VOCAB.get(t))
+                    .copied()
+                    .unwrap_or("?");
+                format!("{}\n-> {word}", ascii_image(&quantized, levels))
+            };
+            println!("{text}");
+            Ok(text)
+        }
+    }
+}
+
+/// What `burn-moe eval` reports.
+#[derive(Debug, Clone)]
+pub struct EvalReport {
+    /// Step of the checkpoint.
+    pub step: usize,
+    /// Validation loss and expert load.
+    pub evaluation: Evaluation,
+}
+
+/// Evaluates a checkpoint on its run's validation data.
+pub fn evaluate(args: &EvalArgs) -> Result<EvalReport> {
+    let folder = checkpoint::resolve(&args.checkpoint)?;
+    let (state, mut config) = checkpoint::read_state(&folder)?;
+    if let Some(batches) = args.batches {
+        config.run.eval_batches = batches.max(1);
+    }
+    let device = backend::select_and_report(args.backend, Precision::F32)?.device;
+    let evaluation = match config.task {
+        TaskKind::Text => {
+            let tokenizer = Tokenizer::load(&folder.join(checkpoint::TOKENIZER_FILE))?;
+            let task = TextTask::new(&config, Some(tokenizer), &device, true)?;
+            let model = checkpoint::load_model(&folder, task.build_model(&device)?)?;
+            task.evaluate(&model, &device)
+        }
+        TaskKind::Caption | TaskKind::TextToImage => {
+            let task = DigitsTask::new(&config, &device);
+            let model = checkpoint::load_model(&folder, task.build_model(&device)?)?;
+            task.evaluate(&model, &device)
+        }
+    };
+    Ok(EvalReport {
+        step: state.step,
+        evaluation,
+    })
+}
+
+/// A few lines about each MoE layer's load: shares and max/mean.
+pub fn load_summary(expert_load: &[Vec<f64>]) -> String {
+    expert_load
+        .iter()
+        .enumerate()
+        .map(|(layer, shares)| {
+            let max = shares.iter().cloned().fold(0.0, f64::max);
+            let percent: Vec<String> = shares
+                .iter()
+                .map(|s| format!("{:.0}%", 100.0 * s))
+                .collect();
+            format!(
+                "MoE layer {layer}: load {} (max/mean {:.2})",
+                percent.join(" "),
+                max * shares.len() as f64
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}

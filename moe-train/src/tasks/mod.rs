@@ -1,0 +1,93 @@
+//! What is trained: a language model on text, or the multimodal model on the digits task.
+
+pub mod digits;
+pub mod text;
+
+use burn::module::Module;
+use burn::tensor::{Device, Tensor};
+use moe_core::rng::SplitMix64;
+use moe_core::RoutingStats;
+use moe_models::ModalityRouting;
+
+use crate::error::Result;
+use crate::tokenizer::Tokenizer;
+
+/// What one micro-batch produced.
+pub struct StepOutput {
+    /// Cross-entropy plus auxiliary losses, `[1]` (what is back-propagated).
+    pub loss: Tensor<1>,
+    /// Cross-entropy alone, `[1]`.
+    pub cross_entropy: Tensor<1>,
+    /// Auxiliary losses, `[1]`.
+    pub aux_loss: Tensor<1>,
+    /// Routing statistics of each MoE layer.
+    pub layer_stats: Vec<RoutingStats>,
+    /// Expert load split by modality (multimodal tasks).
+    pub modality: Vec<ModalityRouting>,
+    /// Tokens (positions) in the micro-batch.
+    pub tokens: usize,
+}
+
+/// Validation result.
+#[derive(Debug, Clone)]
+pub struct Evaluation {
+    /// Mean cross-entropy on the validation data.
+    pub loss: f64,
+    /// Share of each expert's load per MoE layer on the validation data.
+    pub expert_load: Vec<Vec<f64>>,
+}
+
+/// A training task: how to build the model, draw batches, validate and show samples.
+pub trait Task {
+    /// The model trained.
+    type Model: Module;
+
+    /// A freshly initialised model on `device`.
+    fn build_model(&self, device: &Device) -> Result<Self::Model>;
+    /// Loss of one random micro-batch drawn with `rng` (on the training device).
+    fn step(&self, model: &Self::Model, rng: &mut SplitMix64) -> StepOutput;
+    /// Validation on fixed data; `model` is in evaluation mode on `device`.
+    fn evaluate(&self, model: &Self::Model, device: &Device) -> Evaluation;
+    /// `count` samples from the model (evaluation mode), for people to read.
+    fn samples(
+        &self,
+        model: &Self::Model,
+        count: usize,
+        max_tokens: usize,
+        seed: u64,
+    ) -> Vec<String>;
+    /// The tokenizer to save with checkpoints (text tasks).
+    fn tokenizer(&self) -> Option<&Tokenizer>;
+    /// One line about the data.
+    fn describe(&self) -> String;
+}
+
+/// Share of each expert in `stats` per layer (rows sum to 1; empty rows for no assignments).
+pub fn expert_shares(stats: &[RoutingStats]) -> Vec<Vec<f64>> {
+    stats
+        .iter()
+        .map(|s| {
+            shares(
+                &s.tokens_per_expert
+                    .clone()
+                    .try_into_vec_as::<i64>()
+                    .unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+/// Normalises counts to shares.
+pub fn shares(counts: &[i64]) -> Vec<f64> {
+    let total: i64 = counts.iter().sum();
+    counts
+        .iter()
+        .map(|&c| {
+            if total > 0 {
+                c as f64 / total as f64
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,191 @@
+//! Language modelling on a text corpus (the default: Chinese poetry).
+
+use burn::tensor::Device;
+use moe_core::rng::SplitMix64;
+use moe_models::{GenerationConfig, MoeTransformer, SamplingConfig};
+
+use super::{expert_shares, Evaluation, StepOutput, Task};
+use crate::config::{TokenizerKind, TrainConfig};
+use crate::corpus::{self, Corpus};
+use crate::data::TokenStream;
+use crate::error::{Result, TrainError};
+use crate::split::split;
+use crate::tokenizer::{CharTokenizer, Tokenizer, BOS, EOS, PAD};
+
+/// The text task: corpus, split, tokenizer and token streams.
+pub struct TextTask {
+    config: TrainConfig,
+    tokenizer: Tokenizer,
+    train: TokenStream,
+    validation: TokenStream,
+    description: String,
+    device: Device,
+}
+
+impl TextTask {
+    /// Loads the corpus `config` names, splits it and tokenizes it. The tokenizer is built
+    /// from the training split unless one is given (a resumed run or a checkpoint).
+    pub fn new(
+        config: &TrainConfig,
+        tokenizer: Option<Tokenizer>,
+        device: &Device,
+        show_progress: bool,
+    ) -> Result<Self> {
+        let corpus = corpus::load(&config.data, &config.cache_dir(), show_progress)?;
+        Self::from_corpus(config, corpus, tokenizer, device)
+    }
+
+    /// As [`new`](Self::new), from documents already loaded.
+    pub fn from_corpus(
+        config: &TrainConfig,
+        corpus: Corpus,
+        tokenizer: Option<Tokenizer>,
+        device: &Device,
+    ) -> Result<Self> {
+        let documents = corpus.documents.len();
+        let parts = split(corpus.documents, config.data.val_fraction, config.run.seed);
+        let tokenizer = match tokenizer {
+            Some(tokenizer) => tokenizer,
+            None => match config.data.tokenizer {
+                TokenizerKind::Char => Tokenizer::Char(CharTokenizer::build(
+                    parts.train.iter().map(|d| d.text.as_str()),
+                    config.data.min_freq,
+                )),
+                TokenizerKind::Bpe => Tokenizer::train_bpe(
+                    parts.train.iter().map(|d| d.text.as_str()),
+                    config.data.bpe_vocab_size,
+                )?,
+            },
+        };
+        let train = TokenStream::new(&parts.train, &tokenizer);
+        let validation = TokenStream::new(&parts.validation, &tokenizer);
+        let needed = config.model.context_length + 1;
+        for (part, stream) in [("training", &train), ("validation", &validation)] {
+            if stream.tokens.len() < needed {
+                return Err(TrainError::CorpusTooShort {
+                    path: corpus.source.clone(),
+                    part,
+                    tokens: stream.tokens.len(),
+                    needed,
+                    lines: corpus.lines,
+                });
+            }
+        }
+        let description = format!(
+            "{}: {} documents ({} training, {} validation), {} + {} tokens, vocabulary {}",
+            corpus.source.display(),
+            documents,
+            parts.train.len(),
+            parts.validation.len(),
+            train.tokens.len(),
+            validation.tokens.len(),
+            tokenizer.vocab_size()
+        );
+        Ok(Self {
+            config: config.clone(),
+            tokenizer,
+            train,
+            validation,
+            description,
+            device: device.clone(),
+        })
+    }
+
+    /// The validation stream.
+    pub fn validation(&self) -> &TokenStream {
+        &self.validation
+    }
+}
+
+impl Task for TextTask {
+    type Model = MoeTransformer;
+
+    fn build_model(&self, device: &Device) -> Result<MoeTransformer> {
+        Ok(self
+            .config
+            .text_model_config(self.tokenizer.vocab_size())
+            .init(device)?)
+    }
+
+    fn step(&self, model: &MoeTransformer, rng: &mut SplitMix64) -> StepOutput {
+        let context = self.config.model.context_length;
+        let batch_size = self.config.optim.batch_size;
+        let batch = self
+            .train
+            .random_batch(batch_size, context, rng, &self.device);
+        let mask = batch.targets.clone().not_equal_elem(PAD as i64);
+        let out = model.loss(batch.inputs, batch.targets, mask);
+        StepOutput {
+            loss: out.loss,
+            cross_entropy: out.cross_entropy,
+            aux_loss: out.aux_loss,
+            layer_stats: out.layer_stats,
+            modality: Vec::new(),
+            tokens: batch_size * context,
+        }
+    }
+
+    fn evaluate(&self, model: &MoeTransformer, device: &Device) -> Evaluation {
+        let context = self.config.model.context_length;
+        let batches = self.validation.sequential_batches(
+            self.config.optim.batch_size,
+            context,
+            self.config.run.eval_batches,
+            device,
+        );
+        let mut total = 0.0;
+        let mut load: Vec<Vec<f64>> = Vec::new();
+        for batch in &batches {
+            let mask = batch.targets.clone().not_equal_elem(PAD as i64);
+            let out = model.loss(batch.inputs.clone(), batch.targets.clone(), mask);
+            total += out.cross_entropy.into_scalar::<f64>();
+            let shares = expert_shares(&out.layer_stats);
+            if load.is_empty() {
+                load = shares;
+            } else {
+                for (sum, layer) in load.iter_mut().zip(shares) {
+                    sum.iter_mut().zip(layer).for_each(|(a, b)| *a += b);
+                }
+            }
+        }
+        let count = batches.len().max(1) as f64;
+        load.iter_mut()
+            .for_each(|layer| layer.iter_mut().for_each(|v| *v /= count));
+        Evaluation {
+            loss: total / count,
+            expert_load: load,
+        }
+    }
+
+    fn samples(
+        &self,
+        model: &MoeTransformer,
+        count: usize,
+        max_tokens: usize,
+        seed: u64,
+    ) -> Vec<String> {
+        (0..count)
+            .map(|i| {
+                let config = GenerationConfig {
+                    max_new_tokens: max_tokens,
+                    sampling: SamplingConfig {
+                        seed: seed.wrapping_add(i as u64),
+                        ..SamplingConfig::default()
+                    },
+                    stop_tokens: vec![EOS],
+                    banned_tokens: vec![PAD, BOS],
+                };
+                let tokens = model.generate(&[BOS], &config, |_| {}).unwrap_or_default();
+                self.tokenizer.decode(&tokens)
+            })
+            .collect()
+    }
+
+    fn tokenizer(&self) -> Option<&Tokenizer> {
+        Some(&self.tokenizer)
+    }
+
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+}

@@ -1,0 +1,212 @@
+//! Tokenizers: one token per character (classical Chinese), or byte-level BPE trained locally
+//! with the `tokenizers` crate. Both reserve ids 0-3 for `<pad> <unk> <bos> <eos>` and are
+//! saved as one JSON file beside each checkpoint.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::models::TrainerWrapper;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{AddedToken, Tokenizer as HfTokenizer};
+
+use crate::error::{io, Result, TrainError};
+
+/// Padding.
+pub const PAD: usize = 0;
+/// Unknown character.
+pub const UNK: usize = 1;
+/// Start of a document.
+pub const BOS: usize = 2;
+/// End of a document.
+pub const EOS: usize = 3;
+/// The special tokens, by id.
+pub const SPECIALS: [&str; 4] = ["<pad>", "<unk>", "<bos>", "<eos>"];
+
+/// A character-level vocabulary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CharTokenizer {
+    tokens: Vec<String>,
+    ids: HashMap<char, usize>,
+}
+
+impl CharTokenizer {
+    /// The characters of `documents` seen at least `min_freq` times, most frequent first
+    /// (ties in character order, so the vocabulary does not depend on hashing).
+    pub fn build<'a>(documents: impl Iterator<Item = &'a str>, min_freq: usize) -> Self {
+        let mut counts: HashMap<char, usize> = HashMap::new();
+        for text in documents {
+            for c in text.chars() {
+                *counts.entry(c).or_default() += 1;
+            }
+        }
+        let mut kept: Vec<(char, usize)> = counts
+            .into_iter()
+            .filter(|&(_, n)| n >= min_freq.max(1))
+            .collect();
+        kept.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        Self::from_tokens(
+            SPECIALS
+                .iter()
+                .map(|s| s.to_string())
+                .chain(kept.into_iter().map(|(c, _)| c.to_string()))
+                .collect(),
+        )
+    }
+
+    fn from_tokens(tokens: Vec<String>) -> Self {
+        let ids = tokens
+            .iter()
+            .enumerate()
+            .skip(SPECIALS.len())
+            .filter_map(|(id, token)| token.chars().next().map(|c| (c, id)))
+            .collect();
+        Self { tokens, ids }
+    }
+}
+
+/// A tokenizer of either kind.
+#[derive(Debug, Clone)]
+pub enum Tokenizer {
+    /// One token per character.
+    Char(CharTokenizer),
+    /// Byte-level BPE.
+    Bpe(Box<HfTokenizer>),
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+enum Saved {
+    Char { tokens: Vec<String> },
+    Bpe { tokenizer: serde_json::Value },
+}
+
+impl Tokenizer {
+    /// Trains a byte-level BPE of `vocab_size` tokens on `documents`.
+    pub fn train_bpe<'a>(
+        documents: impl Iterator<Item = &'a str> + Send,
+        vocab_size: usize,
+    ) -> Result<Self> {
+        let error = |e: tokenizers::Error| TrainError::Tokenizer(e.to_string());
+        let specials: Vec<AddedToken> = SPECIALS
+            .iter()
+            .map(|s| AddedToken::from(*s, true))
+            .collect();
+        let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
+            .vocab_size(vocab_size)
+            .min_frequency(2)
+            .show_progress(false)
+            .special_tokens(specials)
+            .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+            .build()
+            .into();
+        let mut tokenizer = HfTokenizer::new(BPE::default());
+        tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
+        tokenizer.train(&mut trainer, documents).map_err(error)?;
+        for (id, special) in SPECIALS.iter().enumerate() {
+            if tokenizer.token_to_id(special) != Some(id as u32) {
+                return Err(TrainError::Tokenizer(format!(
+                    "{special} did not get id {id}"
+                )));
+            }
+        }
+        Ok(Self::Bpe(Box::new(tokenizer)))
+    }
+
+    /// Vocabulary size.
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Tokenizer::Char(t) => t.tokens.len(),
+            Tokenizer::Bpe(t) => t.get_vocab_size(true),
+        }
+    }
+
+    /// Token ids of `text` (no `<bos>`/`<eos>`).
+    pub fn encode(&self, text: &str) -> Vec<usize> {
+        match self {
+            Tokenizer::Char(t) => text
+                .chars()
+                .map(|c| t.ids.get(&c).copied().unwrap_or(UNK))
+                .collect(),
+            Tokenizer::Bpe(t) => t
+                .encode(text, false)
+                .map(|e| e.get_ids().iter().map(|&id| id as usize).collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// `<bos> text <eos>`.
+    pub fn encode_document(&self, text: &str) -> Vec<usize> {
+        let mut ids = vec![BOS];
+        ids.extend(self.encode(text));
+        ids.push(EOS);
+        ids
+    }
+
+    /// Text of `ids`; `<pad>`, `<bos>` and `<eos>` are dropped, `<unk>` shows as `?`.
+    pub fn decode(&self, ids: &[usize]) -> String {
+        match self {
+            Tokenizer::Char(t) => ids
+                .iter()
+                .filter(|&&id| id != PAD && id != BOS && id != EOS)
+                .map(|&id| match id {
+                    UNK => "?",
+                    _ => t.tokens.get(id).map_or("?", String::as_str),
+                })
+                .collect(),
+            Tokenizer::Bpe(t) => {
+                let ids: Vec<u32> = ids.iter().map(|&id| id as u32).collect();
+                t.decode(&ids, true).unwrap_or_default()
+            }
+        }
+    }
+
+    /// Writes the tokenizer as JSON.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let saved = match self {
+            Tokenizer::Char(t) => Saved::Char {
+                tokens: t.tokens.clone(),
+            },
+            Tokenizer::Bpe(t) => Saved::Bpe {
+                tokenizer: serde_json::from_str(
+                    &t.to_string(false)
+                        .map_err(|e| TrainError::Tokenizer(e.to_string()))?,
+                )
+                .map_err(|e| TrainError::Tokenizer(e.to_string()))?,
+            },
+        };
+        let json = serde_json::to_string(&saved).expect("a tokenizer serialises");
+        std::fs::write(path, json).map_err(io(path))
+    }
+
+    /// Reads a tokenizer written by [`save`](Self::save).
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(io(path))?;
+        let broken = |reason: String| TrainError::Checkpoint {
+            path: path.to_path_buf(),
+            reason: format!("not a burn-moe tokenizer: {reason}"),
+        };
+        match serde_json::from_str::<Saved>(&text).map_err(|e| broken(e.to_string()))? {
+            Saved::Char { tokens } => {
+                if tokens.len() < SPECIALS.len()
+                    || tokens[..SPECIALS.len()] != SPECIALS.map(String::from)
+                {
+                    return Err(broken(
+                        "the first four tokens are not <pad> <unk> <bos> <eos>".into(),
+                    ));
+                }
+                Ok(Tokenizer::Char(CharTokenizer::from_tokens(tokens)))
+            }
+            Saved::Bpe { tokenizer } => {
+                let tokenizer: HfTokenizer = tokenizer
+                    .to_string()
+                    .parse()
+                    .map_err(|e: tokenizers::Error| broken(e.to_string()))?;
+                Ok(Tokenizer::Bpe(Box::new(tokenizer)))
+            }
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! Tests of the training program on the CPU backend (ndarray).
+
+#[path = "train/common.rs"]
+mod common;
+
+#[path = "train/checkpoints.rs"]
+mod checkpoints;
+#[path = "train/config.rs"]
+mod config;
+#[path = "train/corpus.rs"]
+mod corpus;
+#[path = "train/runs.rs"]
+mod runs;
+#[path = "train/tokenizer.rs"]
+mod tokenizer;

@@ -21,8 +21,8 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Train a model (by default: the tiny preset on 唐诗三百首).
-    Train(TrainArgs),
+    /// Train a model (by default: the tiny preset on 全唐诗).
+    Train(Box<TrainArgs>),
     /// Generate text (or digit images) from a checkpoint, streaming it as it is produced.
     Generate(GenerateArgs),
     /// Validation loss, perplexity and expert load of a checkpoint.

@@ -209,16 +209,21 @@ fn heatmap(
     }
     let columns = load.len();
     let mut chart = builder
-        .build_cartesian_2d(0..columns, 0..rows)
+        .build_cartesian_2d(0..columns, (0..rows).into_segmented())
         .map_err(|e| e.to_string())?;
     if labels {
         let steps: Vec<usize> = train.iter().map(|r| r.step).collect();
         chart
             .configure_mesh()
             .disable_mesh()
-            .x_desc("step")
+            .x_desc("step (white: fair share, red: 2x or more, blue: idle)")
             .x_label_formatter(&|c| steps.get(*c).map_or(String::new(), |s| s.to_string()))
-            .y_label_formatter(&|r| format!("L{} e{}", r / experts.max(1), r % experts.max(1)))
+            .y_label_formatter(&|r| match r {
+                SegmentValue::CenterOf(r) if *r < rows => {
+                    format!("MoE layer {} expert {}", r / experts, r % experts)
+                }
+                _ => String::new(),
+            })
             .y_labels(rows.min(32))
             .draw()
             .map_err(|e| e.to_string())?;
@@ -233,7 +238,10 @@ fn heatmap(
                         let relative = share * experts as f64; // 1.0 = fair share
                         let row = layer * experts + expert;
                         Rectangle::new(
-                            [(column, row), (column + 1, row + 1)],
+                            [
+                                (column, SegmentValue::Exact(row)),
+                                (column + 1, SegmentValue::Exact(row + 1)),
+                            ],
                             load_colour(relative).filled(),
                         )
                     })

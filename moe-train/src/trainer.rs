@@ -6,6 +6,7 @@
 //! at every step, so a resumed run continues with exactly the losses of an uninterrupted one
 //! (on the CPU backends, which are deterministic).
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -158,9 +159,19 @@ pub fn run<T: Task>(
 
     let steps = config.run.steps;
     let bar = progress_bar(options.show_progress, steps as u64, state.step as u64);
+    // Without a terminal (a log file, CI) the bar is not drawn: print a line now and then.
+    let plain_lines = options.show_progress && !std::io::stderr().is_terminal();
+    let line_every = (steps / 20).max(config.run.log_every);
+    let say = |line: String| {
+        if plain_lines {
+            eprintln!("{line}");
+        } else {
+            bar.println(line);
+        }
+    };
     if options.show_progress {
-        bar.println(format!("data: {}", task.describe()));
-        bar.println(format!(
+        say(format!("data: {}", task.describe()));
+        say(format!(
             "model: {} parameters, {} active per token; {} steps of {} x {} sequences",
             parameters.0, parameters.1, steps, config.optim.batch_size, config.optim.grad_accum
         ));
@@ -260,10 +271,14 @@ pub fn run<T: Task>(
                         .collect()
                 }),
             };
-            bar.set_message(format!(
+            let message = format!(
                 "loss {:.3} | {:.0} tok/s | lr {:.1e}",
                 row.cross_entropy, row.tokens_per_second, lr
-            ));
+            );
+            if plain_lines && (step % line_every == 0 || step == steps) {
+                eprintln!("step {step:>6}/{steps}: {message}");
+            }
+            bar.set_message(message);
             summary.train_losses.push((step, row.cross_entropy));
             log.write(&Row::Train(row))?;
             interval_start = Instant::now();
@@ -277,7 +292,7 @@ pub fn run<T: Task>(
                 val_perplexity: evaluation.loss.exp(),
             };
             if options.show_progress {
-                bar.println(format!(
+                say(format!(
                     "step {step:>6}: validation loss {:.4}, perplexity {:.2}",
                     row.val_loss, row.val_perplexity
                 ));

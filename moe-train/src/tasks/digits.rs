@@ -11,7 +11,7 @@ use crate::error::Result;
 use crate::tokenizer::Tokenizer;
 
 /// Keeps the validation images apart from the training stream.
-const VALIDATION_STREAM: u64 = 0xd1c1_75;
+const VALIDATION_STREAM: u64 = 0x00d1_c175;
 
 /// Captioning (`Caption`) or drawing (`TextToImage`) digits.
 pub struct DigitsTask {

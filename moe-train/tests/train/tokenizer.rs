@@ -32,7 +32,8 @@ fn the_character_tokenizer_round_trips_and_saves() {
         ]
     );
 
-    let path = temp_dir("char-tokenizer").join("tokenizer.json");
+    let dir = temp_dir("char-tokenizer");
+    let path = dir.join("tokenizer.json");
     tokenizer.save(&path).unwrap();
     let loaded = Tokenizer::load(&path).unwrap();
     assert_eq!(loaded.encode(docs[1]), tokenizer.encode(docs[1]));
@@ -54,7 +55,8 @@ fn the_bpe_tokenizer_round_trips_and_saves() {
     let ids = tokenizer.encode(sample);
     assert!(ids.len() < sample.len(), "BPE should merge: {ids:?}");
     assert_eq!(tokenizer.decode(&ids), sample);
-    let path = temp_dir("bpe-tokenizer").join("tokenizer.json");
+    let dir = temp_dir("bpe-tokenizer");
+    let path = dir.join("tokenizer.json");
     tokenizer.save(&path).unwrap();
     let loaded = Tokenizer::load(&path).unwrap();
     assert_eq!(loaded.encode(sample), ids);
@@ -62,7 +64,8 @@ fn the_bpe_tokenizer_round_trips_and_saves() {
 
 #[test]
 fn a_broken_tokenizer_file_is_named() {
-    let path = temp_dir("broken-tokenizer").join("tokenizer.json");
+    let dir = temp_dir("broken-tokenizer");
+    let path = dir.join("tokenizer.json");
     std::fs::write(&path, "{\"kind\": \"char\", \"tokens\": [\"a\"]}").unwrap();
     let message = Tokenizer::load(&path).unwrap_err().to_string();
     assert!(

@@ -2,15 +2,15 @@
 
 use std::io::Write;
 
-use moe_models::digits::{self, IMAGE_SIZE, NUMERALS, TEXT_VOCAB};
-use moe_models::{GenerationConfig, Modality, SamplingConfig, Segment};
+use moe_models::digits::{NUMERALS, TEXT_VOCAB};
+use moe_models::{GenerationConfig, SamplingConfig};
 
 use crate::backend::{self, Precision};
 use crate::checkpoint;
 use crate::cli::{EvalArgs, GenerateArgs};
 use crate::config::Task as TaskKind;
 use crate::error::{Result, TrainError};
-use crate::tasks::digits::{ascii_image, DigitsTask};
+use crate::tasks::digits::{caption_digit, draw_numeral, DigitsTask};
 use crate::tasks::text::TextTask;
 use crate::tasks::{Evaluation, Task};
 use crate::tokenizer::{Tokenizer, BOS, EOS, PAD};
@@ -71,38 +71,9 @@ pub fn generate(args: &GenerateArgs) -> Result<String> {
             let model = checkpoint::load_model(&folder, model)?;
             let levels = config.data.image_levels;
             let text = if config.task == TaskKind::TextToImage {
-                let ids = burn::tensor::Tensor::<2, burn::tensor::Int>::from_data(
-                    burn::tensor::TensorData::new(
-                        vec![digits::BOS as i64, digits::numeral_token(digit) as i64],
-                        [1, 2],
-                    ),
-                    &device,
-                );
-                let pixels = model.generate(
-                    &Segment::Text(ids),
-                    Modality::Image,
-                    IMAGE_SIZE * IMAGE_SIZE,
-                    sampling,
-                )?;
-                ascii_image(&pixels, levels)
+                draw_numeral(&model, digit, levels, sampling)
             } else {
-                let pixels = digits::draw(digit, &mut moe_core::rng::SplitMix64(args.seed));
-                let image = burn::tensor::Tensor::<4>::from_data(
-                    burn::tensor::TensorData::new(pixels.clone(), [1, 1, IMAGE_SIZE, IMAGE_SIZE]),
-                    &device,
-                );
-                let caption =
-                    model.generate(&Segment::ImagePatches(image), Modality::Text, 1, sampling)?;
-                let quantized: Vec<usize> = pixels
-                    .iter()
-                    .map(|&p| digits::quantize(p, levels))
-                    .collect();
-                let word = caption
-                    .first()
-                    .and_then(|&t| TEXT_VOCAB.get(t))
-                    .copied()
-                    .unwrap_or("?");
-                format!("{}\n-> {word}", ascii_image(&quantized, levels))
+                caption_digit(&model, digit, levels, sampling, args.seed)
             };
             println!("{text}");
             Ok(text)

@@ -1,6 +1,6 @@
 //! The multimodal digits task: captioning 8x8 digit images, or drawing them from their numeral.
 
-use burn::tensor::Device;
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use moe_core::rng::SplitMix64;
 use moe_models::digits::{self, DigitBatch, IMAGE_SIZE, NUMERALS, TEXT_VOCAB};
 use moe_models::{Modality, MultimodalMoeTransformer, SamplingConfig, Segment};
@@ -107,8 +107,6 @@ impl Task for DigitsTask {
         seed: u64,
     ) -> Vec<String> {
         let levels = self.config.data.image_levels;
-        let device = model.text_head.weight.val().device();
-        let mut rng = SplitMix64(seed);
         (0..count)
             .map(|i| {
                 let digit = i % 10;
@@ -119,50 +117,13 @@ impl Task for DigitsTask {
                 };
                 match self.config.task {
                     TaskKind::TextToImage => {
-                        let ids = burn::tensor::Tensor::<2, burn::tensor::Int>::from_data(
-                            burn::tensor::TensorData::new(
-                                vec![digits::BOS as i64, digits::numeral_token(digit) as i64],
-                                [1, 2],
-                            ),
-                            &device,
-                        );
-                        let pixels = model
-                            .generate(
-                                &Segment::Text(ids),
-                                Modality::Image,
-                                IMAGE_SIZE * IMAGE_SIZE,
-                                sampling,
-                            )
-                            .unwrap_or_default();
-                        format!("{}:\n{}", NUMERALS[digit], ascii_image(&pixels, levels))
-                    }
-                    _ => {
-                        let pixels = digits::draw(digit, &mut rng);
-                        let image = burn::tensor::Tensor::<4>::from_data(
-                            burn::tensor::TensorData::new(
-                                pixels.clone(),
-                                [1, 1, IMAGE_SIZE, IMAGE_SIZE],
-                            ),
-                            &device,
-                        );
-                        let caption = model
-                            .generate(&Segment::ImagePatches(image), Modality::Text, 1, sampling)
-                            .unwrap_or_default();
-                        let quantized: Vec<usize> = pixels
-                            .iter()
-                            .map(|&p| digits::quantize(p, levels))
-                            .collect();
-                        let text = caption
-                            .first()
-                            .and_then(|&t| TEXT_VOCAB.get(t))
-                            .copied()
-                            .unwrap_or("?");
                         format!(
-                            "{}\n-> {text} (true: {})",
-                            ascii_image(&quantized, levels),
-                            NUMERALS[digit]
+                            "{}:\n{}",
+                            NUMERALS[digit],
+                            draw_numeral(model, digit, levels, sampling)
                         )
                     }
+                    _ => caption_digit(model, digit, levels, sampling, seed.wrapping_add(i as u64)),
                 }
             })
             .collect()
@@ -182,4 +143,64 @@ impl Task for DigitsTask {
             self.config.data.image_levels
         )
     }
+}
+
+/// Asks a text-to-image model to draw `digit`; the image as text.
+pub fn draw_numeral(
+    model: &MultimodalMoeTransformer,
+    digit: usize,
+    levels: usize,
+    sampling: SamplingConfig,
+) -> String {
+    let device = model.text_head.weight.val().device();
+    let ids = Tensor::<2, Int>::from_data(
+        TensorData::new(
+            vec![digits::BOS as i64, digits::numeral_token(digit) as i64],
+            [1, 2],
+        ),
+        &device,
+    );
+    let pixels = model
+        .generate(
+            &Segment::Text(ids),
+            Modality::Image,
+            IMAGE_SIZE * IMAGE_SIZE,
+            sampling,
+        )
+        .unwrap_or_default();
+    ascii_image(&pixels, levels)
+}
+
+/// Draws `digit` (seeded by `seed`) and asks a captioning model what it is; the image and
+/// the answer as text.
+pub fn caption_digit(
+    model: &MultimodalMoeTransformer,
+    digit: usize,
+    levels: usize,
+    sampling: SamplingConfig,
+    seed: u64,
+) -> String {
+    let device = model.text_head.weight.val().device();
+    let pixels = digits::draw(digit, &mut SplitMix64(seed));
+    let image = Tensor::<4>::from_data(
+        TensorData::new(pixels.clone(), [1, 1, IMAGE_SIZE, IMAGE_SIZE]),
+        &device,
+    );
+    let caption = model
+        .generate(&Segment::ImagePatches(image), Modality::Text, 1, sampling)
+        .unwrap_or_default();
+    let quantized: Vec<usize> = pixels
+        .iter()
+        .map(|&p| digits::quantize(p, levels))
+        .collect();
+    let word = caption
+        .first()
+        .and_then(|&t| TEXT_VOCAB.get(t))
+        .copied()
+        .unwrap_or("?");
+    format!(
+        "{}\n-> {word} (drawn: {})",
+        ascii_image(&quantized, levels),
+        NUMERALS[digit]
+    )
 }

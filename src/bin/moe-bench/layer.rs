@@ -1,0 +1,180 @@
+//! W1 (the MoE layer and the dense FFN with the same active FLOPs, forward + backward) and W3
+//! (the backend's own matmul at the expert GEMM shapes).
+
+use burn::tensor::{Device, Distribution, Tensor};
+use burn_moe::core::{
+    Activation, CapacityConfig, ExpertConfig, ExpertKind, GateConfig, LossConfig, MoeConfig,
+    RoutingMode,
+};
+use serde::Serialize;
+
+use crate::timing::median_seconds;
+
+/// W1's sizes.
+pub const TOKENS: usize = 4096;
+/// Model width.
+pub const D_MODEL: usize = 512;
+/// Hidden size of one expert.
+pub const D_HIDDEN: usize = 1024;
+
+/// One measured W1 configuration.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerRow {
+    /// "moe" or "dense".
+    pub kind: String,
+    /// Experts (1 for dense).
+    pub experts: usize,
+    /// Experts per token (the dense FFN has `top_k * 1024` hidden units).
+    pub top_k: usize,
+    /// "dropless", "capacity 1.25" or "-" for dense.
+    pub capacity: String,
+    /// Median seconds of forward + backward.
+    pub seconds: f64,
+    /// Tokens per second.
+    pub tokens_per_second: f64,
+    /// Useful FLOPs (routed tokens only, no padding) per second, forward + backward.
+    pub gflops: f64,
+    /// Slots per expert used (MoE).
+    pub capacity_slots: usize,
+}
+
+/// FLOPs of the expert (or dense FFN) matmuls for `tokens * top_k` routed rows, forward and
+/// backward: two matmuls, each `2 * rows * d * h` forward and twice that backward.
+pub fn ffn_flops(rows: usize, d: usize, h: usize) -> f64 {
+    3.0 * 2.0 * 2.0 * rows as f64 * d as f64 * h as f64
+}
+
+fn moe_config(experts: usize, top_k: usize, dropless: bool) -> MoeConfig {
+    let capacity = if dropless {
+        CapacityConfig::dropless()
+    } else {
+        CapacityConfig::new()
+            .with_train_factor(1.25)
+            .with_min_capacity(1)
+    };
+    MoeConfig::new(
+        D_MODEL,
+        experts,
+        ExpertConfig::new(D_HIDDEN).with_kind(ExpertKind::Ffn(Activation::Gelu)),
+    )
+    .with_top_k(top_k)
+    .with_gate(GateConfig::softmax_top_k())
+    .with_capacity(capacity)
+    .with_losses(LossConfig::new())
+}
+
+/// W1 for one MoE configuration on `device` (autodiff is added here).
+pub fn moe_row(
+    device: &Device,
+    experts: usize,
+    top_k: usize,
+    dropless: bool,
+    warmup: usize,
+    repeats: usize,
+) -> LayerRow {
+    let device = device.clone().autodiff();
+    device.seed(1);
+    let moe = moe_config(experts, top_k, dropless)
+        .init(&device)
+        .expect("valid config");
+    let x = Tensor::<2>::random([TOKENS, D_MODEL], Distribution::Normal(0.0, 1.0), &device);
+    let mut slots = 0;
+    let seconds = median_seconds(&device, warmup, repeats, || {
+        let x = x.clone().detach().require_grad();
+        let out = moe.forward_with_mode(x, RoutingMode::Train);
+        slots = out.stats.capacity;
+        let loss = out.output.mean() + out.aux_loss;
+        let _ = loss.backward();
+    });
+    LayerRow {
+        kind: "moe".into(),
+        experts,
+        top_k,
+        capacity: if dropless {
+            "dropless".into()
+        } else {
+            "capacity 1.25".into()
+        },
+        seconds,
+        tokens_per_second: TOKENS as f64 / seconds,
+        gflops: ffn_flops(TOKENS * top_k, D_MODEL, D_HIDDEN) / seconds / 1e9,
+        capacity_slots: slots,
+    }
+}
+
+/// W1's baseline: the dense FFN with `top_k * 1024` hidden units (the same active FLOPs).
+pub fn dense_row(device: &Device, top_k: usize, warmup: usize, repeats: usize) -> LayerRow {
+    let device = device.clone().autodiff();
+    device.seed(1);
+    let ffn = ExpertConfig::new(top_k * D_HIDDEN)
+        .with_kind(ExpertKind::Ffn(Activation::Gelu))
+        .init(1, D_MODEL, &device);
+    let x = Tensor::<3>::random(
+        [1, TOKENS, D_MODEL],
+        Distribution::Normal(0.0, 1.0),
+        &device,
+    );
+    let seconds = median_seconds(&device, warmup, repeats, || {
+        let x = x.clone().detach().require_grad();
+        let loss = ffn.forward(x).mean();
+        let _ = loss.backward();
+    });
+    LayerRow {
+        kind: "dense".into(),
+        experts: 1,
+        top_k,
+        capacity: "-".into(),
+        seconds,
+        tokens_per_second: TOKENS as f64 / seconds,
+        gflops: ffn_flops(TOKENS, D_MODEL, top_k * D_HIDDEN) / seconds / 1e9,
+        capacity_slots: TOKENS,
+    }
+}
+
+/// One W3 measurement.
+#[derive(Debug, Clone, Serialize)]
+pub struct MatmulRow {
+    /// Batch (experts) of the batched matmul.
+    pub batch: usize,
+    /// Rows per batch entry.
+    pub rows: usize,
+    /// Inner size.
+    pub inner: usize,
+    /// Columns.
+    pub columns: usize,
+    /// Median seconds of one forward matmul.
+    pub seconds: f64,
+    /// Achieved GFLOP/s.
+    pub gflops: f64,
+}
+
+/// W3: `[batch, rows, inner] x [batch, inner, columns]`, forward only.
+pub fn matmul_row(
+    device: &Device,
+    batch: usize,
+    rows: usize,
+    inner: usize,
+    columns: usize,
+    warmup: usize,
+    repeats: usize,
+) -> MatmulRow {
+    let a = Tensor::<3>::random([batch, rows, inner], Distribution::Normal(0.0, 1.0), device);
+    let b = Tensor::<3>::random(
+        [batch, inner, columns],
+        Distribution::Normal(0.0, 1.0),
+        device,
+    );
+    let seconds = median_seconds(device, warmup, repeats, || {
+        // Read one element back so that lazy backends really run the product.
+        let product = a.clone().matmul(b.clone());
+        let _ = product.slice([0..1, 0..1, 0..1]).into_data();
+    });
+    MatmulRow {
+        batch,
+        rows,
+        inner,
+        columns,
+        seconds,
+        gflops: 2.0 * (batch * rows * inner * columns) as f64 / seconds / 1e9,
+    }
+}

@@ -1,0 +1,429 @@
+//! `moe-bench`: burn-moe against its dense baseline, its backend's own matmul and PyTorch.
+//!
+//! ```sh
+//! cargo run --release --bin moe-bench -- --backend flex [--quick] [--json FILE]
+//! ```
+//!
+//! Workloads (see BENCHMARKS.md): W1 the MoE layer forward + backward against the dense FFN
+//! with the same active FLOPs; W2 a training step of the `tiny` and `small` presets with peak
+//! memory; W3 the backend's matmul at the expert GEMM shapes; W4 the same in PyTorch eager
+//! (`bench/torch_moe.py`). Every figure is the median of repeated runs after warm-up.
+
+mod layer;
+mod step;
+mod timing;
+mod torch;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+
+use burn_moe::train::backend::{select, Backend, Precision};
+use burn_moe::train::config::Preset;
+use clap::Parser;
+use serde_json::{json, Value};
+
+use layer::{LayerRow, MatmulRow, D_HIDDEN, D_MODEL, TOKENS};
+use step::StepRow;
+
+/// Command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "moe-bench",
+    about = "burn-moe against the dense baseline, the backend's matmul and PyTorch"
+)]
+struct Args {
+    /// Backend to measure.
+    #[arg(long, value_enum, default_value_t = Backend::Flex)]
+    backend: Backend,
+    /// One repetition, fewer shapes: checks that every row still runs.
+    #[arg(long)]
+    quick: bool,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// The Python that has torch (default: bench/.venv/bin/python if present).
+    #[arg(long)]
+    torch_python: Option<PathBuf>,
+    /// Skip the PyTorch workloads.
+    #[arg(long)]
+    no_torch: bool,
+    /// Internal: measure W2 for one preset in this process and print its memory.
+    #[arg(long, hide = true)]
+    w2_child: Option<Preset>,
+}
+
+fn main() {
+    let args = Args::parse();
+    let selected = match select(args.backend, Precision::F32) {
+        Ok(selected) => selected,
+        Err(error) => {
+            eprintln!("error: {error}");
+            std::process::exit(1);
+        }
+    };
+    let device = selected.device.clone();
+    let (warmup, repeats) = if args.quick { (1, 1) } else { (2, 5) };
+
+    if let Some(preset) = args.w2_child {
+        let baseline = step::memory_status().map(|(_, rss)| rss);
+        let mut row = step::step_row(&device, preset, &preset_name(preset), warmup, repeats);
+        row.peak_rss = step::memory_status().map(|(peak, _)| peak);
+        row.baseline_rss = baseline;
+        println!("{}", serde_json::to_string(&row).expect("serialises"));
+        return;
+    }
+
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "moe-bench on {selected}; {threads} threads; median of {repeats} after {warmup} warm-up\n"
+    );
+    let experts: Vec<usize> = if args.quick {
+        vec![4, 8, 64]
+    } else {
+        vec![4, 8, 16, 32, 64]
+    };
+
+    // W1
+    let mut w1: Vec<LayerRow> = Vec::new();
+    println!("W1: MoE layer, forward + backward, {TOKENS} tokens, d_model {D_MODEL}, expert hidden {D_HIDDEN}");
+    println!(
+        "{:<6} {:>4} {:>3} {:<14} {:>6} {:>10} {:>12} {:>9}",
+        "kind", "E", "k", "capacity", "slots", "ms", "tokens/s", "GFLOP/s"
+    );
+    for top_k in [1, 2] {
+        let dense = layer::dense_row(&device, top_k, warmup, repeats);
+        print_layer(&dense);
+        w1.push(dense);
+        for &e in &experts {
+            for dropless in [true, false] {
+                let row = layer::moe_row(&device, e, top_k, dropless, warmup, repeats);
+                print_layer(&row);
+                w1.push(row);
+            }
+        }
+    }
+
+    // W3
+    println!("\nW3: the backend's batched matmul at the expert shapes (forward)");
+    let mut w3: Vec<MatmulRow> = Vec::new();
+    let dense_shape = matmul(&device, 1, TOKENS, D_MODEL, 2 * D_HIDDEN, warmup, repeats);
+    w3.push(dense_shape);
+    for row in w1
+        .iter()
+        .filter(|r| r.kind == "moe" && r.experts == 8 && r.top_k == 2)
+    {
+        w3.push(matmul(
+            &device,
+            row.experts,
+            row.capacity_slots,
+            D_MODEL,
+            D_HIDDEN,
+            warmup,
+            repeats,
+        ));
+    }
+
+    // W2, each preset in its own process so that its peak memory is its own.
+    println!("\nW2: one training step (forward, backward, AdamW)");
+    let mut w2: Vec<StepRow> = Vec::new();
+    let presets: Vec<Preset> = if args.quick {
+        vec![Preset::Tiny]
+    } else {
+        vec![Preset::Tiny, Preset::Small]
+    };
+    for preset in presets {
+        match w2_in_child(&args, preset) {
+            Ok(row) => {
+                println!(
+                    "{:<6} {:>9} params {:>9} active {:>6} tokens {:>9.1} ms {:>9.0} tokens/s  peak RSS {:>6.0} MB (estimate {:.0} MB + runtime {:.0} MB)",
+                    row.preset,
+                    row.parameters,
+                    row.active_parameters,
+                    row.tokens,
+                    row.seconds * 1e3,
+                    row.tokens_per_second,
+                    row.peak_rss.unwrap_or(0) as f64 / 1e6,
+                    row.estimated_bytes as f64 / 1e6,
+                    row.baseline_rss.unwrap_or(0) as f64 / 1e6,
+                );
+                w2.push(row);
+            }
+            Err(error) => println!("{}: not measured ({error})", preset_name(preset)),
+        }
+    }
+
+    // W4
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let torch = if args.no_torch {
+        Err("--no-torch".to_string())
+    } else {
+        match args
+            .torch_python
+            .clone()
+            .or_else(|| torch::default_python(&root))
+        {
+            Some(python) => {
+                println!("\nW4: PyTorch eager (bench/torch_moe.py) ...");
+                torch::run(
+                    &python,
+                    &root.join("bench/torch_moe.py"),
+                    threads,
+                    &experts,
+                    args.quick,
+                )
+            }
+            None => Err(
+                "no Python with torch: see bench/README.md (or pass --torch-python)".to_string(),
+            ),
+        }
+    };
+    if let Ok(results) = &torch {
+        println!("torch {} on {} threads", results.torch, results.threads);
+        for row in &results.w1 {
+            println!(
+                "{:<6} {:>4} {:>3} {:<14} {:>10.1} ms {:>12.0} tokens/s",
+                row.form,
+                row.experts,
+                row.top_k,
+                row.capacity,
+                row.seconds * 1e3,
+                row.tokens_per_second
+            );
+        }
+        for row in &results.w2 {
+            println!(
+                "{:<6} step {:>9.1} ms {:>9.0} tokens/s ({} parameters)",
+                row.preset,
+                row.seconds * 1e3,
+                row.tokens_per_second,
+                row.parameters
+            );
+        }
+    } else if let Err(reason) = &torch {
+        println!("\nW4: PyTorch not measured: {reason}");
+    }
+
+    let report = ratios(&w1, &w2, &w3, torch.as_ref().ok());
+    println!("\nratios (targets: P1 >= 0.90 at E=8 top-2, P2 <= 1.10, P3 >= 1.0, P4 >= 0.80, memory <= 1.5)");
+    for key in [
+        "p1_moe_efficiency",
+        "p2_expert_scaling",
+        "p3_vs_pytorch",
+        "p4_gemm_efficiency",
+        "peak_rss_ratio",
+    ] {
+        println!("{key}: {}", report[key]);
+    }
+    let mut output = report;
+    output["backend"] = json!(selected.to_string());
+    output["threads"] = json!(threads);
+    output["quick"] = json!(args.quick);
+    output["w1"] = json!(w1);
+    output["w2"] = json!(w2);
+    output["w3"] = json!(w3);
+    output["w4"] = match &torch {
+        Ok(results) => json!(results),
+        Err(reason) => json!({ "not_measured": reason }),
+    };
+    if let Some(path) = &args.json {
+        if let Err(error) = std::fs::write(
+            path,
+            serde_json::to_string_pretty(&output).expect("serialises"),
+        ) {
+            eprintln!("error: {}: {error}", path.display());
+            std::process::exit(1);
+        }
+        println!("\nwrote {}", path.display());
+    }
+}
+
+fn preset_name(preset: Preset) -> String {
+    serde_json::to_value(preset)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
+}
+
+fn print_layer(row: &LayerRow) {
+    println!(
+        "{:<6} {:>4} {:>3} {:<14} {:>6} {:>10.1} {:>12.0} {:>9.1}",
+        row.kind,
+        row.experts,
+        row.top_k,
+        row.capacity,
+        row.capacity_slots,
+        row.seconds * 1e3,
+        row.tokens_per_second,
+        row.gflops
+    );
+}
+
+fn matmul(
+    device: &burn::tensor::Device,
+    batch: usize,
+    rows: usize,
+    inner: usize,
+    columns: usize,
+    warmup: usize,
+    repeats: usize,
+) -> MatmulRow {
+    let row = layer::matmul_row(device, batch, rows, inner, columns, warmup, repeats);
+    println!(
+        "[{batch} x {rows} x {inner}] x [{inner} x {columns}]: {:.2} ms, {:.1} GFLOP/s",
+        row.seconds * 1e3,
+        row.gflops
+    );
+    row
+}
+
+/// Runs W2 for `preset` in a child process of this program.
+fn w2_in_child(args: &Args, preset: Preset) -> Result<StepRow, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let backend = serde_json::to_value(args.backend)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default();
+    let mut command = Command::new(exe);
+    command.args(["--backend", &backend, "--w2-child", &preset_name(preset)]);
+    if args.quick {
+        command.arg("--quick");
+    }
+    let output = command.output().map_err(|e| e.to_string())?;
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr)
+            .lines()
+            .last()
+            .unwrap_or("failed")
+            .to_string());
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .ok_or("no result")?;
+    serde_json::from_str(line).map_err(|e| e.to_string())
+}
+
+fn find<'a>(
+    rows: &'a [LayerRow],
+    kind: &str,
+    experts: usize,
+    top_k: usize,
+    capacity: &str,
+) -> Option<&'a LayerRow> {
+    rows.iter().find(|r| {
+        r.kind == kind
+            && r.experts == experts
+            && r.top_k == top_k
+            && (capacity.is_empty() || r.capacity == capacity)
+    })
+}
+
+/// The ratios the issue asks for, from the measured rows.
+fn ratios(
+    w1: &[LayerRow],
+    w2: &[StepRow],
+    w3: &[MatmulRow],
+    torch: Option<&torch::TorchResults>,
+) -> Value {
+    let mut p1 = BTreeMap::new();
+    let mut p2 = BTreeMap::new();
+    let mut p3 = BTreeMap::new();
+    let mut p4 = BTreeMap::new();
+    let mut memory = BTreeMap::new();
+    for capacity in ["dropless", "capacity 1.25"] {
+        for top_k in [1, 2] {
+            if let (Some(moe), Some(dense)) = (
+                find(w1, "moe", 8, top_k, capacity),
+                find(w1, "dense", 1, top_k, ""),
+            ) {
+                p1.insert(
+                    format!("E8_top{top_k}_{capacity}"),
+                    json!(round(moe.tokens_per_second / dense.tokens_per_second)),
+                );
+            }
+            if let (Some(big), Some(small)) = (
+                find(w1, "moe", 64, top_k, capacity),
+                find(w1, "moe", 4, top_k, capacity),
+            ) {
+                p2.insert(
+                    format!("top{top_k}_{capacity}"),
+                    json!(round(big.seconds / small.seconds)),
+                );
+            }
+        }
+        if let Some(moe) = find(w1, "moe", 8, 2, capacity) {
+            if let Some(gemm) = w3
+                .iter()
+                .find(|m| m.batch == 8 && m.rows == moe.capacity_slots)
+            {
+                p4.insert(
+                    format!("E8_top2_{capacity}"),
+                    json!(round(moe.gflops / gemm.gflops)),
+                );
+            }
+        }
+    }
+    if let Some(torch) = torch {
+        for row in w1.iter().filter(|r| r.kind == "moe") {
+            let best = torch
+                .w1
+                .iter()
+                .filter(|t| {
+                    t.form != "dense"
+                        && t.experts == row.experts
+                        && t.top_k == row.top_k
+                        && t.capacity == row.capacity
+                })
+                .map(|t| t.tokens_per_second)
+                .fold(0.0, f64::max);
+            if best > 0.0 {
+                p3.insert(
+                    format!("W1_E{}_top{}_{}", row.experts, row.top_k, row.capacity),
+                    json!(round(row.tokens_per_second / best)),
+                );
+            }
+        }
+        for row in w1.iter().filter(|r| r.kind == "dense") {
+            if let Some(t) = torch
+                .w1
+                .iter()
+                .find(|t| t.form == "dense" && t.top_k == row.top_k)
+            {
+                p3.insert(
+                    format!("W1_dense_hidden{}", row.top_k * D_HIDDEN),
+                    json!(round(row.tokens_per_second / t.tokens_per_second)),
+                );
+            }
+        }
+        for row in w2 {
+            if let Some(t) = torch.w2.iter().find(|t| t.preset == row.preset) {
+                p3.insert(
+                    format!("W2_{}", row.preset),
+                    json!(round(row.tokens_per_second / t.tokens_per_second)),
+                );
+            }
+        }
+    }
+    for row in w2 {
+        if let (Some(peak), Some(baseline)) = (row.peak_rss, row.baseline_rss) {
+            memory.insert(
+                row.preset.clone(),
+                json!(round(peak as f64 / (row.estimated_bytes + baseline) as f64)),
+            );
+        }
+    }
+    json!({
+        "p1_moe_efficiency": p1,
+        "p2_expert_scaling": p2,
+        "p3_vs_pytorch": p3,
+        "p4_gemm_efficiency": p4,
+        "peak_rss_ratio": memory,
+    })
+}
+
+fn round(value: f64) -> f64 {
+    (value * 1000.0).round() / 1000.0
+}

@@ -1,0 +1,146 @@
+//! W2: one training step of the `tiny` and `small` presets (tokens/s), and the peak memory of
+//! a process doing nothing else, against an estimate made by hand.
+
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::{Device, Distribution, Int, Tensor};
+use burn_moe::models::MoeTransformerConfig;
+use burn_moe::train::config::{Preset, TrainConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::timing::median_seconds;
+
+/// Vocabulary used for the presets (about what the tiny preset's corpus gives).
+pub const VOCAB: usize = 4500;
+
+/// One measured W2 configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepRow {
+    /// Preset name.
+    pub preset: String,
+    /// Total parameters.
+    pub parameters: usize,
+    /// Active parameters per token.
+    pub active_parameters: usize,
+    /// Tokens per step.
+    pub tokens: usize,
+    /// Median seconds of one step (forward, backward, AdamW update).
+    pub seconds: f64,
+    /// Tokens per second.
+    pub tokens_per_second: f64,
+    /// Peak resident memory of a process that only ran this, bytes (`None`: not measured).
+    pub peak_rss: Option<u64>,
+    /// Resident memory of that process before building the model, bytes.
+    pub baseline_rss: Option<u64>,
+    /// Hand estimate of what training needs, bytes (see [`estimate_bytes`]).
+    pub estimated_bytes: u64,
+}
+
+/// The preset's text-model config.
+pub fn preset_config(preset: Preset) -> (TrainConfig, MoeTransformerConfig) {
+    let train = preset.config();
+    let model = train.text_model_config(VOCAB);
+    (train, model)
+}
+
+/// Bytes a training step needs, by hand:
+///
+/// - parameters, gradients and AdamW's two moments: `4 * 4 * P` bytes (f32);
+/// - activations kept for the backward pass, per layer, for `N = batch * context` tokens:
+///   attention keeps the normed input, q, k, v, the rotated q and k, the scores and the
+///   softmax (`2 * heads * N * T`), the context and the output: about `10 * N * d + 2 * H * N * T`
+///   floats; a dense FFN keeps its input, the hidden pre- and post-activation and the output:
+///   `2 * N * d + 2 * N * d_ff`; an MoE layer keeps the dispatched buffer, hidden pre/post and
+///   the expert output for `E * C` slots (`2 * E * C * (d + h)`) plus the router's `[N, E]`
+///   tensors (about 8 of them) and its input/output `2 * N * d`;
+/// - the logits, their log-softmax and its gradient: `3 * N * V`.
+pub fn estimate_bytes(train: &TrainConfig, model: &MoeTransformerConfig) -> u64 {
+    let parameters = model.parameter_count().total as u64;
+    let n = (train.optim.batch_size * model.context_length) as u64;
+    let t = model.context_length as u64;
+    let d = model.d_model as u64;
+    let heads = model.num_heads as u64;
+    let attention = 10 * n * d + 2 * heads * n * t;
+    let dense = 2 * n * d + 2 * n * model.d_ff as u64;
+    let moe = &model.moe;
+    let e = moe.num_experts as u64;
+    let capacity = moe.capacity.capacity(
+        n as usize,
+        moe.num_experts,
+        moe.top_k,
+        burn_moe::core::RoutingMode::Train,
+    ) as u64;
+    let h = moe.expert.d_hidden as u64;
+    let moe_layer = 2 * e * capacity * (d + h) + 8 * n * e + 2 * n * d;
+    let moe_layers = model.num_moe_layers() as u64;
+    let layers = model.num_layers as u64;
+    let activations = layers * attention
+        + (layers - moe_layers) * dense
+        + moe_layers * moe_layer
+        + 3 * n * model.vocab_size as u64;
+    4 * (4 * parameters + activations)
+}
+
+/// A random batch of token ids.
+fn batch(
+    train: &TrainConfig,
+    model: &MoeTransformerConfig,
+    device: &Device,
+) -> (Tensor<2, Int>, Tensor<2, Int>) {
+    let shape = [train.optim.batch_size, model.context_length];
+    let ids = Tensor::<2>::random(shape, Distribution::Uniform(0.0, VOCAB as f64), device).int();
+    let targets =
+        Tensor::<2>::random(shape, Distribution::Uniform(0.0, VOCAB as f64), device).int();
+    (ids, targets)
+}
+
+/// W2 for `preset` on `device`: median step time.
+pub fn step_row(
+    device: &Device,
+    preset: Preset,
+    name: &str,
+    warmup: usize,
+    repeats: usize,
+) -> StepRow {
+    let device = device.clone().autodiff();
+    device.seed(3);
+    let (train, config) = preset_config(preset);
+    let mut model = Some(config.init(&device).expect("valid preset"));
+    let mut optimizer = AdamWConfig::new().with_weight_decay(0.1).init();
+    let (ids, targets) = batch(&train, &config, &device);
+    let mask = targets.clone().greater_equal_elem(0);
+    let seconds = median_seconds(&device, warmup, repeats, || {
+        let current = model.take().expect("model");
+        let out = current.loss(ids.clone(), targets.clone(), mask.clone());
+        let grads = GradientsParams::from_grads(out.loss.backward(), &current);
+        model = Some(optimizer.step(1e-3, current, grads));
+    });
+    let count = config.parameter_count();
+    let tokens = train.optim.batch_size * config.context_length;
+    let _ = model.map(|m| m.num_params());
+    StepRow {
+        preset: name.into(),
+        parameters: count.total,
+        active_parameters: count.active,
+        tokens,
+        seconds,
+        tokens_per_second: tokens as f64 / seconds,
+        peak_rss: None,
+        baseline_rss: None,
+        estimated_bytes: estimate_bytes(&train, &config),
+    }
+}
+
+/// `VmHWM` (peak resident set) and `VmRSS` of this process, bytes (Linux).
+pub fn memory_status() -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    };
+    Some((field("VmHWM:")?, field("VmRSS:")?))
+}

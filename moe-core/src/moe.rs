@@ -381,9 +381,18 @@ impl TokenOrder {
         }
     }
 
+    /// Whether position-major order differs from the input's order (otherwise the
+    /// transposes below are skipped: they would copy for nothing).
+    fn reorders(&self) -> bool {
+        self.batch > 1 && self.seq > 1
+    }
+
     /// `[..., seq, d] -> [seq * batch, d]`, position-major.
     fn flatten<const D: usize>(&self, x: Tensor<D>) -> Tensor<2> {
         let d_model = x.dims()[D - 1];
+        if !self.reorders() {
+            return x.reshape([self.batch * self.seq, d_model]);
+        }
         x.reshape([self.batch, self.seq, d_model])
             .swap_dims(0, 1)
             .reshape([self.seq * self.batch, d_model])
@@ -392,6 +401,9 @@ impl TokenOrder {
     /// The inverse of [`flatten`](Self::flatten), back to `shape`.
     fn unflatten<const D: usize>(&self, y: Tensor<2>, shape: [usize; D]) -> Tensor<D> {
         let d_model = shape[D - 1];
+        if !self.reorders() {
+            return y.reshape(shape);
+        }
         y.reshape([self.seq, self.batch, d_model])
             .swap_dims(0, 1)
             .reshape(shape)
@@ -399,6 +411,9 @@ impl TokenOrder {
 
     /// Per-token rows `[seq * batch, E]` (position-major) back to the input's token order.
     fn restore_rows(&self, rows: Tensor<2, Bool>) -> Tensor<2, Bool> {
+        if !self.reorders() {
+            return rows;
+        }
         let [_, columns] = rows.dims();
         rows.reshape([self.seq, self.batch, columns])
             .swap_dims(0, 1)

@@ -77,6 +77,8 @@ pub enum GateChoice {
 pub enum ExpertChoice {
     /// GELU feed-forward.
     Ffn,
+    /// ReLU feed-forward (cheapest on the CPU backends: see BENCHMARKS.md).
+    Relu,
     /// SwiGLU.
     Swiglu,
 }
@@ -430,6 +432,7 @@ impl TrainConfig {
         let m = &self.model;
         let kind = match m.expert {
             ExpertChoice::Ffn => ExpertKind::Ffn(Activation::Gelu),
+            ExpertChoice::Relu => ExpertKind::Ffn(Activation::Relu),
             ExpertChoice::Swiglu => ExpertKind::SwiGlu,
         };
         let gate = match m.gate {

@@ -1,0 +1,153 @@
+//! The smallest programs behind the figures in BENCHMARKS.md where Burn itself, not our MoE
+//! code, sets the limit.
+//!
+//! 1. Element-wise transcendental functions (`erf`, `exp`, `tanh`) against `relu` and against a
+//!    matmul of the same output size: on flex they cost far more per element than a GEMM does
+//!    per output, and the exact GELU of an expert is made of them.
+//! 2. The batched matmul that runs all experts at once (`[E, C, d] x [E, d, h]`) against one
+//!    flat matmul over the same rows (`[E*C, d] x [d, h]`): what the expert batch costs the GEMM.
+//! 3. Burn's `activation::gelu`: its gradient against the exact derivative of the function it
+//!    computes, and its cost forward + backward against moe-core's composed GELU.
+//!
+//! ```sh
+//! cargo run --release --example backend_limits -- --backend flex
+//! ```
+
+use std::time::Instant;
+
+use burn::tensor::{activation, Device, Distribution, Tensor};
+use burn_moe::train::backend::{select_and_report, Backend, Precision};
+use clap::Parser;
+
+/// Command line.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = Backend::Flex)]
+    backend: Backend,
+    /// Timed runs per figure (the median is printed).
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+}
+
+/// Rows of the expert activation: 4096 tokens routed to 2 experts each.
+const ROWS: usize = 8192;
+/// Model width.
+const D_MODEL: usize = 512;
+/// Expert hidden width.
+const D_HIDDEN: usize = 1024;
+/// Experts in the batched product.
+const EXPERTS: usize = 8;
+
+/// An element-wise function of a matrix.
+type ElementWise = fn(Tensor<2>) -> Tensor<2>;
+
+/// Median milliseconds of `work` (after one warm-up run), synchronised with the device.
+fn median_ms(device: &Device, repeats: usize, mut work: impl FnMut()) -> f64 {
+    work();
+    device.sync().expect("device sync");
+    let mut times: Vec<f64> = (0..repeats.max(1))
+        .map(|_| {
+            let start = Instant::now();
+            work();
+            device.sync().expect("device sync");
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    let device = select_and_report(args.backend, Precision::F32)?.device;
+    device.seed(0);
+    let normal = Distribution::Normal(0.0, 1.0);
+
+    println!("\n1. element-wise functions on [{ROWS}, {D_HIDDEN}] (the expert activation)");
+    let hidden = Tensor::<2>::random([ROWS, D_HIDDEN], normal, &device);
+    let elements = (ROWS * D_HIDDEN) as f64;
+    let unary: [(&str, ElementWise); 4] = [
+        ("relu", activation::relu),
+        ("exp", Tensor::exp),
+        ("tanh", Tensor::tanh),
+        ("erf", Tensor::erf),
+    ];
+    let mut relu_ms = 0.0;
+    for (name, op) in unary {
+        let ms = median_ms(&device, args.repeats, || {
+            let _ = op(hidden.clone());
+        });
+        if name == "relu" {
+            relu_ms = ms;
+        }
+        println!(
+            "   {name:<5} {ms:8.1} ms  {:6.2} ns/element  {:5.1}x relu",
+            ms * 1e6 / elements,
+            ms / relu_ms
+        );
+    }
+    let input = Tensor::<2>::random([ROWS, D_MODEL], normal, &device);
+    let weight = Tensor::<2>::random([D_MODEL, D_HIDDEN], normal, &device);
+    let ms = median_ms(&device, args.repeats, || {
+        let _ = input.clone().matmul(weight.clone());
+    });
+    println!(
+        "   matmul [{ROWS}, {D_MODEL}] x [{D_MODEL}, {D_HIDDEN}] {ms:8.1} ms  {:6.1} GFLOP/s  ({:.2} ns per output)",
+        2.0 * elements * D_MODEL as f64 / ms / 1e6,
+        ms * 1e6 / elements
+    );
+
+    println!("\n2. all experts at once: batched against flat matmul, same rows");
+    let rows = ROWS / EXPERTS;
+    let batched_in = Tensor::<3>::random([EXPERTS, rows, D_MODEL], normal, &device);
+    let batched_w = Tensor::<3>::random([EXPERTS, D_MODEL, D_HIDDEN], normal, &device);
+    let flops = 2.0 * elements * D_MODEL as f64;
+    let batched_ms = median_ms(&device, args.repeats, || {
+        let _ = batched_in.clone().matmul(batched_w.clone());
+    });
+    println!(
+        "   [{EXPERTS}, {rows}, {D_MODEL}] x [{EXPERTS}, {D_MODEL}, {D_HIDDEN}] {batched_ms:8.1} ms  {:6.1} GFLOP/s",
+        flops / batched_ms / 1e6
+    );
+    println!(
+        "   [{ROWS}, {D_MODEL}] x [{D_MODEL}, {D_HIDDEN}]          {ms:8.1} ms  {:6.1} GFLOP/s  (batched / flat = {:.2})",
+        flops / ms / 1e6,
+        batched_ms / ms
+    );
+
+    println!("\n3. activation::gelu: its gradient against the exact derivative, and its cost");
+    // d/dx [x Phi(x)] = Phi(x) + x phi(x), from Python's math.erf and math.exp.
+    let points = [-3.0, -2.0, -1.0, 1.0, 2.0];
+    let exact = [
+        -0.011_945_647_f64,
+        -0.085_231_801,
+        -0.083_315_471,
+        1.083_315_471,
+        1.085_231_801,
+    ];
+    let autodiff = device.clone().autodiff();
+    let x = Tensor::<1>::from_floats(points, &autodiff).require_grad();
+    let grads = activation::gelu(x.clone()).sum().backward();
+    let burn_grad = x.grad(&grads).ok_or("no gradient")?.into_data();
+    let worst = burn_grad
+        .iter::<f64>()
+        .zip(exact)
+        .map(|(got, want)| (got - want).abs() / want.abs())
+        .fold(0.0, f64::max);
+    println!("   at x = {points:?}: largest relative error of the gradient {worst:.1e}");
+    let activation_in = Tensor::<2>::random([ROWS, D_HIDDEN], normal, &autodiff);
+    let forms: [(&str, ElementWise); 3] = [
+        ("activation::gelu", activation::gelu),
+        ("moe_core::gelu (erf, composed)", burn_moe::core::gelu),
+        ("activation::relu", activation::relu),
+    ];
+    for (name, op) in forms {
+        let ms = median_ms(&autodiff, args.repeats, || {
+            let x = activation_in.clone().require_grad();
+            let _ = op(x).sum().backward();
+        });
+        println!("   {name:<31} forward + backward {ms:8.1} ms");
+    }
+    Ok(())
+}

@@ -8,6 +8,8 @@
 //!    flat matmul over the same rows (`[E*C, d] x [d, h]`): what the expert batch costs the GEMM.
 //! 3. Burn's `activation::gelu`: its gradient against the exact derivative of the function it
 //!    computes, and its cost forward + backward against moe-core's composed GELU.
+//! 4. Where the MoE layer's time goes (W1's E=8 top-2 dropless layer, forward + backward): the
+//!    whole layer, its experts alone on the same buffer, and their GELU alone.
 //!
 //! ```sh
 //! cargo run --release --example backend_limits -- --backend flex
@@ -16,6 +18,10 @@
 use std::time::Instant;
 
 use burn::tensor::{activation, Device, Distribution, Tensor};
+use burn_moe::core::{
+    Activation, CapacityConfig, ExpertConfig, ExpertKind, GateConfig, LossConfig, MoeConfig,
+    RoutingMode,
+};
 use burn_moe::train::backend::{select_and_report, Backend, Precision};
 use clap::Parser;
 
@@ -149,5 +155,47 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         });
         println!("   {name:<31} forward + backward {ms:8.1} ms");
     }
+
+    println!("\n4. the MoE layer of W1 (4096 tokens, E = 8, top-2, dropless), forward + backward");
+    let moe = MoeConfig::new(
+        D_MODEL,
+        EXPERTS,
+        ExpertConfig::new(D_HIDDEN).with_kind(ExpertKind::Ffn(Activation::Gelu)),
+    )
+    .with_top_k(2)
+    .with_gate(GateConfig::softmax_top_k())
+    .with_capacity(CapacityConfig::dropless())
+    .with_losses(LossConfig::new())
+    .init(&autodiff)?;
+    let tokens = Tensor::<2>::random([ROWS / 2, D_MODEL], normal, &autodiff);
+    let mut slots = 0;
+    let layer_ms = median_ms(&autodiff, args.repeats, || {
+        let out = moe.forward_with_mode(tokens.clone().require_grad(), RoutingMode::Train);
+        slots = out.stats.capacity;
+        let _ = (out.output.mean() + out.aux_loss).backward();
+    });
+    let buffer = Tensor::<3>::random([EXPERTS, slots, D_MODEL], normal, &autodiff);
+    let experts_ms = median_ms(&autodiff, args.repeats, || {
+        let _ = moe
+            .experts
+            .forward(buffer.clone().require_grad())
+            .mean()
+            .backward();
+    });
+    let hidden = Tensor::<3>::random([EXPERTS, slots, D_HIDDEN], normal, &autodiff);
+    let gelu_ms = median_ms(&autodiff, args.repeats, || {
+        let _ = burn_moe::core::gelu(hidden.clone().require_grad())
+            .mean()
+            .backward();
+    });
+    println!("   whole layer ({slots} slots per expert)   {layer_ms:8.1} ms");
+    println!(
+        "   experts alone on [{EXPERTS}, {slots}, {D_MODEL}]   {experts_ms:8.1} ms  ({:.0} % of the layer)",
+        100.0 * experts_ms / layer_ms
+    );
+    println!(
+        "   their GELU alone on [{EXPERTS}, {slots}, {D_HIDDEN}] {gelu_ms:8.1} ms  ({:.0} % of the layer)",
+        100.0 * gelu_ms / layer_ms
+    );
     Ok(())
 }

@@ -15,8 +15,6 @@
 //! cargo run --release --example backend_limits -- --backend flex
 //! ```
 
-use std::time::Instant;
-
 use burn::tensor::{activation, Device, Distribution, Tensor};
 use burn_moe::core::{
     Activation, CapacityConfig, ExpertConfig, ExpertKind, GateConfig, LossConfig, MoeConfig,
@@ -48,20 +46,13 @@ const EXPERTS: usize = 8;
 /// An element-wise function of a matrix.
 type ElementWise = fn(Tensor<2>) -> Tensor<2>;
 
-/// Median milliseconds of `work` (after one warm-up run), synchronised with the device.
-fn median_ms(device: &Device, repeats: usize, mut work: impl FnMut()) -> f64 {
-    work();
-    device.sync().expect("device sync");
-    let mut times: Vec<f64> = (0..repeats.max(1))
-        .map(|_| {
-            let start = Instant::now();
-            work();
-            device.sync().expect("device sync");
-            start.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
+// The benchmark's timing: medians after warm-up, each run ending with a device sync.
+#[path = "../src/bin/moe-bench/timing.rs"]
+mod timing;
+
+/// Median milliseconds of `work` after one warm-up run.
+fn median_ms(device: &Device, repeats: usize, work: impl FnMut()) -> f64 {
+    timing::median_seconds(device, 1, repeats, work) * 1e3
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

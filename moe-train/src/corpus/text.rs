@@ -55,18 +55,7 @@ pub fn read_text_file(path: &Path) -> Result<Corpus> {
     let bytes = std::fs::read(path).map_err(io(path))?;
     let text = utf8(&bytes, path)?;
     let lines = text.lines().count();
-    let documents = split_documents(text);
-    if documents.is_empty() {
-        return Err(TrainError::EmptyCorpus {
-            path: path.to_path_buf(),
-            lines,
-        });
-    }
-    Ok(Corpus {
-        documents,
-        source: path.to_path_buf(),
-        lines,
-    })
+    Corpus::new(split_documents(text), path.to_path_buf(), lines)
 }
 
 /// A JSON-lines file: each non-empty line is an object whose string field `field` is one
@@ -100,15 +89,5 @@ pub fn read_jsonl_file(path: &Path, field: &str) -> Result<Corpus> {
             });
         }
     }
-    if documents.is_empty() {
-        return Err(TrainError::EmptyCorpus {
-            path: path.to_path_buf(),
-            lines,
-        });
-    }
-    Ok(Corpus {
-        documents,
-        source: path.to_path_buf(),
-        lines,
-    })
+    Corpus::new(documents, path.to_path_buf(), lines)
 }

@@ -44,7 +44,9 @@ pub fn ffn_flops(rows: usize, d: usize, h: usize) -> f64 {
     3.0 * 2.0 * 2.0 * rows as f64 * d as f64 * h as f64
 }
 
-fn moe_config(experts: usize, top_k: usize, dropless: bool) -> MoeConfig {
+/// W1's MoE layer: softmax top-k gate, GELU FFN experts, no auxiliary loss weights, dropless or
+/// capacity factor 1.25.
+pub fn moe_config(experts: usize, top_k: usize, dropless: bool) -> MoeConfig {
     let capacity = if dropless {
         CapacityConfig::dropless()
     } else {

@@ -106,22 +106,18 @@ fn main() {
 
     // W3
     println!("\nW3: the backend's batched matmul at the expert shapes (forward)");
+    // The dense FFN's first projection, then the E=8 top-2 expert buffers as W1 sized them.
+    let mut shapes = vec![(1, TOKENS, 2 * D_HIDDEN)];
+    shapes.extend(
+        w1.iter()
+            .filter(|r| r.kind == "moe" && r.experts == 8 && r.top_k == 2)
+            .map(|r| (r.experts, r.capacity_slots, D_HIDDEN)),
+    );
     let mut w3: Vec<MatmulRow> = Vec::new();
-    let dense_shape = matmul(&device, 1, TOKENS, D_MODEL, 2 * D_HIDDEN, warmup, repeats);
-    w3.push(dense_shape);
-    for row in w1
-        .iter()
-        .filter(|r| r.kind == "moe" && r.experts == 8 && r.top_k == 2)
-    {
-        w3.push(matmul(
-            &device,
-            row.experts,
-            row.capacity_slots,
-            D_MODEL,
-            D_HIDDEN,
-            warmup,
-            repeats,
-        ));
+    for (batch, rows, columns) in shapes {
+        let row = layer::matmul_row(&device, batch, rows, D_MODEL, columns, warmup, repeats);
+        print_matmul(&row);
+        w3.push(row);
     }
 
     // W2, each preset in its own process so that its peak memory is its own.
@@ -259,22 +255,17 @@ fn print_layer(row: &LayerRow) {
     );
 }
 
-fn matmul(
-    device: &burn::tensor::Device,
-    batch: usize,
-    rows: usize,
-    inner: usize,
-    columns: usize,
-    warmup: usize,
-    repeats: usize,
-) -> MatmulRow {
-    let row = layer::matmul_row(device, batch, rows, inner, columns, warmup, repeats);
+fn print_matmul(row: &MatmulRow) {
     println!(
-        "[{batch} x {rows} x {inner}] x [{inner} x {columns}]: {:.2} ms, {:.1} GFLOP/s",
+        "[{} x {} x {}] x [{} x {}]: {:.2} ms, {:.1} GFLOP/s",
+        row.batch,
+        row.rows,
+        row.inner,
+        row.inner,
+        row.columns,
         row.seconds * 1e3,
         row.gflops
     );
-    row
 }
 
 /// Runs W2 for `preset` in a child process of this program.

@@ -1,0 +1,57 @@
+//! The autodiff side of an element-wise operation: one graph node that saves its input and
+//! calls the backend's own backward kernel.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::Autodiff;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::Backend;
+
+/// `grad_x = backward(x, grad_y)` for an element-wise `y = f(x)`.
+type BackwardKernel<B> = fn(FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>;
+
+/// The backward step of an element-wise operation, from its saved input.
+#[derive(Debug)]
+struct ElementWiseBackward<B: Backend> {
+    backward: BackwardKernel<B>,
+}
+
+impl<B: Backend> Backward<B, 1> for ElementWiseBackward<B> {
+    type State = FloatTensor<B>;
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let [input_node] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        if let Some(node) = input_node {
+            grads.register::<B>(node.id, (self.backward)(ops.state, grad));
+        }
+    }
+}
+
+/// Runs `forward` on the inner backend and, when `x` is tracked, records one node whose
+/// backward pass is `backward(x, grad)`.
+pub(crate) fn element_wise<B: Backend, C: CheckpointStrategy>(
+    x: FloatTensor<Autodiff<B, C>>,
+    forward: fn(FloatTensor<B>) -> FloatTensor<B>,
+    backward: BackwardKernel<B>,
+) -> FloatTensor<Autodiff<B, C>> {
+    match (ElementWiseBackward { backward })
+        .prepare::<C>([x.node()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let input = x.primitive().clone();
+            let output = forward(input.clone());
+            prep.finish(input, output)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(forward(x.into_primitive())),
+    }
+}

@@ -1,0 +1,218 @@
+//! flex's kernels: one pass over memory for each forward and each backward, split over the
+//! cores with rayon and vectorised with the widest instructions the CPU has.
+//!
+//! `f32` uses the branch-free approximations of [`crate::math`]; `f64` evaluates libm's `erf`
+//! and `exp` (exact to the last bits, for gradient checks); half precisions fall back to the
+//! composed ops.
+
+use burn::backend::flex::{Flex, FlexTensor};
+use burn::backend::TensorMetadata;
+use burn::tensor::{DType, TensorData};
+use rayon::prelude::*;
+
+use crate::gelu::{composed_gelu, composed_gelu_backward, GeluBackend};
+use crate::math;
+use crate::silu::{composed_silu, composed_silu_backward, SiluBackend};
+
+/// Elements per rayon task: large enough to amortise the task, small enough to balance cores.
+const CHUNK: usize = 1 << 15;
+
+impl GeluBackend for Flex {
+    fn gelu_exact(x: FlexTensor) -> FlexTensor {
+        match x.dtype() {
+            DType::F32 => map(x, gelu_f32),
+            DType::F64 => map(x, gelu_f64),
+            _ => composed_gelu::<Flex>(x),
+        }
+    }
+
+    fn gelu_exact_backward(x: FlexTensor, grad: FlexTensor) -> FlexTensor {
+        if x.dtype() != grad.dtype() || x.shape() != grad.shape() {
+            return composed_gelu_backward::<Flex>(x, grad);
+        }
+        match x.dtype() {
+            DType::F32 => scale_by_slope(x, grad, gelu_backward_f32),
+            DType::F64 => scale_by_slope(x, grad, gelu_backward_f64),
+            _ => composed_gelu_backward::<Flex>(x, grad),
+        }
+    }
+}
+
+impl SiluBackend for Flex {
+    fn silu_forward(x: FlexTensor) -> FlexTensor {
+        match x.dtype() {
+            DType::F32 => map(x, silu_f32),
+            DType::F64 => map(x, silu_f64),
+            _ => composed_silu::<Flex>(x),
+        }
+    }
+
+    fn silu_backward(x: FlexTensor, grad: FlexTensor) -> FlexTensor {
+        if x.dtype() != grad.dtype() || x.shape() != grad.shape() {
+            return composed_silu_backward::<Flex>(x, grad);
+        }
+        match x.dtype() {
+            DType::F32 => scale_by_slope(x, grad, silu_backward_f32),
+            DType::F64 => scale_by_slope(x, grad, silu_backward_f64),
+            _ => composed_silu_backward::<Flex>(x, grad),
+        }
+    }
+}
+
+/// Runs `body` through the widest vector instruction set this CPU supports: the loops in
+/// `body` are compiled three times and the right copy is picked at run time (x86-64), so a
+/// binary built for the baseline x86-64 still uses AVX-512 or AVX2 where they exist.
+macro_rules! vectorised {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+        $(#[$doc])*
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU supports AVX-512F, checked just above.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU supports AVX2, checked just above.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+vectorised! {
+    /// `out[i] = gelu(x[i])`.
+    fn gelu_f32(x: &[f32], out: &mut [f32]) {
+        for (out, &x) in out.iter_mut().zip(x) {
+            *out = math::gelu(x);
+        }
+    }
+}
+
+vectorised! {
+    /// `grad[i] *= gelu'(x[i])`.
+    fn gelu_backward_f32(x: &[f32], grad: &mut [f32]) {
+        for (grad, &x) in grad.iter_mut().zip(x) {
+            *grad *= math::gelu_slope(x);
+        }
+    }
+}
+
+vectorised! {
+    /// `out[i] = silu(x[i])`.
+    fn silu_f32(x: &[f32], out: &mut [f32]) {
+        for (out, &x) in out.iter_mut().zip(x) {
+            *out = math::silu(x);
+        }
+    }
+}
+
+vectorised! {
+    /// `grad[i] *= silu'(x[i])`.
+    fn silu_backward_f32(x: &[f32], grad: &mut [f32]) {
+        for (grad, &x) in grad.iter_mut().zip(x) {
+            *grad *= math::silu_slope(x);
+        }
+    }
+}
+
+/// `out[i] = silu(x[i])` with libm's `exp`.
+fn silu_f64(x: &[f64], out: &mut [f64]) {
+    for (out, &x) in out.iter_mut().zip(x) {
+        *out = x / (1.0 + libm::exp(-x));
+    }
+}
+
+/// `grad[i] *= silu'(x[i])` with libm's `exp`.
+fn silu_backward_f64(x: &[f64], grad: &mut [f64]) {
+    for (grad, &x) in grad.iter_mut().zip(x) {
+        let sigmoid = 1.0 / (1.0 + libm::exp(-x));
+        *grad *= sigmoid * (1.0 + x * (1.0 - sigmoid));
+    }
+}
+
+/// `out[i] = gelu(x[i])` with libm's `erf`.
+fn gelu_f64(x: &[f64], out: &mut [f64]) {
+    for (out, &x) in out.iter_mut().zip(x) {
+        *out = x * normal_cdf_f64(x);
+    }
+}
+
+/// `grad[i] *= gelu'(x[i])` with libm's `erf` and `exp`.
+fn gelu_backward_f64(x: &[f64], grad: &mut [f64]) {
+    let frac_1_sqrt_2pi = 1.0 / (2.0 * std::f64::consts::PI).sqrt();
+    for (grad, &x) in grad.iter_mut().zip(x) {
+        let density = frac_1_sqrt_2pi * libm::exp(-0.5 * x * x);
+        *grad *= normal_cdf_f64(x) + x * density;
+    }
+}
+
+/// `Φ(x) = (1 + erf(x / √2)) / 2`.
+fn normal_cdf_f64(x: f64) -> f64 {
+    0.5 * (1.0 + libm::erf(x * std::f64::consts::FRAC_1_SQRT_2))
+}
+
+/// Element type of the storage the kernels read and write.
+trait Float: burn::tensor::Element + bytemuck::Pod + Send + Sync {}
+impl Float for f32 {}
+impl Float for f64 {}
+
+/// `x` with a layout that is one contiguous run of its storage (copied only if it is not).
+fn contiguous<E: Float>(x: FlexTensor) -> FlexTensor {
+    if x.as_slice::<E>().is_some() {
+        x
+    } else {
+        x.to_contiguous()
+    }
+}
+
+/// A new tensor `kernel(x)`, element-wise; the chunks run in parallel.
+fn map<E: Float>(x: FlexTensor, kernel: fn(&[E], &mut [E])) -> FlexTensor {
+    let x = contiguous::<E>(x);
+    let input = x.as_slice::<E>().expect("contiguous after `contiguous`");
+    let mut output = vec![E::default(); input.len()];
+    output
+        .par_chunks_mut(CHUNK)
+        .zip(input.par_chunks(CHUNK))
+        .for_each(|(output, input)| kernel(input, output));
+    FlexTensor::from_data(TensorData::new(output, x.shape()))
+}
+
+/// `grad` scaled element-wise by `kernel`, in `grad`'s own buffer when nothing else holds it
+/// (the usual case in a backward pass), otherwise in a copy.
+fn scale_by_slope<E: Float>(
+    x: FlexTensor,
+    grad: FlexTensor,
+    kernel: fn(&[E], &mut [E]),
+) -> FlexTensor {
+    let x = contiguous::<E>(x);
+    let input = x.as_slice::<E>().expect("contiguous after `contiguous`");
+    // `storage_mut` copies the buffer only if something else still holds it.
+    let mut grad = match grad.layout().contiguous_offsets() {
+        Some((0, end)) if end == input.len() => grad,
+        _ => {
+            let copy = grad.to_contiguous();
+            drop(grad);
+            copy
+        }
+    };
+    let output = &mut grad.storage_mut::<E>()[..input.len()];
+    output
+        .par_chunks_mut(CHUNK)
+        .zip(input.par_chunks(CHUNK))
+        .for_each(|(output, input)| kernel(input, output));
+    grad
+}

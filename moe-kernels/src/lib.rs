@@ -1,0 +1,24 @@
+//! Fused element-wise kernels for burn-moe.
+//!
+//! moe-core is written once on Burn's tensor API. Where that API leaves a hot spot slow on some
+//! backend, the fix lives here, as a Burn *backend extension*: one trait, a default body that
+//! composes Burn's own ops (right on every backend), and a hand-written kernel for the backends
+//! that need one. moe-core calls the plain `Tensor` functions of this crate and never sees a
+//! backend.
+//!
+//! - [`gelu()`]: the exact GELU, `x Φ(x)`, with its exact gradient `Φ(x) + x φ(x)`. On flex its
+//!   forward and backward are single vectorised passes (Burn composes it from six ops, and flex
+//!   evaluates `erf` one element at a time through libm).
+//! - [`silu()`]: SiLU, `x σ(x)`, with its gradient `σ(x) (1 + x (1 - σ(x)))`, fused on flex
+//!   the same way (the gate activation of SwiGLU experts).
+
+mod autodiff;
+pub mod gelu;
+pub mod math;
+pub mod silu;
+
+#[cfg(feature = "flex")]
+mod flex;
+
+pub use gelu::{gelu, GeluBackend};
+pub use silu::{silu, SiluBackend};

@@ -6,6 +6,7 @@
 //! expert load. The pieces:
 //!
 //! - [`backend`]: `--backend auto|wgpu|ndarray|flex`, the one place where a backend is chosen;
+//! - [`allocator`]: heap reuse for the CPU backends' many large temporary buffers;
 //! - [`config`]: presets, config files and flags;
 //! - [`corpus`], [`split`], [`tokenizer`], [`data`]: from files to batches;
 //! - [`trainer`]: the loop (AdamW, schedule, clipping, accumulation), with [`schedule`],
@@ -15,6 +16,7 @@
 
 #![warn(missing_docs)]
 
+pub mod allocator;
 pub mod backend;
 pub mod checkpoint;
 pub mod cli;

@@ -10,6 +10,8 @@ use moe_train::commands::{self, load_summary};
 use moe_train::trainer::{self, RunOptions};
 
 fn main() -> ExitCode {
+    // Large temporary tensors are reused from the heap instead of mmapped afresh each time.
+    moe_train::allocator::reuse_heap_memory();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -48,6 +48,10 @@ struct Args {
     /// Skip the PyTorch workloads.
     #[arg(long)]
     no_torch: bool,
+    /// Leave glibc's allocator as it is (large buffers mmapped afresh), instead of the heap
+    /// reuse that `burn-moe` turns on: to measure what heap reuse gives.
+    #[arg(long)]
+    no_heap_reuse: bool,
     /// Internal: measure W2 for one preset in this process and print its memory.
     #[arg(long, hide = true)]
     w2_child: Option<Preset>,
@@ -55,6 +59,7 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
+    let heap_reuse = !args.no_heap_reuse && burn_moe::train::allocator::reuse_heap_memory();
     let selected = match select(args.backend, Precision::F32) {
         Ok(selected) => selected,
         Err(error) => {
@@ -76,7 +81,8 @@ fn main() {
 
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
-        "moe-bench on {selected}; {threads} threads; median of {repeats} after {warmup} warm-up\n"
+        "moe-bench on {selected}; {threads} threads; median of {repeats} after {warmup} warm-up; heap reuse {}\n",
+        if heap_reuse { "on" } else { "off" }
     );
     let experts: Vec<usize> = if args.quick {
         vec![4, 8, 64]
@@ -214,6 +220,7 @@ fn main() {
     let mut output = report;
     output["backend"] = json!(selected.to_string());
     output["threads"] = json!(threads);
+    output["heap_reuse"] = json!(heap_reuse);
     output["quick"] = json!(args.quick);
     output["w1"] = json!(w1);
     output["w2"] = json!(w2);
@@ -279,6 +286,9 @@ fn w2_in_child(args: &Args, preset: Preset) -> Result<StepRow, String> {
     command.args(["--backend", &backend, "--w2-child", &preset_name(preset)]);
     if args.quick {
         command.arg("--quick");
+    }
+    if args.no_heap_reuse {
+        command.arg("--no-heap-reuse");
     }
     let output = command.output().map_err(|e| e.to_string())?;
     if !output.status.success() {

@@ -5,18 +5,21 @@
 //!    matmul of the same output size: on flex they cost far more per element than a GEMM does
 //!    per output, and the exact GELU of an expert is made of them.
 //! 2. The batched matmul that runs all experts at once (`[E, C, d] x [E, d, h]`) against one
-//!    flat matmul over the same rows (`[E*C, d] x [d, h]`): what the expert batch costs the GEMM.
-//! 3. Burn's `activation::gelu`: its gradient against the exact derivative of the function it
-//!    computes, and its cost forward + backward against moe-core's composed GELU.
+//!    flat matmul over the same rows (`[E*C, d] x [d, h]`) and against one matmul per expert:
+//!    what the expert batch costs the GEMM.
+//! 3. GELU: Burn's `activation::gelu`, the exact GELU composed from Burn's ops and moe-core's
+//!    (one fused operation from moe-kernels): their gradients against the exact derivative, and
+//!    their cost forward + backward.
 //! 4. Where the MoE layer's time goes (W1's E=8 top-2 dropless layer, forward + backward): the
-//!    whole layer, its experts alone on the same buffer, and their GELU alone.
+//!    whole layer, its experts alone on the same buffer, their GELU alone, and the dense FFN
+//!    with the same FLOPs.
 //!
 //! ```sh
 //! cargo run --release --example backend_limits -- --backend flex
 //! ```
 
 use burn::tensor::{activation, Device, Distribution, Tensor};
-use burn_moe::core::RoutingMode;
+use burn_moe::core::{ExpertConfig, RoutingMode};
 use burn_moe::train::backend::{select_and_report, Backend, Precision};
 use clap::Parser;
 
@@ -94,7 +97,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ms * 1e6 / elements
     );
 
-    println!("\n2. all experts at once: batched against flat matmul, same rows");
+    println!("\n2. all experts at once: batched against flat and per-expert matmuls, same rows");
     let rows = ROWS / EXPERTS;
     let batched_in = Tensor::<3>::random([EXPERTS, rows, D_MODEL], normal, &device);
     let batched_w = Tensor::<3>::random([EXPERTS, D_MODEL, D_HIDDEN], normal, &device);
@@ -110,6 +113,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "   [{ROWS}, {D_MODEL}] x [{D_MODEL}, {D_HIDDEN}]          {ms:8.1} ms  {:6.1} GFLOP/s  (batched / flat = {:.2})",
         flops / ms / 1e6,
         batched_ms / ms
+    );
+    let per_expert_ms = median_ms(&device, args.repeats, || {
+        for expert in 0..EXPERTS {
+            let input = batched_in
+                .clone()
+                .slice(expert..expert + 1)
+                .squeeze_dim::<2>(0);
+            let weight = batched_w
+                .clone()
+                .slice(expert..expert + 1)
+                .squeeze_dim::<2>(0);
+            let _ = input.matmul(weight);
+        }
+    });
+    println!(
+        "   {EXPERTS} x [{rows}, {D_MODEL}] x [{D_MODEL}, {D_HIDDEN}]      {per_expert_ms:8.1} ms  {:6.1} GFLOP/s  (batched / per expert = {:.2})",
+        flops / per_expert_ms / 1e6,
+        batched_ms / per_expert_ms
     );
 
     println!("\n3. GELU: gradients against the exact derivative, and costs");
@@ -176,6 +197,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .mean()
             .backward();
     });
+    let dense = ExpertConfig::new(2 * D_HIDDEN).init(1, D_MODEL, &autodiff);
+    let dense_in = Tensor::<3>::random([1, TOKENS, D_MODEL], normal, &autodiff);
+    let dense_ms = median_ms(&autodiff, args.repeats, || {
+        let _ = dense
+            .forward(dense_in.clone().require_grad())
+            .mean()
+            .backward();
+    });
     println!("   whole layer ({slots} slots per expert)   {layer_ms:8.1} ms");
     println!(
         "   experts alone on [{EXPERTS}, {slots}, {D_MODEL}]   {experts_ms:8.1} ms  ({:.0} % of the layer)",
@@ -184,6 +213,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "   their GELU alone on [{EXPERTS}, {slots}, {D_HIDDEN}] {gelu_ms:8.1} ms  ({:.0} % of the layer)",
         100.0 * gelu_ms / layer_ms
+    );
+    println!(
+        "   dense FFN, same FLOPs, [{TOKENS}, {D_MODEL}] -> {}   {dense_ms:8.1} ms  ({:.0} % of the layer)",
+        2 * D_HIDDEN,
+        100.0 * dense_ms / layer_ms
     );
     Ok(())
 }

@@ -5,21 +5,21 @@
 //! (a few units in the last place), `exp` within 2e-7 relative on `[-87, 0]`; GELU, SiLU and
 //! their derivatives within 1e-6.
 
-use std::f32::consts::{FRAC_1_SQRT_2, LOG2_E};
+use std::f32::consts::{FRAC_1_SQRT_2, FRAC_2_SQRT_PI, LOG2_E};
 
 /// `|x|` beyond which `erf(x)` rounds to `±1` in `f32` (`1 - erf(3.92) = 3.3e-8`).
 const ERF_SATURATION: f32 = 3.92;
 
 /// `erf(x) ≈ x P(x²) / Q(x²)` on `[-3.92, 3.92]`: a (5, 5) rational fitted for us by weighted
-/// least squares with Lawson re-weighting (minimax on the absolute error). `P[0] = 2/√π`, the
-/// slope at zero.
+/// least squares with Lawson re-weighting (minimax on the absolute error), then `P[0]` set to
+/// `2/√π`, the exact slope at zero.
 const ERF_P: [f32; 6] = [
-    1.128_379,
+    FRAC_2_SQRT_PI,
     0.192_764_52,
     0.053_060_54,
     0.003_868_347_2,
     0.000_287_479_87,
-    2.034_731_9e-6,
+    2.034_732e-6,
 ];
 const ERF_Q: [f32; 6] = [
     1.0,
@@ -42,9 +42,9 @@ fn polynomial(c: &[f32; 6], t: f32) -> f32 {
 /// The error function, `erf(x) = 2/√π ∫₀ˣ e^{-s²} ds`.
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
-    // `max`/`min` rather than `clamp`: they vectorise. A NaN input gives ±1 here, and the
-    // callers multiply by `x` again, so a NaN still comes out as a NaN.
-    let clamped = x.max(-ERF_SATURATION).min(ERF_SATURATION);
+    // A NaN input gives ±1 here (`clamped != x`), and the callers multiply by `x` again, so a
+    // NaN still comes out as a NaN.
+    let clamped = x.clamp(-ERF_SATURATION, ERF_SATURATION);
     let t = clamped * clamped;
     let rational = clamped * polynomial(&ERF_P, t) / polynomial(&ERF_Q, t);
     // Exactly ±1 beyond the saturation point (the rational is only within 4e-7 of it), so that
@@ -66,7 +66,7 @@ pub fn exp_nonpositive(y: f32) -> f32 {
     // ln 2 split in two (Cody and Waite), so that `k * LN2_HIGH` is exact.
     const LN2_HIGH: f32 = 0.693_359_4;
     const LN2_LOW: f32 = -2.121_944_4e-4;
-    let clamped = y.max(-87.0).min(0.0);
+    let clamped = y.clamp(-87.0, 0.0);
     let k = (clamped * LOG2_E + ROUND) - ROUND;
     let r = (clamped - k * LN2_HIGH) - k * LN2_LOW;
     let taylor = 1.0

@@ -8,22 +8,24 @@ use moe_kernels::{gelu, silu};
 /// An activation under test.
 type Activation = fn(Tensor<2>) -> Tensor<2>;
 
-/// The activations with their host references `x -> (f(x), f'(x))`.
-const ACTIVATIONS: [(&str, Activation, fn(f64) -> (f64, f64)); 2] = [
+/// A host reference `x -> (f(x), f'(x))` in f64.
+type Reference = fn(f64) -> (f64, f64);
+
+/// The activations with their host references.
+const ACTIVATIONS: [(&str, Activation, Reference); 2] = [
     ("gelu", gelu, gelu_reference),
     ("silu", silu, silu_reference),
 ];
 
 /// The CPU backends built in, with autodiff.
+#[allow(deprecated)] // `Device::ndarray`: deprecated in Burn 0.22, still a backend we serve
 fn devices() -> Vec<(&'static str, Device)> {
-    #[allow(unused_mut)]
-    let mut devices = Vec::new();
-    #[cfg(feature = "ndarray")]
-    #[allow(deprecated)]
-    devices.push(("ndarray", Device::ndarray().autodiff()));
-    #[cfg(feature = "flex")]
-    devices.push(("flex", Device::flex().autodiff()));
-    devices
+    vec![
+        #[cfg(feature = "ndarray")]
+        ("ndarray", Device::ndarray().autodiff()),
+        #[cfg(feature = "flex")]
+        ("flex", Device::flex().autodiff()),
+    ]
 }
 
 /// `rows x cols` inputs from -8 to 8 in steps of 1/64 (exact in f32), wrapping around.
@@ -58,7 +60,7 @@ fn host(t: Tensor<2>) -> Vec<f64> {
 /// reference values are read back from `x` itself) with the loss `sum(op(x) * w)`.
 fn check(
     name: &str,
-    (op, reference): (Activation, fn(f64) -> (f64, f64)),
+    (op, reference): (Activation, Reference),
     x: Tensor<2>,
     w: Tensor<2>,
     tolerance: f64,

@@ -77,7 +77,7 @@ pub enum GateChoice {
 pub enum ExpertChoice {
     /// GELU feed-forward.
     Ffn,
-    /// ReLU feed-forward (cheapest on the CPU backends: see BENCHMARKS.md).
+    /// ReLU feed-forward.
     Relu,
     /// SwiGLU.
     Swiglu,

@@ -19,43 +19,57 @@ const CHUNK: usize = 1 << 15;
 
 impl GeluBackend for Flex {
     fn gelu_exact(x: FlexTensor) -> FlexTensor {
-        match x.dtype() {
-            DType::F32 => map(x, gelu_f32),
-            DType::F64 => map(x, gelu_f64),
-            _ => composed_gelu::<Flex>(x),
-        }
+        forward(x, (gelu_f32, gelu_f64), composed_gelu::<Flex>)
     }
 
     fn gelu_exact_backward(x: FlexTensor, grad: FlexTensor) -> FlexTensor {
-        if x.dtype() != grad.dtype() || x.shape() != grad.shape() {
-            return composed_gelu_backward::<Flex>(x, grad);
-        }
-        match x.dtype() {
-            DType::F32 => scale_by_slope(x, grad, gelu_backward_f32),
-            DType::F64 => scale_by_slope(x, grad, gelu_backward_f64),
-            _ => composed_gelu_backward::<Flex>(x, grad),
-        }
+        let kernels: Kernels = (gelu_backward_f32, gelu_backward_f64);
+        backward(x, grad, kernels, composed_gelu_backward::<Flex>)
     }
 }
 
 impl SiluBackend for Flex {
     fn silu_forward(x: FlexTensor) -> FlexTensor {
-        match x.dtype() {
-            DType::F32 => map(x, silu_f32),
-            DType::F64 => map(x, silu_f64),
-            _ => composed_silu::<Flex>(x),
-        }
+        forward(x, (silu_f32, silu_f64), composed_silu::<Flex>)
     }
 
     fn silu_backward(x: FlexTensor, grad: FlexTensor) -> FlexTensor {
-        if x.dtype() != grad.dtype() || x.shape() != grad.shape() {
-            return composed_silu_backward::<Flex>(x, grad);
-        }
-        match x.dtype() {
-            DType::F32 => scale_by_slope(x, grad, silu_backward_f32),
-            DType::F64 => scale_by_slope(x, grad, silu_backward_f64),
-            _ => composed_silu_backward::<Flex>(x, grad),
-        }
+        let kernels: Kernels = (silu_backward_f32, silu_backward_f64);
+        backward(x, grad, kernels, composed_silu_backward::<Flex>)
+    }
+}
+
+/// An element-wise kernel over `f32` and its `f64` twin.
+type Kernels = (fn(&[f32], &mut [f32]), fn(&[f64], &mut [f64]));
+
+/// A forward pass: the kernel for the tensor's precision, or `composed` for half precisions.
+fn forward(
+    x: FlexTensor,
+    (f32_kernel, f64_kernel): Kernels,
+    composed: fn(FlexTensor) -> FlexTensor,
+) -> FlexTensor {
+    match x.dtype() {
+        DType::F32 => map(x, f32_kernel),
+        DType::F64 => map(x, f64_kernel),
+        _ => composed(x),
+    }
+}
+
+/// A backward pass: the kernel for the tensor's precision, or `composed` for half precisions
+/// (and for a gradient whose dtype or shape is not `x`'s).
+fn backward(
+    x: FlexTensor,
+    grad: FlexTensor,
+    (f32_kernel, f64_kernel): Kernels,
+    composed: fn(FlexTensor, FlexTensor) -> FlexTensor,
+) -> FlexTensor {
+    if x.dtype() != grad.dtype() || x.shape() != grad.shape() {
+        return composed(x, grad);
+    }
+    match x.dtype() {
+        DType::F32 => scale_by_slope(x, grad, f32_kernel),
+        DType::F64 => scale_by_slope(x, grad, f64_kernel),
+        _ => composed(x, grad),
     }
 }
 

@@ -11,9 +11,13 @@
 //!   evaluates `erf` one element at a time through libm).
 //! - [`silu()`]: SiLU, `x σ(x)`, with its gradient `σ(x) (1 + x (1 - σ(x)))`, fused on flex
 //!   the same way (the gate activation of SwiGLU experts).
+//! - [`grouped_matmul()`]: one matmul per expert over only the rows that expert filled in the
+//!   padded `[E, C, K]` buffer, with its gradients; on flex one GEMM per expert, so the padding
+//!   costs nothing (a batched matmul multiplies it too).
 
 mod autodiff;
 pub mod gelu;
+pub mod grouped_matmul;
 pub mod math;
 pub mod silu;
 
@@ -21,4 +25,5 @@ pub mod silu;
 mod flex;
 
 pub use gelu::{gelu, GeluBackend};
+pub use grouped_matmul::{grouped_matmul, GroupedMatmulBackend};
 pub use silu::{silu, SiluBackend};

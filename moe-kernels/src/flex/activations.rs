@@ -1,5 +1,6 @@
-//! flex's kernels: one pass over memory for each forward and each backward, split over the
-//! cores with rayon and vectorised with the widest instructions the CPU has.
+//! flex's element-wise kernels (GELU, SiLU): one pass over memory for each forward and each
+//! backward, split over the cores with rayon and vectorised with the widest instructions the
+//! CPU has.
 //!
 //! `f32` uses the branch-free approximations of [`crate::math`]; `f64` evaluates libm's `erf`
 //! and `exp` (exact to the last bits, for gradient checks); half precisions fall back to the

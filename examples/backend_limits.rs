@@ -6,7 +6,8 @@
 //!    per output, and the exact GELU of an expert is made of them.
 //! 2. The batched matmul that runs all experts at once (`[E, C, d] x [E, d, h]`) against one
 //!    flat matmul over the same rows (`[E*C, d] x [d, h]`) and against one matmul per expert:
-//!    what the expert batch costs the GEMM.
+//!    what the expert batch costs the GEMM; and moe-kernels' grouped matmul on the same
+//!    buffer with every row filled (what skipping padding costs when there is none).
 //! 3. GELU: Burn's `activation::gelu`, the exact GELU composed from Burn's ops and moe-core's
 //!    (one fused operation from moe-kernels): their gradients against the exact derivative, and
 //!    their cost forward + backward.
@@ -18,8 +19,9 @@
 //! cargo run --release --example backend_limits -- --backend flex
 //! ```
 
-use burn::tensor::{activation, Device, Distribution, Tensor};
+use burn::tensor::{activation, Device, Distribution, Int, Tensor};
 use burn_moe::core::{ExpertConfig, RoutingMode};
+use burn_moe::kernels::grouped_matmul;
 use burn_moe::train::backend::{select_and_report, Backend, Precision};
 use clap::Parser;
 
@@ -131,6 +133,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "   {EXPERTS} x [{rows}, {D_MODEL}] x [{D_MODEL}, {D_HIDDEN}]      {per_expert_ms:8.1} ms  {:6.1} GFLOP/s  (batched / per expert = {:.2})",
         flops / per_expert_ms / 1e6,
         batched_ms / per_expert_ms
+    );
+    let all_rows = Tensor::<1, Int>::full([EXPERTS], rows as i64, &device);
+    let grouped_ms = median_ms(&device, args.repeats, || {
+        let _ = grouped_matmul(batched_in.clone(), batched_w.clone(), all_rows.clone());
+    });
+    println!(
+        "   grouped, every row filled           {grouped_ms:8.1} ms  {:6.1} GFLOP/s  (batched / grouped = {:.2})",
+        flops / grouped_ms / 1e6,
+        batched_ms / grouped_ms
     );
 
     println!("\n3. GELU: gradients against the exact derivative, and costs");

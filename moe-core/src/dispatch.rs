@@ -8,7 +8,8 @@
 //!    position or by probability), and the slot each one takes, computed with prefix sums
 //!    over tokens;
 //! 2. [`DispatchPlan::dispatch`]: gather the tokens into the buffer (`select`);
-//! 3. the experts run as one batched matmul ([`crate::Experts::forward`]);
+//! 3. the experts run on the buffer, each over its filled slots only
+//!    ([`crate::Experts::forward_filled`]);
 //! 4. [`DispatchPlan::combine`]: weight each slot's output by its gate value and scatter-add it
 //!    back to its token (`select_assign` with `Add`).
 //!
@@ -29,6 +30,9 @@ pub struct DispatchPlan {
     pub weight_of_slot: Tensor<1>,
     /// Which (token, expert) pairs the experts process, `[tokens, E]`.
     pub kept: Tensor<2, Bool>,
+    /// Tokens each expert keeps, `[E]`: expert `e` fills its first `tokens_per_expert[e]`
+    /// slots, the rest are empty.
+    pub tokens_per_expert: Tensor<1, Int>,
     /// Slots per expert.
     pub capacity: usize,
 }
@@ -88,10 +92,12 @@ impl DispatchPlan {
             .select(0, pair_of_slot)
             .mask_fill(occupied.bool_not(), 0.0);
 
+        let tokens_per_expert = kept.clone().int().sum_dim(0).squeeze_dim(0);
         Self {
             token_of_slot,
             weight_of_slot,
             kept,
+            tokens_per_expert,
             capacity,
         }
     }

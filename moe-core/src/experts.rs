@@ -1,9 +1,10 @@
-//! The experts: feed-forward networks stored stacked, run as one batched matmul.
+//! The experts: feed-forward networks stored stacked, run as one batched (or grouped) matmul.
 
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::tensor::activation::relu;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Int, Tensor};
+use moe_kernels::grouped_matmul;
 
 use crate::error::{check_nonzero, MoeError};
 use crate::init::uniform;
@@ -120,16 +121,33 @@ pub struct Experts {
 impl Experts {
     /// Runs expert `e` on slice `e` of `x: [E, C, d_model]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let mut hidden = x.clone().matmul(self.w_in.val());
+        self.run(x, None)
+    }
+
+    /// [`Experts::forward`] on a buffer whose slice `e` holds tokens only in its first
+    /// `filled[e]` rows, the rest being padding: the matmuls skip the padding
+    /// ([`moe_kernels::grouped_matmul`]), so a busy expert no longer makes every expert pay
+    /// for its load. The padding rows of the output are not computed: they hold the output
+    /// bias (FFN) or zero (SwiGLU), and no gradient flows back through them.
+    pub fn forward_filled(&self, x: Tensor<3>, filled: Tensor<1, Int>) -> Tensor<3> {
+        self.run(x, Some(&filled))
+    }
+
+    fn run(&self, x: Tensor<3>, filled: Option<&Tensor<1, Int>>) -> Tensor<3> {
+        let project = |x: Tensor<3>, weight: &Param<Tensor<3>>| match filled {
+            Some(filled) => grouped_matmul(x, weight.val(), filled.clone()),
+            None => x.matmul(weight.val()),
+        };
+        let mut hidden = project(x.clone(), &self.w_in);
         if let Some(bias) = &self.b_in {
             hidden = hidden + bias.val().unsqueeze_dim(1);
         }
         let hidden = match (self.kind, &self.w_gate) {
-            (ExpertKind::SwiGlu, Some(w_gate)) => silu(x.matmul(w_gate.val())) * hidden,
+            (ExpertKind::SwiGlu, Some(w_gate)) => silu(project(x, w_gate)) * hidden,
             (ExpertKind::Ffn(activation), _) => activation.apply(hidden),
             (ExpertKind::SwiGlu, None) => unreachable!("SwiGLU experts are built with a gate"),
         };
-        let mut output = hidden.matmul(self.w_out.val());
+        let mut output = project(hidden, &self.w_out);
         if let Some(bias) = &self.b_out {
             output = output + bias.val().unsqueeze_dim(1);
         }

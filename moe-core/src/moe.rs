@@ -251,7 +251,10 @@ impl Moe {
 
         let (capacity, policy) = self.capacity_and_policy(&gate.candidates, num_tokens, mode);
         let plan = DispatchPlan::new(gate.candidates.clone(), gate.weights, capacity, policy);
-        let expert_output = self.experts.forward(plan.dispatch(tokens.clone()));
+        let expert_output = self.experts.forward_filled(
+            plan.dispatch(tokens.clone()),
+            plan.tokens_per_expert.clone(),
+        );
         let mut output = plan.combine(expert_output, num_tokens);
         if let Some(shared) = &self.shared_experts {
             let shared_output = shared.forward(tokens.unsqueeze_dim(0)).squeeze_dim::<2>(0);
@@ -276,7 +279,7 @@ impl Moe {
         }
 
         let kept = plan.kept.clone().int();
-        let tokens_per_expert: Tensor<1, Int> = kept.clone().sum_dim(0).squeeze_dim(0);
+        let tokens_per_expert = plan.tokens_per_expert.clone();
         let routed_per_expert: Tensor<1, Int> = if self.config.gate.is_expert_choice() {
             tokens_per_expert.clone()
         } else {

@@ -11,12 +11,13 @@
 //! 3. GELU: Burn's `activation::gelu`, the exact GELU composed from Burn's ops and moe-core's
 //!    (one fused operation from moe-kernels): their gradients against the exact derivative, and
 //!    their cost forward + backward.
-//! 4. Where the MoE layer's time goes (W1's E=8 top-2 dropless layer, forward + backward): the
-//!    whole layer, its experts alone on the same buffer, their GELU alone, and the dense FFN
-//!    with the same FLOPs.
+//! 4. Where the MoE layer's time goes (W1's top-2 dropless layer, E = 8 unless `--experts`
+//!    says otherwise, forward + backward): the whole layer, its experts alone on the same
+//!    buffer and row counts, their GELU alone, and the dense FFN with the same FLOPs.
 //!
 //! ```sh
 //! cargo run --release --example backend_limits -- --backend flex
+//! cargo run --release --example backend_limits -- --part 4 --experts 64
 //! ```
 
 use burn::tensor::{activation, Device, Distribution, Int, Tensor};
@@ -44,6 +45,12 @@ struct Args {
     /// Timed runs per figure (the median is printed).
     #[arg(long, default_value_t = 5)]
     repeats: usize,
+    /// Run only this part (1 to 4; repeat the flag for several); all parts by default.
+    #[arg(long)]
+    part: Vec<usize>,
+    /// Experts of part 4's layer.
+    #[arg(long, default_value_t = EXPERTS)]
+    experts: usize,
 }
 
 /// Rows of the expert activation: W1's tokens routed to 2 experts each.
@@ -59,14 +66,37 @@ fn median_ms(device: &Device, repeats: usize, work: impl FnMut()) -> f64 {
     timing::median_seconds(device, 1, repeats, work) * 1e3
 }
 
+/// Inputs drawn from `N(0, 1)`.
+const NORMAL: Distribution = Distribution::Normal(0.0, 1.0);
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    // As moe-bench and the trainer do, so that the figures compare.
+    burn_moe::train::allocator::reuse_heap_memory();
     let device = select_and_report(args.backend, Precision::F32)?.device;
     device.seed(0);
-    let normal = Distribution::Normal(0.0, 1.0);
+    let parts = if args.part.is_empty() {
+        vec![1, 2, 3, 4]
+    } else {
+        args.part.clone()
+    };
+    for part in parts {
+        match part {
+            1 => element_wise(&device, &args),
+            2 => expert_batch(&device, &args),
+            3 => gelu_forms(&device, &args)?,
+            4 => layer_breakdown(&device, &args)?,
+            _ => return Err(format!("--part {part}: the parts are 1 to 4").into()),
+        }
+    }
+    Ok(())
+}
 
+/// Part 1: element-wise functions against relu and against a matmul of the same output size.
+fn element_wise(device: &Device, args: &Args) {
+    let normal = NORMAL;
     println!("\n1. element-wise functions on [{ROWS}, {D_HIDDEN}] (the expert activation)");
-    let hidden = Tensor::<2>::random([ROWS, D_HIDDEN], normal, &device);
+    let hidden = Tensor::<2>::random([ROWS, D_HIDDEN], normal, device);
     let elements = (ROWS * D_HIDDEN) as f64;
     let unary: [(&str, ElementWise); 4] = [
         ("relu", activation::relu),
@@ -76,7 +106,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ];
     let mut relu_ms = 0.0;
     for (name, op) in unary {
-        let ms = median_ms(&device, args.repeats, || {
+        let ms = median_ms(device, args.repeats, || {
             let _ = op(hidden.clone());
         });
         if name == "relu" {
@@ -88,9 +118,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ms / relu_ms
         );
     }
-    let input = Tensor::<2>::random([ROWS, D_MODEL], normal, &device);
-    let weight = Tensor::<2>::random([D_MODEL, D_HIDDEN], normal, &device);
-    let ms = median_ms(&device, args.repeats, || {
+    let input = Tensor::<2>::random([ROWS, D_MODEL], normal, device);
+    let weight = Tensor::<2>::random([D_MODEL, D_HIDDEN], normal, device);
+    let ms = median_ms(device, args.repeats, || {
         let _ = input.clone().matmul(weight.clone());
     });
     println!(
@@ -98,13 +128,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         2.0 * elements * D_MODEL as f64 / ms / 1e6,
         ms * 1e6 / elements
     );
+}
 
+/// Part 2: the batched matmul of all experts against flat, per-expert and grouped matmuls.
+fn expert_batch(device: &Device, args: &Args) {
+    let normal = NORMAL;
+    let elements = (ROWS * D_HIDDEN) as f64;
+    let input = Tensor::<2>::random([ROWS, D_MODEL], normal, device);
+    let weight = Tensor::<2>::random([D_MODEL, D_HIDDEN], normal, device);
+    let ms = median_ms(device, args.repeats, || {
+        let _ = input.clone().matmul(weight.clone());
+    });
     println!("\n2. all experts at once: batched against flat and per-expert matmuls, same rows");
     let rows = ROWS / EXPERTS;
-    let batched_in = Tensor::<3>::random([EXPERTS, rows, D_MODEL], normal, &device);
-    let batched_w = Tensor::<3>::random([EXPERTS, D_MODEL, D_HIDDEN], normal, &device);
+    let batched_in = Tensor::<3>::random([EXPERTS, rows, D_MODEL], normal, device);
+    let batched_w = Tensor::<3>::random([EXPERTS, D_MODEL, D_HIDDEN], normal, device);
     let flops = 2.0 * elements * D_MODEL as f64;
-    let batched_ms = median_ms(&device, args.repeats, || {
+    let batched_ms = median_ms(device, args.repeats, || {
         let _ = batched_in.clone().matmul(batched_w.clone());
     });
     println!(
@@ -116,7 +156,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         flops / ms / 1e6,
         batched_ms / ms
     );
-    let per_expert_ms = median_ms(&device, args.repeats, || {
+    let per_expert_ms = median_ms(device, args.repeats, || {
         for expert in 0..EXPERTS {
             let input = batched_in
                 .clone()
@@ -134,8 +174,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         flops / per_expert_ms / 1e6,
         batched_ms / per_expert_ms
     );
-    let all_rows = Tensor::<1, Int>::full([EXPERTS], rows as i64, &device);
-    let grouped_ms = median_ms(&device, args.repeats, || {
+    let all_rows = Tensor::<1, Int>::full([EXPERTS], rows as i64, device);
+    let grouped_ms = median_ms(device, args.repeats, || {
         let _ = grouped_matmul(batched_in.clone(), batched_w.clone(), all_rows.clone());
     });
     println!(
@@ -143,7 +183,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         flops / grouped_ms / 1e6,
         batched_ms / grouped_ms
     );
+    // The same rows spread over many experts: each GEMM gets fewer rows and its own weights.
+    for experts in [16, 64] {
+        let rows = ROWS / experts;
+        let input = Tensor::<3>::random([experts, rows, D_MODEL], normal, device);
+        let weights = Tensor::<3>::random([experts, D_MODEL, D_HIDDEN], normal, device);
+        let counts = Tensor::<1, Int>::full([experts], rows as i64, device);
+        let ms = median_ms(device, args.repeats, || {
+            let _ = grouped_matmul(input.clone(), weights.clone(), counts.clone());
+        });
+        println!(
+            "   grouped, {experts} experts x {rows} rows         {ms:8.1} ms  {:6.1} GFLOP/s  ({:.2} x the 8-expert time)",
+            flops / ms / 1e6,
+            ms / grouped_ms
+        );
+    }
+}
 
+/// Part 3: Burn's GELU, the composed exact GELU and moe-core's fused one.
+fn gelu_forms(device: &Device, args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    let normal = NORMAL;
     println!("\n3. GELU: gradients against the exact derivative, and costs");
     // d/dx [x Phi(x)] = Phi(x) + x phi(x), from Python's math.erf and math.exp.
     let points = [-3.0, -2.0, -1.0, 1.0, 2.0];
@@ -185,24 +244,36 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("   {name:<31} forward + backward {ms:8.1} ms");
     }
 
-    println!("\n4. the MoE layer of W1 (4096 tokens, E = 8, top-2, dropless), forward + backward");
-    let moe = layer::moe_config(EXPERTS, 2, true).init(&autodiff)?;
+    Ok(())
+}
+
+/// Part 4: where the time of one W1 layer goes.
+fn layer_breakdown(device: &Device, args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    let normal = NORMAL;
+    let autodiff = device.clone().autodiff();
+    let experts = args.experts;
+    println!(
+        "\n4. the MoE layer of W1 (4096 tokens, E = {experts}, top-2, dropless), forward + backward"
+    );
+    let moe = layer::moe_config(experts, 2, true).init(&autodiff)?;
     let tokens = Tensor::<2>::random([TOKENS, D_MODEL], normal, &autodiff);
     let mut slots = 0;
+    let mut filled = Tensor::<1, Int>::zeros([experts], &autodiff);
     let layer_ms = median_ms(&autodiff, args.repeats, || {
         let out = moe.forward_with_mode(tokens.clone().require_grad(), RoutingMode::Train);
         slots = out.stats.capacity;
+        filled = out.stats.tokens_per_expert.clone();
         let _ = (out.output.mean() + out.aux_loss).backward();
     });
-    let buffer = Tensor::<3>::random([EXPERTS, slots, D_MODEL], normal, &autodiff);
+    let buffer = Tensor::<3>::random([experts, slots, D_MODEL], normal, &autodiff);
     let experts_ms = median_ms(&autodiff, args.repeats, || {
         let _ = moe
             .experts
-            .forward(buffer.clone().require_grad())
+            .forward_filled(buffer.clone().require_grad(), filled.clone())
             .mean()
             .backward();
     });
-    let hidden = Tensor::<3>::random([EXPERTS, slots, D_HIDDEN], normal, &autodiff);
+    let hidden = Tensor::<3>::random([experts, slots, D_HIDDEN], normal, &autodiff);
     let gelu_ms = median_ms(&autodiff, args.repeats, || {
         let _ = burn_moe::core::gelu(hidden.clone().require_grad())
             .mean()
@@ -218,11 +289,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     println!("   whole layer ({slots} slots per expert)   {layer_ms:8.1} ms");
     println!(
-        "   experts alone on [{EXPERTS}, {slots}, {D_MODEL}]   {experts_ms:8.1} ms  ({:.0} % of the layer)",
+        "   experts alone on [{experts}, {slots}, {D_MODEL}]   {experts_ms:8.1} ms  ({:.0} % of the layer)",
         100.0 * experts_ms / layer_ms
     );
     println!(
-        "   their GELU alone on [{EXPERTS}, {slots}, {D_HIDDEN}] {gelu_ms:8.1} ms  ({:.0} % of the layer)",
+        "   their GELU alone on [{experts}, {slots}, {D_HIDDEN}] {gelu_ms:8.1} ms  ({:.0} % of the layer)",
         100.0 * gelu_ms / layer_ms
     );
     println!(

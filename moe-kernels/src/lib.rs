@@ -11,11 +11,15 @@
 //!   evaluates `erf` one element at a time through libm).
 //! - [`silu()`]: SiLU, `x σ(x)`, with its gradient `σ(x) (1 + x (1 - σ(x)))`, fused on flex
 //!   the same way (the gate activation of SwiGLU experts).
+//! - [`dropout()`]: inverted dropout whose mask is one operation; on flex a single pass of
+//!   counter-based random draws instead of Burn's per-element sampler.
 //! - [`grouped_matmul()`]: one matmul per expert over only the rows that expert filled in the
 //!   padded `[E, C, K]` buffer, with its gradients; on flex one GEMM per expert, so the padding
 //!   costs nothing (a batched matmul multiplies it too).
 
 mod autodiff;
+pub mod counter_rng;
+pub mod dropout;
 pub mod gelu;
 pub mod grouped_matmul;
 pub mod math;
@@ -24,6 +28,7 @@ pub mod silu;
 #[cfg(feature = "flex")]
 mod flex;
 
+pub use dropout::{dropout, DropoutBackend};
 pub use gelu::{gelu, GeluBackend};
 pub use grouped_matmul::{grouped_matmul, GroupedMatmulBackend};
 pub use silu::{silu, SiluBackend};

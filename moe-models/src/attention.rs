@@ -5,6 +5,7 @@ use burn::nn::{Dropout, DropoutConfig, Linear, RotaryEncoding, RotaryEncodingCon
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, Device, Int, Tensor};
 
+use crate::dropout::apply_dropout;
 use crate::init::linear;
 
 /// Keys and values of the positions seen so far, for one layer: `[batch, heads, positions,
@@ -108,7 +109,7 @@ impl CausalSelfAttention {
             .unsqueeze_dims::<4>(&[0, 1])
             .expand([batch, heads, length, key_positions]);
         let weights = softmax(scores.mask_fill(future, f32::NEG_INFINITY), 3);
-        let weights = self.dropout.forward(weights);
+        let weights = apply_dropout(&self.dropout, weights);
         let context = weights
             .matmul(value)
             .swap_dims(1, 2)

@@ -6,6 +6,7 @@ use burn::tensor::{Device, Int, Tensor};
 use moe_core::{ExpertConfig, Experts, Moe, MoeConfig, RoutingStats};
 
 use crate::attention::{CausalSelfAttention, LayerCache};
+use crate::dropout::apply_dropout;
 use crate::error::ModelError;
 use crate::init::embedding;
 use crate::norm::{Norm, NormKind};
@@ -249,9 +250,9 @@ impl DecoderStack {
                 start,
                 layer_cache,
             );
-            hidden = hidden + block.dropout.forward(attended);
+            hidden = hidden + apply_dropout(&block.dropout, attended);
             let (ffn_out, extras) = block.ffn.forward(block.ffn_norm.forward(hidden.clone()));
-            hidden = hidden + block.dropout.forward(ffn_out);
+            hidden = hidden + apply_dropout(&block.dropout, ffn_out);
             if let Some(loss) = extras.aux_loss {
                 aux_loss = aux_loss + loss;
             }

@@ -14,6 +14,7 @@
 mod attention;
 mod block;
 pub mod digits;
+mod dropout;
 mod error;
 mod generate;
 mod init;

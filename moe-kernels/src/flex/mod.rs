@@ -1,5 +1,40 @@
 //! The flex backend's implementations of this crate's operations: hand-written kernels where
 //! flex's own ops are slow for what moe-core asks of them.
 
+/// Runs `body` through the widest vector instruction set this CPU supports: the loops in
+/// `body` are compiled three times and the right copy is picked at run time (x86-64), so a
+/// binary built for the baseline x86-64 still uses AVX-512 or AVX2 where they exist.
+macro_rules! vectorised {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+        $(#[$doc])*
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU supports AVX-512F, checked just above.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU supports AVX2, checked just above.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
 mod activations;
+mod dropout;
 mod grouped_matmul;

@@ -1,5 +1,5 @@
-//! The autodiff side of an element-wise operation: one graph node that saves its input and
-//! calls the backend's own backward kernel.
+//! The autodiff side of a one-input operation: one graph node that saves its input (or its
+//! output) and calls the backend's own backward kernel.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -9,16 +9,16 @@ use burn::backend::autodiff::Autodiff;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::Backend;
 
-/// `grad_x = backward(x, grad_y)` for an element-wise `y = f(x)`.
+/// `grad_x = backward(saved, grad_y)` for `y = f(x)`, where `saved` is `x` or `y`.
 type BackwardKernel<B> = fn(FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>;
 
-/// The backward step of an element-wise operation, from its saved input.
+/// The backward step of a one-input operation, from its saved input or output.
 #[derive(Debug)]
-struct ElementWiseBackward<B: Backend> {
+struct UnaryBackward<B: Backend> {
     backward: BackwardKernel<B>,
 }
 
-impl<B: Backend> Backward<B, 1> for ElementWiseBackward<B> {
+impl<B: Backend> Backward<B, 1> for UnaryBackward<B> {
     type State = FloatTensor<B>;
 
     fn backward(
@@ -42,7 +42,7 @@ pub(crate) fn element_wise<B: Backend, C: CheckpointStrategy>(
     forward: fn(FloatTensor<B>) -> FloatTensor<B>,
     backward: BackwardKernel<B>,
 ) -> FloatTensor<Autodiff<B, C>> {
-    match (ElementWiseBackward { backward })
+    match (UnaryBackward { backward })
         .prepare::<C>([x.node()])
         .compute_bound()
         .stateful()
@@ -51,6 +51,27 @@ pub(crate) fn element_wise<B: Backend, C: CheckpointStrategy>(
             let input = x.primitive().clone();
             let output = forward(input.clone());
             prep.finish(input, output)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(forward(x.into_primitive())),
+    }
+}
+
+/// Runs `forward` on the inner backend and, when `x` is tracked, records one node whose
+/// backward pass is `backward(y, grad)`, from the output `y` (for operations such as softmax,
+/// whose gradient is simplest in terms of their output).
+pub(crate) fn saving_output<B: Backend, C: CheckpointStrategy>(
+    x: FloatTensor<Autodiff<B, C>>,
+    forward: fn(FloatTensor<B>) -> FloatTensor<B>,
+    backward: BackwardKernel<B>,
+) -> FloatTensor<Autodiff<B, C>> {
+    match (UnaryBackward { backward })
+        .prepare::<C>([x.node()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let output = forward(x.into_primitive());
+            prep.finish(output.clone(), output)
         }
         OpsKind::UnTracked(prep) => prep.finish(forward(x.into_primitive())),
     }

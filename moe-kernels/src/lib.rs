@@ -11,6 +11,9 @@
 //!   evaluates `erf` one element at a time through libm).
 //! - [`silu()`]: SiLU, `x σ(x)`, with its gradient `σ(x) (1 + x (1 - σ(x)))`, fused on flex
 //!   the same way (the gate activation of SwiGLU experts).
+//! - [`softmax()`], [`log_softmax()`]: along one dimension, with gradients from the output
+//!   alone; on flex one vectorised pass per row and direction (Burn composes five ops and
+//!   flex's `exp` is scalar libm).
 //! - [`dropout()`]: inverted dropout whose mask is one operation; on flex a single pass of
 //!   counter-based random draws instead of Burn's per-element sampler.
 //! - [`grouped_matmul()`]: one matmul per expert over only the rows that expert filled in the
@@ -24,6 +27,7 @@ pub mod gelu;
 pub mod grouped_matmul;
 pub mod math;
 pub mod silu;
+pub mod softmax;
 
 #[cfg(feature = "flex")]
 mod flex;
@@ -32,3 +36,4 @@ pub use dropout::{dropout, DropoutBackend};
 pub use gelu::{gelu, GeluBackend};
 pub use grouped_matmul::{grouped_matmul, GroupedMatmulBackend};
 pub use silu::{silu, SiluBackend};
+pub use softmax::{log_softmax, softmax, SoftmaxBackend};

@@ -2,8 +2,8 @@
 
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Linear, RotaryEncoding, RotaryEncodingConfig};
-use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, Device, Int, Tensor};
+use moe_kernels::softmax;
 
 use crate::dropout::apply_dropout;
 use crate::init::linear;

@@ -3,9 +3,9 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Embedding, Linear};
-use burn::tensor::activation::log_softmax;
 use burn::tensor::{Bool, Device, Int, Tensor};
 use moe_core::{DropPolicy, ExpertConfig, MoeConfig, RoutingStats};
+use moe_kernels::log_softmax;
 
 use crate::attention::CausalSelfAttention;
 use crate::block::{DecoderStack, KvCache, StackSettings};

@@ -1,7 +1,7 @@
 use burn::config::Config;
-use burn::tensor::activation::softmax;
 use burn::tensor::Bool;
 use burn::tensor::Tensor;
+use moe_kernels::softmax;
 
 use super::{GateInput, GateOutput};
 

@@ -1,6 +1,6 @@
 use burn::config::Config;
-use burn::tensor::activation::softmax;
 use burn::tensor::{Distribution, Tensor};
+use moe_kernels::softmax;
 
 use super::{one_hot, top_k_indices, GateInput, GateOutput};
 use crate::losses::load_balancing_loss;

@@ -1,6 +1,7 @@
 use burn::config::Config;
-use burn::tensor::activation::{softmax, softplus};
+use burn::tensor::activation::softplus;
 use burn::tensor::{Distribution, Tensor};
+use moe_kernels::softmax;
 
 use super::{to_expert_matrix, top_k_indices, GateInput, GateOutput};
 use crate::error::{check_non_negative, MoeError};

@@ -1,5 +1,5 @@
 use burn::config::Config;
-use burn::tensor::activation::softmax;
+use moe_kernels::softmax;
 
 use super::{assignment_fraction, to_expert_matrix, top_k_indices, GateInput, GateOutput};
 use crate::losses::load_balancing_loss;

@@ -1,6 +1,6 @@
 use burn::config::Config;
-use burn::tensor::activation::softmax;
 use burn::tensor::Distribution;
+use moe_kernels::softmax;
 
 use super::{assignment_fraction, to_expert_matrix, top_k_indices, GateInput, GateOutput};
 use crate::error::{check_unit_interval, MoeError};

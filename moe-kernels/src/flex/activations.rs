@@ -15,6 +15,8 @@ use crate::gelu::{composed_gelu, composed_gelu_backward, GeluBackend};
 use crate::math;
 use crate::silu::{composed_silu, composed_silu_backward, SiluBackend};
 
+use super::{contiguous, Float};
+
 /// Elements per rayon task: large enough to amortise the task, small enough to balance cores.
 const CHUNK: usize = 1 << 15;
 
@@ -144,20 +146,6 @@ fn gelu_backward_f64(x: &[f64], grad: &mut [f64]) {
 /// `Φ(x) = (1 + erf(x / √2)) / 2`.
 fn normal_cdf_f64(x: f64) -> f64 {
     0.5 * (1.0 + libm::erf(x * std::f64::consts::FRAC_1_SQRT_2))
-}
-
-/// Element type of the storage the kernels read and write.
-trait Float: burn::tensor::Element + bytemuck::Pod + Send + Sync {}
-impl Float for f32 {}
-impl Float for f64 {}
-
-/// `x` with a layout that is one contiguous run of its storage (copied only if it is not).
-fn contiguous<E: Float>(x: FlexTensor) -> FlexTensor {
-    if x.as_slice::<E>().is_some() {
-        x
-    } else {
-        x.to_contiguous()
-    }
 }
 
 /// A new tensor `kernel(x)`, element-wise; the chunks run in parallel.

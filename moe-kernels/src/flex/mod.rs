@@ -35,6 +35,21 @@ macro_rules! vectorised {
     };
 }
 
+/// Element type of the storage the kernels read and write.
+trait Float: burn::tensor::Element + bytemuck::Pod + Send + Sync {}
+impl Float for f32 {}
+impl Float for f64 {}
+
+/// `x` with a layout that is one contiguous run of its storage (copied only if it is not).
+fn contiguous<E: Float>(x: burn::backend::flex::FlexTensor) -> burn::backend::flex::FlexTensor {
+    if x.as_slice::<E>().is_some() {
+        x
+    } else {
+        x.to_contiguous()
+    }
+}
+
 mod activations;
 mod dropout;
 mod grouped_matmul;
+mod softmax;

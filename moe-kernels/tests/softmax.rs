@@ -1,0 +1,212 @@
+//! `moe_kernels::{softmax, log_softmax}` on every CPU backend built in, in f32 and f64, against
+//! host loops in f64: the output and the gradient, for short, odd, vector-sized and very long rows, with
+//! masked (`-inf`) entries, along the last and an inner dimension, and a NaN that must spread
+//! over its own row only.
+
+use burn::tensor::{Device, FloatDType, Tensor, TensorData};
+use moe_kernels::{log_softmax, softmax};
+
+/// An operation under test: softmax or log-softmax along a dimension.
+type Operation<const D: usize> = fn(Tensor<D>, usize) -> Tensor<D>;
+
+/// Host references `(x, g, row) -> (output, gradient)`.
+type Reference = fn(&[f64], &[f64], usize) -> (Vec<f64>, Vec<f64>);
+
+/// Both operations, for rank 2 and rank 3, with their references.
+const OPERATIONS: [(&str, Operation<2>, Operation<3>, Reference); 2] = [
+    ("softmax", softmax, softmax, reference),
+    ("log_softmax", log_softmax, log_softmax, log_reference),
+];
+
+/// The CPU backends built in, with autodiff.
+#[allow(deprecated)] // `Device::ndarray`: deprecated in Burn 0.22, still a backend we serve
+fn devices() -> Vec<(&'static str, Device)> {
+    vec![
+        #[cfg(feature = "ndarray")]
+        ("ndarray", Device::ndarray().autodiff()),
+        #[cfg(feature = "flex")]
+        ("flex", Device::flex().autodiff()),
+    ]
+}
+
+const DTYPES: [(FloatDType, f64); 2] = [(FloatDType::F32, 2e-6), (FloatDType::F64, 1e-13)];
+
+/// Values in about [-12, 12], every fifth of them `-inf` when `masked` (never a whole row:
+/// the first element of a row is kept, as the diagonal of a causal mask is).
+fn values(len: usize, row: usize, seed: usize, masked: bool) -> Vec<f64> {
+    (0..len)
+        .map(|i| {
+            if masked && i % row != 0 && (i * 7 + seed) % 5 == 0 {
+                f64::NEG_INFINITY
+            } else {
+                ((i * seed + 3) % 97) as f64 / 4.0 - 12.0
+            }
+        })
+        .collect()
+}
+
+/// Softmax of each `row`-long row and its gradient for the upstream `g`, by loops in f64.
+fn reference(x: &[f64], g: &[f64], row: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut y = vec![0.0; x.len()];
+    let mut grad = vec![0.0; x.len()];
+    for start in (0..x.len()).step_by(row) {
+        let range = start..start + row;
+        let max = x[range.clone()]
+            .iter()
+            .cloned()
+            .fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = x[range.clone()].iter().map(|v| (v - max).exp()).sum();
+        for i in range.clone() {
+            y[i] = (x[i] - max).exp() / sum;
+        }
+        let dot: f64 = range.clone().map(|i| g[i] * y[i]).sum();
+        for i in range {
+            grad[i] = y[i] * (g[i] - dot);
+        }
+    }
+    (y, grad)
+}
+
+/// Log-softmax of each `row`-long row and its gradient for the upstream `g`, by loops in f64:
+/// `z = x - max - ln Σ e^{x - max}`, `grad = g - e^z Σ g`.
+fn log_reference(x: &[f64], g: &[f64], row: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut z = vec![0.0; x.len()];
+    let mut grad = vec![0.0; x.len()];
+    for start in (0..x.len()).step_by(row) {
+        let range = start..start + row;
+        let max = x[range.clone()]
+            .iter()
+            .cloned()
+            .fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = x[range.clone()].iter().map(|v| (v - max).exp()).sum();
+        let total: f64 = g[range.clone()].iter().sum();
+        for i in range {
+            z[i] = x[i] - max - sum.ln();
+            grad[i] = g[i] - z[i].exp() * total;
+        }
+    }
+    (z, grad)
+}
+
+fn host<const D: usize>(t: Tensor<D>) -> Vec<f64> {
+    t.try_into_vec_as::<f64>().unwrap()
+}
+
+fn assert_close(what: &str, got: &[f64], expected: &[f64], tolerance: f64) {
+    assert_eq!(got.len(), expected.len(), "{what}: length");
+    for (i, (&got, &expected)) in got.iter().zip(expected).enumerate() {
+        let close = if expected.is_infinite() {
+            got == expected
+        } else {
+            (got - expected).abs() <= tolerance * (1.0 + expected.abs())
+        };
+        assert!(close, "{what}[{i}]: {got}, expected {expected}");
+    }
+}
+
+#[test]
+fn rows_of_every_length_match_the_loops() {
+    // 1, odd, one and two vector widths plus a tail, attention-sized, longer than flex's
+    // parallel block (2^15).
+    for (rows, row) in [(3, 1), (5, 7), (4, 16), (6, 33), (9, 128), (2, 40_000)] {
+        for masked in [false, true] {
+            let x = values(rows * row, row, 13, masked);
+            let g = values(rows * row, row, 29, false);
+            for ((name, op, _, reference), (backend, device), (dtype, tolerance)) in cases() {
+                let (y_ref, grad_ref) = reference(&x, &g, row);
+                {
+                    let what = format!("{name} {backend} {dtype:?} {rows}x{row} masked={masked}");
+                    let tensor = |v: &[f64]| {
+                        Tensor::<2>::from_data(TensorData::new(v.to_vec(), [rows, row]), &device)
+                            .cast(dtype)
+                    };
+                    let input = tensor(&x).require_grad();
+                    let y = op(input.clone(), 1);
+                    let grads = (y.clone() * tensor(&g)).sum().backward();
+                    assert_close(&format!("{what} y"), &host(y), &y_ref, tolerance);
+                    let grad = host(input.grad(&grads).expect("x has a gradient"));
+                    assert_close(&format!("{what} grad"), &grad, &grad_ref, tolerance);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn an_inner_dimension_matches_the_loops() {
+    // Softmax over dimension 1 of [2, 5, 3]: the reference works on the transposed layout.
+    let (outer, along, inner) = (2, 5, 3);
+    let x = values(outer * along * inner, along, 17, false);
+    let g = values(outer * along * inner, along, 31, false);
+    let transpose = |v: &[f64]| {
+        let mut t = vec![0.0; v.len()];
+        for o in 0..outer {
+            for a in 0..along {
+                for i in 0..inner {
+                    t[(o * inner + i) * along + a] = v[(o * along + a) * inner + i];
+                }
+            }
+        }
+        t
+    };
+    let untranspose = |t: &[f64]| {
+        let mut v = vec![0.0; t.len()];
+        for o in 0..outer {
+            for a in 0..along {
+                for i in 0..inner {
+                    v[(o * along + a) * inner + i] = t[(o * inner + i) * along + a];
+                }
+            }
+        }
+        v
+    };
+    for ((name, _, op, reference), (backend, device), (dtype, tolerance)) in cases() {
+        let (y_t, grad_t) = reference(&transpose(&x), &transpose(&g), along);
+        let (y_ref, grad_ref) = (untranspose(&y_t), untranspose(&grad_t));
+        {
+            let what = format!("{name} {backend} {dtype:?}");
+            let tensor = |v: &[f64]| {
+                Tensor::<3>::from_data(TensorData::new(v.to_vec(), [outer, along, inner]), &device)
+                    .cast(dtype)
+            };
+            let input = tensor(&x).require_grad();
+            let y = op(input.clone(), 1);
+            let grads = (y.clone() * tensor(&g)).sum().backward();
+            assert_close(&format!("{what} y"), &host(y), &y_ref, tolerance);
+            let grad = host(input.grad(&grads).expect("x has a gradient"));
+            assert_close(&format!("{what} grad"), &grad, &grad_ref, tolerance);
+        }
+    }
+}
+
+#[test]
+fn a_nan_spreads_over_its_row_only() {
+    for ((name, op, _, _), (backend, device), (dtype, _)) in cases() {
+        let mut x = values(3 * 20, 20, 5, false);
+        x[25] = f64::NAN;
+        let x = Tensor::<2>::from_data(TensorData::new(x, [3, 20]), &device).cast(dtype);
+        let y = host(op(x, 1));
+        for (i, value) in y.iter().enumerate() {
+            let in_nan_row = (20..40).contains(&i);
+            let what = format!("{name} {backend} {dtype:?}");
+            assert_eq!(value.is_nan(), in_nan_row, "{what}: y[{i}] = {value}");
+        }
+    }
+}
+
+/// Every operation on every backend in every dtype.
+fn cases() -> Vec<(
+    (&'static str, Operation<2>, Operation<3>, Reference),
+    (&'static str, Device),
+    (FloatDType, f64),
+)> {
+    let mut cases = Vec::new();
+    for operation in OPERATIONS {
+        for device in devices() {
+            for dtype in DTYPES {
+                cases.push((operation, device.clone(), dtype));
+            }
+        }
+    }
+    cases
+}

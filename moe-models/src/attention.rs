@@ -102,9 +102,11 @@ impl CausalSelfAttention {
         }
         let key_positions = key.dims()[2];
 
+        // Scaling the queries rather than the scores: the same product, on a tensor
+        // `keys / head_dim` times smaller.
         let scores = query
-            .matmul(key.swap_dims(2, 3))
-            .div_scalar((head_dim as f64).sqrt());
+            .div_scalar((head_dim as f64).sqrt())
+            .matmul(key.swap_dims(2, 3));
         let future = causal_mask(start, length, key_positions, &scores.device())
             .unsqueeze_dims::<4>(&[0, 1])
             .expand([batch, heads, length, key_positions]);

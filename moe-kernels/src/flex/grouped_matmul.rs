@@ -8,7 +8,7 @@
 
 use burn::backend::flex::{Flex, FlexTensor};
 use burn::backend::TensorMetadata;
-use burn::tensor::{DType, Shape, TensorData};
+use burn::tensor::{DType, TensorData};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -139,10 +139,11 @@ impl GemmFloat for f64 {
 impl Products {
     fn run<T: GemmFloat>(self, lhs: &FlexTensor, rhs: &FlexTensor) -> FlexTensor {
         let [experts, out_rows, columns] = self.out_shape;
-        let mut output = FlexTensor::zeros(Shape::new(self.out_shape), T::dtype());
         let block = out_rows * columns;
+        // Zeroed here once (`FlexTensor::zeros` would zero, then copy to realign).
+        let mut output = vec![T::ZERO; experts * block];
         if block == 0 {
-            return output;
+            return FlexTensor::from_data(TensorData::new(output, self.out_shape));
         }
         let lhs_data: &[T] = lhs.storage();
         let rhs_data: &[T] = rhs.storage();
@@ -184,7 +185,7 @@ impl Products {
             }
         };
 
-        let blocks = output.storage_mut::<T>().chunks_mut(block);
+        let blocks = output.chunks_mut(block);
         if experts >= 2 * rayon::current_num_threads() {
             let blocks: Vec<&mut [T]> = blocks.collect();
             blocks
@@ -202,6 +203,6 @@ impl Products {
                 multiply(expert, out, parallelism);
             }
         }
-        output
+        FlexTensor::from_data(TensorData::new(output, self.out_shape))
     }
 }

@@ -13,7 +13,7 @@ type Operation<const D: usize> = fn(Tensor<D>, usize) -> Tensor<D>;
 type Reference = fn(&[f64], &[f64], usize) -> (Vec<f64>, Vec<f64>);
 
 /// Both operations, for rank 2 and rank 3, with their references.
-const OPERATIONS: [(&str, Operation<2>, Operation<3>, Reference); 2] = [
+const OPERATIONS: [Named; 2] = [
     ("softmax", softmax, softmax, reference),
     ("log_softmax", log_softmax, log_softmax, log_reference),
 ];
@@ -194,12 +194,14 @@ fn a_nan_spreads_over_its_row_only() {
     }
 }
 
+/// An operation with its name and reference.
+type Named = (&'static str, Operation<2>, Operation<3>, Reference);
+
+/// One operation on one backend in one dtype (with its tolerance).
+type Case = (Named, (&'static str, Device), (FloatDType, f64));
+
 /// Every operation on every backend in every dtype.
-fn cases() -> Vec<(
-    (&'static str, Operation<2>, Operation<3>, Reference),
-    (&'static str, Device),
-    (FloatDType, f64),
-)> {
+fn cases() -> Vec<Case> {
     let mut cases = Vec::new();
     for operation in OPERATIONS {
         for device in devices() {

@@ -35,44 +35,39 @@ impl<B: Backend> Backward<B, 1> for UnaryBackward<B> {
     }
 }
 
-/// Runs `forward` on the inner backend and, when `x` is tracked, records one node whose
-/// backward pass is `backward(x, grad)`.
-pub(crate) fn element_wise<B: Backend, C: CheckpointStrategy>(
-    x: FloatTensor<Autodiff<B, C>>,
-    forward: fn(FloatTensor<B>) -> FloatTensor<B>,
-    backward: BackwardKernel<B>,
-) -> FloatTensor<Autodiff<B, C>> {
-    match (UnaryBackward { backward })
-        .prepare::<C>([x.node()])
-        .compute_bound()
-        .stateful()
-    {
-        OpsKind::Tracked(prep) => {
-            let input = x.primitive().clone();
-            let output = forward(input.clone());
-            prep.finish(input, output)
-        }
-        OpsKind::UnTracked(prep) => prep.finish(forward(x.into_primitive())),
-    }
+/// What the backward kernel of a one-input operation is given besides the gradient.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Saved {
+    /// The input `x` (element-wise operations: `grad_x = grad_y f'(x)`).
+    Input,
+    /// The output `y` (operations such as softmax, whose gradient is simplest in terms of it).
+    Output,
 }
 
 /// Runs `forward` on the inner backend and, when `x` is tracked, records one node whose
-/// backward pass is `backward(y, grad)`, from the output `y` (for operations such as softmax,
-/// whose gradient is simplest in terms of their output).
-pub(crate) fn saving_output<B: Backend, C: CheckpointStrategy>(
+/// backward pass is `backward(saved, grad)`, `saved` being `x` or `y` as `saved` says.
+pub(crate) fn unary<B: Backend, C: CheckpointStrategy>(
     x: FloatTensor<Autodiff<B, C>>,
     forward: fn(FloatTensor<B>) -> FloatTensor<B>,
     backward: BackwardKernel<B>,
+    saved: Saved,
 ) -> FloatTensor<Autodiff<B, C>> {
     match (UnaryBackward { backward })
         .prepare::<C>([x.node()])
         .compute_bound()
         .stateful()
     {
-        OpsKind::Tracked(prep) => {
-            let output = forward(x.into_primitive());
-            prep.finish(output.clone(), output)
-        }
+        OpsKind::Tracked(prep) => match saved {
+            Saved::Input => {
+                let input = x.primitive().clone();
+                let output = forward(input.clone());
+                prep.finish(input, output)
+            }
+            Saved::Output => {
+                let output = forward(x.into_primitive());
+                prep.finish(output.clone(), output)
+            }
+        },
         OpsKind::UnTracked(prep) => prep.finish(forward(x.into_primitive())),
     }
 }

@@ -19,7 +19,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Backend, Dispatch};
 use burn::tensor::Tensor;
 
-use crate::autodiff::element_wise;
+use crate::autodiff::{unary, Saved};
 
 /// The exact GELU of every element of `x`, differentiable.
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
@@ -82,6 +82,6 @@ impl GeluBackend for burn::backend::Cube {}
 
 impl<B: Backend + GeluBackend, C: CheckpointStrategy> GeluBackend for Autodiff<B, C> {
     fn gelu_exact(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        element_wise::<B, C>(x, B::gelu_exact, B::gelu_exact_backward)
+        unary::<B, C>(x, B::gelu_exact, B::gelu_exact_backward, Saved::Input)
     }
 }

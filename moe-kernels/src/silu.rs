@@ -16,7 +16,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Backend, Dispatch};
 use burn::tensor::Tensor;
 
-use crate::autodiff::element_wise;
+use crate::autodiff::{unary, Saved};
 
 /// SiLU of every element of `x`, differentiable.
 pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
@@ -71,6 +71,6 @@ impl SiluBackend for burn::backend::Cube {}
 
 impl<B: Backend + SiluBackend, C: CheckpointStrategy> SiluBackend for Autodiff<B, C> {
     fn silu_forward(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        element_wise::<B, C>(x, B::silu_forward, B::silu_backward)
+        unary::<B, C>(x, B::silu_forward, B::silu_backward, Saved::Input)
     }
 }

@@ -18,7 +18,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Backend, Dispatch, TensorMetadata};
 use burn::tensor::Tensor;
 
-use crate::autodiff::saving_output;
+use crate::autodiff::{unary, Saved};
 
 /// Softmax of `x` along `dim`, differentiable.
 ///
@@ -141,10 +141,15 @@ impl SoftmaxBackend for burn::backend::Cube {}
 
 impl<B: Backend + SoftmaxBackend, C: CheckpointStrategy> SoftmaxBackend for Autodiff<B, C> {
     fn softmax_last(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        saving_output::<B, C>(x, B::softmax_last, B::softmax_last_backward)
+        unary::<B, C>(x, B::softmax_last, B::softmax_last_backward, Saved::Output)
     }
 
     fn log_softmax_last(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        saving_output::<B, C>(x, B::log_softmax_last, B::log_softmax_last_backward)
+        unary::<B, C>(
+            x,
+            B::log_softmax_last,
+            B::log_softmax_last_backward,
+            Saved::Output,
+        )
     }
 }

@@ -5,6 +5,9 @@
 use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use moe_kernels::{gelu, silu};
 
+mod common;
+use common::devices;
+
 /// An activation under test.
 type Activation = fn(Tensor<2>) -> Tensor<2>;
 
@@ -16,17 +19,6 @@ const ACTIVATIONS: [(&str, Activation, Reference); 2] = [
     ("gelu", gelu, gelu_reference),
     ("silu", silu, silu_reference),
 ];
-
-/// The CPU backends built in, with autodiff.
-#[allow(deprecated)] // `Device::ndarray`: deprecated in Burn 0.22, still a backend we serve
-fn devices() -> Vec<(&'static str, Device)> {
-    vec![
-        #[cfg(feature = "ndarray")]
-        ("ndarray", Device::ndarray().autodiff()),
-        #[cfg(feature = "flex")]
-        ("flex", Device::flex().autodiff()),
-    ]
-}
 
 /// `rows x cols` inputs from -8 to 8 in steps of 1/64 (exact in f32), wrapping around.
 fn inputs(rows: usize, cols: usize) -> Vec<f64> {

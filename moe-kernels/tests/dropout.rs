@@ -6,16 +6,8 @@
 use burn::tensor::{Device, FloatDType, Tensor, TensorData};
 use moe_kernels::dropout;
 
-/// The CPU backends built in, with autodiff.
-#[allow(deprecated)] // `Device::ndarray`: deprecated in Burn 0.22, still a backend we serve
-fn devices() -> Vec<(&'static str, Device)> {
-    vec![
-        #[cfg(feature = "ndarray")]
-        ("ndarray", Device::ndarray().autodiff()),
-        #[cfg(feature = "flex")]
-        ("flex", Device::flex().autodiff()),
-    ]
-}
+mod common;
+use common::devices;
 
 /// More elements than one of flex's parallel chunks (2^15), in a shape with several rows.
 const ROWS: usize = 64;

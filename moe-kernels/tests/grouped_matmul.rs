@@ -7,16 +7,8 @@
 use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
 use moe_kernels::grouped_matmul;
 
-/// The CPU backends built in, with autodiff.
-#[allow(deprecated)] // `Device::ndarray`: deprecated in Burn 0.22, still a backend we serve
-fn devices() -> Vec<(&'static str, Device)> {
-    vec![
-        #[cfg(feature = "ndarray")]
-        ("ndarray", Device::ndarray().autodiff()),
-        #[cfg(feature = "flex")]
-        ("flex", Device::flex().autodiff()),
-    ]
-}
+mod common;
+use common::devices;
 
 const DTYPES: [(FloatDType, f64); 2] = [(FloatDType::F32, 1e-5), (FloatDType::F64, 1e-12)];
 

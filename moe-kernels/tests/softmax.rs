@@ -1,10 +1,13 @@
 //! `moe_kernels::{softmax, log_softmax}` on every CPU backend built in, in f32 and f64, against
-//! host loops in f64: the output and the gradient, for short, odd, vector-sized and very long rows, with
-//! masked (`-inf`) entries, along the last and an inner dimension, and a NaN that must spread
-//! over its own row only.
+//! host loops in f64: the output and the gradient, for short, odd, vector-sized and very long
+//! rows, with masked (`-inf`) entries, along the last and an inner dimension, and a NaN that
+//! must spread over its own row only.
 
 use burn::tensor::{Device, FloatDType, Tensor, TensorData};
 use moe_kernels::{log_softmax, softmax};
+
+mod common;
+use common::devices;
 
 /// An operation under test: softmax or log-softmax along a dimension.
 type Operation<const D: usize> = fn(Tensor<D>, usize) -> Tensor<D>;
@@ -17,17 +20,6 @@ const OPERATIONS: [Named; 2] = [
     ("softmax", softmax, softmax, reference),
     ("log_softmax", log_softmax, log_softmax, log_reference),
 ];
-
-/// The CPU backends built in, with autodiff.
-#[allow(deprecated)] // `Device::ndarray`: deprecated in Burn 0.22, still a backend we serve
-fn devices() -> Vec<(&'static str, Device)> {
-    vec![
-        #[cfg(feature = "ndarray")]
-        ("ndarray", Device::ndarray().autodiff()),
-        #[cfg(feature = "flex")]
-        ("flex", Device::flex().autodiff()),
-    ]
-}
 
 const DTYPES: [(FloatDType, f64); 2] = [(FloatDType::F32, 2e-6), (FloatDType::F64, 1e-13)];
 
@@ -113,23 +105,47 @@ fn rows_of_every_length_match_the_loops() {
             let x = values(rows * row, row, 13, masked);
             let g = values(rows * row, row, 29, false);
             for ((name, op, _, reference), (backend, device), (dtype, tolerance)) in cases() {
-                let (y_ref, grad_ref) = reference(&x, &g, row);
-                {
-                    let what = format!("{name} {backend} {dtype:?} {rows}x{row} masked={masked}");
-                    let tensor = |v: &[f64]| {
-                        Tensor::<2>::from_data(TensorData::new(v.to_vec(), [rows, row]), &device)
-                            .cast(dtype)
-                    };
-                    let input = tensor(&x).require_grad();
-                    let y = op(input.clone(), 1);
-                    let grads = (y.clone() * tensor(&g)).sum().backward();
-                    assert_close(&format!("{what} y"), &host(y), &y_ref, tolerance);
-                    let grad = host(input.grad(&grads).expect("x has a gradient"));
-                    assert_close(&format!("{what} grad"), &grad, &grad_ref, tolerance);
-                }
+                let expected = reference(&x, &g, row);
+                let what = format!("{name} {backend} {dtype:?} {rows}x{row} masked={masked}");
+                let tensor = |v: &[f64]| {
+                    Tensor::<2>::from_data(TensorData::new(v.to_vec(), [rows, row]), &device)
+                        .cast(dtype)
+                };
+                check(&what, op, tensor(&x), tensor(&g), expected, tolerance);
             }
         }
     }
+}
+
+/// Runs `op` along dimension 1 of `x` with the upstream gradient `g` and compares the output
+/// and the gradient of `x` with `(y, grad)`.
+fn check<const D: usize>(
+    what: &str,
+    op: Operation<D>,
+    x: Tensor<D>,
+    g: Tensor<D>,
+    (y_ref, grad_ref): (Vec<f64>, Vec<f64>),
+    tolerance: f64,
+) {
+    let input = x.require_grad();
+    let y = op(input.clone(), 1);
+    let grads = (y.clone() * g).sum().backward();
+    assert_close(&format!("{what} y"), &host(y), &y_ref, tolerance);
+    let grad = host(input.grad(&grads).expect("x has a gradient"));
+    assert_close(&format!("{what} grad"), &grad, &grad_ref, tolerance);
+}
+
+/// `[outer, rows, cols]` values, row-major, rearranged as `[outer, cols, rows]`.
+fn swap_inner(v: &[f64], outer: usize, rows: usize, cols: usize) -> Vec<f64> {
+    let mut swapped = vec![0.0; v.len()];
+    for o in 0..outer {
+        for r in 0..rows {
+            for c in 0..cols {
+                swapped[(o * cols + c) * rows + r] = v[(o * rows + r) * cols + c];
+            }
+        }
+    }
+    swapped
 }
 
 #[test]
@@ -138,44 +154,22 @@ fn an_inner_dimension_matches_the_loops() {
     let (outer, along, inner) = (2, 5, 3);
     let x = values(outer * along * inner, along, 17, false);
     let g = values(outer * along * inner, along, 31, false);
-    let transpose = |v: &[f64]| {
-        let mut t = vec![0.0; v.len()];
-        for o in 0..outer {
-            for a in 0..along {
-                for i in 0..inner {
-                    t[(o * inner + i) * along + a] = v[(o * along + a) * inner + i];
-                }
-            }
-        }
-        t
-    };
-    let untranspose = |t: &[f64]| {
-        let mut v = vec![0.0; t.len()];
-        for o in 0..outer {
-            for a in 0..along {
-                for i in 0..inner {
-                    v[(o * along + a) * inner + i] = t[(o * inner + i) * along + a];
-                }
-            }
-        }
-        v
-    };
     for ((name, _, op, reference), (backend, device), (dtype, tolerance)) in cases() {
-        let (y_t, grad_t) = reference(&transpose(&x), &transpose(&g), along);
-        let (y_ref, grad_ref) = (untranspose(&y_t), untranspose(&grad_t));
-        {
-            let what = format!("{name} {backend} {dtype:?}");
-            let tensor = |v: &[f64]| {
-                Tensor::<3>::from_data(TensorData::new(v.to_vec(), [outer, along, inner]), &device)
-                    .cast(dtype)
-            };
-            let input = tensor(&x).require_grad();
-            let y = op(input.clone(), 1);
-            let grads = (y.clone() * tensor(&g)).sum().backward();
-            assert_close(&format!("{what} y"), &host(y), &y_ref, tolerance);
-            let grad = host(input.grad(&grads).expect("x has a gradient"));
-            assert_close(&format!("{what} grad"), &grad, &grad_ref, tolerance);
-        }
+        let (y_t, grad_t) = reference(
+            &swap_inner(&x, outer, along, inner),
+            &swap_inner(&g, outer, along, inner),
+            along,
+        );
+        let expected = (
+            swap_inner(&y_t, outer, inner, along),
+            swap_inner(&grad_t, outer, inner, along),
+        );
+        let what = format!("{name} {backend} {dtype:?}");
+        let tensor = |v: &[f64]| {
+            Tensor::<3>::from_data(TensorData::new(v.to_vec(), [outer, along, inner]), &device)
+                .cast(dtype)
+        };
+        check(&what, op, tensor(&x), tensor(&g), expected, tolerance);
     }
 }
 

@@ -37,19 +37,22 @@ fn values(len: usize, row: usize, seed: usize, masked: bool) -> Vec<f64> {
         .collect()
 }
 
-/// Softmax of each `row`-long row and its gradient for the upstream `g`, by loops in f64.
+/// `max + ln Σ e^{x - max}` of one row: softmax is `e^{x - this}`, log-softmax `x - this`.
+fn log_normaliser(row: &[f64]) -> f64 {
+    let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    max + row.iter().map(|v| (v - max).exp()).sum::<f64>().ln()
+}
+
+/// Softmax of each `row`-long row and its gradient for the upstream `g`, by loops in f64:
+/// `y = e^{x - max} / Σ e^{x - max}`, `grad = y (g - Σ g y)`.
 fn reference(x: &[f64], g: &[f64], row: usize) -> (Vec<f64>, Vec<f64>) {
     let mut y = vec![0.0; x.len()];
     let mut grad = vec![0.0; x.len()];
     for start in (0..x.len()).step_by(row) {
         let range = start..start + row;
-        let max = x[range.clone()]
-            .iter()
-            .cloned()
-            .fold(f64::NEG_INFINITY, f64::max);
-        let sum: f64 = x[range.clone()].iter().map(|v| (v - max).exp()).sum();
+        let offset = log_normaliser(&x[range.clone()]);
         for i in range.clone() {
-            y[i] = (x[i] - max).exp() / sum;
+            y[i] = (x[i] - offset).exp();
         }
         let dot: f64 = range.clone().map(|i| g[i] * y[i]).sum();
         for i in range {
@@ -66,14 +69,10 @@ fn log_reference(x: &[f64], g: &[f64], row: usize) -> (Vec<f64>, Vec<f64>) {
     let mut grad = vec![0.0; x.len()];
     for start in (0..x.len()).step_by(row) {
         let range = start..start + row;
-        let max = x[range.clone()]
-            .iter()
-            .cloned()
-            .fold(f64::NEG_INFINITY, f64::max);
-        let sum: f64 = x[range.clone()].iter().map(|v| (v - max).exp()).sum();
+        let offset = log_normaliser(&x[range.clone()]);
         let total: f64 = g[range.clone()].iter().sum();
         for i in range {
-            z[i] = x[i] - max - sum.ln();
+            z[i] = x[i] - offset;
             grad[i] = g[i] - z[i].exp() * total;
         }
     }

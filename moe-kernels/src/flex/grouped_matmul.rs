@@ -6,6 +6,8 @@
 //! each (rayon balances unequal loads by work stealing); with fewer, they run one after the
 //! other and each GEMM is split over the cores, as flex does for one large matmul.
 
+use std::mem::MaybeUninit;
+
 use burn::backend::flex::{Flex, FlexTensor};
 use burn::backend::TensorMetadata;
 use burn::tensor::{DType, TensorData};
@@ -112,7 +114,7 @@ impl Operand {
 }
 
 /// One product per expert, `out[e][..m, ..] = lhs[e][..m, ..k] · rhs[e][..k, ..]`, where
-/// `(m, k) = sizes[e]`; the rest of `out` stays zero.
+/// `(m, k) = sizes[e]`; the rest of `out` is zero.
 struct Products {
     out_shape: [usize; 3],
     lhs: Operand,
@@ -140,16 +142,23 @@ impl Products {
     fn run<T: GemmFloat>(self, lhs: &FlexTensor, rhs: &FlexTensor) -> FlexTensor {
         let [experts, out_rows, columns] = self.out_shape;
         let block = out_rows * columns;
-        // Zeroed here once (`FlexTensor::zeros` would zero, then copy to realign).
-        let mut output = vec![T::ZERO; experts * block];
+        let len = experts * block;
+        // Written once: each expert's product by `gemm` (which does not read its destination),
+        // only the rows beyond it zeroed. Zeroing everything first would write the whole output
+        // twice, and for weight gradients that output is every expert's weights.
+        let mut output: Vec<T> = Vec::with_capacity(len);
         if block == 0 {
             return FlexTensor::from_data(TensorData::new(output, self.out_shape));
         }
         let lhs_data: &[T] = lhs.storage();
         let rhs_data: &[T] = rhs.storage();
-        let multiply = |expert: usize, out: &mut [T], parallelism: Parallelism| {
+        let multiply = |expert: usize, out: &mut [MaybeUninit<T>], parallelism: Parallelism| {
             let (m, k) = self.sizes[expert];
-            if m == 0 {
+            // An empty product (`k == 0`) is zero throughout.
+            let product_len = if k == 0 { 0 } else { m * columns };
+            let (product, rest) = out.split_at_mut(product_len);
+            rest.fill(MaybeUninit::new(T::ZERO));
+            if product.is_empty() {
                 return;
             }
             let e = expert as isize;
@@ -158,14 +167,15 @@ impl Products {
             // SAFETY: `lhs` and `rhs` are rank-3 tensors whose layouts address every element
             // of slice `e` within their storage, and `m <= dim 1`, `k <= dim 2` of `lhs` and
             // `k <= dim 1` of `rhs` (the counts are clamped to the slots; `k` is either the
-            // shared inner size or a clamped count); `out` is the `out_rows x columns`
-            // row-major block of expert `e` and `m <= out_rows`.
+            // shared inner size or a clamped count); `product` is the first `m` rows of the
+            // `out_rows x columns` row-major block of expert `e`, which `gemm` writes without
+            // reading (`read_dst` is false).
             unsafe {
                 gemm::gemm(
                     m,
                     columns,
                     k,
-                    out.as_mut_ptr(),
+                    product.as_mut_ptr().cast::<T>(),
                     1,
                     columns as isize,
                     false,
@@ -185,9 +195,9 @@ impl Products {
             }
         };
 
-        let blocks = output.chunks_mut(block);
+        let blocks = output.spare_capacity_mut()[..len].chunks_mut(block);
         if experts >= 2 * rayon::current_num_threads() {
-            let blocks: Vec<&mut [T]> = blocks.collect();
+            let blocks: Vec<&mut [MaybeUninit<T>]> = blocks.collect();
             blocks
                 .into_par_iter()
                 .enumerate()
@@ -203,6 +213,8 @@ impl Products {
                 multiply(expert, out, parallelism);
             }
         }
+        // SAFETY: every block was written above, by `gemm` or by the zero fill.
+        unsafe { output.set_len(len) };
         FlexTensor::from_data(TensorData::new(output, self.out_shape))
     }
 }

@@ -7,17 +7,19 @@
 //! 1. [`DispatchPlan::new`]: which (token, expert) pairs survive the capacity limit (by
 //!    position or by probability), and the slot each one takes, computed with prefix sums
 //!    over tokens;
-//! 2. [`DispatchPlan::dispatch`]: gather the tokens into the buffer (`select`);
+//! 2. [`DispatchPlan::dispatch`]: gather the tokens into the buffer
+//!    ([`moe_kernels::gather_rows`]);
 //! 3. the experts run on the buffer, each over its filled slots only
 //!    ([`crate::Experts::forward_filled`]);
 //! 4. [`DispatchPlan::combine`]: weight each slot's output by its gate value and scatter-add it
-//!    back to its token (`select_assign` with `Add`).
+//!    back to its token ([`moe_kernels::combine_rows`], one operation).
 //!
 //! A dropped assignment takes no slot and contributes zero; the layer's residual connection
 //! carries the token on.
 
 use burn::tensor::ops::IndexingUpdateOp;
 use burn::tensor::{Bool, Int, Tensor};
+use moe_kernels::{combine_rows, gather_rows};
 
 use crate::DropPolicy;
 
@@ -106,21 +108,18 @@ impl DispatchPlan {
     pub fn dispatch(&self, x: Tensor<2>) -> Tensor<3> {
         let [_, d_model] = x.dims();
         let num_experts = self.token_of_slot.dims()[0] / self.capacity;
-        x.select(0, self.token_of_slot.clone())
-            .reshape([num_experts, self.capacity, d_model])
+        gather_rows(x, self.token_of_slot.clone()).reshape([num_experts, self.capacity, d_model])
     }
 
     /// Weights the expert outputs `[E, C, d_model]` by their gate values and adds each back to
     /// its token: `y[n] = sum over slots s of token n of weight[s] * expert_output[s]`.
     pub fn combine(&self, expert_output: Tensor<3>, num_tokens: usize) -> Tensor<2> {
         let [num_experts, capacity, d_model] = expert_output.dims();
-        let weighted = expert_output.reshape([num_experts * capacity, d_model])
-            * self.weight_of_slot.clone().unsqueeze_dim(1);
-        Tensor::<2>::zeros([num_tokens, d_model], &weighted.device()).select_assign(
-            0,
+        combine_rows(
+            expert_output.reshape([num_experts * capacity, d_model]),
+            self.weight_of_slot.clone(),
             self.token_of_slot.clone(),
-            weighted,
-            IndexingUpdateOp::Add,
+            num_tokens,
         )
     }
 }

@@ -23,6 +23,7 @@
 mod autodiff;
 pub mod counter_rng;
 pub mod dropout;
+pub mod gather_scatter;
 pub mod gelu;
 pub mod grouped_matmul;
 pub mod math;
@@ -33,6 +34,7 @@ pub mod softmax;
 mod flex;
 
 pub use dropout::{dropout, DropoutBackend};
+pub use gather_scatter::{combine_rows, gather_rows, GatherScatterBackend};
 pub use gelu::{gelu, GeluBackend};
 pub use grouped_matmul::{grouped_matmul, GroupedMatmulBackend};
 pub use silu::{silu, SiluBackend};

@@ -36,9 +36,23 @@ macro_rules! vectorised {
 }
 
 /// Element type of the storage the kernels read and write.
-trait Float: burn::tensor::Element + bytemuck::Pod + Send + Sync {}
-impl Float for f32 {}
-impl Float for f64 {}
+trait Float:
+    burn::tensor::Element
+    + bytemuck::Pod
+    + Send
+    + Sync
+    + std::ops::Add<Output = Self>
+    + std::ops::Mul<Output = Self>
+{
+    /// `0`.
+    const ZERO: Self;
+}
+impl Float for f32 {
+    const ZERO: Self = 0.0;
+}
+impl Float for f64 {
+    const ZERO: Self = 0.0;
+}
 
 /// `x` with a layout that is one contiguous run of its storage (copied only if it is not).
 fn contiguous<E: Float>(x: burn::backend::flex::FlexTensor) -> burn::backend::flex::FlexTensor {
@@ -51,5 +65,6 @@ fn contiguous<E: Float>(x: burn::backend::flex::FlexTensor) -> burn::backend::fl
 
 mod activations;
 mod dropout;
+mod gather_scatter;
 mod grouped_matmul;
 mod softmax;

@@ -1,0 +1,270 @@
+//! Moving token rows into the expert buffer and back: a row gather and a weighted row
+//! scatter-add, each one operation with its own backward pass.
+//!
+//! - [`gather_rows`]: `y[s] = x[index[s]]` (dispatch: slot `s` of the expert buffer receives
+//!   token `index[s]`); `grad_x[t] = Σ_{s: index[s] = t} grad_y[s]`.
+//! - [`combine_rows`]: `y[t] = Σ_{s: index[s] = t} weight[s] · values[s]` (combine: each token
+//!   sums its experts' outputs, weighted by the gate, as in GShard, Lepikhin et al. 2020, eq. 1);
+//!   `grad_values[s] = weight[s] · grad_y[index[s]]` and
+//!   `grad_weight[s] = grad_y[index[s]] · values[s]` (a dot product over the row).
+//!
+//! Composed from Burn's ops, the dispatch is a `select` whose backward pass zero-fills a
+//! `[tokens, d]` tensor and scatter-adds into it, and the combine is a broadcast multiply, a
+//! zero-fill, a scatter-add and, backward, a `select`, two multiplies and a row sum, each
+//! materialising a full `[slots, d]` intermediate. The default bodies below are exactly those
+//! ops (ndarray, wgpu); flex runs each direction as one pass over the rows
+//! ([`GatherScatterBackend`]).
+
+// `burn::backend::NdArray` is deprecated in Burn 0.22 but still one of the backends we serve.
+#![allow(deprecated)]
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::Autodiff;
+use burn::backend::tensor::{FloatTensor, IntTensor};
+use burn::backend::{backend_extension, Backend, Dispatch, TensorMetadata};
+use burn::tensor::ops::IndexingUpdateOp;
+use burn::tensor::{Int, Shape, Tensor};
+
+/// `y[s] = x[index[s]]`: the rows of `x: [tokens, d]` that `index: [slots]` names, as
+/// `[slots, d]`; differentiable in `x`.
+///
+/// # Panics
+///
+/// If an index is outside `0..tokens` (as Burn's `select`).
+pub fn gather_rows(x: Tensor<2>, index: Tensor<1, Int>) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as GatherScatterBackend>::gather_rows(
+        x.into_dispatch(),
+        index.into_dispatch(),
+    ))
+}
+
+/// `y[t] = Σ_{s: index[s] = t} weight[s] · values[s]` for `values: [slots, d]`,
+/// `weight: [slots]`, `index: [slots]`, giving `[tokens, d]` (rows no slot names are zero);
+/// differentiable in `values` and `weight`.
+///
+/// # Panics
+///
+/// If the sizes disagree, or an index is outside `0..tokens`.
+pub fn combine_rows(
+    values: Tensor<2>,
+    weight: Tensor<1>,
+    index: Tensor<1, Int>,
+    tokens: usize,
+) -> Tensor<2> {
+    let [slots, _] = values.dims();
+    assert!(
+        weight.dims() == [slots] && index.dims() == [slots],
+        "combine_rows: values is {:?}, weight {:?} and index {:?}; expected [slots, d], \
+         [slots] and [slots]",
+        values.dims(),
+        weight.dims(),
+        index.dims()
+    );
+    Tensor::from_dispatch(<Dispatch as GatherScatterBackend>::combine_rows(
+        values.into_dispatch(),
+        weight.into_dispatch(),
+        index.into_dispatch(),
+        tokens,
+    ))
+}
+
+/// Backends that gather and scatter token rows. The default bodies compose Burn's ops
+/// (correct everywhere); flex overrides them with one pass over the rows each.
+#[backend_extension(
+    Autodiff,
+    NdArray: cfg(feature = "ndarray"),
+    Flex: cfg(feature = "flex"),
+    Cube: cfg(feature = "wgpu")
+)]
+pub trait GatherScatterBackend: Backend {
+    /// `y[s] = x[index[s]]` (see [`gather_rows`]).
+    fn gather_rows(x: FloatTensor<Self>, index: IntTensor<Self>) -> FloatTensor<Self> {
+        Self::float_select(x, 0, index)
+    }
+
+    /// `y[t] = Σ_{s: index[s] = t} values[s]`, `[tokens, d]`: the gradient of
+    /// [`gather_rows`](Self::gather_rows) with respect to `x`, given `values` = the gradient of
+    /// its output.
+    fn scatter_add_rows(
+        values: FloatTensor<Self>,
+        index: IntTensor<Self>,
+        tokens: usize,
+    ) -> FloatTensor<Self> {
+        composed_scatter_add_rows::<Self>(values, index, tokens)
+    }
+
+    /// `y[t] = Σ_{s: index[s] = t} weight[s] · values[s]` (see [`combine_rows`]).
+    fn combine_rows(
+        values: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        index: IntTensor<Self>,
+        tokens: usize,
+    ) -> FloatTensor<Self> {
+        composed_combine_rows::<Self>(values, weight, index, tokens)
+    }
+
+    /// The gradients of [`combine_rows`](Self::combine_rows) given the gradient `grad` of its
+    /// output: `(grad_values, grad_weight)`, with `grad_values[s] = weight[s] · grad[index[s]]`
+    /// and `grad_weight[s] = grad[index[s]] · values[s]`.
+    fn combine_rows_backward(
+        grad: FloatTensor<Self>,
+        values: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        index: IntTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        composed_combine_rows_backward::<Self>(grad, values, weight, index)
+    }
+}
+
+/// [`GatherScatterBackend::combine_rows`] from Burn's ops: a broadcast multiply, then
+/// [`composed_scatter_add_rows`].
+pub(crate) fn composed_combine_rows<B: Backend>(
+    values: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    index: IntTensor<B>,
+    tokens: usize,
+) -> FloatTensor<B> {
+    let weighted = B::float_mul(values, column::<B>(weight));
+    composed_scatter_add_rows::<B>(weighted, index, tokens)
+}
+
+/// [`GatherScatterBackend::combine_rows_backward`] from Burn's ops: a `select` of the
+/// gradient rows, a broadcast multiply, and a multiply summed over each row.
+pub(crate) fn composed_combine_rows_backward<B: Backend>(
+    grad: FloatTensor<B>,
+    values: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    index: IntTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let slots = values.shape()[0];
+    let grad_of_slot = B::float_select(grad, 0, index);
+    let grad_values = B::float_mul(grad_of_slot.clone(), column::<B>(weight));
+    let grad_weight = B::float_reshape(
+        B::float_sum_dim(B::float_mul(grad_of_slot, values), 1),
+        Shape::new([slots]),
+    );
+    (grad_values, grad_weight)
+}
+
+/// `[n]` as `[n, 1]`, to broadcast over rows.
+fn column<B: Backend>(weight: FloatTensor<B>) -> FloatTensor<B> {
+    let slots = weight.shape()[0];
+    B::float_reshape(weight, Shape::new([slots, 1]))
+}
+
+/// [`GatherScatterBackend::scatter_add_rows`] from Burn's ops: a zero `[tokens, d]` tensor and
+/// `select_assign` with `Add`.
+pub(crate) fn composed_scatter_add_rows<B: Backend>(
+    values: FloatTensor<B>,
+    index: IntTensor<B>,
+    tokens: usize,
+) -> FloatTensor<B> {
+    let d = values.shape()[1];
+    let zeros = B::float_zeros(
+        Shape::new([tokens, d]),
+        &values.device(),
+        values.dtype().into(),
+    );
+    B::float_select_assign(zeros, 0, index, values, IndexingUpdateOp::Add)
+}
+
+#[cfg(feature = "ndarray")]
+impl GatherScatterBackend for burn::backend::NdArray {}
+
+#[cfg(feature = "wgpu")]
+impl GatherScatterBackend for burn::backend::Cube {}
+
+/// The backward step of [`gather_rows`]: the index and the number of source rows.
+#[derive(Debug)]
+struct GatherRowsBackward;
+
+impl<B: Backend + GatherScatterBackend> Backward<B, 1> for GatherRowsBackward {
+    type State = (IntTensor<B>, usize);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let (index, tokens) = ops.state;
+        let [x_node] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        if let Some(node) = x_node {
+            grads.register::<B>(node.id, B::scatter_add_rows(grad, index, tokens));
+        }
+    }
+}
+
+/// The backward step of [`combine_rows`]: both inputs and the index.
+#[derive(Debug)]
+struct CombineRowsBackward;
+
+impl<B: Backend + GatherScatterBackend> Backward<B, 2> for CombineRowsBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>, IntTensor<B>);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let (values, weight, index) = ops.state;
+        let [values_node, weight_node] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (grad_values, grad_weight) = B::combine_rows_backward(grad, values, weight, index);
+        if let Some(node) = values_node {
+            grads.register::<B>(node.id, grad_values);
+        }
+        if let Some(node) = weight_node {
+            grads.register::<B>(node.id, grad_weight);
+        }
+    }
+}
+
+impl<B: Backend + GatherScatterBackend, C: CheckpointStrategy> GatherScatterBackend
+    for Autodiff<B, C>
+{
+    fn gather_rows(x: FloatTensor<Self>, index: IntTensor<Self>) -> FloatTensor<Self> {
+        let tokens = x.shape()[0];
+        match GatherRowsBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let output = B::gather_rows(x.into_primitive(), index.clone());
+                prep.finish((index, tokens), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::gather_rows(x.into_primitive(), index)),
+        }
+    }
+
+    fn combine_rows(
+        values: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        index: IntTensor<Self>,
+        tokens: usize,
+    ) -> FloatTensor<Self> {
+        match CombineRowsBackward
+            .prepare::<C>([values.node(), weight.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (values, weight) = (values.into_primitive(), weight.into_primitive());
+                let output = B::combine_rows(values.clone(), weight.clone(), index.clone(), tokens);
+                prep.finish((values, weight, index), output)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::combine_rows(
+                values.into_primitive(),
+                weight.into_primitive(),
+                index,
+                tokens,
+            )),
+        }
+    }
+}

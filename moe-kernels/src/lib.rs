@@ -27,6 +27,7 @@ pub mod gather_scatter;
 pub mod gelu;
 pub mod grouped_matmul;
 pub mod math;
+pub mod matmul;
 pub mod silu;
 pub mod softmax;
 
@@ -37,5 +38,6 @@ pub use dropout::{dropout, DropoutBackend};
 pub use gather_scatter::{combine_rows, gather_rows, GatherScatterBackend};
 pub use gelu::{gelu, GeluBackend};
 pub use grouped_matmul::{grouped_matmul, GroupedMatmulBackend};
+pub use matmul::{matmul, MatmulBackend};
 pub use silu::{silu, SiluBackend};
 pub use softmax::{log_softmax, softmax, SoftmaxBackend};

@@ -7,6 +7,7 @@ use moe_kernels::softmax;
 
 use crate::dropout::apply_dropout;
 use crate::init::linear;
+use crate::projection;
 
 /// Keys and values of the positions seen so far, for one layer: `[batch, heads, positions,
 /// head_dim]` each.
@@ -83,9 +84,9 @@ impl CausalSelfAttention {
         let split = |t: Tensor<3>| -> Tensor<4> {
             t.reshape([batch, length, heads, head_dim]).swap_dims(1, 2)
         };
-        let mut query = split(self.query.forward(x.clone()));
-        let mut key = split(self.key.forward(x.clone()));
-        let mut value = split(self.value.forward(x));
+        let mut query = split(projection::apply(&self.query, x.clone()));
+        let mut key = split(projection::apply(&self.key, x.clone()));
+        let mut value = split(projection::apply(&self.value, x));
         if let Some(rotary) = &self.rotary {
             query = rotary.apply(query, start);
             key = rotary.apply(key, start);
@@ -116,7 +117,7 @@ impl CausalSelfAttention {
             .matmul(value)
             .swap_dims(1, 2)
             .reshape([batch, length, d_model]);
-        self.output.forward(context)
+        projection::apply(&self.output, context)
     }
 }
 

@@ -20,6 +20,7 @@ mod generate;
 mod init;
 mod multimodal;
 mod norm;
+mod projection;
 mod sampling;
 mod transformer;
 mod upcycle;

@@ -17,6 +17,7 @@ use crate::block::{DecoderStack, KvCache, StackSettings};
 use crate::error::{check_nonzero, check_probability, ModelError};
 use crate::init::{embedding, linear};
 use crate::norm::NormKind;
+use crate::projection;
 use crate::sampling::{Sampler, SamplingConfig};
 use crate::transformer::{masked_cross_entropy, validate_stack, PositionKind};
 
@@ -224,7 +225,7 @@ impl MultimodalMoeTransformer {
             Segment::Text(tokens) => (self.text_embedding.forward(tokens.clone()), 0),
             Segment::ImageTokens(tokens) => (self.image_token_embedding.forward(tokens.clone()), 1),
             Segment::ImagePatches(images) => (
-                self.patch_embedding.forward(self.patches(images.clone())),
+                projection::apply(&self.patch_embedding, self.patches(images.clone())),
                 1,
             ),
         };
@@ -355,8 +356,8 @@ impl MultimodalMoeTransformer {
 
     fn head(&self, modality: Modality, hidden: Tensor<3>) -> Tensor<3> {
         match modality {
-            Modality::Text => self.text_head.forward(hidden),
-            Modality::Image => self.image_head.forward(hidden),
+            Modality::Text => projection::apply(&self.text_head, hidden),
+            Modality::Image => projection::apply(&self.image_head, hidden),
         }
     }
 }

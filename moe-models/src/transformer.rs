@@ -12,6 +12,7 @@ use crate::block::{DecoderStack, KvCache, StackSettings};
 use crate::error::{check_nonzero, check_probability, ModelError};
 use crate::init::{embedding, linear};
 use crate::norm::NormKind;
+use crate::projection;
 
 /// How the model knows where a token is.
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
@@ -300,14 +301,8 @@ impl MoeTransformer {
     /// Hidden states to vocabulary logits.
     fn project(&self, hidden: Tensor<3>) -> Tensor<3> {
         match &self.lm_head {
-            Some(head) => head.forward(hidden),
-            None => hidden.matmul(
-                self.token_embedding
-                    .weight
-                    .val()
-                    .transpose()
-                    .unsqueeze_dim(0),
-            ),
+            Some(head) => projection::apply(head, hidden),
+            None => moe_kernels::matmul(hidden, self.token_embedding.weight.val().transpose()),
         }
     }
 

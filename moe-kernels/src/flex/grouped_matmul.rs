@@ -83,7 +83,7 @@ fn count_tensor(counts: &[usize]) -> FlexTensor {
 
 /// Where one expert's matrix starts and how to step through it, in elements of the storage.
 #[derive(Debug, Clone, Copy)]
-struct Operand {
+pub(super) struct Operand {
     start: isize,
     expert_stride: isize,
     row_stride: isize,
@@ -91,6 +91,18 @@ struct Operand {
 }
 
 impl Operand {
+    /// A rank-2 tensor as the matrix of the only expert.
+    pub(super) fn matrix_2d(tensor: &FlexTensor) -> Self {
+        let layout = tensor.layout();
+        let strides = layout.strides();
+        Self {
+            start: layout.start_offset() as isize,
+            expert_stride: 0,
+            row_stride: strides[0],
+            column_stride: strides[1],
+        }
+    }
+
     /// Slice `e` of a rank-3 tensor as the matrix `[dim 1, dim 2]`.
     fn matrix(tensor: &FlexTensor) -> Self {
         let layout = tensor.layout();
@@ -115,15 +127,21 @@ impl Operand {
 
 /// One product per expert, `out[e][..m, ..] = lhs[e][..m, ..k] · rhs[e][..k, ..]`, where
 /// `(m, k) = sizes[e]`; the rest of `out` is zero.
-struct Products {
-    out_shape: [usize; 3],
-    lhs: Operand,
-    rhs: Operand,
-    sizes: Vec<(usize, usize)>,
+pub(super) struct Products {
+    /// `[experts, rows, columns]` of the output.
+    pub(super) out_shape: [usize; 3],
+    /// The left operand of each product.
+    pub(super) lhs: Operand,
+    /// The right operand of each product.
+    pub(super) rhs: Operand,
+    /// `(m, k)` of each expert's product.
+    pub(super) sizes: Vec<(usize, usize)>,
 }
 
 /// The float types `gemm` multiplies.
-trait GemmFloat: burn::tensor::Element + bytemuck::Pod + Send + Sync + 'static {
+pub(super) trait GemmFloat:
+    burn::tensor::Element + bytemuck::Pod + Send + Sync + 'static
+{
     const ZERO: Self;
     const ONE: Self;
 }
@@ -139,7 +157,7 @@ impl GemmFloat for f64 {
 }
 
 impl Products {
-    fn run<T: GemmFloat>(self, lhs: &FlexTensor, rhs: &FlexTensor) -> FlexTensor {
+    pub(super) fn run<T: GemmFloat>(self, lhs: &FlexTensor, rhs: &FlexTensor) -> FlexTensor {
         let [experts, out_rows, columns] = self.out_shape;
         let block = out_rows * columns;
         let len = experts * block;

@@ -67,4 +67,5 @@ mod activations;
 mod dropout;
 mod gather_scatter;
 mod grouped_matmul;
+mod matmul;
 mod softmax;

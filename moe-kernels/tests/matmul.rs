@@ -1,0 +1,170 @@
+//! `moe_kernels::matmul` on every CPU backend built in, in f32 and f64, against plain loops on
+//! the host: the output and both gradients, for contiguous and transposed operands, a rank-3
+//! left operand, and a product large enough that flex splits its GEMM over the cores.
+
+use burn::tensor::{Device, FloatDType, Tensor, TensorData};
+use moe_kernels::matmul;
+
+mod common;
+use common::devices;
+
+const DTYPES: [(FloatDType, f64); 2] = [(FloatDType::F32, 1e-5), (FloatDType::F64, 1e-12)];
+
+/// Values in [-1, 1) in steps of 1/8 (exact in f32, and so are their short sums of products).
+fn values(len: usize, seed: usize) -> Vec<f64> {
+    (0..len)
+        .map(|i| ((i * seed + 7) % 17) as f64 / 8.0 - 1.0)
+        .collect()
+}
+
+/// `[rows, columns]` from row-major values; stored transposed and viewed back when asked.
+fn matrix(
+    values: &[f64],
+    [rows, columns]: [usize; 2],
+    transposed: bool,
+    dtype: FloatDType,
+    device: &Device,
+) -> Tensor<2> {
+    if !transposed {
+        return Tensor::<2>::from_data(TensorData::new(values.to_vec(), [rows, columns]), device)
+            .cast(dtype);
+    }
+    let mut stored = vec![0.0; values.len()];
+    for r in 0..rows {
+        for c in 0..columns {
+            stored[c * rows + r] = values[r * columns + c];
+        }
+    }
+    Tensor::<2>::from_data(TensorData::new(stored, [columns, rows]), device)
+        .cast(dtype)
+        .transpose()
+}
+
+fn host<const D: usize>(t: Tensor<D>) -> Vec<f64> {
+    t.try_into_vec_as::<f64>().unwrap()
+}
+
+fn assert_close(what: &str, got: &[f64], expected: &[f64], tolerance: f64) {
+    assert_eq!(got.len(), expected.len(), "{what}: length");
+    for (i, (&got, &expected)) in got.iter().zip(expected).enumerate() {
+        assert!(
+            (got - expected).abs() <= tolerance * (1.0 + expected.abs()),
+            "{what}[{i}]: {got}, expected {expected}"
+        );
+    }
+}
+
+/// `(y, grad_x, grad_w)` of `y = x w` and the loss `sum(y * g)`, by loops.
+fn reference(
+    x: &[f64],
+    w: &[f64],
+    g: &[f64],
+    [m, k, n]: [usize; 3],
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let mut y = vec![0.0; m * n];
+    let mut grad_x = vec![0.0; m * k];
+    let mut grad_w = vec![0.0; k * n];
+    for r in 0..m {
+        for c in 0..n {
+            for i in 0..k {
+                y[r * n + c] += x[r * k + i] * w[i * n + c];
+                grad_x[r * k + i] += g[r * n + c] * w[i * n + c];
+                grad_w[i * n + c] += x[r * k + i] * g[r * n + c];
+            }
+        }
+    }
+    (y, grad_x, grad_w)
+}
+
+/// `[m, k] x [k, n]` on every backend, dtype and operand layout.
+fn check([m, k, n]: [usize; 3]) {
+    let (x_values, w_values, g_values) = (values(m * k, 5), values(k * n, 11), values(m * n, 3));
+    let (y_ref, grad_x_ref, grad_w_ref) = reference(&x_values, &w_values, &g_values, [m, k, n]);
+    for (backend, device) in devices() {
+        for (dtype, tolerance) in DTYPES {
+            for (x_transposed, w_transposed) in [(false, false), (true, false), (false, true)] {
+                let what = format!("{backend} {dtype:?} [{m}, {k}] x [{k}, {n}] transposed x={x_transposed} w={w_transposed}");
+                let x = matrix(&x_values, [m, k], x_transposed, dtype, &device).require_grad();
+                let w = matrix(&w_values, [k, n], w_transposed, dtype, &device).require_grad();
+                let g = matrix(&g_values, [m, n], false, dtype, &device);
+                let y = matmul(x.clone(), w.clone());
+                let grads = (y.clone() * g).sum().backward();
+                assert_close(&format!("{what} y"), &host(y), &y_ref, tolerance);
+                let grad_x = host(x.grad(&grads).expect("x has a gradient"));
+                let grad_w = host(w.grad(&grads).expect("w has a gradient"));
+                assert_close(&format!("{what} grad_x"), &grad_x, &grad_x_ref, tolerance);
+                assert_close(&format!("{what} grad_w"), &grad_w, &grad_w_ref, tolerance);
+            }
+        }
+    }
+}
+
+#[test]
+fn small_products_match_the_loops() {
+    check([3, 4, 5]);
+    check([1, 7, 1]);
+    check([6, 1, 2]);
+}
+
+#[test]
+fn a_product_split_over_the_cores_matches_the_loops() {
+    // 70 x 64 x 65 multiply-adds: above flex's threshold for splitting one GEMM.
+    check([70, 64, 65]);
+}
+
+#[test]
+fn leading_dimensions_are_rows() {
+    let ([b, t, k, n], dtype) = ([2, 3, 4, 5], FloatDType::F64);
+    let (x_values, w_values, g_values) = (
+        values(b * t * k, 5),
+        values(k * n, 11),
+        values(b * t * n, 3),
+    );
+    let (y_ref, grad_x_ref, grad_w_ref) = reference(&x_values, &w_values, &g_values, [b * t, k, n]);
+    for (backend, device) in devices() {
+        let x = Tensor::<3>::from_data(TensorData::new(x_values.clone(), [b, t, k]), &device)
+            .cast(dtype)
+            .require_grad();
+        let w = matrix(&w_values, [k, n], false, dtype, &device).require_grad();
+        let g = Tensor::<3>::from_data(TensorData::new(g_values.clone(), [b, t, n]), &device)
+            .cast(dtype);
+        let y = matmul(x.clone(), w.clone());
+        assert_eq!(y.dims(), [b, t, n], "{backend}: shape");
+        let grads = (y.clone() * g).sum().backward();
+        assert_close(&format!("{backend} y"), &host(y), &y_ref, 1e-12);
+        let grad_x = host(x.grad(&grads).expect("x has a gradient"));
+        let grad_w = host(w.grad(&grads).expect("w has a gradient"));
+        assert_close(&format!("{backend} grad_x"), &grad_x, &grad_x_ref, 1e-12);
+        assert_close(&format!("{backend} grad_w"), &grad_w, &grad_w_ref, 1e-12);
+    }
+}
+
+#[test]
+fn only_the_tracked_operand_gets_a_gradient() {
+    let [m, k, n] = [4, 3, 2];
+    let (x_values, w_values, g_values) = (values(m * k, 5), values(k * n, 11), values(m * n, 3));
+    let (_, grad_x_ref, grad_w_ref) = reference(&x_values, &w_values, &g_values, [m, k, n]);
+    for (backend, device) in devices() {
+        let g = matrix(&g_values, [m, n], false, FloatDType::F64, &device);
+        for track_x in [true, false] {
+            let x = matrix(&x_values, [m, k], false, FloatDType::F64, &device);
+            let w = matrix(&w_values, [k, n], false, FloatDType::F64, &device);
+            let (x, w) = if track_x {
+                (x.require_grad(), w)
+            } else {
+                (x, w.require_grad())
+            };
+            let grads = (matmul(x.clone(), w.clone()) * g.clone()).sum().backward();
+            let what = format!("{backend} track_x={track_x}");
+            assert_eq!(x.grad(&grads).is_some(), track_x, "{what}: x's gradient");
+            assert_eq!(w.grad(&grads).is_some(), !track_x, "{what}: w's gradient");
+            if track_x {
+                let got = host(x.grad(&grads).unwrap());
+                assert_close(&format!("{what} grad_x"), &got, &grad_x_ref, 1e-12);
+            } else {
+                let got = host(w.grad(&grads).unwrap());
+                assert_close(&format!("{what} grad_w"), &got, &grad_w_ref, 1e-12);
+            }
+        }
+    }
+}

@@ -4,7 +4,7 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Int, Tensor};
-use moe_kernels::grouped_matmul;
+use moe_kernels::{batched_matmul, grouped_matmul};
 
 use crate::error::{check_nonzero, MoeError};
 use crate::init::uniform;
@@ -136,7 +136,7 @@ impl Experts {
     fn run(&self, x: Tensor<3>, filled: Option<&Tensor<1, Int>>) -> Tensor<3> {
         let project = |x: Tensor<3>, weight: &Param<Tensor<3>>| match filled {
             Some(filled) => grouped_matmul(x, weight.val(), filled.clone()),
-            None => x.matmul(weight.val()),
+            None => batched_matmul(x, weight.val()),
         };
         let mut hidden = project(x.clone(), &self.w_in);
         if let Some(bias) = &self.b_in {

@@ -38,6 +38,6 @@ pub use dropout::{dropout, DropoutBackend};
 pub use gather_scatter::{combine_rows, gather_rows, GatherScatterBackend};
 pub use gelu::{gelu, GeluBackend};
 pub use grouped_matmul::{grouped_matmul, GroupedMatmulBackend};
-pub use matmul::{matmul, MatmulBackend};
+pub use matmul::{batched_matmul, matmul, MatmulBackend};
 pub use silu::{silu, SiluBackend};
 pub use softmax::{log_softmax, softmax, SoftmaxBackend};

@@ -1,9 +1,10 @@
-//! `moe_kernels::matmul` on every CPU backend built in, in f32 and f64, against plain loops on
-//! the host: the output and both gradients, for contiguous and transposed operands, a rank-3
-//! left operand, and a product large enough that flex splits its GEMM over the cores.
+//! `moe_kernels::{matmul, batched_matmul}` on every CPU backend built in, in f32 and f64,
+//! against plain loops on the host: the output and both gradients, for contiguous and
+//! transposed operands, a rank-3 left operand, a product large enough that flex splits its GEMM
+//! over the cores, and batches on both sides of flex's switch to parallel batch entries.
 
 use burn::tensor::{Device, FloatDType, Tensor, TensorData};
-use moe_kernels::matmul;
+use moe_kernels::{batched_matmul, matmul};
 
 mod common;
 use common::devices;
@@ -167,4 +168,62 @@ fn only_the_tracked_operand_gets_a_gradient() {
             }
         }
     }
+}
+
+/// `[batch, m, k] x [batch, k, n]` on every backend and dtype, contiguous and with both
+/// operands stored transposed.
+fn check_batched([batch, m, k, n]: [usize; 4]) {
+    let (x_values, w_values, g_values) = (
+        values(batch * m * k, 5),
+        values(batch * k * n, 11),
+        values(batch * m * n, 3),
+    );
+    let mut expected = (Vec::new(), Vec::new(), Vec::new());
+    for e in 0..batch {
+        let (y, grad_x, grad_w) = reference(
+            &x_values[e * m * k..(e + 1) * m * k],
+            &w_values[e * k * n..(e + 1) * k * n],
+            &g_values[e * m * n..(e + 1) * m * n],
+            [m, k, n],
+        );
+        expected.0.extend(y);
+        expected.1.extend(grad_x);
+        expected.2.extend(grad_w);
+    }
+    // `[batch, rows, columns]`, stored as given or as `[batch, columns, rows]` and viewed back.
+    let stack =
+        |values: &[f64], [rows, columns]: [usize; 2], transposed, dtype, device: &Device| {
+            let entries = (0..batch)
+                .map(|e| {
+                    let entry = &values[e * rows * columns..(e + 1) * rows * columns];
+                    matrix(entry, [rows, columns], transposed, dtype, device).unsqueeze_dim::<3>(0)
+                })
+                .collect();
+            Tensor::cat(entries, 0)
+        };
+    for (backend, device) in devices() {
+        for (dtype, tolerance) in DTYPES {
+            for transposed in [false, true] {
+                let what = format!("{backend} {dtype:?} batch {batch} transposed={transposed}");
+                let x = stack(&x_values, [m, k], transposed, dtype, &device).require_grad();
+                let w = stack(&w_values, [k, n], transposed, dtype, &device).require_grad();
+                let g = stack(&g_values, [m, n], false, dtype, &device);
+                let y = batched_matmul(x.clone(), w.clone());
+                let grads = (y.clone() * g).sum().backward();
+                assert_close(&format!("{what} y"), &host(y), &expected.0, tolerance);
+                let grad_x = host(x.grad(&grads).expect("x has a gradient"));
+                let grad_w = host(w.grad(&grads).expect("w has a gradient"));
+                assert_close(&format!("{what} grad_x"), &grad_x, &expected.1, tolerance);
+                assert_close(&format!("{what} grad_w"), &grad_w, &expected.2, tolerance);
+            }
+        }
+    }
+}
+
+#[test]
+fn batched_products_match_the_loops() {
+    // One entry, three (one after the other on a 2-core machine) and nine (in parallel).
+    check_batched([1, 3, 4, 5]);
+    check_batched([3, 5, 2, 4]);
+    check_batched([9, 4, 6, 3]);
 }

@@ -3,7 +3,7 @@
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Linear, RotaryEncoding, RotaryEncodingConfig};
 use burn::tensor::{Bool, Device, Int, Tensor};
-use moe_kernels::softmax;
+use moe_kernels::{batched_matmul, softmax};
 
 use crate::dropout::apply_dropout;
 use crate::init::linear;
@@ -105,20 +105,28 @@ impl CausalSelfAttention {
 
         // Scaling the queries rather than the scores: the same product, on a tensor
         // `keys / head_dim` times smaller.
-        let scores = query
-            .div_scalar((head_dim as f64).sqrt())
-            .matmul(key.swap_dims(2, 3));
+        let scores = batched_matmul(
+            per_head(query.div_scalar((head_dim as f64).sqrt())),
+            per_head(key).swap_dims(1, 2),
+        )
+        .reshape([batch, heads, length, key_positions]);
         let future = causal_mask(start, length, key_positions, &scores.device())
             .unsqueeze_dims::<4>(&[0, 1])
             .expand([batch, heads, length, key_positions]);
         let weights = softmax(scores.mask_fill(future, f32::NEG_INFINITY), 3);
         let weights = apply_dropout(&self.dropout, weights);
-        let context = weights
-            .matmul(value)
+        let context = batched_matmul(per_head(weights), per_head(value))
+            .reshape([batch, heads, length, head_dim])
             .swap_dims(1, 2)
             .reshape([batch, length, d_model]);
         projection::apply(&self.output, context)
     }
+}
+
+/// `[batch, heads, rows, columns]` as one batch of `batch * heads` matrices.
+fn per_head(t: Tensor<4>) -> Tensor<3> {
+    let [batch, heads, rows, columns] = t.dims();
+    t.reshape([batch * heads, rows, columns])
 }
 
 /// `true` where key position `j` lies in the future of query `i` (absolute position

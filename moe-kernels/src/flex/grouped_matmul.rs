@@ -104,7 +104,7 @@ impl Operand {
     }
 
     /// Slice `e` of a rank-3 tensor as the matrix `[dim 1, dim 2]`.
-    fn matrix(tensor: &FlexTensor) -> Self {
+    pub(super) fn matrix(tensor: &FlexTensor) -> Self {
         let layout = tensor.layout();
         let strides = layout.strides();
         Self {

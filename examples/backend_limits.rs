@@ -14,10 +14,16 @@
 //! 4. Where the MoE layer's time goes (W1's top-2 dropless layer, E = 8 unless `--experts`
 //!    says otherwise, forward + backward): the whole layer, its experts alone on the same
 //!    buffer and row counts, their GELU alone, and the dense FFN with the same FLOPs.
+//! 5. What the experts' weights alone cost to move through memory at E = 4 and E = 64, with no
+//!    arithmetic: one forward + backward pass reads each expert's two weight matrices twice
+//!    (forward product, input gradient) and writes their gradients once. Plain Rust on all
+//!    cores, no Burn: a property of the machine, and a lower bound on what 16x the parameters
+//!    add to P2 unless the GEMMs hide it.
 //!
 //! ```sh
 //! cargo run --release --example backend_limits -- --backend flex
 //! cargo run --release --example backend_limits -- --part 4 --experts 64
+//! cargo run --release --example backend_limits -- --part 5
 //! ```
 
 use burn::tensor::{activation, Device, Distribution, Int, Tensor};
@@ -45,7 +51,7 @@ struct Args {
     /// Timed runs per figure (the median is printed).
     #[arg(long, default_value_t = 5)]
     repeats: usize,
-    /// Run only this part (1 to 4; repeat the flag for several); all parts by default.
+    /// Run only this part (1 to 5; repeat the flag for several); all parts by default.
     #[arg(long)]
     part: Vec<usize>,
     /// Experts of part 4's layer.
@@ -76,7 +82,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let device = select_and_report(args.backend, Precision::F32)?.device;
     device.seed(0);
     let parts = if args.part.is_empty() {
-        vec![1, 2, 3, 4]
+        vec![1, 2, 3, 4, 5]
     } else {
         args.part.clone()
     };
@@ -86,7 +92,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             2 => expert_batch(&device, &args),
             3 => gelu_forms(&device, &args)?,
             4 => layer_breakdown(&device, &args)?,
-            _ => return Err(format!("--part {part}: the parts are 1 to 4").into()),
+            5 => weight_traffic(&args),
+            _ => return Err(format!("--part {part}: the parts are 1 to 5").into()),
         }
     }
     Ok(())
@@ -302,6 +309,79 @@ fn layer_breakdown(device: &Device, args: &Args) -> Result<(), Box<dyn std::erro
         100.0 * dense_ms / layer_ms
     );
     Ok(())
+}
+
+/// Part 5: the experts' weights streamed through memory (read twice, gradient written once),
+/// at E = 4 and E = 64, on all cores.
+fn weight_traffic(args: &Args) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "\n5. the experts' weights alone: 2 x [{D_MODEL}, {D_HIDDEN}] f32 per expert, read twice \
+         and their gradient written once ({threads} threads, no arithmetic)"
+    );
+    let mut by_experts = Vec::new();
+    for experts in [4, 64] {
+        let len = experts * 2 * D_MODEL * D_HIDDEN;
+        let weights = vec![1.0f32; len];
+        let mut gradient = vec![0.0f32; len];
+        let mut times: Vec<f64> = (0..args.repeats.max(1) + 1)
+            .map(|_| {
+                let start = std::time::Instant::now();
+                let read = streamed_sum(&weights, threads) + streamed_sum(&weights, threads);
+                streamed_fill(&mut gradient, read as f32, threads);
+                start.elapsed().as_secs_f64() * 1e3
+            })
+            .skip(1)
+            .collect();
+        times.sort_by(f64::total_cmp);
+        let ms = times[times.len() / 2];
+        let megabytes = (len * 4) as f64 / 1e6;
+        println!(
+            "   E = {experts:>2}: {megabytes:6.0} MB of weights   {ms:8.1} ms  ({:.1} GB/s over the three passes)",
+            3.0 * megabytes / ms
+        );
+        by_experts.push(ms);
+    }
+    println!(
+        "   E = 64 against E = 4: +{:.1} ms per forward + backward pass, unless the GEMMs overlap it",
+        by_experts[1] - by_experts[0]
+    );
+}
+
+/// The sum of `values`, each thread summing one contiguous part (16 running sums each, so the
+/// loop is bound by memory, not by the latency of one addition).
+fn streamed_sum(values: &[f32], threads: usize) -> f64 {
+    let part = values.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = values
+            .chunks(part)
+            .map(|chunk| {
+                scope.spawn(move || {
+                    let mut sums = [0.0f32; 16];
+                    for block in chunk.chunks_exact(16) {
+                        for (sum, &value) in sums.iter_mut().zip(block) {
+                            *sum += value;
+                        }
+                    }
+                    sums.iter().map(|&sum| sum as f64).sum::<f64>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|worker| worker.join().expect("summing thread"))
+            .sum()
+    })
+}
+
+/// Writes `value` to every element of `values`, each thread one contiguous part.
+fn streamed_fill(values: &mut [f32], value: f32, threads: usize) {
+    let part = values.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        for chunk in values.chunks_mut(part) {
+            scope.spawn(move || chunk.fill(value));
+        }
+    });
 }
 
 /// The exact GELU written with Burn's tensor ops, `x (1 + erf(x / √2)) / 2`: what moe-core

@@ -19,16 +19,20 @@
 //!    (forward product, input gradient) and writes their gradients once. Plain Rust on all
 //!    cores, no Burn: a property of the machine, and a lower bound on what 16x the parameters
 //!    add to P2 unless the GEMMs hide it.
+//! 6. Dispatch and combine of W1's E = 8 top-2 layer (4096 tokens to 8 x 1059 slots and back),
+//!    forward + backward: Burn's `select` and `select_assign` (the composed form moe-core used
+//!    before) against `moe_kernels::{gather_rows, combine_rows}`.
 //!
 //! ```sh
 //! cargo run --release --example backend_limits -- --backend flex
 //! cargo run --release --example backend_limits -- --part 4 --experts 64
-//! cargo run --release --example backend_limits -- --part 5
+//! cargo run --release --example backend_limits -- --part 5 --part 6
 //! ```
 
+use burn::tensor::ops::IndexingUpdateOp;
 use burn::tensor::{activation, Device, Distribution, Int, Tensor};
 use burn_moe::core::{ExpertConfig, RoutingMode};
-use burn_moe::kernels::grouped_matmul;
+use burn_moe::kernels::{combine_rows, gather_rows, grouped_matmul};
 use burn_moe::train::backend::{select_and_report, Backend, Precision};
 use clap::Parser;
 
@@ -51,7 +55,7 @@ struct Args {
     /// Timed runs per figure (the median is printed).
     #[arg(long, default_value_t = 5)]
     repeats: usize,
-    /// Run only this part (1 to 5; repeat the flag for several); all parts by default.
+    /// Run only this part (1 to 6; repeat the flag for several); all parts by default.
     #[arg(long)]
     part: Vec<usize>,
     /// Experts of part 4's layer.
@@ -82,7 +86,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let device = select_and_report(args.backend, Precision::F32)?.device;
     device.seed(0);
     let parts = if args.part.is_empty() {
-        vec![1, 2, 3, 4, 5]
+        vec![1, 2, 3, 4, 5, 6]
     } else {
         args.part.clone()
     };
@@ -93,7 +97,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             3 => gelu_forms(&device, &args)?,
             4 => layer_breakdown(&device, &args)?,
             5 => weight_traffic(&args),
-            _ => return Err(format!("--part {part}: the parts are 1 to 5").into()),
+            6 => dispatch_and_combine(&device, &args),
+            _ => return Err(format!("--part {part}: the parts are 1 to 6").into()),
         }
     }
     Ok(())
@@ -345,6 +350,51 @@ fn weight_traffic(args: &Args) {
     println!(
         "   E = 64 against E = 4: +{:.1} ms per forward + backward pass, unless the GEMMs overlap it",
         by_experts[1] - by_experts[0]
+    );
+}
+
+/// Part 6: the layer's dispatch (gather) and combine (weighted scatter-add), composed from
+/// Burn's ops against moe-kernels' operations, forward + backward.
+fn dispatch_and_combine(device: &Device, args: &Args) {
+    const SLOTS: usize = 8 * 1059;
+    let autodiff = device.clone().autodiff();
+    println!(
+        "\n6. dispatch [{TOKENS}, {D_MODEL}] -> [{SLOTS}, {D_MODEL}] and combine back, forward + backward"
+    );
+    let tokens = Tensor::<2>::random([TOKENS, D_MODEL], NORMAL, &autodiff);
+    let token_of_slot = Tensor::<1, Int>::random(
+        [SLOTS],
+        Distribution::Uniform(0.0, TOKENS as f64),
+        &autodiff,
+    );
+    let weight_of_slot = Tensor::<1>::random([SLOTS], Distribution::Uniform(0.0, 1.0), &autodiff);
+    let composed_ms = median_ms(&autodiff, args.repeats, || {
+        let x = tokens.clone().require_grad();
+        let buffer = x.select(0, token_of_slot.clone());
+        let weighted = buffer * weight_of_slot.clone().require_grad().unsqueeze_dim(1);
+        let combined = Tensor::<2>::zeros([TOKENS, D_MODEL], &autodiff).select_assign(
+            0,
+            token_of_slot.clone(),
+            weighted,
+            IndexingUpdateOp::Add,
+        );
+        let _ = combined.mean().backward();
+    });
+    let fused_ms = median_ms(&autodiff, args.repeats, || {
+        let x = tokens.clone().require_grad();
+        let buffer = gather_rows(x, token_of_slot.clone());
+        let combined = combine_rows(
+            buffer,
+            weight_of_slot.clone().require_grad(),
+            token_of_slot.clone(),
+            TOKENS,
+        );
+        let _ = combined.mean().backward();
+    });
+    println!("   select + select_assign (Burn's ops)      {composed_ms:8.1} ms");
+    println!(
+        "   gather_rows + combine_rows (moe-kernels) {fused_ms:8.1} ms  ({:.2}x)",
+        composed_ms / fused_ms
     );
 }
 

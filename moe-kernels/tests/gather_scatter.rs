@@ -7,16 +7,7 @@ use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
 use moe_kernels::{combine_rows, gather_rows};
 
 mod common;
-use common::devices;
-
-const DTYPES: [(FloatDType, f64); 2] = [(FloatDType::F32, 1e-5), (FloatDType::F64, 1e-12)];
-
-/// Values in [-1, 1) in steps of 1/8 (exact in f32, and so are their short sums of products).
-fn values(len: usize, seed: usize) -> Vec<f64> {
-    (0..len)
-        .map(|i| ((i * seed + 7) % 17) as f64 / 8.0 - 1.0)
-        .collect()
-}
+use common::{assert_close, devices, host, matrix, values, DTYPES};
 
 /// `tokens` rows of width `width`, `slots` slots naming them.
 struct Problem {
@@ -86,43 +77,6 @@ impl Problem {
     fn index_tensor(&self, device: &Device) -> Tensor<1, Int> {
         let index: Vec<i64> = self.index.iter().map(|&t| t as i64).collect();
         Tensor::from_data(TensorData::new(index, [self.slots]), device)
-    }
-}
-
-/// `[rows, columns]` from row-major values; stored transposed and viewed back when asked.
-fn matrix(
-    values: &[f64],
-    [rows, columns]: [usize; 2],
-    transposed: bool,
-    dtype: FloatDType,
-    device: &Device,
-) -> Tensor<2> {
-    if !transposed {
-        return Tensor::<2>::from_data(TensorData::new(values.to_vec(), [rows, columns]), device)
-            .cast(dtype);
-    }
-    let mut stored = vec![0.0; values.len()];
-    for r in 0..rows {
-        for c in 0..columns {
-            stored[c * rows + r] = values[r * columns + c];
-        }
-    }
-    Tensor::<2>::from_data(TensorData::new(stored, [columns, rows]), device)
-        .cast(dtype)
-        .transpose()
-}
-
-fn host<const D: usize>(t: Tensor<D>) -> Vec<f64> {
-    t.try_into_vec_as::<f64>().unwrap()
-}
-
-fn assert_close(what: &str, got: &[f64], expected: &[f64], tolerance: f64) {
-    assert_eq!(got.len(), expected.len(), "{what}: length");
-    for (i, (&got, &expected)) in got.iter().zip(expected).enumerate() {
-        assert!(
-            (got - expected).abs() <= tolerance * (1.0 + expected.abs()),
-            "{what}[{i}]: {got}, expected {expected}"
-        );
     }
 }
 

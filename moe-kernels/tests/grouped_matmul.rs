@@ -8,16 +8,7 @@ use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
 use moe_kernels::grouped_matmul;
 
 mod common;
-use common::devices;
-
-const DTYPES: [(FloatDType, f64); 2] = [(FloatDType::F32, 1e-5), (FloatDType::F64, 1e-12)];
-
-/// Values in [-1, 1) in steps of 1/8 (exact in f32, and so are their short sums of products).
-fn values(len: usize, seed: usize) -> Vec<f64> {
-    (0..len)
-        .map(|i| ((i * seed + 7) % 17) as f64 / 8.0 - 1.0)
-        .collect()
-}
+use common::{assert_close, devices, host, values, DTYPES};
 
 /// A `[E, C, K]` problem with per-expert row counts and an upstream gradient `g: [E, C, N]`.
 struct Problem {
@@ -108,20 +99,6 @@ fn transposed_view(
         }
     }
     tensor(&stored, [e_len, b_len, a_len], dtype, device).swap_dims(1, 2)
-}
-
-fn host(t: Tensor<3>) -> Vec<f64> {
-    t.try_into_vec_as::<f64>().unwrap()
-}
-
-fn assert_close(what: &str, got: &[f64], expected: &[f64], tolerance: f64) {
-    assert_eq!(got.len(), expected.len(), "{what}: length");
-    for (i, (&got, &expected)) in got.iter().zip(expected).enumerate() {
-        assert!(
-            (got - expected).abs() <= tolerance * (1.0 + expected.abs()),
-            "{what}[{i}]: {got}, expected {expected}"
-        );
-    }
 }
 
 /// Runs `problem` on every backend and dtype, with `x` and `w` contiguous or transposed

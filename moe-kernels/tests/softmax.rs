@@ -7,7 +7,7 @@ use burn::tensor::{Device, FloatDType, Tensor, TensorData};
 use moe_kernels::{log_softmax, softmax};
 
 mod common;
-use common::devices;
+use common::{assert_close, devices, host};
 
 /// An operation under test: softmax or log-softmax along a dimension.
 type Operation<const D: usize> = fn(Tensor<D>, usize) -> Tensor<D>;
@@ -77,22 +77,6 @@ fn log_reference(x: &[f64], g: &[f64], row: usize) -> (Vec<f64>, Vec<f64>) {
         }
     }
     (z, grad)
-}
-
-fn host<const D: usize>(t: Tensor<D>) -> Vec<f64> {
-    t.try_into_vec_as::<f64>().unwrap()
-}
-
-fn assert_close(what: &str, got: &[f64], expected: &[f64], tolerance: f64) {
-    assert_eq!(got.len(), expected.len(), "{what}: length");
-    for (i, (&got, &expected)) in got.iter().zip(expected).enumerate() {
-        let close = if expected.is_infinite() {
-            got == expected
-        } else {
-            (got - expected).abs() <= tolerance * (1.0 + expected.abs())
-        };
-        assert!(close, "{what}[{i}]: {got}, expected {expected}");
-    }
 }
 
 #[test]

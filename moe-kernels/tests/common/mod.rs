@@ -1,6 +1,9 @@
-//! What the kernel tests share: the backends they run on.
+//! What the kernel tests share: the backends they run on, exact test values, and comparisons.
 
-use burn::tensor::Device;
+// Each test file compiles this module on its own and uses only part of it.
+#![allow(dead_code)]
+
+use burn::tensor::{Device, FloatDType, Tensor, TensorData};
 
 /// The CPU backends built in, with autodiff: ndarray runs each operation's default body (Burn's
 /// composed ops), flex its hand-written kernels.
@@ -12,4 +15,56 @@ pub fn devices() -> Vec<(&'static str, Device)> {
         #[cfg(feature = "flex")]
         ("flex", Device::flex().autodiff()),
     ]
+}
+
+/// The float types the products are checked in, with their relative tolerances.
+pub const DTYPES: [(FloatDType, f64); 2] = [(FloatDType::F32, 1e-5), (FloatDType::F64, 1e-12)];
+
+/// Values in [-1, 1) in steps of 1/8 (exact in f32, and so are their short sums of products).
+pub fn values(len: usize, seed: usize) -> Vec<f64> {
+    (0..len)
+        .map(|i| ((i * seed + 7) % 17) as f64 / 8.0 - 1.0)
+        .collect()
+}
+
+/// `[rows, columns]` from row-major values; when `transposed`, stored as `[columns, rows]` and
+/// viewed back (a strided view, not a copy).
+pub fn matrix(
+    values: &[f64],
+    [rows, columns]: [usize; 2],
+    transposed: bool,
+    dtype: FloatDType,
+    device: &Device,
+) -> Tensor<2> {
+    if !transposed {
+        return Tensor::<2>::from_data(TensorData::new(values.to_vec(), [rows, columns]), device)
+            .cast(dtype);
+    }
+    let mut stored = vec![0.0; values.len()];
+    for r in 0..rows {
+        for c in 0..columns {
+            stored[c * rows + r] = values[r * columns + c];
+        }
+    }
+    Tensor::<2>::from_data(TensorData::new(stored, [columns, rows]), device)
+        .cast(dtype)
+        .transpose()
+}
+
+/// A tensor's values on the host, as f64.
+pub fn host<const D: usize>(t: Tensor<D>) -> Vec<f64> {
+    t.try_into_vec_as::<f64>().unwrap()
+}
+
+/// Every element within `tolerance` relative to `1 + |expected|`; infinities must match.
+pub fn assert_close(what: &str, got: &[f64], expected: &[f64], tolerance: f64) {
+    assert_eq!(got.len(), expected.len(), "{what}: length");
+    for (i, (&got, &expected)) in got.iter().zip(expected).enumerate() {
+        let close = if expected.is_infinite() {
+            got == expected
+        } else {
+            (got - expected).abs() <= tolerance * (1.0 + expected.abs())
+        };
+        assert!(close, "{what}[{i}]: {got}, expected {expected}");
+    }
 }

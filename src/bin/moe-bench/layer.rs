@@ -1,6 +1,9 @@
 //! W1 (the MoE layer and the dense FFN with the same active FLOPs, forward + backward) and W3
 //! (the backend's own matmul at the expert GEMM shapes).
 
+use std::cell::Cell;
+use std::rc::Rc;
+
 use burn::tensor::{Device, Distribution, Tensor};
 use burn_moe::core::{
     Activation, CapacityConfig, ExpertConfig, ExpertKind, GateConfig, LossConfig, MoeConfig,
@@ -65,31 +68,53 @@ pub fn moe_config(experts: usize, top_k: usize, dropless: bool) -> MoeConfig {
     .with_losses(LossConfig::new())
 }
 
-/// W1 for one MoE configuration on `device` (autodiff is added here).
-pub fn moe_row(
+/// One W1 configuration being timed: what its row will say besides the time.
+pub struct LayerCase {
+    kind: &'static str,
+    experts: usize,
+    top_k: usize,
+    capacity: String,
+    /// Slots per expert of the last pass (set by the pass itself: dropless layers size their
+    /// buffer to the busiest expert).
+    slots: Rc<Cell<usize>>,
+}
+
+/// One forward + backward pass of a W1 configuration.
+pub type LayerRun = Box<dyn FnMut()>;
+
+impl LayerCase {
+    /// The row of this configuration, given the median seconds of its pass.
+    pub fn row(&self, seconds: f64) -> LayerRow {
+        LayerRow {
+            kind: self.kind.into(),
+            experts: self.experts,
+            top_k: self.top_k,
+            capacity: self.capacity.clone(),
+            seconds,
+            tokens_per_second: TOKENS as f64 / seconds,
+            // The dense FFN's hidden `top_k * D_HIDDEN` gives the same count.
+            gflops: ffn_flops(TOKENS * self.top_k, D_MODEL, D_HIDDEN) / seconds / 1e9,
+            capacity_slots: self.slots.get(),
+        }
+    }
+}
+
+/// W1 for one MoE configuration on `device` (autodiff is added here): the case and its pass.
+pub fn moe_case(
     device: &Device,
     experts: usize,
     top_k: usize,
     dropless: bool,
-    warmup: usize,
-    repeats: usize,
-) -> LayerRow {
+) -> (LayerCase, LayerRun) {
     let device = device.clone().autodiff();
     device.seed(1);
     let moe = moe_config(experts, top_k, dropless)
         .init(&device)
         .expect("valid config");
     let x = Tensor::<2>::random([TOKENS, D_MODEL], Distribution::Normal(0.0, 1.0), &device);
-    let mut slots = 0;
-    let seconds = median_seconds(&device, warmup, repeats, || {
-        let x = x.clone().detach().require_grad();
-        let out = moe.forward_with_mode(x, RoutingMode::Train);
-        slots = out.stats.capacity;
-        let loss = out.output.mean() + out.aux_loss;
-        let _ = loss.backward();
-    });
-    LayerRow {
-        kind: "moe".into(),
+    let slots = Rc::new(Cell::new(0));
+    let case = LayerCase {
+        kind: "moe",
         experts,
         top_k,
         capacity: if dropless {
@@ -97,15 +122,20 @@ pub fn moe_row(
         } else {
             "capacity 1.25".into()
         },
-        seconds,
-        tokens_per_second: TOKENS as f64 / seconds,
-        gflops: ffn_flops(TOKENS * top_k, D_MODEL, D_HIDDEN) / seconds / 1e9,
-        capacity_slots: slots,
-    }
+        slots: slots.clone(),
+    };
+    let run = Box::new(move || {
+        let x = x.clone().detach().require_grad();
+        let out = moe.forward_with_mode(x, RoutingMode::Train);
+        slots.set(out.stats.capacity);
+        let loss = out.output.mean() + out.aux_loss;
+        let _ = loss.backward();
+    });
+    (case, run)
 }
 
 /// W1's baseline: the dense FFN with `top_k * 1024` hidden units (the same active FLOPs).
-pub fn dense_row(device: &Device, top_k: usize, warmup: usize, repeats: usize) -> LayerRow {
+pub fn dense_case(device: &Device, top_k: usize) -> (LayerCase, LayerRun) {
     let device = device.clone().autodiff();
     device.seed(1);
     let ffn = ExpertConfig::new(top_k * D_HIDDEN)
@@ -116,21 +146,19 @@ pub fn dense_row(device: &Device, top_k: usize, warmup: usize, repeats: usize) -
         Distribution::Normal(0.0, 1.0),
         &device,
     );
-    let seconds = median_seconds(&device, warmup, repeats, || {
+    let case = LayerCase {
+        kind: "dense",
+        experts: 1,
+        top_k,
+        capacity: "-".into(),
+        slots: Rc::new(Cell::new(TOKENS)),
+    };
+    let run = Box::new(move || {
         let x = x.clone().detach().require_grad();
         let loss = ffn.forward(x).mean();
         let _ = loss.backward();
     });
-    LayerRow {
-        kind: "dense".into(),
-        experts: 1,
-        top_k,
-        capacity: "-".into(),
-        seconds,
-        tokens_per_second: TOKENS as f64 / seconds,
-        gflops: ffn_flops(TOKENS, D_MODEL, top_k * D_HIDDEN) / seconds / 1e9,
-        capacity_slots: TOKENS,
-    }
+    (case, run)
 }
 
 /// One W3 measurement.

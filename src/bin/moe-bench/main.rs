@@ -7,7 +7,9 @@
 //! Workloads (see BENCHMARKS.md): W1 the MoE layer forward + backward against the dense FFN
 //! with the same active FLOPs; W2 a training step of the `tiny` and `small` presets with peak
 //! memory; W3 the backend's matmul at the expert GEMM shapes; W4 the same in PyTorch eager
-//! (`bench/torch_moe.py`). Every figure is the median of repeated runs after warm-up.
+//! (`bench/torch_moe.py`). Every figure is the median of repeated runs after warm-up; W1's
+//! configurations are timed in interleaved rounds, so that the ratios between them (P1, P2)
+//! compare runs made at the same time.
 
 mod layer;
 mod step;
@@ -81,7 +83,7 @@ fn main() {
 
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
-        "moe-bench on {selected}; {threads} threads; median of {repeats} after {warmup} warm-up; heap reuse {}\n",
+        "moe-bench on {selected}; {threads} threads; median of {repeats} after {warmup} warm-up (W1: in interleaved rounds); heap reuse {}\n",
         if heap_reuse { "on" } else { "off" }
     );
     let experts: Vec<usize> = if args.quick {
@@ -97,17 +99,28 @@ fn main() {
         "{:<6} {:>4} {:>3} {:<14} {:>6} {:>10} {:>12} {:>9}",
         "kind", "E", "k", "capacity", "slots", "ms", "tokens/s", "GFLOP/s"
     );
+    // Every configuration is built first, then timed in rounds (each round runs each once),
+    // so that a slow spell of the machine cannot favour one side of a ratio.
+    let mut cases = Vec::new();
+    let mut runs = Vec::new();
     for top_k in [1, 2] {
-        let dense = layer::dense_row(&device, top_k, warmup, repeats);
-        print_layer(&dense);
-        w1.push(dense);
+        let (case, run) = layer::dense_case(&device, top_k);
+        cases.push(case);
+        runs.push(run);
         for &e in &experts {
             for dropless in [true, false] {
-                let row = layer::moe_row(&device, e, top_k, dropless, warmup, repeats);
-                print_layer(&row);
-                w1.push(row);
+                let (case, run) = layer::moe_case(&device, e, top_k, dropless);
+                cases.push(case);
+                runs.push(run);
             }
         }
+    }
+    let seconds = timing::interleaved_median_seconds(&device, warmup, repeats, &mut runs);
+    drop(runs);
+    for (case, seconds) in cases.iter().zip(seconds) {
+        let row = case.row(seconds);
+        print_layer(&row);
+        w1.push(row);
     }
 
     // W3

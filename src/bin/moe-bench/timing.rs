@@ -27,3 +27,32 @@ pub fn median_seconds(
     times.sort_by(f64::total_cmp);
     times[times.len() / 2]
 }
+
+/// Median seconds of each of `works`, measured in rounds: every round runs each work once, in
+/// turn, so that a slow spell of the machine falls on all of them alike and their ratios hold.
+/// `warmup` unmeasured rounds come first; each run ends with a device synchronisation.
+pub fn interleaved_median_seconds(
+    device: &Device,
+    warmup: usize,
+    repeats: usize,
+    works: &mut [Box<dyn FnMut() + '_>],
+) -> Vec<f64> {
+    let mut times = vec![Vec::new(); works.len()];
+    for round in 0..warmup + repeats.max(1) {
+        for (work, times) in works.iter_mut().zip(&mut times) {
+            let start = Instant::now();
+            work();
+            device.sync().expect("device sync");
+            if round >= warmup {
+                times.push(start.elapsed().as_secs_f64());
+            }
+        }
+    }
+    times
+        .into_iter()
+        .map(|mut times| {
+            times.sort_by(f64::total_cmp);
+            times[times.len() / 2]
+        })
+        .collect()
+}

@@ -1,4 +1,4 @@
-//! Fused element-wise kernels for burn-moe.
+//! Fused operations and kernels for burn-moe.
 //!
 //! moe-core is written once on Burn's tensor API. Where that API leaves a hot spot slow on some
 //! backend, the fix lives here, as a Burn *backend extension*: one trait, a default body that
@@ -19,6 +19,14 @@
 //! - [`grouped_matmul()`]: one matmul per expert over only the rows that expert filled in the
 //!   padded `[E, C, K]` buffer, with its gradients; on flex one GEMM per expert, so the padding
 //!   costs nothing (a batched matmul multiplies it too).
+//! - [`matmul()`], [`batched_matmul()`]: dense products (a linear layer's weight; attention
+//!   heads, stacked experts) with their gradients; on flex one GEMM call per matrix whose
+//!   output is written once (flex's own matmul writes it three times) and whose transposed
+//!   operands are strided views.
+//! - [`gather_rows()`], [`combine_rows()`]: the layer's dispatch (`y[s] = x[index[s]]`) and
+//!   combine (a weighted scatter-add back to the tokens), each with its own backward pass; on
+//!   flex one pass over the rows per direction instead of Burn's `select`/`select_assign` and
+//!   their `[slots, d]` intermediates.
 
 mod autodiff;
 pub mod counter_rng;

@@ -28,6 +28,8 @@
 //!   flex one pass over the rows per direction instead of Burn's `select`/`select_assign` and
 //!   their `[slots, d]` intermediates.
 
+#![warn(missing_docs)]
+
 mod autodiff;
 pub mod counter_rng;
 pub mod dropout;

@@ -105,17 +105,17 @@ fn rows_per_task(row: usize) -> usize {
     (CHUNK / row.max(1)).max(1)
 }
 
-/// A `[rows, row]` buffer whose blocks of whole rows `fill(first_row, block)` writes in
+/// A `[rows, row]` buffer whose blocks of `block` whole rows `fill(first_row, block)` writes in
 /// parallel; `fill` must write every element of its block.
 fn written_rows<E: Float>(
     rows: usize,
     row: usize,
+    block: usize,
     fill: impl Fn(usize, &mut [MaybeUninit<E>]) + Sync,
 ) -> Vec<E> {
     let len = rows * row;
     let mut output: Vec<E> = Vec::with_capacity(len);
     if len > 0 {
-        let block = rows_per_task(row);
         output.spare_capacity_mut()[..len]
             .par_chunks_mut(block * row)
             .enumerate()
@@ -132,7 +132,7 @@ fn gather<E: Float>(x: FlexTensor, index: FlexTensor) -> FlexTensor {
     let (data, row) = matrix::<E>(&x);
     let tokens = x.shape()[0];
     let index = row_index(index, tokens);
-    let output = written_rows::<E>(index.len(), row, |first, out| {
+    let output = written_rows::<E>(index.len(), row, rows_per_task(row), |first, out| {
         for (out_row, &token) in out.chunks_mut(row.max(1)).zip(&index[first..]) {
             let source = &data[token * row..(token + 1) * row];
             for (o, &v) in out_row.iter_mut().zip(source) {
@@ -155,7 +155,10 @@ fn scatter_add<E: Float>(
     let (data, row) = matrix::<E>(&values);
     let weights: Option<&[E]> = weight.as_ref().map(|weight| matrix::<E>(weight).0);
     let index = row_index(index, tokens);
-    let output = written_rows::<E>(tokens, row, |first, out| {
+    // Every task walks the whole index, so there are a few tasks per core (not one per
+    // `CHUNK`): the walks then cost `O(slots x cores)`, not `O(slots x tokens)`.
+    let block = tokens.div_ceil(4 * rayon::current_num_threads()).max(1);
+    let output = written_rows::<E>(tokens, row, block, |first, out| {
         out.fill(MaybeUninit::new(E::ZERO));
         // SAFETY: every element of `out` was just initialised.
         let out = unsafe { &mut *(out as *mut [MaybeUninit<E>] as *mut [E]) };

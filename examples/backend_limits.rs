@@ -41,7 +41,6 @@ use clap::Parser;
 #[allow(dead_code)] // only the layer's config and sizes are used here, not W1's runners
 #[path = "../src/bin/moe-bench/layer.rs"]
 mod layer;
-#[allow(dead_code)] // the interleaved timing of W1 is not used here
 #[path = "../src/bin/moe-bench/timing.rs"]
 mod timing;
 

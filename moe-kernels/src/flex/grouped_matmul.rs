@@ -33,11 +33,9 @@ impl GroupedMatmulBackend for Flex {
             rhs: Operand::matrix(&w),
             sizes: rows.iter().map(|&filled| (filled, inner)).collect(),
         };
-        match (x.dtype(), w.dtype()) {
-            (DType::F32, DType::F32) => products.run::<f32>(&x, &w),
-            (DType::F64, DType::F64) => products.run::<f64>(&x, &w),
-            _ => composed_grouped_matmul::<Flex>(x, w, count_tensor(&rows)),
-        }
+        products
+            .run_float(&x, &w)
+            .unwrap_or_else(|| composed_grouped_matmul::<Flex>(x, w, count_tensor(&rows)))
     }
 
     fn grouped_weight_grad(x: FlexTensor, grad: FlexTensor, rows: FlexTensor) -> FlexTensor {
@@ -51,11 +49,9 @@ impl GroupedMatmulBackend for Flex {
             rhs: Operand::matrix(&grad),
             sizes: rows.iter().map(|&filled| (inner, filled)).collect(),
         };
-        match (x.dtype(), grad.dtype()) {
-            (DType::F32, DType::F32) => products.run::<f32>(&x, &grad),
-            (DType::F64, DType::F64) => products.run::<f64>(&x, &grad),
-            _ => composed_grouped_weight_grad::<Flex>(x, grad, count_tensor(&rows)),
-        }
+        products
+            .run_float(&x, &grad)
+            .unwrap_or_else(|| composed_grouped_weight_grad::<Flex>(x, grad, count_tensor(&rows)))
     }
 }
 
@@ -139,9 +135,7 @@ pub(super) struct Products {
 }
 
 /// The float types `gemm` multiplies.
-pub(super) trait GemmFloat:
-    burn::tensor::Element + bytemuck::Pod + Send + Sync + 'static
-{
+trait GemmFloat: burn::tensor::Element + bytemuck::Pod + Send + Sync + 'static {
     const ZERO: Self;
     const ONE: Self;
 }
@@ -157,7 +151,17 @@ impl GemmFloat for f64 {
 }
 
 impl Products {
-    pub(super) fn run<T: GemmFloat>(self, lhs: &FlexTensor, rhs: &FlexTensor) -> FlexTensor {
+    /// The products in `f32` or `f64` when both operands have that type; `None` otherwise
+    /// (half precisions), for the caller's composed fallback.
+    pub(super) fn run_float(self, lhs: &FlexTensor, rhs: &FlexTensor) -> Option<FlexTensor> {
+        match (lhs.dtype(), rhs.dtype()) {
+            (DType::F32, DType::F32) => Some(self.run::<f32>(lhs, rhs)),
+            (DType::F64, DType::F64) => Some(self.run::<f64>(lhs, rhs)),
+            _ => None,
+        }
+    }
+
+    fn run<T: GemmFloat>(self, lhs: &FlexTensor, rhs: &FlexTensor) -> FlexTensor {
         let [experts, out_rows, columns] = self.out_shape;
         let block = out_rows * columns;
         let len = experts * block;

@@ -5,7 +5,6 @@
 use burn::backend::flex::{Flex, FlexTensor};
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::TensorMetadata;
-use burn::tensor::DType;
 
 use super::grouped_matmul::{Operand, Products};
 use crate::matmul::MatmulBackend;
@@ -20,12 +19,10 @@ impl MatmulBackend for Flex {
             rhs: Operand::matrix_2d(&w),
             sizes: vec![(rows, inner)],
         };
-        let product = match (x.dtype(), w.dtype()) {
-            (DType::F32, DType::F32) => product.run::<f32>(&x, &w),
-            (DType::F64, DType::F64) => product.run::<f64>(&x, &w),
-            _ => return Flex::float_matmul(x, w),
-        };
-        Flex::float_reshape(product, [rows, columns].into())
+        match product.run_float(&x, &w) {
+            Some(product) => Flex::float_reshape(product, [rows, columns].into()),
+            None => Flex::float_matmul(x, w),
+        }
     }
 
     fn batched_matmul(x: FlexTensor, w: FlexTensor) -> FlexTensor {
@@ -37,10 +34,8 @@ impl MatmulBackend for Flex {
             rhs: Operand::matrix(&w),
             sizes: vec![(rows, inner); batch],
         };
-        match (x.dtype(), w.dtype()) {
-            (DType::F32, DType::F32) => products.run::<f32>(&x, &w),
-            (DType::F64, DType::F64) => products.run::<f64>(&x, &w),
-            _ => Flex::float_matmul(x, w),
-        }
+        products
+            .run_float(&x, &w)
+            .unwrap_or_else(|| Flex::float_matmul(x, w))
     }
 }

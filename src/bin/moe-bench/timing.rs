@@ -6,26 +6,9 @@ use burn::tensor::Device;
 
 /// Median seconds of `repeats` runs of `work` after `warmup` unmeasured runs. Each run ends
 /// with a device synchronisation, so queued GPU work is counted.
-pub fn median_seconds(
-    device: &Device,
-    warmup: usize,
-    repeats: usize,
-    mut work: impl FnMut(),
-) -> f64 {
-    for _ in 0..warmup {
-        work();
-        device.sync().expect("device sync");
-    }
-    let mut times: Vec<f64> = (0..repeats.max(1))
-        .map(|_| {
-            let start = Instant::now();
-            work();
-            device.sync().expect("device sync");
-            start.elapsed().as_secs_f64()
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
+pub fn median_seconds(device: &Device, warmup: usize, repeats: usize, work: impl FnMut()) -> f64 {
+    let mut works: [Box<dyn FnMut() + '_>; 1] = [Box::new(work)];
+    interleaved_median_seconds(device, warmup, repeats, &mut works)[0]
 }
 
 /// Median seconds of each of `works`, measured in rounds: every round runs each work once, in

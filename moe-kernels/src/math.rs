@@ -67,14 +67,20 @@ pub fn exp_nonpositive(y: f32) -> f32 {
     const LN2_HIGH: f32 = 0.693_359_4;
     const LN2_LOW: f32 = -2.121_944_4e-4;
     let clamped = y.clamp(-87.0, 0.0);
-    let k = (clamped * LOG2_E + ROUND) - ROUND;
+    let rounded = clamped * LOG2_E + ROUND;
+    let k = rounded - ROUND;
     let r = (clamped - k * LN2_HIGH) - k * LN2_LOW;
     let taylor = 1.0
         + r * (1.0
             + r * (1.0 / 2.0
                 + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r / 5040.0))))));
-    let two_to_k = f32::from_bits(((k as i32 + 127) as u32) << 23);
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    // `rounded = 1.5 * 2^23 + k` is exact, so its low mantissa bits hold `k` in two's
+    // complement: integer arithmetic on the bits gives `2^k`. (`k as i32` would be a saturating
+    // conversion, which the compiler cannot vectorise: one scalar convert per lane.)
+    let k_bits = rounded.to_bits().wrapping_sub(ROUND.to_bits());
+    let two_to_k = f32::from_bits(k_bits.wrapping_add(127) << 23);
     if y >= -87.0 {
         taylor * two_to_k
     } else {

@@ -27,6 +27,9 @@
 //!   combine (a weighted scatter-add back to the tokens), each with its own backward pass; on
 //!   flex one pass over the rows per direction instead of Burn's `select`/`select_assign` and
 //!   their `[slots, d]` intermediates.
+//! - [`rotary()`]: rotary position encoding, its gradient the inverse rotation (nothing saved
+//!   but the angle tables); on flex one pass over the rows (Burn's `RotaryEncoding` runs a
+//!   batched matmul with a `[2, 4]` sign matrix and keeps twice the input).
 
 #![warn(missing_docs)]
 
@@ -38,6 +41,7 @@ pub mod gelu;
 pub mod grouped_matmul;
 pub mod math;
 pub mod matmul;
+pub mod rotary;
 pub mod silu;
 pub mod softmax;
 
@@ -49,5 +53,6 @@ pub use gather_scatter::{combine_rows, gather_rows, GatherScatterBackend};
 pub use gelu::{gelu, GeluBackend};
 pub use grouped_matmul::{grouped_matmul, GroupedMatmulBackend};
 pub use matmul::{batched_matmul, matmul, MatmulBackend};
+pub use rotary::{rotary, RotaryBackend};
 pub use silu::{silu, SiluBackend};
 pub use softmax::{log_softmax, softmax, SoftmaxBackend};

@@ -3,7 +3,7 @@
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Linear, RotaryEncoding, RotaryEncodingConfig};
 use burn::tensor::{Bool, Device, Int, Tensor};
-use moe_kernels::{batched_matmul, softmax};
+use moe_kernels::{batched_matmul, rotary, softmax};
 
 use crate::dropout::apply_dropout;
 use crate::init::linear;
@@ -84,13 +84,18 @@ impl CausalSelfAttention {
         let split = |t: Tensor<3>| -> Tensor<4> {
             t.reshape([batch, length, heads, head_dim]).swap_dims(1, 2)
         };
-        let mut query = split(projection::apply(&self.query, x.clone()));
-        let mut key = split(projection::apply(&self.key, x.clone()));
+        let mut query = projection::apply(&self.query, x.clone());
+        let mut key = projection::apply(&self.key, x.clone());
         let mut value = split(projection::apply(&self.value, x));
-        if let Some(rotary) = &self.rotary {
-            query = rotary.apply(query, start);
-            key = rotary.apply(key, start);
+        if let Some(encoding) = &self.rotary {
+            // Rotated before the heads are split, while the rows are still contiguous.
+            let (cos, sin) = rotation_tables(encoding, start, length, heads);
+            let (cos, sin) = (cos.cast(query.dtype()), sin.cast(query.dtype()));
+            query = rotary(query, cos.clone(), sin.clone());
+            key = rotary(key, cos, sin);
         }
+        let query = split(query);
+        let mut key = split(key);
         if let Some(cache) = cache {
             if let Some(past) = cache.take() {
                 key = Tensor::cat(vec![past.key, key], 2);
@@ -121,6 +126,27 @@ impl CausalSelfAttention {
             .reshape([batch, length, d_model]);
         projection::apply(&self.output, context)
     }
+}
+
+/// The cosines and sines of the rotary angles `θ_i p` at positions `p` in `start..start +
+/// length`, `[length, heads * head_dim / 2]`: the `head_dim / 2` angles of one head repeated for
+/// every head, so that they rotate a `[batch, length, d_model]` tensor whose heads are not yet
+/// split.
+fn rotation_tables(
+    encoding: &RotaryEncoding,
+    start: usize,
+    length: usize,
+    heads: usize,
+) -> (Tensor<2>, Tensor<2>) {
+    let device = encoding.theta.device();
+    let positions = Tensor::<1, Int>::arange(start as i64..(start + length) as i64, &device)
+        .float()
+        .unsqueeze_dim::<2>(1);
+    let angles = positions * encoding.theta.clone().unsqueeze_dim::<2>(0);
+    (
+        angles.clone().cos().repeat_dim(1, heads),
+        angles.sin().repeat_dim(1, heads),
+    )
 }
 
 /// `[batch, heads, rows, columns]` as one batch of `batch * heads` matrices.

@@ -20,7 +20,7 @@ use crate::gather_scatter::{
     GatherScatterBackend,
 };
 
-use super::{contiguous, Float};
+use super::{contiguous, written_rows, Float};
 
 /// Elements per rayon task (whole rows, at least one).
 const CHUNK: usize = 1 << 14;
@@ -103,27 +103,6 @@ fn matrix<E: Float>(tensor: &FlexTensor) -> (&[E], usize) {
 /// Rows per rayon task for rows of `row` elements.
 fn rows_per_task(row: usize) -> usize {
     (CHUNK / row.max(1)).max(1)
-}
-
-/// A `[rows, row]` buffer whose blocks of `block` whole rows `fill(first_row, block)` writes in
-/// parallel; `fill` must write every element of its block.
-fn written_rows<E: Float>(
-    rows: usize,
-    row: usize,
-    block: usize,
-    fill: impl Fn(usize, &mut [MaybeUninit<E>]) + Sync,
-) -> Vec<E> {
-    let len = rows * row;
-    let mut output: Vec<E> = Vec::with_capacity(len);
-    if len > 0 {
-        output.spare_capacity_mut()[..len]
-            .par_chunks_mut(block * row)
-            .enumerate()
-            .for_each(|(task, out)| fill(task * block, out));
-        // SAFETY: every element was written by `fill` (its contract).
-        unsafe { output.set_len(len) };
-    }
-    output
 }
 
 /// `y[s] = x[index[s]]`.

@@ -43,6 +43,7 @@ trait Float:
     + Sync
     + std::ops::Add<Output = Self>
     + std::ops::Mul<Output = Self>
+    + std::ops::Sub<Output = Self>
 {
     /// `0`.
     const ZERO: Self;
@@ -52,6 +53,28 @@ impl Float for f32 {
 }
 impl Float for f64 {
     const ZERO: Self = 0.0;
+}
+
+/// A `[rows, row]` buffer whose blocks of `block` whole rows `fill(first_row, block)` writes in
+/// parallel; `fill` must write every element of its block.
+fn written_rows<E: Float>(
+    rows: usize,
+    row: usize,
+    block: usize,
+    fill: impl Fn(usize, &mut [std::mem::MaybeUninit<E>]) + Sync,
+) -> Vec<E> {
+    use rayon::prelude::*;
+    let len = rows * row;
+    let mut output: Vec<E> = Vec::with_capacity(len);
+    if len > 0 {
+        output.spare_capacity_mut()[..len]
+            .par_chunks_mut(block * row)
+            .enumerate()
+            .for_each(|(task, out)| fill(task * block, out));
+        // SAFETY: every element was written by `fill` (its contract).
+        unsafe { output.set_len(len) };
+    }
+    output
 }
 
 /// `x` with a layout that is one contiguous run of its storage (copied only if it is not).
@@ -68,4 +91,5 @@ mod dropout;
 mod gather_scatter;
 mod grouped_matmul;
 mod matmul;
+mod rotary;
 mod softmax;

@@ -27,6 +27,9 @@
 //!   combine (a weighted scatter-add back to the tokens), each with its own backward pass; on
 //!   flex one pass over the rows per direction instead of Burn's `select`/`select_assign` and
 //!   their `[slots, d]` intermediates.
+//! - [`rms_norm()`]: RMSNorm with its gradients for the input and the scale, one autodiff node
+//!   that keeps only its inputs; on flex one pass over the rows per direction (Burn's `RmsNorm`
+//!   composes six ops and keeps most of their outputs).
 //! - [`rotary()`]: rotary position encoding, its gradient the inverse rotation (nothing saved
 //!   but the angle tables); on flex one pass over the rows (Burn's `RotaryEncoding` runs a
 //!   batched matmul with a `[2, 4]` sign matrix and keeps twice the input).
@@ -41,6 +44,7 @@ pub mod gelu;
 pub mod grouped_matmul;
 pub mod math;
 pub mod matmul;
+pub mod rms_norm;
 pub mod rotary;
 pub mod silu;
 pub mod softmax;
@@ -53,6 +57,7 @@ pub use gather_scatter::{combine_rows, gather_rows, GatherScatterBackend};
 pub use gelu::{gelu, GeluBackend};
 pub use grouped_matmul::{grouped_matmul, GroupedMatmulBackend};
 pub use matmul::{batched_matmul, matmul, MatmulBackend};
+pub use rms_norm::{rms_norm, RmsNormBackend};
 pub use rotary::{rotary, RotaryBackend};
 pub use silu::{silu, SiluBackend};
 pub use softmax::{log_softmax, softmax, SoftmaxBackend};

@@ -3,7 +3,8 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig, RmsNorm, RmsNormConfig};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, Tensor};
+use moe_kernels::rms_norm;
 
 /// Which normalisation the blocks use.
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
@@ -52,7 +53,12 @@ impl Norm {
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         match (&self.layer, &self.rms) {
             (Some(layer), _) => layer.forward(x),
-            (None, Some(rms)) => rms.forward(x),
+            // One operation with its own backward pass (`moe_kernels::rms_norm`) in f32 and
+            // f64; Burn's composed module in half precision, where it sums the squares in f32.
+            (None, Some(rms)) => match x.dtype() {
+                DType::F32 | DType::F64 => rms_norm(x, rms.gamma.val(), rms.epsilon),
+                _ => rms.forward(x),
+            },
             (None, None) => x,
         }
     }

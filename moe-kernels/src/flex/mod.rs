@@ -91,5 +91,6 @@ mod dropout;
 mod gather_scatter;
 mod grouped_matmul;
 mod matmul;
+mod rms_norm;
 mod rotary;
 mod softmax;

@@ -48,7 +48,7 @@ pub(crate) enum Saved {
 /// backward pass is `backward(saved, grad)`, `saved` being `x` or `y` as `saved` says.
 pub(crate) fn unary<B: Backend, C: CheckpointStrategy>(
     x: FloatTensor<Autodiff<B, C>>,
-    forward: fn(FloatTensor<B>) -> FloatTensor<B>,
+    forward: impl FnOnce(FloatTensor<B>) -> FloatTensor<B>,
     backward: BackwardKernel<B>,
     saved: Saved,
 ) -> FloatTensor<Autodiff<B, C>> {

@@ -13,7 +13,8 @@
 //!   the same way (the gate activation of SwiGLU experts).
 //! - [`softmax()`], [`log_softmax()`]: along one dimension, with gradients from the output
 //!   alone; on flex one vectorised pass per row and direction (Burn composes five ops and
-//!   flex's `exp` is scalar libm).
+//!   flex's `exp` is scalar libm). [`causal_softmax()`]: attention's softmax with the causal
+//!   mask folded in (no mask tensor; flex skips the masked keys).
 //! - [`dropout()`]: inverted dropout whose mask is one operation; on flex a single pass of
 //!   counter-based random draws instead of Burn's per-element sampler.
 //! - [`grouped_matmul()`]: one matmul per expert over only the rows that expert filled in the
@@ -60,4 +61,4 @@ pub use matmul::{batched_matmul, matmul, MatmulBackend};
 pub use rms_norm::{rms_norm, RmsNormBackend};
 pub use rotary::{rotary, RotaryBackend};
 pub use silu::{silu, SiluBackend};
-pub use softmax::{log_softmax, softmax, SoftmaxBackend};
+pub use softmax::{causal_softmax, log_softmax, softmax, SoftmaxBackend};

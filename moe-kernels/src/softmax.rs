@@ -16,7 +16,7 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::Autodiff;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Backend, Dispatch, TensorMetadata};
-use burn::tensor::Tensor;
+use burn::tensor::{FloatDType, Tensor, TensorData};
 
 use crate::autodiff::{unary, Saved};
 
@@ -37,6 +37,24 @@ pub fn softmax<const D: usize>(x: Tensor<D>, dim: usize) -> Tensor<D> {
 fn softmax_last<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as SoftmaxBackend>::softmax_last(
         x.into_dispatch(),
+    ))
+}
+
+/// Causal softmax of attention scores `x: [.., queries, keys]` along the keys: query `i` sees
+/// keys `0..=i + offset` (`offset`: the positions before the first query, as with a key/value
+/// cache), the later keys get weight 0. The same as masking them with `-∞` and taking
+/// [`softmax`] along the last dimension, without the mask tensor or its autodiff node, and with
+/// no exponentials computed for the masked keys on flex. Differentiable; the gradient is
+/// softmax's (zero at the masked keys).
+///
+/// # Panics
+///
+/// If `x` has fewer than two dimensions.
+pub fn causal_softmax<const D: usize>(x: Tensor<D>, offset: usize) -> Tensor<D> {
+    assert!(D >= 2, "causal_softmax: x must be [.., queries, keys]");
+    Tensor::from_dispatch(<Dispatch as SoftmaxBackend>::causal_softmax_last(
+        x.into_dispatch(),
+        offset,
     ))
 }
 
@@ -79,6 +97,13 @@ pub trait SoftmaxBackend: Backend {
         composed_softmax_backward::<Self>(y, grad)
     }
 
+    /// [`causal_softmax`]: softmax along the last dimension of `x: [.., queries, keys]` with
+    /// key `j` of query `i` masked out when `j > i + offset`. Its gradient is
+    /// [`softmax_last_backward`](Self::softmax_last_backward) of its output.
+    fn causal_softmax_last(x: FloatTensor<Self>, offset: usize) -> FloatTensor<Self> {
+        composed_causal_softmax::<Self>(x, offset)
+    }
+
     /// Log-softmax along the last dimension of `x`.
     fn log_softmax_last(x: FloatTensor<Self>) -> FloatTensor<Self> {
         composed_log_softmax::<Self>(x)
@@ -102,6 +127,34 @@ pub(crate) fn composed_softmax<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> 
     let exp = B::float_exp(B::float_sub(x, max));
     let sum = B::float_sum_dim(exp.clone(), last);
     B::float_div(exp, sum)
+}
+
+/// [`SoftmaxBackend::causal_softmax_last`] from Burn's ops: an additive `[queries, keys]` mask
+/// (0 or `-∞`, built on the host: it is small) broadcast over the leading dimensions, then
+/// [`composed_softmax`].
+pub(crate) fn composed_causal_softmax<B: Backend>(
+    x: FloatTensor<B>,
+    offset: usize,
+) -> FloatTensor<B> {
+    let shape = x.shape();
+    let rank = shape.num_dims();
+    let (queries, keys) = (shape[rank - 2], shape[rank - 1]);
+    let mask: Vec<f32> = (0..queries * keys)
+        .map(|index| {
+            let (query, key) = (index / keys, index % keys);
+            if key > query + offset {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mut dims = vec![1; rank];
+    dims[rank - 2] = queries;
+    dims[rank - 1] = keys;
+    let mask = B::float_from_data(TensorData::new(mask, dims), &x.device());
+    let mask = B::float_cast(mask, FloatDType::from(x.dtype()));
+    composed_softmax::<B>(B::float_add(x, mask))
 }
 
 /// [`SoftmaxBackend::softmax_last_backward`] from Burn's ops.
@@ -142,6 +195,15 @@ impl SoftmaxBackend for burn::backend::Cube {}
 impl<B: Backend + SoftmaxBackend, C: CheckpointStrategy> SoftmaxBackend for Autodiff<B, C> {
     fn softmax_last(x: FloatTensor<Self>) -> FloatTensor<Self> {
         unary::<B, C>(x, B::softmax_last, B::softmax_last_backward, Saved::Output)
+    }
+
+    fn causal_softmax_last(x: FloatTensor<Self>, offset: usize) -> FloatTensor<Self> {
+        unary::<B, C>(
+            x,
+            |x| B::causal_softmax_last(x, offset),
+            B::softmax_last_backward,
+            Saved::Output,
+        )
     }
 
     fn log_softmax_last(x: FloatTensor<Self>) -> FloatTensor<Self> {

@@ -1,10 +1,11 @@
 //! `moe_kernels::{softmax, log_softmax}` on every CPU backend built in, in f32 and f64, against
 //! host loops in f64: the output and the gradient, for short, odd, vector-sized and very long
 //! rows, with masked (`-inf`) entries, along the last and an inner dimension, and a NaN that
-//! must spread over its own row only.
+//! must spread over its own row only; and the causal softmax against the same loop on masked
+//! rows.
 
 use burn::tensor::{Device, FloatDType, Tensor, TensorData};
-use moe_kernels::{log_softmax, softmax};
+use moe_kernels::{causal_softmax, log_softmax, softmax};
 
 mod common;
 use common::{assert_close, devices, host};
@@ -188,4 +189,52 @@ fn cases() -> Vec<Case> {
         }
     }
     cases
+}
+
+#[test]
+fn causal_softmax_is_softmax_over_the_visible_keys() {
+    // [2 batches, 3 queries, keys]: without and with earlier positions (a cache), more keys
+    // than queries, and enough rows (2 x 300 x 128) for several flex tasks.
+    for (batch, queries, keys, offset) in
+        [(2, 3, 3, 0), (2, 3, 7, 4), (1, 4, 4, 9), (2, 300, 128, 0)]
+    {
+        let len = batch * queries * keys;
+        let x = values(len, keys, 13, false);
+        let g = values(len, keys, 29, false);
+        // The reference: keys after `query + offset` set to -inf, then the plain softmax loop.
+        let masked: Vec<f64> = (0..len)
+            .map(|i| {
+                let (query, key) = ((i / keys) % queries, i % keys);
+                if key > query + offset {
+                    f64::NEG_INFINITY
+                } else {
+                    x[i]
+                }
+            })
+            .collect();
+        let expected = reference(&masked, &g, keys);
+        for ((backend, device), (dtype, tolerance)) in devices()
+            .into_iter()
+            .flat_map(|device| DTYPES.map(|dtype| (device.clone(), dtype)))
+        {
+            let what =
+                format!("causal {backend} {dtype:?} [{batch}, {queries}, {keys}] offset {offset}");
+            let tensor = |v: &[f64]| {
+                Tensor::<3>::from_data(TensorData::new(v.to_vec(), [batch, queries, keys]), &device)
+                    .cast(dtype)
+            };
+            let input = tensor(&x).require_grad();
+            let y = causal_softmax(input.clone(), offset);
+            let grads = (y.clone() * tensor(&g)).sum().backward();
+            let y = host(y);
+            assert_close(&format!("{what} y"), &y, &expected.0, tolerance);
+            for (i, value) in y.iter().enumerate() {
+                if masked[i] == f64::NEG_INFINITY {
+                    assert_eq!(*value, 0.0, "{what}: y[{i}] of a future key");
+                }
+            }
+            let grad = host(input.grad(&grads).expect("x has a gradient"));
+            assert_close(&format!("{what} grad"), &grad, &expected.1, tolerance);
+        }
+    }
 }

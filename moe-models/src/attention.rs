@@ -2,8 +2,8 @@
 
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Linear, RotaryEncoding, RotaryEncodingConfig};
-use burn::tensor::{Bool, Device, Int, Tensor};
-use moe_kernels::{batched_matmul, rotary, softmax};
+use burn::tensor::{Device, Int, Tensor};
+use moe_kernels::{batched_matmul, causal_softmax, rotary};
 
 use crate::dropout::apply_dropout;
 use crate::init::linear;
@@ -115,10 +115,8 @@ impl CausalSelfAttention {
             per_head(key).swap_dims(1, 2),
         )
         .reshape([batch, heads, length, key_positions]);
-        let future = causal_mask(start, length, key_positions, &scores.device())
-            .unsqueeze_dims::<4>(&[0, 1])
-            .expand([batch, heads, length, key_positions]);
-        let weights = softmax(scores.mask_fill(future, f32::NEG_INFINITY), 3);
+        // Query `i` is position `start + i` and sees the keys up to it.
+        let weights = causal_softmax(scores, start);
         let weights = apply_dropout(&self.dropout, weights);
         let context = batched_matmul(per_head(weights), per_head(value))
             .reshape([batch, heads, length, head_dim])
@@ -153,16 +151,4 @@ fn rotation_tables(
 fn per_head(t: Tensor<4>) -> Tensor<3> {
     let [batch, heads, rows, columns] = t.dims();
     t.reshape([batch * heads, rows, columns])
-}
-
-/// `true` where key position `j` lies in the future of query `i` (absolute position
-/// `start + i`), `[queries, keys]`. Built on the device.
-fn causal_mask(start: usize, queries: usize, keys: usize, device: &Device) -> Tensor<2, Bool> {
-    let query_positions = Tensor::<1, Int>::arange(start as i64..(start + queries) as i64, device)
-        .unsqueeze_dim::<2>(1)
-        .expand([queries, keys]);
-    let key_positions = Tensor::<1, Int>::arange(0..keys as i64, device)
-        .unsqueeze_dim::<2>(0)
-        .expand([queries, keys]);
-    key_positions.greater(query_positions)
 }

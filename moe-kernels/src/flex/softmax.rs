@@ -4,6 +4,8 @@
 //! split over the cores with rayon; `f32` is vectorised with [`crate::math::exp_nonpositive`],
 //! `f64` uses libm's `exp`, half precisions the composed ops.
 
+use std::mem::MaybeUninit;
+
 use burn::backend::flex::{Flex, FlexTensor};
 use burn::backend::TensorMetadata;
 use burn::tensor::{DType, TensorData};
@@ -11,11 +13,11 @@ use rayon::prelude::*;
 
 use crate::math;
 use crate::softmax::{
-    composed_log_softmax, composed_log_softmax_backward, composed_softmax,
+    composed_causal_softmax, composed_log_softmax, composed_log_softmax_backward, composed_softmax,
     composed_softmax_backward, SoftmaxBackend,
 };
 
-use super::{contiguous, Float};
+use super::{contiguous, written_rows, Float};
 
 /// Elements per rayon task (whole rows, at least one).
 const CHUNK: usize = 1 << 15;
@@ -40,6 +42,14 @@ impl SoftmaxBackend for Flex {
             DType::F32 => rows(y, Some(grad), softmax_backward_rows_f32),
             DType::F64 => rows(y, Some(grad), softmax_backward_rows_f64),
             _ => composed_softmax_backward::<Flex>(y, grad),
+        }
+    }
+
+    fn causal_softmax_last(x: FlexTensor, offset: usize) -> FlexTensor {
+        match x.dtype() {
+            DType::F32 => causal_rows(x, offset, softmax_rows_f32),
+            DType::F64 => causal_rows(x, offset, softmax_rows_f64),
+            _ => composed_causal_softmax::<Flex>(x, offset),
         }
     }
 
@@ -104,6 +114,30 @@ fn rows<E: Float>(
             };
             kernel(&input[start..end], other, out, row);
         });
+    FlexTensor::from_data(TensorData::new(output, shape))
+}
+
+/// `kernel` applied to the visible prefix of each row of `x: [.., queries, keys]` (keys
+/// `0..=query + offset`), zeros after it, rows split over the cores.
+fn causal_rows<E: Float>(x: FlexTensor, offset: usize, kernel: RowKernel<E>) -> FlexTensor {
+    let shape = x.shape();
+    let rank = shape.num_dims();
+    let (queries, keys) = (shape[rank - 2], shape[rank - 1]);
+    let x = contiguous::<E>(x);
+    let input = x.as_slice::<E>().expect("contiguous after `contiguous`");
+    let rows = if keys == 0 { 0 } else { input.len() / keys };
+    let block = (CHUNK / keys.max(1)).max(1);
+    let output = written_rows::<E>(rows, keys, block, |first, out| {
+        for (within, out) in out.chunks_exact_mut(keys).enumerate() {
+            let row = first + within;
+            let visible = (row % queries + offset + 1).min(keys);
+            out.fill(MaybeUninit::new(E::ZERO));
+            // SAFETY: every element was just initialised, and `MaybeUninit<E>` has `E`'s layout.
+            let out = unsafe { &mut *(out as *mut [MaybeUninit<E>] as *mut [E]) };
+            let x = &input[row * keys..row * keys + visible];
+            kernel(x, &[], &mut out[..visible], visible);
+        }
+    });
     FlexTensor::from_data(TensorData::new(output, shape))
 }
 

@@ -172,7 +172,8 @@ pub fn run<T: Task>(
     if options.show_progress {
         say(format!("data: {}", task.describe()));
         say(format!(
-            "model: {} parameters, {} active per token; {} steps of {} x {} sequences",
+            "model: {} parameters, {} active per token; {} steps of {} sequences \
+             (x {} gradient accumulation)",
             parameters.0, parameters.1, steps, config.optim.batch_size, config.optim.grad_accum
         ));
     }

@@ -111,7 +111,7 @@ fn forward<E: RowFloat>(x: FlexTensor, gamma: FlexTensor, epsilon: E) -> FlexTen
     let gamma = gamma
         .as_slice::<E>()
         .expect("contiguous after `contiguous`");
-    let rows = if n == 0 { 0 } else { input.len() / n };
+    let rows = input.len().checked_div(n).unwrap_or(0);
     let output = written_rows::<E>(rows, n, block, |first, out| {
         for (offset, out) in out.chunks_exact_mut(n).enumerate() {
             let x = &input[(first + offset) * n..(first + offset + 1) * n];
@@ -142,7 +142,7 @@ fn backward<E: RowFloat>(
         .as_slice::<E>()
         .expect("contiguous after `contiguous`");
     let grad = grad.as_slice::<E>().expect("contiguous after `contiguous`");
-    let rows = if n == 0 { 0 } else { input.len() / n };
+    let rows = input.len().checked_div(n).unwrap_or(0);
     let tasks = rows.div_ceil(block);
     let mut partials = vec![E::ZERO; tasks * n];
     let mut grad_x = vec![E::ZERO; rows * n];

@@ -39,7 +39,7 @@ fn rotate<E: Float>(x: FlexTensor, cos: FlexTensor, sin: FlexTensor) -> FlexTens
     let input = x.as_slice::<E>().expect("contiguous after `contiguous`");
     let cos = cos.as_slice::<E>().expect("contiguous after `contiguous`");
     let sin = sin.as_slice::<E>().expect("contiguous after `contiguous`");
-    let rows = if row == 0 { 0 } else { input.len() / row };
+    let rows = input.len().checked_div(row).unwrap_or(0);
     let block = (CHUNK / row.max(1)).max(1);
     let output = written_rows::<E>(rows, row, block, |first, out| {
         for (offset, out) in out.chunks_exact_mut(row).enumerate() {

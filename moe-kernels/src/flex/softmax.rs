@@ -125,7 +125,7 @@ fn causal_rows<E: Float>(x: FlexTensor, offset: usize, kernel: RowKernel<E>) -> 
     let (queries, keys) = (shape[rank - 2], shape[rank - 1]);
     let x = contiguous::<E>(x);
     let input = x.as_slice::<E>().expect("contiguous after `contiguous`");
-    let rows = if keys == 0 { 0 } else { input.len() / keys };
+    let rows = input.len().checked_div(keys).unwrap_or(0);
     let block = (CHUNK / keys.max(1)).max(1);
     let output = written_rows::<E>(rows, keys, block, |first, out| {
         for (within, out) in out.chunks_exact_mut(keys).enumerate() {

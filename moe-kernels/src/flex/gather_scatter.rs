@@ -20,7 +20,7 @@ use crate::gather_scatter::{
     GatherScatterBackend,
 };
 
-use super::{contiguous, written_rows, Float};
+use super::{contiguous, rows_per_task, written_rows, Float};
 
 /// Elements per rayon task (whole rows, at least one).
 const CHUNK: usize = 1 << 14;
@@ -100,18 +100,13 @@ fn matrix<E: Float>(tensor: &FlexTensor) -> (&[E], usize) {
     (data, row)
 }
 
-/// Rows per rayon task for rows of `row` elements.
-fn rows_per_task(row: usize) -> usize {
-    (CHUNK / row.max(1)).max(1)
-}
-
 /// `y[s] = x[index[s]]`.
 fn gather<E: Float>(x: FlexTensor, index: FlexTensor) -> FlexTensor {
     let x = contiguous::<E>(x);
     let (data, row) = matrix::<E>(&x);
     let tokens = x.shape()[0];
     let index = row_index(index, tokens);
-    let output = written_rows::<E>(index.len(), row, rows_per_task(row), |first, out| {
+    let output = written_rows::<E>(index.len(), row, rows_per_task(row, CHUNK), |first, out| {
         for (out_row, &token) in out.chunks_mut(row.max(1)).zip(&index[first..]) {
             let source = &data[token * row..(token + 1) * row];
             for (o, &v) in out_row.iter_mut().zip(source) {
@@ -188,7 +183,7 @@ fn combine_backward<E: Float>(
     let mut grad_values: Vec<E> = Vec::with_capacity(len);
     let mut grad_weight = vec![E::ZERO; slots];
     if len > 0 {
-        let block = rows_per_task(row);
+        let block = rows_per_task(row, CHUNK);
         grad_values.spare_capacity_mut()[..len]
             .par_chunks_mut(block * row)
             .zip(grad_weight.par_chunks_mut(block))

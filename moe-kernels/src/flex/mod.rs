@@ -55,6 +55,12 @@ impl Float for f64 {
     const ZERO: Self = 0.0;
 }
 
+/// Whole rows of `row` elements per rayon task, for tasks of about `chunk` elements (at least
+/// one row).
+fn rows_per_task(row: usize, chunk: usize) -> usize {
+    (chunk / row.max(1)).max(1)
+}
+
 /// A `[rows, row]` buffer whose blocks of `block` whole rows `fill(first_row, block)` writes in
 /// parallel; `fill` must write every element of its block.
 fn written_rows<E: Float>(

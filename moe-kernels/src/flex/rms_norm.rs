@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use crate::rms_norm::{composed_rms_norm, composed_rms_norm_backward, RmsNormBackend};
 
-use super::{contiguous, written_rows, Float};
+use super::{contiguous, rows_per_task, written_rows, Float};
 
 /// Elements per rayon task (whole rows, at least one).
 const CHUNK: usize = 1 << 15;
@@ -100,7 +100,7 @@ fn inverse_rms<E: RowFloat>(x: &[E], epsilon: E) -> E {
 /// The rows' length and how many rows a task takes.
 fn row_blocks(shape: &burn::tensor::Shape) -> (usize, usize) {
     let n = shape[shape.num_dims() - 1];
-    (n, (CHUNK / n.max(1)).max(1))
+    (n, rows_per_task(n, CHUNK))
 }
 
 fn forward<E: RowFloat>(x: FlexTensor, gamma: FlexTensor, epsilon: E) -> FlexTensor {

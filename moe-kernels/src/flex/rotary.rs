@@ -7,7 +7,7 @@ use burn::tensor::{DType, TensorData};
 
 use crate::rotary::{composed_rotate_pairs, RotaryBackend};
 
-use super::{contiguous, written_rows, Float};
+use super::{contiguous, rows_per_task, written_rows, Float};
 
 /// Elements per rayon task (whole rows, at least one).
 const CHUNK: usize = 1 << 15;
@@ -40,7 +40,7 @@ fn rotate<E: Float>(x: FlexTensor, cos: FlexTensor, sin: FlexTensor) -> FlexTens
     let cos = cos.as_slice::<E>().expect("contiguous after `contiguous`");
     let sin = sin.as_slice::<E>().expect("contiguous after `contiguous`");
     let rows = input.len().checked_div(row).unwrap_or(0);
-    let block = (CHUNK / row.max(1)).max(1);
+    let block = rows_per_task(row, CHUNK);
     let output = written_rows::<E>(rows, row, block, |first, out| {
         for (offset, out) in out.chunks_exact_mut(row).enumerate() {
             let index = first + offset;

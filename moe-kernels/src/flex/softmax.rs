@@ -17,7 +17,7 @@ use crate::softmax::{
     composed_softmax_backward, SoftmaxBackend,
 };
 
-use super::{contiguous, written_rows, Float};
+use super::{contiguous, rows_per_task, written_rows, Float};
 
 /// Elements per rayon task (whole rows, at least one).
 const CHUNK: usize = 1 << 15;
@@ -100,7 +100,7 @@ fn rows<E: Float>(
     if row == 0 {
         return FlexTensor::from_data(TensorData::new(output, shape));
     }
-    let block = row * (CHUNK / row).max(1);
+    let block = row * rows_per_task(row, CHUNK);
     output
         .par_chunks_mut(block)
         .enumerate()
@@ -126,7 +126,7 @@ fn causal_rows<E: Float>(x: FlexTensor, offset: usize, kernel: RowKernel<E>) -> 
     let x = contiguous::<E>(x);
     let input = x.as_slice::<E>().expect("contiguous after `contiguous`");
     let rows = input.len().checked_div(keys).unwrap_or(0);
-    let block = (CHUNK / keys.max(1)).max(1);
+    let block = rows_per_task(keys, CHUNK);
     let output = written_rows::<E>(rows, keys, block, |first, out| {
         for (within, out) in out.chunks_exact_mut(keys).enumerate() {
             let row = first + within;

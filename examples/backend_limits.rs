@@ -79,10 +79,14 @@ fn median_ms(device: &Device, repeats: usize, work: impl FnMut()) -> f64 {
 /// Inputs drawn from `N(0, 1)`.
 const NORMAL: Distribution = Distribution::Normal(0.0, 1.0);
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let args = Args::parse();
     // As moe-bench and the trainer do, so that the figures compare.
     burn_moe::train::allocator::reuse_heap_memory();
+    burn_moe::train::threads::run_on_compute_threads(|| run(&args))
+}
+
+fn run(args: &Args) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let device = select_and_report(args.backend, Precision::F32)?.device;
     device.seed(0);
     let parts = if args.part.is_empty() {
@@ -92,12 +96,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     for part in parts {
         match part {
-            1 => element_wise(&device, &args),
-            2 => expert_batch(&device, &args),
-            3 => gelu_forms(&device, &args)?,
-            4 => layer_breakdown(&device, &args)?,
-            5 => weight_traffic(&args),
-            6 => dispatch_and_combine(&device, &args),
+            1 => element_wise(&device, args),
+            2 => expert_batch(&device, args),
+            3 => gelu_forms(&device, args)?,
+            4 => layer_breakdown(&device, args)?,
+            5 => weight_traffic(args),
+            6 => dispatch_and_combine(&device, args),
             _ => return Err(format!("--part {part}: the parts are 1 to 6").into()),
         }
     }
@@ -213,7 +217,10 @@ fn expert_batch(device: &Device, args: &Args) {
 }
 
 /// Part 3: Burn's GELU, the composed exact GELU and moe-core's fused one.
-fn gelu_forms(device: &Device, args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+fn gelu_forms(
+    device: &Device,
+    args: &Args,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let normal = NORMAL;
     println!("\n3. GELU: gradients against the exact derivative, and costs");
     // d/dx [x Phi(x)] = Phi(x) + x phi(x), from Python's math.erf and math.exp.
@@ -260,7 +267,10 @@ fn gelu_forms(device: &Device, args: &Args) -> Result<(), Box<dyn std::error::Er
 }
 
 /// Part 4: where the time of one W1 layer goes.
-fn layer_breakdown(device: &Device, args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+fn layer_breakdown(
+    device: &Device,
+    args: &Args,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let normal = NORMAL;
     let autodiff = device.clone().autodiff();
     let experts = args.experts;

@@ -7,6 +7,7 @@
 //!
 //! - [`backend`]: `--backend auto|wgpu|ndarray|flex`, the one place where a backend is chosen;
 //! - [`allocator`]: heap reuse for the CPU backends' many large temporary buffers;
+//! - [`threads`]: running the work on the CPU backends' compute threads;
 //! - [`config`]: presets, config files and flags;
 //! - [`corpus`], [`split`], [`tokenizer`], [`data`]: from files to batches;
 //! - [`trainer`]: the loop (AdamW, schedule, clipping, accumulation), with [`schedule`],
@@ -31,6 +32,7 @@ pub mod plots;
 pub mod schedule;
 pub mod split;
 pub mod tasks;
+pub mod threads;
 pub mod tokenizer;
 pub mod trainer;
 

@@ -13,7 +13,8 @@ fn main() -> ExitCode {
     // Large temporary tensors are reused from the heap instead of mmapped afresh each time.
     moe_train::allocator::reuse_heap_memory();
     let cli = Cli::parse();
-    match run(cli) {
+    // The CPU backends' parallel operations then split from inside their thread pool.
+    match moe_train::threads::run_on_compute_threads(|| run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error}");

@@ -22,6 +22,7 @@ use std::process::Command;
 
 use burn_moe::train::backend::{select, Backend, Precision};
 use burn_moe::train::config::Preset;
+use burn_moe::train::threads::run_on_compute_threads;
 use clap::Parser;
 use serde_json::{json, Value};
 
@@ -54,6 +55,11 @@ struct Args {
     /// reuse that `burn-moe` turns on: to measure what heap reuse gives.
     #[arg(long)]
     no_heap_reuse: bool,
+    /// Run the workloads on the main thread, outside the pool of threads the CPU backends split
+    /// their operations over, instead of on one of that pool's threads as `burn-moe` does: to
+    /// measure what that gives.
+    #[arg(long)]
+    main_thread: bool,
     /// Internal: measure W2 for one preset in this process and print its memory.
     #[arg(long, hide = true)]
     w2_child: Option<Preset>,
@@ -62,6 +68,15 @@ struct Args {
 fn main() {
     let args = Args::parse();
     let heap_reuse = !args.no_heap_reuse && burn_moe::train::allocator::reuse_heap_memory();
+    if args.main_thread {
+        bench(&args, heap_reuse);
+    } else {
+        run_on_compute_threads(|| bench(&args, heap_reuse));
+    }
+}
+
+/// Everything but the process-wide settings, which `main` makes first.
+fn bench(args: &Args, heap_reuse: bool) {
     let selected = match select(args.backend, Precision::F32) {
         Ok(selected) => selected,
         Err(error) => {
@@ -83,8 +98,9 @@ fn main() {
 
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
-        "moe-bench on {selected}; {threads} threads; median of {repeats} after {warmup} warm-up (W1: in interleaved rounds); heap reuse {}\n",
-        if heap_reuse { "on" } else { "off" }
+        "moe-bench on {selected}; {threads} threads; median of {repeats} after {warmup} warm-up (W1: in interleaved rounds); heap reuse {}; work on {}\n",
+        if heap_reuse { "on" } else { "off" },
+        if args.main_thread { "the main thread" } else { "a compute thread" }
     );
     let experts: Vec<usize> = if args.quick {
         vec![4, 8, 64]
@@ -149,7 +165,7 @@ fn main() {
         vec![Preset::Tiny, Preset::Small]
     };
     for preset in presets {
-        match w2_in_child(&args, preset) {
+        match w2_in_child(args, preset) {
             Ok(row) => {
                 println!(
                     "{:<6} {:>9} params {:>9} active {:>6} tokens {:>9.1} ms {:>9.0} tokens/s  peak RSS {:>6.0} MB (estimate {:.0} MB + runtime {:.0} MB)",
@@ -235,6 +251,7 @@ fn main() {
     output["backend"] = json!(selected.to_string());
     output["threads"] = json!(threads);
     output["heap_reuse"] = json!(heap_reuse);
+    output["on_compute_thread"] = json!(!args.main_thread);
     output["quick"] = json!(args.quick);
     output["w1"] = json!(w1);
     output["w2"] = json!(w2);
@@ -303,6 +320,9 @@ fn w2_in_child(args: &Args, preset: Preset) -> Result<StepRow, String> {
     }
     if args.no_heap_reuse {
         command.arg("--no-heap-reuse");
+    }
+    if args.main_thread {
+        command.arg("--main-thread");
     }
     let output = command.output().map_err(|e| e.to_string())?;
     if !output.status.success() {

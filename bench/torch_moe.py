@@ -12,14 +12,16 @@ Times, on the CPU, with the same shapes, dtype (f32) and thread count as `moe-be
 - W2: one training step (forward, backward, AdamW) of a transformer shaped like burn-moe's
   `tiny` and `small` presets, with the "sorted" MoE layers.
 
-Prints one JSON object on stdout (or writes it to --json). Written for burn-moe; see
-bench/README.md for the set-up.
+Prints one JSON object on stdout (or writes it to --json). With --serve it answers
+moe-bench's requests one run at a time instead, so that moe-bench can alternate PyTorch's runs
+with its own. Written for burn-moe; see bench/README.md for the set-up.
 """
 
 import argparse
 import json
 import math
 import statistics
+import sys
 import time
 
 import torch
@@ -116,18 +118,19 @@ class Moe(torch.nn.Module):
         return out, aux
 
 
-def w1(args):
-    rows = []
+def w1_cases(args):
+    """W1's configurations as (row, step): `row` names the configuration, `step` runs one
+    forward + backward pass."""
+    cases = []
     x0 = torch.randn(TOKENS, D_MODEL)
     for top_k in (1, 2):
         dense = Experts(1, D_MODEL, top_k * D_HIDDEN)
 
-        def dense_step():
+        def dense_step(dense=dense):
             x = x0.clone().requires_grad_()
             dense.one(0, x).mean().backward()
 
-        t = median_seconds(dense_step, args.warmup, args.repeats)
-        rows.append({"form": "dense", "experts": 1, "top_k": top_k, "capacity": "-", "seconds": t, "tokens_per_second": TOKENS / t})
+        cases.append(({"form": "dense", "experts": 1, "top_k": top_k, "capacity": "-"}, dense_step))
         for experts in args.experts:
             if top_k > experts:
                 continue
@@ -136,13 +139,20 @@ def w1(args):
                 for form in ("loop", "sorted"):
                     moe = Moe(experts, top_k, capacity_factor=factor, form=form)
 
-                    def moe_step():
+                    def moe_step(moe=moe):
                         x = x0.clone().requires_grad_()
                         out, aux = moe(x)
                         (out.mean() + 0.01 * aux).backward()
 
-                    t = median_seconds(moe_step, args.warmup, args.repeats)
-                    rows.append({"form": form, "experts": experts, "top_k": top_k, "capacity": capacity, "seconds": t, "tokens_per_second": TOKENS / t})
+                    cases.append(({"form": form, "experts": experts, "top_k": top_k, "capacity": capacity}, moe_step))
+    return cases
+
+
+def w1(args):
+    rows = []
+    for row, step in w1_cases(args):
+        t = median_seconds(step, args.warmup, args.repeats)
+        rows.append(dict(row, seconds=t, tokens_per_second=TOKENS / t))
     return rows
 
 
@@ -212,30 +222,60 @@ class Model(torch.nn.Module):
         return self.norm(x) @ self.embedding.weight.t(), aux
 
 
+PRESETS = {
+    "tiny": dict(d_model=128, layers=4, heads=4, context=64, d_ff=512, experts=4, top_k=2, expert_hidden=256, moe_every=2, batch=16),
+    "small": dict(d_model=256, layers=6, heads=8, context=128, d_ff=1024, experts=8, top_k=2, expert_hidden=512, moe_every=2, batch=32),
+}
+
+
+def w2_row(name, vocab, warmup, repeats):
+    """W2 for one preset: the median training step."""
+    preset = PRESETS[name]
+    model = Model(preset, vocab)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    ids = torch.randint(0, vocab, (preset["batch"], preset["context"]))
+    targets = torch.randint(0, vocab, (preset["batch"], preset["context"]))
+
+    def step():
+        optimizer.zero_grad()
+        logits, aux = model(ids)
+        loss = F.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1)) + 0.01 * aux
+        loss.backward()
+        optimizer.step()
+
+    t = median_seconds(step, warmup, repeats)
+    tokens = preset["batch"] * preset["context"]
+    return {"preset": name, "seconds": t, "tokens_per_second": tokens / t, "parameters": sum(p.numel() for p in model.parameters())}
+
+
 def w2(args):
-    presets = {
-        "tiny": dict(d_model=128, layers=4, heads=4, context=64, d_ff=512, experts=4, top_k=2, expert_hidden=256, moe_every=2, batch=16),
-        "small": dict(d_model=256, layers=6, heads=8, context=128, d_ff=1024, experts=8, top_k=2, expert_hidden=512, moe_every=2, batch=32),
-    }
-    rows = []
-    for name in args.presets:
-        preset = presets[name]
-        model = Model(preset, args.vocab)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-        ids = torch.randint(0, args.vocab, (preset["batch"], preset["context"]))
-        targets = torch.randint(0, args.vocab, (preset["batch"], preset["context"]))
+    return [w2_row(name, args.vocab, args.warmup, args.repeats) for name in args.presets]
 
-        def step():
-            optimizer.zero_grad()
-            logits, aux = model(ids)
-            loss = F.cross_entropy(logits.reshape(-1, args.vocab), targets.reshape(-1)) + 0.01 * aux
-            loss.backward()
-            optimizer.step()
 
-        t = median_seconds(step, args.warmup, args.repeats)
-        tokens = preset["batch"] * preset["context"]
-        rows.append({"preset": name, "seconds": t, "tokens_per_second": tokens / t, "parameters": sum(p.numel() for p in model.parameters())})
-    return rows
+def serve(args):
+    """Answers moe-bench on stdin/stdout, so that its runs and ours alternate.
+
+    Builds W1's configurations, prints one JSON line (torch version, threads, the
+    configurations), then answers each line it reads: `w1 I` runs configuration I once and
+    prints its seconds; `w2 PRESET WARMUP REPEATS` prints W2's JSON row for the preset; `quit`
+    (or the end of stdin) stops.
+    """
+    cases = w1_cases(args)
+    header = {"torch": torch.__version__, "threads": torch.get_num_threads(), "w1": [row for row, _ in cases]}
+    print(json.dumps(header), flush=True)
+    for line in sys.stdin:
+        words = line.split()
+        if not words or words[0] == "quit":
+            break
+        if words[0] == "w1":
+            step = cases[int(words[1])][1]
+            start = time.perf_counter()
+            step()
+            print(time.perf_counter() - start, flush=True)
+        elif words[0] == "w2":
+            print(json.dumps(w2_row(words[1], args.vocab, int(words[2]), int(words[3]))), flush=True)
+        else:
+            print(json.dumps({"error": "unknown request " + line.strip()}), flush=True)
 
 
 def main():
@@ -247,9 +287,13 @@ def main():
     parser.add_argument("--presets", nargs="*", default=["tiny", "small"])
     parser.add_argument("--vocab", type=int, default=4500)
     parser.add_argument("--json")
+    parser.add_argument("--serve", action="store_true", help="answer moe-bench's requests on stdin (see serve())")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.serve:
+        serve(args)
+        return
     result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "w1": w1(args), "w2": w2(args)}
     text = json.dumps(result, indent=1)
     if args.json:

@@ -1,5 +1,7 @@
 //! Smoke test of `moe-bench --quick`: it still runs, prints every row and writes every figure.
-//! It checks shapes and completeness, never speed (BENCHMARKS.md holds the timings).
+//! It checks shapes and completeness, never speed (BENCHMARKS.md holds the timings). PyTorch's
+//! side is a stand-in for `bench/torch_moe.py --serve` that answers with fixed times, so the
+//! exchange with the script and the ratios built from it are checked without torch.
 
 use std::process::Command;
 
@@ -10,15 +12,61 @@ use serde_json::Value;
 /// out); W3 for the dense shape and the two E=8 top-2 buffers.
 const QUICK_EXPERTS: [u64; 3] = [4, 8, 64];
 
+/// Seconds the stand-in reports for a W1 run: the first run of each configuration (the quick
+/// run's warm-up round) is `WARMUP_SECONDS`, every later one `MEASURED_SECONDS`.
+const WARMUP_SECONDS: f64 = 9.0;
+const MEASURED_SECONDS: f64 = 0.5;
+/// Tokens per second the stand-in reports for W2.
+const STEP_TOKENS_PER_SECOND: f64 = 2048.0;
+
+/// A "python" that ignores the script it is given and speaks its `--serve` protocol: two W1
+/// configurations (the top-1 dense FFN and E=4 top-1 dropless in the sorted form), then
+/// answers until `quit`.
+#[cfg(unix)]
+fn stand_in_python(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("fake-python");
+    let script = format!(
+        r#"#!/bin/sh
+echo '{{"torch": "stand-in", "threads": 2, "w1": [{{"form": "dense", "experts": 1, "top_k": 1, "capacity": "-"}}, {{"form": "sorted", "experts": 4, "top_k": 1, "capacity": "dropless"}}]}}'
+while read request a b c; do
+  case "$request" in
+    w1)
+      eval "seen=\${{seen_$a:-0}}"
+      if [ "$seen" = 0 ]; then echo {WARMUP_SECONDS}; eval "seen_$a=1"; else echo {MEASURED_SECONDS}; fi ;;
+    w2) echo '{{"preset": "'"$a"'", "seconds": 0.5, "tokens_per_second": {STEP_TOKENS_PER_SECOND}, "parameters": 1}}' ;;
+    *) exit 0 ;;
+  esac
+done
+"#
+    );
+    std::fs::write(&path, script).expect("stand-in written");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    path
+}
+
 #[test]
 fn quick_run_prints_and_writes_every_row() {
     let json_path =
         std::env::temp_dir().join(format!("moe-bench-smoke-{}.json", std::process::id()));
-    let output = Command::new(env!("CARGO_BIN_EXE_moe-bench"))
-        .args(["--backend", "flex", "--quick", "--no-torch", "--json"])
-        .arg(&json_path)
-        .output()
-        .expect("moe-bench starts");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_moe-bench"));
+    command
+        .args(["--backend", "flex", "--quick", "--json"])
+        .arg(&json_path);
+    #[cfg(unix)]
+    let stand_in_dir = std::env::temp_dir().join(format!("moe-bench-smoke-{}", std::process::id()));
+    #[cfg(unix)]
+    {
+        std::fs::create_dir_all(&stand_in_dir).expect("temp dir");
+        command
+            .arg("--torch-python")
+            .arg(stand_in_python(&stand_in_dir));
+    }
+    #[cfg(not(unix))]
+    command.arg("--no-torch");
+    let output = command.output().expect("moe-bench starts");
+    #[cfg(unix)]
+    let _ = std::fs::remove_dir_all(&stand_in_dir);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -105,5 +153,54 @@ fn quick_run_prints_and_writes_every_row() {
     assert_eq!(report["p1_moe_efficiency"].as_object().unwrap().len(), 4);
     assert_eq!(report["p2_expert_scaling"].as_object().unwrap().len(), 4);
     assert_eq!(report["p4_gemm_efficiency"].as_object().unwrap().len(), 2);
+    #[cfg(unix)]
+    check_torch_side(&report);
+    #[cfg(not(unix))]
     assert!(stdout.contains("W4: PyTorch not measured: --no-torch"));
+}
+
+/// PyTorch's rows are the stand-in's measured (not warm-up) answers, and P3 divides ours by them.
+#[cfg(unix)]
+fn check_torch_side(report: &Value) {
+    let torch_w1 = report["w4"]["w1"].as_array().expect("PyTorch W1 rows");
+    assert_eq!(torch_w1.len(), 2, "{torch_w1:?}");
+    for row in torch_w1 {
+        assert_eq!(row["seconds"].as_f64(), Some(MEASURED_SECONDS), "{row}");
+    }
+    let ours = |kind: &str, experts: u64, capacity: &str| -> f64 {
+        report["w1"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| {
+                r["kind"] == kind
+                    && r["experts"] == experts
+                    && r["top_k"] == 1
+                    && r["capacity"] == capacity
+            })
+            .and_then(|r| r["tokens_per_second"].as_f64())
+            .expect("our row")
+    };
+    let torch_tokens_per_second = 4096.0 / MEASURED_SECONDS;
+    let p3 = report["p3_vs_pytorch"].as_object().expect("P3");
+    let expect = |key: &str, ours: f64| {
+        let ratio = p3[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no {key} in {p3:?}"));
+        assert!((ratio - ours).abs() < 1e-3, "{key}: {ratio} against {ours}");
+    };
+    expect(
+        "W1_E4_top1_dropless",
+        ours("moe", 4, "dropless") / torch_tokens_per_second,
+    );
+    expect(
+        "W1_dense_hidden1024",
+        ours("dense", 1, "-") / torch_tokens_per_second,
+    );
+    let our_step = report["w2"][0]["tokens_per_second"]
+        .as_f64()
+        .expect("W2 tiny");
+    expect("W2_tiny", our_step / STEP_TOKENS_PER_SECOND);
+    // Only the configurations the script measured have a ratio.
+    assert_eq!(p3.len(), 3, "{p3:?}");
 }

@@ -16,9 +16,11 @@ mod step;
 mod timing;
 mod torch;
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
+use std::rc::Rc;
 
 use burn_moe::train::backend::{select, Backend, Precision};
 use burn_moe::train::config::Preset;
@@ -28,6 +30,7 @@ use serde_json::{json, Value};
 
 use layer::{LayerRow, MatmulRow, D_HIDDEN, D_MODEL, TOKENS};
 use step::StepRow;
+use torch::{TorchLayerRow, TorchResults, TorchServer};
 
 /// Command line.
 #[derive(Debug, Parser)]
@@ -108,6 +111,26 @@ fn bench(args: &Args, heap_reuse: bool) {
         vec![4, 8, 16, 32, 64]
     };
 
+    // W4's PyTorch runs alternate with ours: its script runs beside the benchmark as a server.
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut server = if args.no_torch {
+        Err("--no-torch".to_string())
+    } else {
+        match args
+            .torch_python
+            .clone()
+            .or_else(|| torch::default_python(&root))
+        {
+            Some(python) => {
+                println!("W4: PyTorch eager (bench/torch_moe.py --serve), building its layers ...");
+                TorchServer::start(&python, &root.join("bench/torch_moe.py"), threads, &experts)
+            }
+            None => Err(
+                "no Python with torch: see bench/README.md (or pass --torch-python)".to_string(),
+            ),
+        }
+    };
+
     // W1
     let mut w1: Vec<LayerRow> = Vec::new();
     println!("W1: MoE layer, forward + backward, {TOKENS} tokens, d_model {D_MODEL}, expert hidden {D_HIDDEN}");
@@ -117,6 +140,10 @@ fn bench(args: &Args, heap_reuse: bool) {
     );
     // Every configuration is built first, then timed in rounds (each round runs each once),
     // so that a slow spell of the machine cannot favour one side of a ratio.
+    // PyTorch's W1 times, as its script measures them, and why they stopped if they did.
+    let torch_cases = server.as_ref().map_or(0, |server| server.cases.len());
+    let torch_times = RefCell::new(vec![Vec::new(); torch_cases]);
+    let torch_error = RefCell::new(None);
     let mut cases = Vec::new();
     let mut runs = Vec::new();
     for top_k in [1, 2] {
@@ -131,9 +158,43 @@ fn bench(args: &Args, heap_reuse: bool) {
             }
         }
     }
-    let seconds = timing::interleaved_median_seconds(&device, warmup, repeats, &mut runs);
+    // PyTorch's configurations join the rounds; their times are the ones the script measures.
+    let ours = runs.len();
+    if let Ok(server) = &mut server {
+        let server = Rc::new(RefCell::new(server));
+        for case in 0..torch_cases {
+            let (server, times, error) = (server.clone(), &torch_times, &torch_error);
+            runs.push(Box::new(move || match server.borrow_mut().run_w1(case) {
+                Ok(seconds) => times.borrow_mut()[case].push(seconds),
+                Err(reason) => *error.borrow_mut() = Some(reason),
+            }));
+        }
+    }
+    let mut seconds = timing::interleaved_median_seconds(&device, warmup, repeats, &mut runs);
+    seconds.truncate(ours);
     // The 22 layers' weights (about 2 GB) are not needed by the workloads that follow.
     drop(runs);
+    let mut torch_w1 = Vec::new();
+    if let Some(reason) = torch_error.into_inner() {
+        server = Err(reason);
+    } else if let Ok(server) = &server {
+        for (case, mut times) in server.cases.iter().zip(torch_times.into_inner()) {
+            // The first `warmup` runs were the warm-up rounds.
+            let mut measured = times.split_off(warmup.min(times.len()));
+            measured.sort_by(f64::total_cmp);
+            let Some(&median) = measured.get(measured.len() / 2) else {
+                continue;
+            };
+            torch_w1.push(TorchLayerRow {
+                form: case.form.clone(),
+                experts: case.experts,
+                top_k: case.top_k,
+                capacity: case.capacity.clone(),
+                seconds: median,
+                tokens_per_second: TOKENS as f64 / median,
+            });
+        }
+    }
     for (case, seconds) in cases.iter().zip(seconds) {
         let row = case.row(seconds);
         print_layer(&row);
@@ -164,8 +225,20 @@ fn bench(args: &Args, heap_reuse: bool) {
     } else {
         vec![Preset::Tiny, Preset::Small]
     };
+    let mut torch_w2 = Vec::new();
     for preset in presets {
-        match w2_in_child(args, preset) {
+        // PyTorch's step right after ours.
+        let child = w2_in_child(args, preset);
+        if let Ok(server) = &mut server {
+            match server.w2(&preset_name(preset), warmup, repeats) {
+                Ok(row) => torch_w2.push(row),
+                Err(reason) => println!(
+                    "PyTorch W2 {}: not measured ({reason})",
+                    preset_name(preset)
+                ),
+            }
+        }
+        match child {
             Ok(row) => {
                 println!(
                     "{:<6} {:>9} params {:>9} active {:>6} tokens {:>9.1} ms {:>9.0} tokens/s  peak RSS {:>6.0} MB (estimate {:.0} MB + runtime {:.0} MB)",
@@ -186,30 +259,12 @@ fn bench(args: &Args, heap_reuse: bool) {
     }
 
     // W4
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let torch = if args.no_torch {
-        Err("--no-torch".to_string())
-    } else {
-        match args
-            .torch_python
-            .clone()
-            .or_else(|| torch::default_python(&root))
-        {
-            Some(python) => {
-                println!("\nW4: PyTorch eager (bench/torch_moe.py) ...");
-                torch::run(
-                    &python,
-                    &root.join("bench/torch_moe.py"),
-                    threads,
-                    &experts,
-                    args.quick,
-                )
-            }
-            None => Err(
-                "no Python with torch: see bench/README.md (or pass --torch-python)".to_string(),
-            ),
-        }
-    };
+    let torch = server.map(|server| TorchResults {
+        torch: server.torch.clone(),
+        threads: server.threads,
+        w1: torch_w1,
+        w2: torch_w2,
+    });
     if let Ok(results) = &torch {
         println!("torch {} on {} threads", results.torch, results.threads);
         for row in &results.w1 {

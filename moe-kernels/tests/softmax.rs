@@ -29,7 +29,7 @@ const DTYPES: [(FloatDType, f64); 2] = [(FloatDType::F32, 2e-6), (FloatDType::F6
 fn values(len: usize, row: usize, seed: usize, masked: bool) -> Vec<f64> {
     (0..len)
         .map(|i| {
-            if masked && i % row != 0 && (i * 7 + seed) % 5 == 0 {
+            if masked && i % row != 0 && (i * 7 + seed).is_multiple_of(5) {
                 f64::NEG_INFINITY
             } else {
                 ((i * seed + 3) % 97) as f64 / 4.0 - 12.0

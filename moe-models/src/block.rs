@@ -119,7 +119,7 @@ impl StackSettings {
     /// Whether layer `index` (from 0) is an MoE layer: layers `moe_every - 1`,
     /// `2 * moe_every - 1`, ... (every layer for 1, every other layer for 2, as in GShard).
     pub fn is_moe_layer(&self, index: usize) -> bool {
-        self.moe_every > 0 && (index + 1) % self.moe_every == 0
+        self.moe_every > 0 && (index + 1).is_multiple_of(self.moe_every)
     }
 
     /// Number of MoE layers.

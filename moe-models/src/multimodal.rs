@@ -147,7 +147,7 @@ impl MultimodalMoeTransformerConfig {
         ] {
             check_nonzero(field, value)?;
         }
-        if self.image_size % self.patch_size != 0 {
+        if !self.image_size.is_multiple_of(self.patch_size) {
             return Err(ModelError::PatchDoesNotDivide {
                 image_size: self.image_size,
                 patch_size: self.patch_size,

@@ -190,11 +190,11 @@ pub(crate) fn validate_stack(
     moe_every: usize,
     moe: &MoeConfig,
 ) -> Result<(), ModelError> {
-    if d_model % num_heads != 0 {
+    if !d_model.is_multiple_of(num_heads) {
         return Err(ModelError::HeadsDoNotDivide { d_model, num_heads });
     }
     let head_dim = d_model / num_heads;
-    if positions == PositionKind::Rotary && head_dim % 2 != 0 {
+    if positions == PositionKind::Rotary && !head_dim.is_multiple_of(2) {
         return Err(ModelError::OddHeadDim { head_dim });
     }
     if moe_every > 0 {

@@ -22,11 +22,17 @@
 //! 6. Dispatch and combine of W1's E = 8 top-2 layer (4096 tokens to 8 x 1059 slots and back),
 //!    forward + backward: Burn's `select` and `select_assign` (the composed form moe-core used
 //!    before) against `moe_kernels::{gather_rows, combine_rows}`.
+//! 7. The machine's arithmetic peak against the backend's GEMM, in alternating rounds: a loop of
+//!    independent AVX-512 fused multiply-adds that never touches memory (one thread, then every
+//!    core at once), and the dense FFN's first product `[4096, 512] x [512, 1024]`. What a GEMM
+//!    could reach at that moment, on a machine whose speed moves within minutes. x86-64 with
+//!    AVX-512 only.
 //!
 //! ```sh
 //! cargo run --release --example backend_limits -- --backend flex
 //! cargo run --release --example backend_limits -- --part 4 --experts 64
 //! cargo run --release --example backend_limits -- --part 5 --part 6
+//! cargo run --release --example backend_limits -- --part 7 --repeats 9
 //! ```
 
 use burn::tensor::ops::IndexingUpdateOp;
@@ -55,7 +61,7 @@ struct Args {
     /// Timed runs per figure (the median is printed).
     #[arg(long, default_value_t = 5)]
     repeats: usize,
-    /// Run only this part (1 to 6; repeat the flag for several); all parts by default.
+    /// Run only this part (1 to 7; repeat the flag for several); all parts by default.
     #[arg(long)]
     part: Vec<usize>,
     /// Experts of part 4's layer.
@@ -90,7 +96,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let device = select_and_report(args.backend, Precision::F32)?.device;
     device.seed(0);
     let parts = if args.part.is_empty() {
-        vec![1, 2, 3, 4, 5, 6]
+        vec![1, 2, 3, 4, 5, 6, 7]
     } else {
         args.part.clone()
     };
@@ -102,7 +108,8 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             4 => layer_breakdown(&device, args)?,
             5 => weight_traffic(args),
             6 => dispatch_and_combine(&device, args),
-            _ => return Err(format!("--part {part}: the parts are 1 to 6").into()),
+            7 => arithmetic_peak(&device, args),
+            _ => return Err(format!("--part {part}: the parts are 1 to 7").into()),
         }
     }
     Ok(())
@@ -406,6 +413,134 @@ fn dispatch_and_combine(device: &Device, args: &Args) {
         "   gather_rows + combine_rows (moe-kernels) {fused_ms:8.1} ms  ({:.2}x)",
         composed_ms / fused_ms
     );
+}
+
+/// Part 7: the cores' peak rate of fused multiply-adds against the GEMM, round by round.
+fn arithmetic_peak(device: &Device, args: &Args) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "\n7. arithmetic peak (AVX-512 FMA loop on registers) against the GEMM [{TOKENS}, {D_MODEL}] x [{D_MODEL}, {D_HIDDEN}], alternating rounds"
+    );
+    if !fma::available() {
+        println!("   not measured: needs x86-64 with AVX-512");
+        return;
+    }
+    let a = Tensor::<2>::random([TOKENS, D_MODEL], NORMAL, device);
+    let b = Tensor::<2>::random([D_MODEL, D_HIDDEN], NORMAL, device);
+    let gemm_flops = 2.0 * (TOKENS * D_MODEL * D_HIDDEN) as f64;
+    let gemm = || {
+        let start = std::time::Instant::now();
+        let product = burn_moe::kernels::matmul(a.clone(), b.clone());
+        device.sync().expect("device sync");
+        drop(product);
+        gemm_flops / start.elapsed().as_secs_f64() / 1e9
+    };
+    // One unmeasured round, then `repeats` measured ones.
+    let mut rounds = Vec::new();
+    for round in 0..args.repeats.max(1) + 1 {
+        let one = fma::gflops(1);
+        let all = fma::gflops(threads);
+        let product = gemm();
+        if round > 0 {
+            rounds.push([one, all, product, product / all]);
+        }
+    }
+    let median = |column: usize| {
+        let mut values: Vec<f64> = rounds.iter().map(|round| round[column]).collect();
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    let range = |column: usize| {
+        let values = rounds.iter().map(|round| round[column]);
+        let low = values.clone().fold(f64::INFINITY, f64::min);
+        let high = values.fold(0.0, f64::max);
+        format!("{low:.0} to {high:.0}")
+    };
+    println!(
+        "   FMA peak, 1 thread          {:8.1} GFLOP/s  (rounds: {})",
+        median(0),
+        range(0)
+    );
+    println!(
+        "   FMA peak, {threads} threads at once {:8.1} GFLOP/s  (rounds: {})",
+        median(1),
+        range(1)
+    );
+    println!(
+        "   GEMM, {threads} threads             {:8.1} GFLOP/s  (rounds: {})",
+        median(2),
+        range(2)
+    );
+    println!(
+        "   GEMM / peak, same round     {:8.2}       (rounds: {:.2} to {:.2})",
+        median(3),
+        rounds.iter().map(|r| r[3]).fold(f64::INFINITY, f64::min),
+        rounds.iter().map(|r| r[3]).fold(0.0, f64::max)
+    );
+}
+
+/// A loop of fused multiply-adds on registers alone: the most arithmetic a core can do.
+mod fma {
+    /// Iterations of the loop per thread: 24 x 16 x 2 FLOPs each, about 0.2 s at 100 GFLOP/s.
+    const ITERATIONS: usize = 25_000_000;
+    /// Independent accumulators, enough to cover the FMA latency on two ports.
+    const ACCUMULATORS: usize = 24;
+
+    /// Whether this CPU runs the loop.
+    pub fn available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx512f")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// GFLOP/s of `threads` threads each running the loop at the same time.
+    pub fn gflops(threads: usize) -> f64 {
+        let start = std::time::Instant::now();
+        let sums: Vec<f32> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads).map(|_| scope.spawn(run)).collect();
+            workers
+                .into_iter()
+                .map(|worker| worker.join().expect("FMA thread"))
+                .collect()
+        });
+        std::hint::black_box(sums);
+        let flops = (threads * ITERATIONS * ACCUMULATORS * 16 * 2) as f64;
+        flops / start.elapsed().as_secs_f64() / 1e9
+    }
+
+    fn run() -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if available() {
+            // SAFETY: the CPU has AVX-512 (checked just above).
+            return unsafe { loop_avx512() };
+        }
+        0.0
+    }
+
+    /// `acc = acc * a + b` on 24 vectors of 16 lanes, `ITERATIONS` times.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn loop_avx512() -> f32 {
+        use std::arch::x86_64::*;
+        let a = _mm512_set1_ps(std::hint::black_box(0.999_999));
+        let b = _mm512_set1_ps(std::hint::black_box(1e-6));
+        let mut accumulators = [_mm512_set1_ps(1.0); ACCUMULATORS];
+        for _ in 0..ITERATIONS {
+            for accumulator in accumulators.iter_mut() {
+                *accumulator = _mm512_fmadd_ps(*accumulator, a, b);
+            }
+        }
+        let mut total = _mm512_setzero_ps();
+        for accumulator in accumulators {
+            total = _mm512_add_ps(total, accumulator);
+        }
+        _mm512_reduce_add_ps(total)
+    }
 }
 
 /// The sum of `values`, each thread summing one contiguous part (16 running sums each, so the

@@ -346,7 +346,7 @@ fn weight_traffic(args: &Args) {
         let len = experts * 2 * D_MODEL * D_HIDDEN;
         let weights = vec![1.0f32; len];
         let mut gradient = vec![0.0f32; len];
-        let mut times: Vec<f64> = (0..args.repeats.max(1) + 1)
+        let times: Vec<f64> = (0..args.repeats.max(1) + 1)
             .map(|_| {
                 let start = std::time::Instant::now();
                 let read = streamed_sum(&weights, threads) + streamed_sum(&weights, threads);
@@ -355,8 +355,7 @@ fn weight_traffic(args: &Args) {
             })
             .skip(1)
             .collect();
-        times.sort_by(f64::total_cmp);
-        let ms = times[times.len() / 2];
+        let ms = timing::median(times);
         let megabytes = (len * 4) as f64 / 1e6;
         println!(
             "   E = {experts:>2}: {megabytes:6.0} MB of weights   {ms:8.1} ms  ({:.1} GB/s over the three passes)",
@@ -445,37 +444,32 @@ fn arithmetic_peak(device: &Device, args: &Args) {
             rounds.push([one, all, product, product / all]);
         }
     }
-    let median = |column: usize| {
-        let mut values: Vec<f64> = rounds.iter().map(|round| round[column]).collect();
-        values.sort_by(f64::total_cmp);
-        values[values.len() / 2]
-    };
-    let range = |column: usize| {
+    let median = |column: usize| timing::median(rounds.iter().map(|round| round[column]).collect());
+    let range = |column: usize, decimals: usize| {
         let values = rounds.iter().map(|round| round[column]);
         let low = values.clone().fold(f64::INFINITY, f64::min);
         let high = values.fold(0.0, f64::max);
-        format!("{low:.0} to {high:.0}")
+        format!("{low:.decimals$} to {high:.decimals$}")
     };
     println!(
         "   FMA peak, 1 thread          {:8.1} GFLOP/s  (rounds: {})",
         median(0),
-        range(0)
+        range(0, 0)
     );
     println!(
         "   FMA peak, {threads} threads at once {:8.1} GFLOP/s  (rounds: {})",
         median(1),
-        range(1)
+        range(1, 0)
     );
     println!(
         "   GEMM, {threads} threads             {:8.1} GFLOP/s  (rounds: {})",
         median(2),
-        range(2)
+        range(2, 0)
     );
     println!(
-        "   GEMM / peak, same round     {:8.2}       (rounds: {:.2} to {:.2})",
+        "   GEMM / peak, same round     {:8.2}       (rounds: {})",
         median(3),
-        rounds.iter().map(|r| r[3]).fold(f64::INFINITY, f64::min),
-        rounds.iter().map(|r| r[3]).fold(0.0, f64::max)
+        range(3, 2)
     );
 }
 

@@ -180,11 +180,11 @@ fn bench(args: &Args, heap_reuse: bool) {
     } else if let Ok(server) = &server {
         for (case, mut times) in server.cases.iter().zip(torch_times.into_inner()) {
             // The first `warmup` runs were the warm-up rounds.
-            let mut measured = times.split_off(warmup.min(times.len()));
-            measured.sort_by(f64::total_cmp);
-            let Some(&median) = measured.get(measured.len() / 2) else {
+            let measured = times.split_off(warmup.min(times.len()));
+            if measured.is_empty() {
                 continue;
-            };
+            }
+            let median = timing::median(measured);
             torch_w1.push(TorchLayerRow {
                 form: case.form.clone(),
                 experts: case.experts,

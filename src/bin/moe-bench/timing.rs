@@ -31,11 +31,11 @@ pub fn interleaved_median_seconds(
             }
         }
     }
-    times
-        .into_iter()
-        .map(|mut times| {
-            times.sort_by(f64::total_cmp);
-            times[times.len() / 2]
-        })
-        .collect()
+    times.into_iter().map(median).collect()
+}
+
+/// The middle of `values` (the upper of the two middle ones for an even count); NaN for none.
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }

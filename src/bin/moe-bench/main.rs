@@ -186,10 +186,7 @@ fn bench(args: &Args, heap_reuse: bool) {
             }
             let median = timing::median(measured);
             torch_w1.push(TorchLayerRow {
-                form: case.form.clone(),
-                experts: case.experts,
-                top_k: case.top_k,
-                capacity: case.capacity.clone(),
+                case: case.clone(),
                 seconds: median,
                 tokens_per_second: TOKENS as f64 / median,
             });
@@ -270,10 +267,10 @@ fn bench(args: &Args, heap_reuse: bool) {
         for row in &results.w1 {
             println!(
                 "{:<6} {:>4} {:>3} {:<14} {:>10.1} ms {:>12.0} tokens/s",
-                row.form,
-                row.experts,
-                row.top_k,
-                row.capacity,
+                row.case.form,
+                row.case.experts,
+                row.case.top_k,
+                row.case.capacity,
                 row.seconds * 1e3,
                 row.tokens_per_second
             );
@@ -462,10 +459,10 @@ fn ratios(
                 .w1
                 .iter()
                 .filter(|t| {
-                    t.form != "dense"
-                        && t.experts == row.experts
-                        && t.top_k == row.top_k
-                        && t.capacity == row.capacity
+                    t.case.form != "dense"
+                        && t.case.experts == row.experts
+                        && t.case.top_k == row.top_k
+                        && t.case.capacity == row.capacity
                 })
                 .map(|t| t.tokens_per_second)
                 .fold(0.0, f64::max);
@@ -480,7 +477,7 @@ fn ratios(
             if let Some(t) = torch
                 .w1
                 .iter()
-                .find(|t| t.form == "dense" && t.top_k == row.top_k)
+                .find(|t| t.case.form == "dense" && t.case.top_k == row.top_k)
             {
                 p3.insert(
                     format!("W1_dense_hidden{}", row.top_k * D_HIDDEN),

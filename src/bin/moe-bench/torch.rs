@@ -7,17 +7,12 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use serde::{Deserialize, Serialize};
 
-/// One PyTorch W1 row.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// One PyTorch W1 row: a configuration and its median time.
+#[derive(Debug, Clone, Serialize)]
 pub struct TorchLayerRow {
-    /// "loop", "sorted" or "dense".
-    pub form: String,
-    /// Experts.
-    pub experts: usize,
-    /// Experts per token.
-    pub top_k: usize,
-    /// "dropless", "capacity 1.25" or "-".
-    pub capacity: String,
+    /// The configuration (its fields sit at the row's top level in JSON).
+    #[serde(flatten)]
+    pub case: TorchCase,
     /// Median seconds.
     pub seconds: f64,
     /// Tokens per second.
@@ -37,8 +32,8 @@ pub struct TorchStepRow {
     pub parameters: usize,
 }
 
-/// The script's output.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// PyTorch's side of the benchmark.
+#[derive(Debug, Clone, Serialize)]
 pub struct TorchResults {
     /// torch version.
     pub torch: String,
@@ -57,7 +52,7 @@ pub fn default_python(root: &Path) -> Option<PathBuf> {
 }
 
 /// One of W1's configurations as the script names it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TorchCase {
     /// "loop", "sorted" or "dense".
     pub form: String,

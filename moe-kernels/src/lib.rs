@@ -15,6 +15,10 @@
 //!   alone; on flex one vectorised pass per row and direction (Burn composes five ops and
 //!   flex's `exp` is scalar libm). [`causal_softmax()`]: attention's softmax with the causal
 //!   mask folded in (no mask tensor; flex skips the masked keys).
+//! - [`cross_entropy()`]: `-ln softmax(x)[target]` per row, keeping only the row's
+//!   log-normaliser for its gradient `softmax(x) - one_hot(target)`; no `[rows, classes]`
+//!   log-probabilities forward and no zero-filled one backward, and on flex one pass over the
+//!   rows per direction.
 //! - [`dropout()`]: inverted dropout whose mask is one operation; on flex a single pass of
 //!   counter-based random draws instead of Burn's per-element sampler.
 //! - [`grouped_matmul()`]: one matmul per expert over only the rows that expert filled in the
@@ -39,6 +43,7 @@
 
 mod autodiff;
 pub mod counter_rng;
+pub mod cross_entropy;
 pub mod dropout;
 pub mod gather_scatter;
 pub mod gelu;
@@ -53,6 +58,7 @@ pub mod softmax;
 #[cfg(feature = "flex")]
 mod flex;
 
+pub use cross_entropy::{cross_entropy, CrossEntropyBackend};
 pub use dropout::{dropout, DropoutBackend};
 pub use gather_scatter::{combine_rows, gather_rows, GatherScatterBackend};
 pub use gelu::{gelu, GeluBackend};

@@ -5,7 +5,7 @@ use burn::module::Module;
 use burn::nn::{Embedding, Linear};
 use burn::tensor::{Bool, Device, Int, Tensor};
 use moe_core::{DropPolicy, ExpertConfig, MoeConfig, RoutingStats};
-use moe_kernels::log_softmax;
+use moe_kernels::cross_entropy;
 
 use crate::attention::CausalSelfAttention;
 use crate::block::{DecoderStack, KvCache, StackSettings};
@@ -326,15 +326,21 @@ impl MoeTransformer {
     }
 }
 
-/// Mean of `-log p(target)` over the positions where `mask` is true.
+/// Mean of `-log p(target)` over the positions where `mask` is true, for `logits:
+/// [batch, length, vocab]` and `targets`, `mask: [batch, length]` (one fused
+/// [`moe_kernels::cross_entropy`] over all positions, then the masked mean).
 pub fn masked_cross_entropy(
     logits: Tensor<3>,
     targets: Tensor<2, Int>,
     mask: Tensor<2, Bool>,
 ) -> Tensor<1> {
-    let log_probs = log_softmax(logits, 2);
-    let picked: Tensor<2> = log_probs.gather(2, targets.unsqueeze_dim(2)).squeeze_dim(2);
-    let weights = mask.float();
+    let [batch, length, vocab] = logits.dims();
+    let positions = batch * length;
+    let losses = cross_entropy(
+        logits.reshape([positions, vocab]),
+        targets.reshape([positions]),
+    );
+    let weights = mask.float().reshape([positions]);
     let count = weights.clone().sum().clamp_min(1.0);
-    (picked * weights).sum().neg() / count
+    (losses * weights).sum() / count
 }

@@ -20,7 +20,7 @@ use crate::gather_scatter::{
     GatherScatterBackend,
 };
 
-use super::{contiguous, rows_per_task, written_rows, Float};
+use super::{checked_indices, contiguous, rows_per_task, written_rows, Float};
 
 /// Elements per rayon task (whole rows, at least one).
 const CHUNK: usize = 1 << 14;
@@ -70,26 +70,6 @@ impl GatherScatterBackend for Flex {
     }
 }
 
-/// The index as row numbers, each checked against `rows` (flex tensors live in host memory,
-/// so this waits for nothing).
-///
-/// # Panics
-///
-/// If an index is negative or not below `rows`, as Burn's `select` does.
-fn row_index(index: FlexTensor, rows: usize) -> Vec<usize> {
-    index
-        .into_data()
-        .iter::<i64>()
-        .map(|row| {
-            assert!(
-                (0..rows as i64).contains(&row),
-                "row index {row} is out of range for {rows} rows"
-            );
-            row as usize
-        })
-        .collect()
-}
-
 /// A matrix's data as one contiguous row-major slice, with its row length.
 fn matrix<E: Float>(tensor: &FlexTensor) -> (&[E], usize) {
     let shape = tensor.shape();
@@ -105,7 +85,7 @@ fn gather<E: Float>(x: FlexTensor, index: FlexTensor) -> FlexTensor {
     let x = contiguous::<E>(x);
     let (data, row) = matrix::<E>(&x);
     let tokens = x.shape()[0];
-    let index = row_index(index, tokens);
+    let index = checked_indices(index, tokens, "row index", "rows");
     let output = written_rows::<E>(index.len(), row, rows_per_task(row, CHUNK), |first, out| {
         for (out_row, &token) in out.chunks_mut(row.max(1)).zip(&index[first..]) {
             let source = &data[token * row..(token + 1) * row];
@@ -128,7 +108,7 @@ fn scatter_add<E: Float>(
     let weight = weight.map(contiguous::<E>);
     let (data, row) = matrix::<E>(&values);
     let weights: Option<&[E]> = weight.as_ref().map(|weight| matrix::<E>(weight).0);
-    let index = row_index(index, tokens);
+    let index = checked_indices(index, tokens, "row index", "rows");
     // Every task walks the whole index, so there are a few tasks per core (not one per
     // `CHUNK`): the walks then cost `O(slots x cores)`, not `O(slots x tokens)`.
     let block = tokens.div_ceil(4 * rayon::current_num_threads()).max(1);
@@ -176,7 +156,7 @@ fn combine_backward<E: Float>(
     let (grad_data, row) = matrix::<E>(&grad);
     let (value_data, _) = matrix::<E>(&values);
     let (weights, _) = matrix::<E>(&weight);
-    let index = row_index(index, grad.shape()[0]);
+    let index = checked_indices(index, grad.shape()[0], "row index", "rows");
     let slots = index.len();
 
     let len = slots * row;

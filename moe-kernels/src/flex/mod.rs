@@ -83,6 +83,32 @@ fn written_rows<E: Float>(
     output
 }
 
+/// The values of an index tensor as positions, each checked to be below `bound` (flex tensors
+/// live in host memory, so this waits for nothing).
+///
+/// # Panics
+///
+/// If a value is negative or not below `bound`: "`{what} {value} is out of range for {bound}
+/// {of}`", as Burn's `select` and `gather` refuse such an index.
+fn checked_indices(
+    index: burn::backend::flex::FlexTensor,
+    bound: usize,
+    what: &str,
+    of: &str,
+) -> Vec<usize> {
+    index
+        .into_data()
+        .iter::<i64>()
+        .map(|value| {
+            assert!(
+                (0..bound as i64).contains(&value),
+                "{what} {value} is out of range for {bound} {of}"
+            );
+            value as usize
+        })
+        .collect()
+}
+
 /// `x` with a layout that is one contiguous run of its storage (copied only if it is not).
 fn contiguous<E: Float>(x: burn::backend::flex::FlexTensor) -> burn::backend::flex::FlexTensor {
     if x.as_slice::<E>().is_some() {
@@ -93,6 +119,7 @@ fn contiguous<E: Float>(x: burn::backend::flex::FlexTensor) -> burn::backend::fl
 }
 
 mod activations;
+mod cross_entropy;
 mod dropout;
 mod gather_scatter;
 mod grouped_matmul;

@@ -143,7 +143,7 @@ fn causal_rows<E: Float>(x: FlexTensor, offset: usize, kernel: RowKernel<E>) -> 
 
 /// `max` of a row, ignoring NaN (a NaN still reaches the output through `x - max`).
 #[inline(always)]
-fn row_max(x: &[f32]) -> f32 {
+pub(super) fn row_max(x: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let mut chunks = x.chunks_exact(LANES);
     for chunk in &mut chunks {
@@ -214,7 +214,7 @@ vectorised! {
 
 /// `e^{x - max}`, keeping a NaN (which [`math::exp_nonpositive`] would map to 0).
 #[inline(always)]
-fn exp_shifted(x: f32, max: f32) -> f32 {
+pub(super) fn exp_shifted(x: f32, max: f32) -> f32 {
     let shifted = x - max;
     if shifted.is_nan() {
         shifted
@@ -225,7 +225,7 @@ fn exp_shifted(x: f32, max: f32) -> f32 {
 
 /// `Σ e^{x - max}` of a row, in `LANES` partial sums.
 #[inline(always)]
-fn row_exp_sum(x: &[f32], max: f32) -> f32 {
+pub(super) fn row_exp_sum(x: &[f32], max: f32) -> f32 {
     let mut lanes = [0.0f32; LANES];
     let mut chunks = x.chunks_exact(LANES);
     for chunk in &mut chunks {

@@ -53,7 +53,8 @@ pub fn preset_config(preset: Preset) -> (TrainConfig, MoeTransformerConfig) {
 ///   `2 * N * d + 2 * N * d_ff`; an MoE layer keeps the dispatched buffer, hidden pre/post and
 ///   the expert output for `E * C` slots (`2 * E * C * (d + h)`) plus the router's `[N, E]`
 ///   tensors (about 8 of them) and its input/output `2 * N * d`;
-/// - the logits, their log-softmax and its gradient: `3 * N * V`.
+/// - the logits and their gradient: `2 * N * V` (the fused cross-entropy keeps no
+///   log-probabilities).
 pub fn estimate_bytes(train: &TrainConfig, model: &MoeTransformerConfig) -> u64 {
     let parameters = model.parameter_count().total as u64;
     let n = (train.optim.batch_size * model.context_length) as u64;
@@ -77,7 +78,7 @@ pub fn estimate_bytes(train: &TrainConfig, model: &MoeTransformerConfig) -> u64 
     let activations = layers * attention
         + (layers - moe_layers) * dense
         + moe_layers * moe_layer
-        + 3 * n * model.vocab_size as u64;
+        + 2 * n * model.vocab_size as u64;
     4 * (4 * parameters + activations)
 }
 

@@ -11,8 +11,6 @@ use burn_moe::core::{
 };
 use serde::Serialize;
 
-use crate::timing::median_seconds;
-
 /// W1's sizes.
 pub const TOKENS: usize = 4096;
 /// Model width.
@@ -77,6 +75,18 @@ pub struct LayerCase {
     /// Slots per expert of the last pass (set by the pass itself: dropless layers size their
     /// buffer to the busiest expert).
     slots: Rc<Cell<usize>>,
+}
+
+impl LayerCase {
+    /// Whether this is the MoE layer with `experts` experts and `top_k` experts per token.
+    pub fn is_moe(&self, experts: usize, top_k: usize) -> bool {
+        self.kind == "moe" && self.experts == experts && self.top_k == top_k
+    }
+
+    /// Slots per expert of the last pass (0 before the first).
+    pub fn slots(&self) -> usize {
+        self.slots.get()
+    }
 }
 
 /// One forward + backward pass of a W1 configuration.
@@ -178,33 +188,58 @@ pub struct MatmulRow {
     pub gflops: f64,
 }
 
-/// W3: `[batch, rows, inner] x [batch, inner, columns]`, forward only.
-pub fn matmul_row(
+/// One W3 product being timed: its shape, for the row.
+pub struct MatmulCase {
+    batch: usize,
+    rows: usize,
+    inner: usize,
+    columns: usize,
+}
+
+impl MatmulCase {
+    /// The row of this product, given the median seconds of one run.
+    pub fn row(&self, seconds: f64) -> MatmulRow {
+        let Self {
+            batch,
+            rows,
+            inner,
+            columns,
+        } = *self;
+        MatmulRow {
+            batch,
+            rows,
+            inner,
+            columns,
+            seconds,
+            gflops: 2.0 * (batch * rows * inner * columns) as f64 / seconds / 1e9,
+        }
+    }
+}
+
+/// W3: `[batch, rows, inner] x [batch, inner, columns]`, forward only: the case and one run.
+pub fn matmul_case(
     device: &Device,
     batch: usize,
     rows: usize,
     inner: usize,
     columns: usize,
-    warmup: usize,
-    repeats: usize,
-) -> MatmulRow {
+) -> (MatmulCase, LayerRun) {
     let a = Tensor::<3>::random([batch, rows, inner], Distribution::Normal(0.0, 1.0), device);
     let b = Tensor::<3>::random(
         [batch, inner, columns],
         Distribution::Normal(0.0, 1.0),
         device,
     );
-    let seconds = median_seconds(device, warmup, repeats, || {
+    let run = Box::new(move || {
         // Read one element back so that lazy backends really run the product.
         let product = a.clone().matmul(b.clone());
         let _ = product.slice([0..1, 0..1, 0..1]).into_data();
     });
-    MatmulRow {
+    let case = MatmulCase {
         batch,
         rows,
         inner,
         columns,
-        seconds,
-        gflops: 2.0 * (batch * rows * inner * columns) as f64 / seconds / 1e9,
-    }
+    };
+    (case, run)
 }

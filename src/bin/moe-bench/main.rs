@@ -101,7 +101,7 @@ fn bench(args: &Args, heap_reuse: bool) {
 
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
-        "moe-bench on {selected}; {threads} threads; median of {repeats} after {warmup} warm-up (W1: in interleaved rounds); heap reuse {}; work on {}\n",
+        "moe-bench on {selected}; {threads} threads; median of {repeats} after {warmup} warm-up (W1, W3 and PyTorch's W1: in interleaved rounds); heap reuse {}; work on {}\n",
         if heap_reuse { "on" } else { "off" },
         if args.main_thread { "the main thread" } else { "a compute thread" }
     );
@@ -158,6 +158,23 @@ fn bench(args: &Args, heap_reuse: bool) {
             }
         }
     }
+    // W3 joins the rounds too: the dense FFN's first projection, then the E=8 top-2 expert
+    // buffers as one pass of each of those layers sizes them (dropless sizes its buffer to the
+    // busiest expert, so the pass runs once here first).
+    let layers = runs.len();
+    let mut w3_cases = Vec::new();
+    let mut shapes = vec![(1, TOKENS, 2 * D_HIDDEN)];
+    for (case, run) in cases.iter().zip(&mut runs) {
+        if case.is_moe(8, 2) {
+            run();
+            shapes.push((8, case.slots(), D_HIDDEN));
+        }
+    }
+    for (batch, rows, columns) in shapes {
+        let (case, run) = layer::matmul_case(&device, batch, rows, D_MODEL, columns);
+        w3_cases.push(case);
+        runs.push(run);
+    }
     // PyTorch's configurations join the rounds; their times are the ones the script measures.
     let ours = runs.len();
     if let Ok(server) = &mut server {
@@ -172,6 +189,7 @@ fn bench(args: &Args, heap_reuse: bool) {
     }
     let mut seconds = timing::interleaved_median_seconds(&device, warmup, repeats, &mut runs);
     seconds.truncate(ours);
+    let w3_seconds = seconds.split_off(layers);
     // The 22 layers' weights (about 2 GB) are not needed by the workloads that follow.
     drop(runs);
     let mut torch_w1 = Vec::new();
@@ -199,17 +217,10 @@ fn bench(args: &Args, heap_reuse: bool) {
     }
 
     // W3
-    println!("\nW3: the backend's batched matmul at the expert shapes (forward)");
-    // The dense FFN's first projection, then the E=8 top-2 expert buffers as W1 sized them.
-    let mut shapes = vec![(1, TOKENS, 2 * D_HIDDEN)];
-    shapes.extend(
-        w1.iter()
-            .filter(|r| r.kind == "moe" && r.experts == 8 && r.top_k == 2)
-            .map(|r| (r.experts, r.capacity_slots, D_HIDDEN)),
-    );
+    println!("\nW3: the backend's batched matmul at the expert shapes (forward, in W1's rounds)");
     let mut w3: Vec<MatmulRow> = Vec::new();
-    for (batch, rows, columns) in shapes {
-        let row = layer::matmul_row(&device, batch, rows, D_MODEL, columns, warmup, repeats);
+    for (case, seconds) in w3_cases.iter().zip(w3_seconds) {
+        let row = case.row(seconds);
         print_matmul(&row);
         w3.push(row);
     }

@@ -15,6 +15,9 @@
 //!   alone; on flex one vectorised pass per row and direction (Burn composes five ops and
 //!   flex's `exp` is scalar libm). [`causal_softmax()`]: attention's softmax with the causal
 //!   mask folded in (no mask tensor; flex skips the masked keys).
+//! - [`adamw_update()`]: one AdamW step of a parameter (burn-optim's formula and order); on
+//!   flex one parallel pass that writes the parameter and both moments once, instead of a dozen
+//!   element-wise ops on one core.
 //! - [`cross_entropy()`]: `-ln softmax(x)[target]` per row, keeping only the row's
 //!   log-normaliser for its gradient `softmax(x) - one_hot(target)`; no `[rows, classes]`
 //!   log-probabilities forward and no zero-filled one backward, and on flex one pass over the
@@ -41,6 +44,7 @@
 
 #![warn(missing_docs)]
 
+pub mod adamw;
 mod autodiff;
 pub mod counter_rng;
 pub mod cross_entropy;
@@ -58,6 +62,7 @@ pub mod softmax;
 #[cfg(feature = "flex")]
 mod flex;
 
+pub use adamw::{adamw_update, AdamWBackend, AdamWStep};
 pub use cross_entropy::{cross_entropy, CrossEntropyBackend};
 pub use dropout::{dropout, DropoutBackend};
 pub use gather_scatter::{combine_rows, gather_rows, GatherScatterBackend};

@@ -10,6 +10,7 @@
 //! - [`threads`]: running the work on the CPU backends' compute threads;
 //! - [`config`]: presets, config files and flags;
 //! - [`corpus`], [`split`], [`tokenizer`], [`data`]: from files to batches;
+//! - [`optimizer`]: AdamW with a fused update ([`optimizer::FusedAdamW`]).
 //! - [`trainer`]: the loop (AdamW, schedule, clipping, accumulation), with [`schedule`],
 //!   [`clip`], [`checkpoint`], [`metrics`] and [`plots`];
 //! - [`tasks`]: text and digits;
@@ -28,6 +29,7 @@ pub mod corpus;
 pub mod data;
 pub mod error;
 pub mod metrics;
+pub mod optimizer;
 pub mod plots;
 pub mod schedule;
 pub mod split;

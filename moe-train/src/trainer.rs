@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams};
+use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use moe_core::rng::SplitMix64;
@@ -24,6 +24,7 @@ use crate::clip::clip_global_norm;
 use crate::config::{Task as TaskKind, TrainConfig};
 use crate::error::{io, Result};
 use crate::metrics::{self, EvalRow, MetricsLog, Row, TrainRow};
+use crate::optimizer::FusedAdamW;
 use crate::plots;
 use crate::schedule::learning_rate;
 use crate::tasks::digits::DigitsTask;
@@ -139,9 +140,7 @@ pub fn run<T: Task>(
     let seed = config.run.seed;
     device.seed(seed);
     let mut model = task.build_model(&device)?;
-    let mut optimizer = AdamWConfig::new()
-        .with_weight_decay(config.optim.weight_decay as f32)
-        .init();
+    let mut optimizer = FusedAdamW::new(config.optim.weight_decay as f32).init();
     let mut state = TrainingState {
         step: 0,
         data_rng: seed ^ DATA_STREAM,

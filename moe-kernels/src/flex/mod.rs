@@ -119,6 +119,7 @@ fn contiguous<E: Float>(x: burn::backend::flex::FlexTensor) -> burn::backend::fl
 }
 
 mod activations;
+mod adamw;
 mod cross_entropy;
 mod dropout;
 mod gather_scatter;

@@ -2,10 +2,11 @@
 //! a process doing nothing else, against an estimate made by hand.
 
 use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsParams};
+use burn::optim::GradientsParams;
 use burn::tensor::{Device, Distribution, Int, Tensor};
 use burn_moe::models::MoeTransformerConfig;
 use burn_moe::train::config::{Preset, TrainConfig};
+use burn_moe::train::optimizer::FusedAdamW;
 use serde::{Deserialize, Serialize};
 
 use crate::timing::median_seconds;
@@ -107,7 +108,7 @@ pub fn step_row(
     device.seed(3);
     let (train, config) = preset_config(preset);
     let mut model = Some(config.init(&device).expect("valid preset"));
-    let mut optimizer = AdamWConfig::new().with_weight_decay(0.1).init();
+    let mut optimizer = FusedAdamW::new(0.1).init();
     let (ids, targets) = batch(&train, &config, &device);
     let mask = targets.clone().greater_equal_elem(0);
     let seconds = median_seconds(&device, warmup, repeats, || {

@@ -16,7 +16,7 @@ use crate::cross_entropy::{
 };
 
 use super::softmax::{exp_shifted, row_exp_sum, row_max};
-use super::{checked_indices, contiguous, rows_per_task, written_rows, Float};
+use super::{checked_indices, contiguous, matrix, rows_per_task, written_rows, Float};
 
 /// Elements per rayon task (whole rows, at least one).
 const CHUNK: usize = 1 << 15;
@@ -43,15 +43,6 @@ impl CrossEntropyBackend for Flex {
             _ => composed_cross_entropy_backward::<Flex>(logits, lse, targets, grad),
         }
     }
-}
-
-/// A contiguous `[rows, classes]` matrix's data with its row length.
-fn matrix<E: Float>(tensor: &FlexTensor) -> (&[E], usize) {
-    let classes = tensor.shape()[1];
-    let data = tensor
-        .as_slice::<E>()
-        .expect("the kernels are given contiguous tensors");
-    (data, classes)
 }
 
 /// `(x rows, lse out, row length)`: the log-normaliser of each row.

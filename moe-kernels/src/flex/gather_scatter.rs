@@ -20,7 +20,7 @@ use crate::gather_scatter::{
     GatherScatterBackend,
 };
 
-use super::{checked_indices, contiguous, rows_per_task, written_rows, Float};
+use super::{checked_indices, contiguous, matrix, rows_per_task, written_rows, Float};
 
 /// Elements per rayon task (whole rows, at least one).
 const CHUNK: usize = 1 << 14;
@@ -68,16 +68,6 @@ impl GatherScatterBackend for Flex {
             _ => composed_combine_rows_backward::<Flex>(grad, values, weight, index),
         }
     }
-}
-
-/// A matrix's data as one contiguous row-major slice, with its row length.
-fn matrix<E: Float>(tensor: &FlexTensor) -> (&[E], usize) {
-    let shape = tensor.shape();
-    let row = shape[shape.num_dims() - 1];
-    let data = tensor
-        .as_slice::<E>()
-        .expect("the kernels are given contiguous tensors");
-    (data, row)
 }
 
 /// `y[s] = x[index[s]]`.

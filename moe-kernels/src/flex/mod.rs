@@ -109,6 +109,17 @@ fn checked_indices(
         .collect()
 }
 
+/// A matrix's data as one contiguous row-major slice, with its row length.
+fn matrix<E: Float>(tensor: &burn::backend::flex::FlexTensor) -> (&[E], usize) {
+    use burn::backend::TensorMetadata;
+    let shape = tensor.shape();
+    let row = shape[shape.num_dims() - 1];
+    let data = tensor
+        .as_slice::<E>()
+        .expect("the kernels are given contiguous tensors");
+    (data, row)
+}
+
 /// `x` with a layout that is one contiguous run of its storage (copied only if it is not).
 fn contiguous<E: Float>(x: burn::backend::flex::FlexTensor) -> burn::backend::flex::FlexTensor {
     if x.as_slice::<E>().is_some() {

@@ -27,10 +27,12 @@
 //! - [`grouped_matmul()`]: one matmul per expert over only the rows that expert filled in the
 //!   padded `[E, C, K]` buffer, with its gradients; on flex one GEMM per expert, so the padding
 //!   costs nothing (a batched matmul multiplies it too).
-//! - [`matmul()`], [`batched_matmul()`]: dense products (a linear layer's weight; attention
-//!   heads, stacked experts) with their gradients; on flex one GEMM call per matrix whose
-//!   output is written once (flex's own matmul writes it three times) and whose transposed
-//!   operands are strided views.
+//! - [`matmul()`], [`batched_matmul()`], [`multi_head_matmul()`]: dense products (a linear
+//!   layer's weight; stacked experts; attention's heads) with their gradients; on flex one GEMM
+//!   call per matrix whose output is written once (flex's own matmul writes it three times),
+//!   whose operands are read through their strides (transposed or head-split views cost
+//!   nothing) and, for the heads, whose output and gradients are stored as the next operation
+//!   reads them.
 //! - [`gather_rows()`], [`combine_rows()`]: the layer's dispatch (`y[s] = x[index[s]]`) and
 //!   combine (a weighted scatter-add back to the tokens), each with its own backward pass; on
 //!   flex one pass over the rows per direction instead of Burn's `select`/`select_assign` and
@@ -68,7 +70,7 @@ pub use dropout::{dropout, DropoutBackend};
 pub use gather_scatter::{combine_rows, gather_rows, GatherScatterBackend};
 pub use gelu::{gelu, GeluBackend};
 pub use grouped_matmul::{grouped_matmul, GroupedMatmulBackend};
-pub use matmul::{batched_matmul, matmul, MatmulBackend};
+pub use matmul::{batched_matmul, matmul, multi_head_matmul, HeadLayout, MatmulBackend};
 pub use rms_norm::{rms_norm, RmsNormBackend};
 pub use rotary::{rotary, RotaryBackend};
 pub use silu::{silu, SiluBackend};

@@ -1,10 +1,11 @@
-//! `moe_kernels::{matmul, batched_matmul}` on every CPU backend built in, in f32 and f64,
-//! against plain loops on the host: the output and both gradients, for contiguous and
-//! transposed operands, a rank-3 left operand, a product large enough that flex splits its GEMM
-//! over the cores, and batches on both sides of flex's switch to parallel batch entries.
+//! `moe_kernels::{matmul, batched_matmul, multi_head_matmul}` on every CPU backend built in, in
+//! f32 and f64, against plain loops on the host: the output and both gradients, for contiguous
+//! and transposed operands, a rank-3 left operand, a product large enough that flex splits its
+//! GEMM over the cores, batches on both sides of flex's switch to parallel batch entries, and
+//! multi-head products of attention's head-split views stored either way.
 
 use burn::tensor::{Device, FloatDType, Tensor, TensorData};
-use moe_kernels::{batched_matmul, matmul};
+use moe_kernels::{batched_matmul, matmul, multi_head_matmul, HeadLayout};
 
 mod common;
 use common::{assert_close, devices, host, matrix, values, DTYPES};
@@ -124,16 +125,20 @@ fn only_the_tracked_operand_gets_a_gradient() {
     }
 }
 
-/// `[batch, m, k] x [batch, k, n]` on every backend and dtype, contiguous and with both
-/// operands stored transposed.
-fn check_batched([batch, m, k, n]: [usize; 4]) {
+/// The values of `entries` products `[m, k] x [k, n]` and of the loss's gradient, one entry after
+/// the other (`x`, `w`, `g`), with `(y, grad_x, grad_w)` by loops, entry after entry.
+#[allow(clippy::type_complexity)]
+fn batch_of_products(
+    entries: usize,
+    [m, k, n]: [usize; 3],
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, (Vec<f64>, Vec<f64>, Vec<f64>)) {
     let (x_values, w_values, g_values) = (
-        values(batch * m * k, 5),
-        values(batch * k * n, 11),
-        values(batch * m * n, 3),
+        values(entries * m * k, 5),
+        values(entries * k * n, 11),
+        values(entries * m * n, 3),
     );
     let mut expected = (Vec::new(), Vec::new(), Vec::new());
-    for e in 0..batch {
+    for e in 0..entries {
         let (y, grad_x, grad_w) = reference(
             &x_values[e * m * k..(e + 1) * m * k],
             &w_values[e * k * n..(e + 1) * k * n],
@@ -144,6 +149,13 @@ fn check_batched([batch, m, k, n]: [usize; 4]) {
         expected.1.extend(grad_x);
         expected.2.extend(grad_w);
     }
+    (x_values, w_values, g_values, expected)
+}
+
+/// `[batch, m, k] x [batch, k, n]` on every backend and dtype, contiguous and with both
+/// operands stored transposed.
+fn check_batched([batch, m, k, n]: [usize; 4]) {
+    let (x_values, w_values, g_values, expected) = batch_of_products(batch, [m, k, n]);
     // `[batch, rows, columns]`, stored as given or as `[batch, columns, rows]` and viewed back.
     let stack =
         |values: &[f64], [rows, columns]: [usize; 2], transposed, dtype, device: &Device| {
@@ -180,4 +192,108 @@ fn batched_products_match_the_loops() {
     check_batched([1, 3, 4, 5]);
     check_batched([3, 5, 2, 4]);
     check_batched([9, 4, 6, 3]);
+}
+
+/// `[B, H, rows, columns]` from row-major values, stored with its dimensions in `order`
+/// (outermost first) and viewed back: `[0, 2, 1, 3]` is attention's head split of a
+/// `[B, L, H * d]` projection, `[0, 3, 1, 2]` the transposed keys.
+fn stored_as(
+    values: &[f64],
+    shape: [usize; 4],
+    order: [usize; 4],
+    dtype: FloatDType,
+    device: &Device,
+) -> Tensor<4> {
+    let stored_shape = order.map(|dim| shape[dim]);
+    let mut stored = vec![0.0; values.len()];
+    for (flat, &value) in values.iter().enumerate() {
+        // The logical index of `flat`, then its place in storage.
+        let mut index = [0; 4];
+        let mut rest = flat;
+        for dim in (0..4).rev() {
+            index[dim] = rest % shape[dim];
+            rest /= shape[dim];
+        }
+        let place = order
+            .iter()
+            .fold(0, |place, &dim| place * shape[dim] + index[dim]);
+        stored[place] = value;
+    }
+    let mut axes = [0; 4];
+    for (position, &dim) in order.iter().enumerate() {
+        axes[dim] = position;
+    }
+    Tensor::<4>::from_data(TensorData::new(stored, stored_shape), device)
+        .cast(dtype)
+        .permute(axes)
+}
+
+/// `[B, H, m, k] x [B, H, k, n]` on every backend and dtype, with the operands stored row-major
+/// or as attention's views, and the output stored either way.
+fn check_heads([batch, heads, m, k, n]: [usize; 5]) {
+    let (x_values, w_values, g_values, expected) = batch_of_products(batch * heads, [m, k, n]);
+    let row_major = [0, 1, 2, 3];
+    let operand_orders = [
+        (row_major, row_major),
+        // Queries and transposed keys, both split from `[B, L, H * d]`.
+        ([0, 2, 1, 3], [0, 3, 1, 2]),
+        // Attention weights and split values.
+        (row_major, [0, 2, 1, 3]),
+    ];
+    for (backend, device) in devices() {
+        for (dtype, tolerance) in DTYPES {
+            for (x_order, w_order) in operand_orders {
+                for layout in [HeadLayout::Separate, HeadLayout::Merged] {
+                    let what = format!(
+                        "{backend} {dtype:?} [{batch}, {heads}] x stored {x_order:?} w stored \
+                         {w_order:?} output {layout:?}"
+                    );
+                    let x = stored_as(&x_values, [batch, heads, m, k], x_order, dtype, &device)
+                        .require_grad();
+                    let w = stored_as(&w_values, [batch, heads, k, n], w_order, dtype, &device)
+                        .require_grad();
+                    // The gradient arrives as the merged heads' gradient does in attention.
+                    let g = stored_as(
+                        &g_values,
+                        [batch, heads, m, n],
+                        [0, 2, 1, 3],
+                        dtype,
+                        &device,
+                    );
+                    let y = multi_head_matmul(x.clone(), w.clone(), layout);
+                    assert_eq!(y.dims(), [batch, heads, m, n], "{what}: shape");
+                    let grads = (y.clone() * g).sum().backward();
+                    assert_close(
+                        &format!("{what} y"),
+                        &host(y.clone()),
+                        &expected.0,
+                        tolerance,
+                    );
+                    // Merging the heads reads the output in its other order.
+                    let merged = host(y.swap_dims(1, 2).reshape([batch, m, heads * n]));
+                    let mut merged_ref = vec![0.0; merged.len()];
+                    for (e, chunk) in expected.0.chunks(m * n).enumerate() {
+                        let (b, h) = (e / heads, e % heads);
+                        for (i, &value) in chunk.iter().enumerate() {
+                            let (row, column) = (i / n, i % n);
+                            merged_ref[(b * m + row) * heads * n + h * n + column] = value;
+                        }
+                    }
+                    assert_close(&format!("{what} merged"), &merged, &merged_ref, tolerance);
+                    let grad_x = host(x.grad(&grads).expect("x has a gradient"));
+                    let grad_w = host(w.grad(&grads).expect("w has a gradient"));
+                    assert_close(&format!("{what} grad_x"), &grad_x, &expected.1, tolerance);
+                    assert_close(&format!("{what} grad_w"), &grad_w, &expected.2, tolerance);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn multi_head_products_match_the_loops() {
+    // Two entries (one after the other on a 2-core machine), six (in parallel), one head.
+    check_heads([1, 2, 3, 4, 5]);
+    check_heads([2, 3, 4, 2, 3]);
+    check_heads([3, 1, 5, 3, 4]);
 }

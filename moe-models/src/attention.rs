@@ -3,7 +3,7 @@
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Linear, RotaryEncoding, RotaryEncodingConfig};
 use burn::tensor::{Device, Int, Tensor};
-use moe_kernels::{batched_matmul, causal_softmax, rotary};
+use moe_kernels::{causal_softmax, multi_head_matmul, rotary, HeadLayout};
 
 use crate::dropout::apply_dropout;
 use crate::init::linear;
@@ -94,7 +94,9 @@ impl CausalSelfAttention {
             query = rotary(query, cos.clone(), sin.clone());
             key = rotary(key, cos, sin);
         }
-        let query = split(query);
+        // Scaling the queries rather than the scores: the same product, on a tensor
+        // `keys / head_dim` times smaller, and while its rows are contiguous.
+        let query = split(query.div_scalar((head_dim as f64).sqrt()));
         let mut key = split(key);
         if let Some(cache) = cache {
             if let Some(past) = cache.take() {
@@ -106,20 +108,15 @@ impl CausalSelfAttention {
                 value: value.clone(),
             });
         }
-        let key_positions = key.dims()[2];
 
-        // Scaling the queries rather than the scores: the same product, on a tensor
-        // `keys / head_dim` times smaller.
-        let scores = batched_matmul(
-            per_head(query.div_scalar((head_dim as f64).sqrt())),
-            per_head(key).swap_dims(1, 2),
-        )
-        .reshape([batch, heads, length, key_positions]);
+        // The heads stay views of the `[batch, length, d_model]` projections: the products read
+        // them through their strides, the context comes out with each position's heads side
+        // by side, and (on flex) nothing is copied to split or merge the heads.
+        let scores = multi_head_matmul(query, key.swap_dims(2, 3), HeadLayout::Separate);
         // Query `i` is position `start + i` and sees the keys up to it.
         let weights = causal_softmax(scores, start);
         let weights = apply_dropout(&self.dropout, weights);
-        let context = batched_matmul(per_head(weights), per_head(value))
-            .reshape([batch, heads, length, head_dim])
+        let context = multi_head_matmul(weights, value, HeadLayout::Merged)
             .swap_dims(1, 2)
             .reshape([batch, length, d_model]);
         projection::apply(&self.output, context)
@@ -145,10 +142,4 @@ fn rotation_tables(
         angles.clone().cos().repeat_dim(1, heads),
         angles.sin().repeat_dim(1, heads),
     )
-}
-
-/// `[batch, heads, rows, columns]` as one batch of `batch * heads` matrices.
-fn per_head(t: Tensor<4>) -> Tensor<3> {
-    let [batch, heads, rows, columns] = t.dims();
-    t.reshape([batch * heads, rows, columns])
 }

@@ -5,10 +5,15 @@
 //! With at least two experts per core the experts run in parallel, one single-threaded GEMM
 //! each (rayon balances unequal loads by work stealing); with fewer, they run one after the
 //! other and each GEMM is split over the cores, as flex does for one large matmul.
+//!
+//! [`Products`] is the machinery the dense products (`matmul.rs`) share: any number of
+//! products over one or two batch dimensions, operands read through their strides, and the
+//! output written once in the storage order asked for.
 
 use std::mem::MaybeUninit;
 
 use burn::backend::flex::{Flex, FlexTensor};
+use burn::backend::ops::FloatTensorOps;
 use burn::backend::TensorMetadata;
 use burn::tensor::{DType, TensorData};
 use gemm::Parallelism;
@@ -28,9 +33,12 @@ impl GroupedMatmulBackend for Flex {
         let rows = row_counts(rows, slots);
         // Expert e: its first rows[e] rows of x times w[e].
         let products = Products {
-            out_shape: [experts, slots, columns],
-            lhs: Operand::matrix(&x),
-            rhs: Operand::matrix(&w),
+            out_shape: vec![experts, slots, columns],
+            batch: [experts, 1],
+            matrix: [slots, columns],
+            order: ROW_MAJOR,
+            lhs: Operand::new(&x),
+            rhs: Operand::new(&w),
             sizes: rows.iter().map(|&filled| (filled, inner)).collect(),
         };
         products
@@ -44,9 +52,12 @@ impl GroupedMatmulBackend for Flex {
         let rows = row_counts(rows, slots);
         // Expert e: x[e]ᵀ (its first rows[e] rows, transposed) times grad[e]'s first rows[e].
         let products = Products {
-            out_shape: [experts, inner, columns],
-            lhs: Operand::matrix(&x).transposed(),
-            rhs: Operand::matrix(&grad),
+            out_shape: vec![experts, inner, columns],
+            batch: [experts, 1],
+            matrix: [inner, columns],
+            order: ROW_MAJOR,
+            lhs: Operand::new(&x).transposed(),
+            rhs: Operand::new(&grad),
             sizes: rows.iter().map(|&filled| (inner, filled)).collect(),
         };
         products
@@ -77,37 +88,30 @@ fn count_tensor(counts: &[usize]) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(counts, [len]))
 }
 
-/// Where one expert's matrix starts and how to step through it, in elements of the storage.
+/// Where one product's matrix starts and how to step through it, in elements of the storage.
+/// Products are numbered `0..outer * inner`; product `p` is batch entry `(p / inner, p % inner)`.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Operand {
     start: isize,
-    expert_stride: isize,
+    batch_strides: [isize; 2],
     row_stride: isize,
     column_stride: isize,
 }
 
 impl Operand {
-    /// A rank-2 tensor as the matrix of the only expert.
-    pub(super) fn matrix_2d(tensor: &FlexTensor) -> Self {
+    /// The matrices of a rank-2, 3 or 4 tensor: its last two dimensions are each matrix's rows
+    /// and columns, the ones before them (none, one or two) number the batch entries.
+    pub(super) fn new(tensor: &FlexTensor) -> Self {
         let layout = tensor.layout();
         let strides = layout.strides();
+        let rank = strides.len();
+        let mut batch_strides = [0; 2];
+        batch_strides[..rank - 2].copy_from_slice(&strides[..rank - 2]);
         Self {
             start: layout.start_offset() as isize,
-            expert_stride: 0,
-            row_stride: strides[0],
-            column_stride: strides[1],
-        }
-    }
-
-    /// Slice `e` of a rank-3 tensor as the matrix `[dim 1, dim 2]`.
-    pub(super) fn matrix(tensor: &FlexTensor) -> Self {
-        let layout = tensor.layout();
-        let strides = layout.strides();
-        Self {
-            start: layout.start_offset() as isize,
-            expert_stride: strides[0],
-            row_stride: strides[1],
-            column_stride: strides[2],
+            batch_strides,
+            row_stride: strides[rank - 2],
+            column_stride: strides[rank - 1],
         }
     }
 
@@ -119,18 +123,39 @@ impl Operand {
             ..self
         }
     }
+
+    /// Where the matrix of batch entry `(outer, inner)` starts.
+    fn offset(&self, [outer, inner]: [usize; 2]) -> isize {
+        self.start + outer as isize * self.batch_strides[0] + inner as isize * self.batch_strides[1]
+    }
 }
 
-/// One product per expert, `out[e][..m, ..] = lhs[e][..m, ..k] · rhs[e][..k, ..]`, where
-/// `(m, k) = sizes[e]`; the rest of `out` is zero.
+/// Dimensions in storage order, outermost first, for a rank-4 output: `[0, 1, 2, 3]` is
+/// row-major.
+pub(super) type StorageOrder = [usize; 4];
+
+/// Row-major storage.
+pub(super) const ROW_MAJOR: StorageOrder = [0, 1, 2, 3];
+
+/// One product per batch entry, `out[b, h][..m, ..] = lhs[b, h][..m, ..k] · rhs[b, h][..k, ..]`,
+/// where `(m, k) = sizes[b * inner + h]`; the rest of `out` is zero. The output is stored with
+/// its dimensions `[outer, inner, rows, columns]` in `order` and handed back as `out_shape`.
 pub(super) struct Products {
-    /// `[experts, rows, columns]` of the output.
-    pub(super) out_shape: [usize; 3],
+    /// The logical shape of the output tensor: `[outer * inner, rows, columns]` or any shape
+    /// with that many elements when `order` is row-major, `[outer, inner, rows, columns]`
+    /// otherwise.
+    pub(super) out_shape: Vec<usize>,
+    /// `[outer, inner]`: the batch entries.
+    pub(super) batch: [usize; 2],
+    /// `[rows, columns]` of each product's output.
+    pub(super) matrix: [usize; 2],
+    /// How the output is stored.
+    pub(super) order: StorageOrder,
     /// The left operand of each product.
     pub(super) lhs: Operand,
     /// The right operand of each product.
     pub(super) rhs: Operand,
-    /// `(m, k)` of each expert's product.
+    /// `(m, k)` of each product.
     pub(super) sizes: Vec<(usize, usize)>,
 }
 
@@ -150,61 +175,132 @@ impl GemmFloat for f64 {
     const ONE: Self = 1.0;
 }
 
+/// The output's storage, shared by the tasks that write disjoint parts of it.
+#[derive(Clone, Copy)]
+struct Destination<T>(*mut T);
+
+// SAFETY: the tasks given a `Destination` write disjoint elements (one batch entry each).
+unsafe impl<T: Send> Send for Destination<T> {}
+// SAFETY: as above; no task reads through it.
+unsafe impl<T: Send> Sync for Destination<T> {}
+
+impl<T> Destination<T> {
+    /// The element `offset` elements from the start.
+    ///
+    /// # Safety
+    ///
+    /// `offset` is within the storage.
+    unsafe fn at(&self, offset: isize) -> *mut T {
+        // SAFETY: the caller keeps `offset` within the storage.
+        unsafe { self.0.offset(offset) }
+    }
+}
+
 impl Products {
     /// The products in `f32` or `f64` when both operands have that type; `None` otherwise
     /// (half precisions), for the caller's composed fallback.
     pub(super) fn run_float(self, lhs: &FlexTensor, rhs: &FlexTensor) -> Option<FlexTensor> {
-        match (lhs.dtype(), rhs.dtype()) {
-            (DType::F32, DType::F32) => Some(self.run::<f32>(lhs, rhs)),
-            (DType::F64, DType::F64) => Some(self.run::<f64>(lhs, rhs)),
-            _ => None,
-        }
+        let stored = match (lhs.dtype(), rhs.dtype()) {
+            (DType::F32, DType::F32) => self.run::<f32>(lhs, rhs),
+            (DType::F64, DType::F64) => self.run::<f64>(lhs, rhs),
+            _ => return None,
+        };
+        let stored = FlexTensor::from_data(stored);
+        Some(if self.order == ROW_MAJOR {
+            Flex::float_reshape(stored, self.out_shape.into())
+        } else {
+            // Dimension `d` of the output is dimension `position of d in order` of the storage.
+            let mut axes = [0; 4];
+            for (position, &dim) in self.order.iter().enumerate() {
+                axes[dim] = position;
+            }
+            Flex::float_permute(stored, &axes)
+        })
     }
 
-    fn run<T: GemmFloat>(self, lhs: &FlexTensor, rhs: &FlexTensor) -> FlexTensor {
-        let [experts, out_rows, columns] = self.out_shape;
-        let block = out_rows * columns;
-        let len = experts * block;
-        // Written once: each expert's product by `gemm` (which does not read its destination),
-        // only the rows beyond it zeroed. Zeroing everything first would write the whole output
-        // twice, and for weight gradients that output is every expert's weights.
-        let mut output: Vec<T> = Vec::with_capacity(len);
-        if block == 0 {
-            return FlexTensor::from_data(TensorData::new(output, self.out_shape));
+    /// `[outer, inner, rows, columns]`.
+    fn logical_shape(&self) -> [usize; 4] {
+        let ([outer, inner], [rows, columns]) = (self.batch, self.matrix);
+        [outer, inner, rows, columns]
+    }
+
+    /// The storage's shape: the logical one in `order`.
+    fn physical_shape(&self) -> [usize; 4] {
+        let logical = self.logical_shape();
+        self.order.map(|dim| logical[dim])
+    }
+
+    /// The stride of each logical dimension in the storage.
+    fn output_strides(&self) -> [isize; 4] {
+        let physical = self.physical_shape();
+        let mut strides = [0; 4];
+        let mut stride = 1;
+        for position in (0..4).rev() {
+            strides[self.order[position]] = stride as isize;
+            stride *= physical[position];
         }
+        strides
+    }
+
+    /// The output's elements in storage order, shaped as stored.
+    fn run<T: GemmFloat>(&self, lhs: &FlexTensor, rhs: &FlexTensor) -> TensorData {
+        let [outer, inner, rows, columns] = self.logical_shape();
+        let len = outer * inner * rows * columns;
+        let strides = self.output_strides();
+        // Written once: each product by `gemm` (which does not read its destination), only the
+        // rows beyond it zeroed. Zeroing everything first would write the whole output twice,
+        // and for weight gradients that output is every expert's weights.
+        let mut output: Vec<T> = Vec::with_capacity(len);
+        if len == 0 {
+            return TensorData::new(output, self.physical_shape());
+        }
+        let destination = Destination(output.as_mut_ptr());
         let lhs_data: &[T] = lhs.storage();
         let rhs_data: &[T] = rhs.storage();
-        let multiply = |expert: usize, out: &mut [MaybeUninit<T>], parallelism: Parallelism| {
-            let (m, k) = self.sizes[expert];
+        let multiply = |product: usize, parallelism: Parallelism| {
+            let entry = [product / inner, product % inner];
+            let (m, k) = self.sizes[product];
             // An empty product (`k == 0`) is zero throughout.
-            let product_len = if k == 0 { 0 } else { m * columns };
-            let (product, rest) = out.split_at_mut(product_len);
-            rest.fill(MaybeUninit::new(T::ZERO));
-            if product.is_empty() {
-                return;
-            }
-            let e = expert as isize;
-            let lhs_start = self.lhs.start + e * self.lhs.expert_stride;
-            let rhs_start = self.rhs.start + e * self.rhs.expert_stride;
-            // SAFETY: `lhs` and `rhs` are rank-3 tensors whose layouts address every element
-            // of slice `e` within their storage, and `m <= dim 1`, `k <= dim 2` of `lhs` and
-            // `k <= dim 1` of `rhs` (the counts are clamped to the slots; `k` is either the
-            // shared inner size or a clamped count); `product` is the first `m` rows of the
-            // `out_rows x columns` row-major block of expert `e`, which `gemm` writes without
-            // reading (`read_dst` is false).
+            let m = if k == 0 { 0 } else { m };
+            // SAFETY: `strides` map the logical `[outer, inner, rows, columns]` one to one
+            // onto `0..len` (`output_strides`), so batch entry `entry` owns the elements at
+            // `start + r * strides[2] + c * strides[3]` for `r < rows`, `c < columns`, which no
+            // other product writes. The rows from `m` on are zeroed here; `gemm` writes the
+            // first `m` without reading them (`read_dst` is false). `lhs` and `rhs` are tensors
+            // whose layouts address every element of batch entry `entry` within their storage,
+            // and `m`, `k` are within their dimensions (the counts are clamped to the slots;
+            // `k` is the shared inner size or a clamped count).
             unsafe {
+                let start =
+                    destination.at(entry[0] as isize * strides[0] + entry[1] as isize * strides[1]);
+                for row in m..rows {
+                    let row_start = start.offset(row as isize * strides[2]);
+                    if strides[3] == 1 {
+                        std::slice::from_raw_parts_mut(row_start.cast::<MaybeUninit<T>>(), columns)
+                            .fill(MaybeUninit::new(T::ZERO));
+                    } else {
+                        for column in 0..columns {
+                            row_start
+                                .offset(column as isize * strides[3])
+                                .write(T::ZERO);
+                        }
+                    }
+                }
+                if m == 0 {
+                    return;
+                }
                 gemm::gemm(
                     m,
                     columns,
                     k,
-                    product.as_mut_ptr().cast::<T>(),
-                    1,
-                    columns as isize,
+                    start,
+                    strides[3],
+                    strides[2],
                     false,
-                    lhs_data.as_ptr().offset(lhs_start),
+                    lhs_data.as_ptr().offset(self.lhs.offset(entry)),
                     self.lhs.column_stride,
                     self.lhs.row_stride,
-                    rhs_data.as_ptr().offset(rhs_start),
+                    rhs_data.as_ptr().offset(self.rhs.offset(entry)),
                     self.rhs.column_stride,
                     self.rhs.row_stride,
                     T::ZERO,
@@ -217,26 +313,23 @@ impl Products {
             }
         };
 
-        let blocks = output.spare_capacity_mut()[..len].chunks_mut(block);
-        if experts >= 2 * rayon::current_num_threads() {
-            let blocks: Vec<&mut [MaybeUninit<T>]> = blocks.collect();
-            blocks
+        let products = outer * inner;
+        if products >= 2 * rayon::current_num_threads() {
+            (0..products)
                 .into_par_iter()
-                .enumerate()
-                .for_each(|(expert, out)| multiply(expert, out, Parallelism::None));
+                .for_each(|product| multiply(product, Parallelism::None));
         } else {
-            for (expert, out) in blocks.enumerate() {
-                let (m, k) = self.sizes[expert];
+            for (product, &(m, k)) in self.sizes.iter().enumerate() {
                 let parallelism = if m * k * columns >= SPLIT_GEMM_ABOVE {
                     Parallelism::Rayon(0)
                 } else {
                     Parallelism::None
                 };
-                multiply(expert, out, parallelism);
+                multiply(product, parallelism);
             }
         }
-        // SAFETY: every block was written above, by `gemm` or by the zero fill.
+        // SAFETY: every element was written above, by `gemm` or by the zero fill.
         unsafe { output.set_len(len) };
-        FlexTensor::from_data(TensorData::new(output, self.out_shape))
+        TensorData::new(output, self.physical_shape())
     }
 }

@@ -10,13 +10,11 @@ use moe_kernels::{batched_matmul, matmul, multi_head_matmul, HeadLayout};
 mod common;
 use common::{assert_close, devices, host, matrix, values, DTYPES};
 
+/// Three vectors: `(x, w, g)` or `(y, grad_x, grad_w)`.
+type Triple = (Vec<f64>, Vec<f64>, Vec<f64>);
+
 /// `(y, grad_x, grad_w)` of `y = x w` and the loss `sum(y * g)`, by loops.
-fn reference(
-    x: &[f64],
-    w: &[f64],
-    g: &[f64],
-    [m, k, n]: [usize; 3],
-) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+fn reference(x: &[f64], w: &[f64], g: &[f64], [m, k, n]: [usize; 3]) -> Triple {
     let mut y = vec![0.0; m * n];
     let mut grad_x = vec![0.0; m * k];
     let mut grad_w = vec![0.0; k * n];
@@ -127,11 +125,10 @@ fn only_the_tracked_operand_gets_a_gradient() {
 
 /// The values of `entries` products `[m, k] x [k, n]` and of the loss's gradient, one entry after
 /// the other (`x`, `w`, `g`), with `(y, grad_x, grad_w)` by loops, entry after entry.
-#[allow(clippy::type_complexity)]
 fn batch_of_products(
     entries: usize,
     [m, k, n]: [usize; 3],
-) -> (Vec<f64>, Vec<f64>, Vec<f64>, (Vec<f64>, Vec<f64>, Vec<f64>)) {
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, Triple) {
     let (x_values, w_values, g_values) = (
         values(entries * m * k, 5),
         values(entries * k * n, 11),

@@ -33,8 +33,7 @@ impl GroupedMatmulBackend for Flex {
         let rows = row_counts(rows, slots);
         // Expert e: its first rows[e] rows of x times w[e].
         let products = Products {
-            out_shape: vec![experts, slots, columns],
-            batch: [experts, 1],
+            batch: vec![experts],
             matrix: [slots, columns],
             order: ROW_MAJOR,
             lhs: Operand::new(&x),
@@ -52,8 +51,7 @@ impl GroupedMatmulBackend for Flex {
         let rows = row_counts(rows, slots);
         // Expert e: x[e]ᵀ (its first rows[e] rows, transposed) times grad[e]'s first rows[e].
         let products = Products {
-            out_shape: vec![experts, inner, columns],
-            batch: [experts, 1],
+            batch: vec![experts],
             matrix: [inner, columns],
             order: ROW_MAJOR,
             lhs: Operand::new(&x).transposed(),
@@ -138,18 +136,15 @@ pub(super) type StorageOrder = [usize; 4];
 pub(super) const ROW_MAJOR: StorageOrder = [0, 1, 2, 3];
 
 /// One product per batch entry, `out[b, h][..m, ..] = lhs[b, h][..m, ..k] · rhs[b, h][..k, ..]`,
-/// where `(m, k) = sizes[b * inner + h]`; the rest of `out` is zero. The output is stored with
-/// its dimensions `[outer, inner, rows, columns]` in `order` and handed back as `out_shape`.
+/// where `(m, k) = sizes[b * inner + h]`; the rest of `out` is zero. The output has shape
+/// `batch ++ matrix`; its dimensions `[outer, inner, rows, columns]` (the batch padded with
+/// ones in front) are stored in `order`.
 pub(super) struct Products {
-    /// The logical shape of the output tensor: `[outer * inner, rows, columns]` or any shape
-    /// with that many elements when `order` is row-major, `[outer, inner, rows, columns]`
-    /// otherwise.
-    pub(super) out_shape: Vec<usize>,
-    /// `[outer, inner]`: the batch entries.
-    pub(super) batch: [usize; 2],
+    /// The batch dimensions (none, one or two).
+    pub(super) batch: Vec<usize>,
     /// `[rows, columns]` of each product's output.
     pub(super) matrix: [usize; 2],
-    /// How the output is stored.
+    /// How the output is stored (row-major unless the batch has two dimensions).
     pub(super) order: StorageOrder,
     /// The left operand of each product.
     pub(super) lhs: Operand,
@@ -207,7 +202,8 @@ impl Products {
         };
         let stored = FlexTensor::from_data(stored);
         Some(if self.order == ROW_MAJOR {
-            Flex::float_reshape(stored, self.out_shape.into())
+            let out_shape: Vec<usize> = self.batch.iter().chain(&self.matrix).copied().collect();
+            Flex::float_reshape(stored, out_shape.into())
         } else {
             // Dimension `d` of the output is dimension `position of d in order` of the storage.
             let mut axes = [0; 4];
@@ -220,8 +216,13 @@ impl Products {
 
     /// `[outer, inner, rows, columns]`.
     fn logical_shape(&self) -> [usize; 4] {
-        let ([outer, inner], [rows, columns]) = (self.batch, self.matrix);
-        [outer, inner, rows, columns]
+        let [rows, columns] = self.matrix;
+        match self.batch[..] {
+            [] => [1, 1, rows, columns],
+            [outer] => [outer, 1, rows, columns],
+            [outer, inner] => [outer, inner, rows, columns],
+            _ => unreachable!("products have at most two batch dimensions"),
+        }
     }
 
     /// The storage's shape: the logical one in `order`.

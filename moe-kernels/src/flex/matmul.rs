@@ -15,8 +15,7 @@ impl MatmulBackend for Flex {
         let (x_shape, w_shape) = (x.shape(), w.shape());
         let (rows, inner, columns) = (x_shape[0], x_shape[1], w_shape[1]);
         let product = Products {
-            out_shape: vec![rows, columns],
-            batch: [1, 1],
+            batch: vec![],
             matrix: [rows, columns],
             order: ROW_MAJOR,
             lhs: Operand::new(&x),
@@ -32,8 +31,7 @@ impl MatmulBackend for Flex {
         let (x_shape, w_shape) = (x.shape(), w.shape());
         let (batch, rows, inner, columns) = (x_shape[0], x_shape[1], x_shape[2], w_shape[2]);
         let products = Products {
-            out_shape: vec![batch, rows, columns],
-            batch: [batch, 1],
+            batch: vec![batch],
             matrix: [rows, columns],
             order: ROW_MAJOR,
             lhs: Operand::new(&x),
@@ -50,8 +48,7 @@ impl MatmulBackend for Flex {
         let [batch, heads, rows, inner] = [x_shape[0], x_shape[1], x_shape[2], x_shape[3]];
         let columns = w_shape[3];
         let products = Products {
-            out_shape: vec![batch, heads, rows, columns],
-            batch: [batch, heads],
+            batch: vec![batch, heads],
             matrix: [rows, columns],
             order,
             lhs: Operand::new(&x),

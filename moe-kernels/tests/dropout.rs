@@ -2,12 +2,22 @@
 //! input scaled by exactly `1 / (1 - p)` or zero, the kept fraction is `1 - p` within five
 //! standard deviations overall and in every slice of the positions, the gradient is the mask,
 //! and `device.seed` makes the mask reproducible.
+//!
+//! Burn's CPU backends keep one random generator per process, and the test harness runs the
+//! tests of this file in parallel threads: the tests that seed it and draw from it take a lock,
+//! or one test's draws would land between another's seed and its mask.
 
 use burn::tensor::{Device, FloatDType, Tensor, TensorData};
 use moe_kernels::dropout;
 
 mod common;
 use common::devices;
+
+/// Holds the process's random stream for one test at a time.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// More elements than one of flex's parallel chunks (2^15), in a shape with several rows.
 const ROWS: usize = 64;
@@ -40,6 +50,7 @@ fn assert_fraction(what: &str, kept: usize, total: usize, prob: f64) {
 
 #[test]
 fn keeps_one_minus_p_scaled_and_the_gradient_is_the_mask() {
+    let _serial = serial();
     let x_values = inputs();
     let upstream: Vec<f64> = (0..ROWS * COLS).map(|i| (i % 5) as f64 - 2.0).collect();
     for (backend, device) in devices() {
@@ -104,6 +115,7 @@ fn keeps_one_minus_p_scaled_and_the_gradient_is_the_mask() {
 
 #[test]
 fn the_device_seed_fixes_the_mask() {
+    let _serial = serial();
     let x_values = inputs();
     for (backend, device) in devices() {
         let mask = |seed: u64| {

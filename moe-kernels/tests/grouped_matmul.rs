@@ -1,8 +1,9 @@
 //! `moe_kernels::grouped_matmul` on every CPU backend built in, in f32 and f64, against plain
 //! loops over experts, rows and columns on the host: the output, the gradient of `x` and the
 //! gradient of `w`, for contiguous and transposed inputs, for expert counts on both sides of
-//! flex's switch between parallel experts and parallel GEMMs, with empty, full and
-//! out-of-range row counts, and with NaN in the rows that must not be read.
+//! flex's switch between parallel experts and parallel GEMMs, for slot counts on both sides of
+//! its switch between column- and row-major outputs, with empty, full and out-of-range row
+//! counts, and with NaN in the rows that must not be read.
 
 use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
 use moe_kernels::grouped_matmul;
@@ -156,6 +157,15 @@ fn many_experts_match_the_loops() {
     check(&problem, true);
     let wide = Problem::new(9, 7, 33, 17, vec![7, 6, 5, 4, 3, 2, 1, 0, 7]);
     check(&wide, false);
+}
+
+#[test]
+fn many_slots_match_the_loops() {
+    // More slots than flex stores column by column when `w` is a transposed view (256): the
+    // backward pass's `w[e]ᵀ` product is stored row-major again.
+    let problem = Problem::new(3, 400, 6, 5, vec![400, 123, 0]);
+    check(&problem, false);
+    check(&problem, true);
 }
 
 #[test]

@@ -74,8 +74,8 @@ const COLUMN_MAJOR_MAX_ROWS: usize = 256;
 /// columns are contiguous) and the experts have few rows, row-major otherwise.
 ///
 /// `gemm` computes a row-major product as the transposed one, so with a transposed `w[e]` it
-/// must first pack `w[e]` against its storage, and with few rows that packing costs as much as
-/// a good part of the arithmetic. Stored column-major, the output takes `w[e]` as it lies.
+/// must first pack `w[e]` against its storage, and with few rows that packing takes a good
+/// part of the product's time. Stored column-major, the output takes `w[e]` as it lies.
 /// Measured with `gemm` 0.19, 64 experts' input-gradient products on two cores (weights not in
 /// cache): 1.25x to 1.36x faster with 150 rows each; 32 experts with 299 rows: 1.05x to 1.21x,
 /// which the copy to row-major order that the next operation makes (a reshape, an element-wise
@@ -225,32 +225,28 @@ impl Products {
             _ => return None,
         };
         let stored = FlexTensor::from_data(stored);
+        // The storage without the dimensions that pad the batch (of size 1, so dropping them
+        // moves no element), then viewed in the output's order: output dimension `i` is
+        // dimension `position of dims[i] in stored_order` of the storage (the identity when
+        // row-major).
         let logical = self.logical_shape();
         let dims = self.output_dims();
-        let shape =
-            |dims: &[usize]| -> Vec<usize> { dims.iter().map(|&dim| logical[dim]).collect() };
-        Some(if self.order == ROW_MAJOR {
-            Flex::float_reshape(stored, shape(dims).into())
-        } else {
-            // The storage without the dimensions that pad the batch (of size 1, so dropping
-            // them moves no element), then viewed in the output's order: output dimension `i`
-            // is dimension `position of dims[i] in stored_order` of the storage.
-            let stored_order: Vec<usize> = self
-                .order
-                .iter()
-                .copied()
-                .filter(|dim| dims.contains(dim))
-                .collect();
-            let axes: Vec<usize> = dims
-                .iter()
-                .map(|dim| stored_order.iter().position(|stored| stored == dim))
-                .map(|position| position.expect("every output dimension is stored"))
-                .collect();
-            Flex::float_permute(
-                Flex::float_reshape(stored, shape(&stored_order).into()),
-                &axes,
-            )
-        })
+        let stored_order: Vec<usize> = self
+            .order
+            .iter()
+            .copied()
+            .filter(|dim| dims.contains(dim))
+            .collect();
+        let stored_shape: Vec<usize> = stored_order.iter().map(|&dim| logical[dim]).collect();
+        let axes: Vec<usize> = dims
+            .iter()
+            .map(|dim| stored_order.iter().position(|stored| stored == dim))
+            .map(|position| position.expect("every output dimension is stored"))
+            .collect();
+        Some(Flex::float_permute(
+            Flex::float_reshape(stored, stored_shape.into()),
+            &axes,
+        ))
     }
 
     /// Which of `[outer, inner, rows, columns]` the output has: the others pad the batch.

@@ -8,7 +8,7 @@ use burn::tensor::{Device, FloatDType, Tensor, TensorData};
 use moe_kernels::{batched_matmul, matmul, multi_head_matmul, HeadLayout};
 
 mod common;
-use common::{assert_close, devices, host, matrix, values, DTYPES};
+use common::{assert_close, assert_gradients, devices, host, matrix, values, DTYPES};
 
 /// Three vectors: `(x, w, g)` or `(y, grad_x, grad_w)`.
 type Triple = (Vec<f64>, Vec<f64>, Vec<f64>);
@@ -44,10 +44,13 @@ fn check([m, k, n]: [usize; 3]) {
                 let y = matmul(x.clone(), w.clone());
                 let grads = (y.clone() * g).sum().backward();
                 assert_close(&format!("{what} y"), &host(y), &y_ref, tolerance);
-                let grad_x = host(x.grad(&grads).expect("x has a gradient"));
-                let grad_w = host(w.grad(&grads).expect("w has a gradient"));
-                assert_close(&format!("{what} grad_x"), &grad_x, &grad_x_ref, tolerance);
-                assert_close(&format!("{what} grad_w"), &grad_w, &grad_w_ref, tolerance);
+                assert_gradients(
+                    &what,
+                    &grads,
+                    (&x, &grad_x_ref),
+                    (&w, &grad_w_ref),
+                    tolerance,
+                );
             }
         }
     }
@@ -86,10 +89,7 @@ fn leading_dimensions_are_rows() {
         assert_eq!(y.dims(), [b, t, n], "{backend}: shape");
         let grads = (y.clone() * g).sum().backward();
         assert_close(&format!("{backend} y"), &host(y), &y_ref, 1e-12);
-        let grad_x = host(x.grad(&grads).expect("x has a gradient"));
-        let grad_w = host(w.grad(&grads).expect("w has a gradient"));
-        assert_close(&format!("{backend} grad_x"), &grad_x, &grad_x_ref, 1e-12);
-        assert_close(&format!("{backend} grad_w"), &grad_w, &grad_w_ref, 1e-12);
+        assert_gradients(backend, &grads, (&x, &grad_x_ref), (&w, &grad_w_ref), 1e-12);
     }
 }
 
@@ -174,10 +174,13 @@ fn check_batched([batch, m, k, n]: [usize; 4]) {
                 let y = batched_matmul(x.clone(), w.clone());
                 let grads = (y.clone() * g).sum().backward();
                 assert_close(&format!("{what} y"), &host(y), &expected.0, tolerance);
-                let grad_x = host(x.grad(&grads).expect("x has a gradient"));
-                let grad_w = host(w.grad(&grads).expect("w has a gradient"));
-                assert_close(&format!("{what} grad_x"), &grad_x, &expected.1, tolerance);
-                assert_close(&format!("{what} grad_w"), &grad_w, &expected.2, tolerance);
+                assert_gradients(
+                    &what,
+                    &grads,
+                    (&x, &expected.1),
+                    (&w, &expected.2),
+                    tolerance,
+                );
             }
         }
     }
@@ -277,10 +280,13 @@ fn check_heads([batch, heads, m, k, n]: [usize; 5]) {
                         }
                     }
                     assert_close(&format!("{what} merged"), &merged, &merged_ref, tolerance);
-                    let grad_x = host(x.grad(&grads).expect("x has a gradient"));
-                    let grad_w = host(w.grad(&grads).expect("w has a gradient"));
-                    assert_close(&format!("{what} grad_x"), &grad_x, &expected.1, tolerance);
-                    assert_close(&format!("{what} grad_w"), &grad_w, &expected.2, tolerance);
+                    assert_gradients(
+                        &what,
+                        &grads,
+                        (&x, &expected.1),
+                        (&w, &expected.2),
+                        tolerance,
+                    );
                 }
             }
         }

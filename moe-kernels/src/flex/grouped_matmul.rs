@@ -152,8 +152,8 @@ impl Operand {
     }
 }
 
-/// Dimensions in storage order, outermost first, for a rank-4 output: `[0, 1, 2, 3]` is
-/// row-major.
+/// The dimensions of a product's output, `[outer, inner, rows, columns]`, in storage order,
+/// outermost first: `[0, 1, 2, 3]` is row-major.
 pub(super) type StorageOrder = [usize; 4];
 
 /// Row-major storage.
@@ -161,8 +161,8 @@ pub(super) const ROW_MAJOR: StorageOrder = [0, 1, 2, 3];
 
 /// One product per batch entry, `out[b, h][..m, ..] = lhs[b, h][..m, ..k] · rhs[b, h][..k, ..]`,
 /// where `(m, k) = sizes[b * inner + h]`; the rest of `out` is zero. The output has shape
-/// `batch ++ matrix`; its dimensions `[outer, inner, rows, columns]` (the batch padded with
-/// ones in front) are stored in `order`.
+/// `batch ++ matrix`; its dimensions `[outer, inner, rows, columns]` (the batch padded with ones
+/// to two dimensions, see [`Products::output_dims`]) are stored in `order`.
 pub(super) struct Products {
     /// The batch dimensions (none, one or two).
     pub(super) batch: Vec<usize>,
@@ -249,24 +249,25 @@ impl Products {
         ))
     }
 
-    /// Which of `[outer, inner, rows, columns]` the output has: the others pad the batch.
+    /// Which of `[outer, inner, rows, columns]` the output has, in its order: the others
+    /// (of size 1) pad the batch.
     fn output_dims(&self) -> &'static [usize] {
         match self.batch.len() {
             0 => &[2, 3],
             1 => &[0, 2, 3],
-            _ => &[0, 1, 2, 3],
+            2 => &[0, 1, 2, 3],
+            _ => unreachable!("products have at most two batch dimensions"),
         }
     }
 
-    /// `[outer, inner, rows, columns]`.
+    /// `[outer, inner, rows, columns]`: the output's shape with the padding dimensions.
     fn logical_shape(&self) -> [usize; 4] {
-        let [rows, columns] = self.matrix;
-        match self.batch[..] {
-            [] => [1, 1, rows, columns],
-            [outer] => [outer, 1, rows, columns],
-            [outer, inner] => [outer, inner, rows, columns],
-            _ => unreachable!("products have at most two batch dimensions"),
+        let mut shape = [1; 4];
+        let sizes = self.batch.iter().chain(&self.matrix);
+        for (&dim, &size) in self.output_dims().iter().zip(sizes) {
+            shape[dim] = size;
         }
+        shape
     }
 
     /// The storage's shape: the logical one in `order`.

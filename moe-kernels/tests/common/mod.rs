@@ -3,7 +3,7 @@
 // Each test file compiles this module on its own and uses only part of it.
 #![allow(dead_code)]
 
-use burn::tensor::{Device, FloatDType, Tensor, TensorData};
+use burn::tensor::{Device, FloatDType, Gradients, Tensor, TensorData};
 
 /// The CPU backends built in, with autodiff: ndarray runs each operation's default body (Burn's
 /// composed ops), flex its hand-written kernels.
@@ -67,4 +67,19 @@ pub fn assert_close(what: &str, got: &[f64], expected: &[f64], tolerance: f64) {
         };
         assert!(close, "{what}[{i}]: {got}, expected {expected}");
     }
+}
+
+/// Asserts that the gradients of both operands of a product, `x` and `w`, are in `grads` and
+/// close to `grad_x` and `grad_w`.
+pub fn assert_gradients<const D: usize, const E: usize>(
+    what: &str,
+    grads: &Gradients,
+    (x, grad_x): (&Tensor<D>, &[f64]),
+    (w, grad_w): (&Tensor<E>, &[f64]),
+    tolerance: f64,
+) {
+    let got_x = host(x.grad(grads).expect("x has a gradient"));
+    let got_w = host(w.grad(grads).expect("w has a gradient"));
+    assert_close(&format!("{what} grad_x"), &got_x, grad_x, tolerance);
+    assert_close(&format!("{what} grad_w"), &got_w, grad_w, tolerance);
 }

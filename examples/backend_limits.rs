@@ -6,14 +6,14 @@
 //!    per output, and the exact GELU of an expert is made of them.
 //! 2. The batched matmul that runs all experts at once (`[E, C, d] x [E, d, h]`) against one
 //!    flat matmul over the same rows (`[E*C, d] x [d, h]`) and against one matmul per expert:
-//!    what the expert batch costs the GEMM; and moe-kernels' grouped matmul on the same
-//!    buffer with every row filled (what skipping padding costs when there is none).
+//!    what the expert batch costs the GEMM; and moe-kernels' grouped matmul on the same rows
+//!    in equal groups (what the ragged layout costs when the load is even).
 //! 3. GELU: Burn's `activation::gelu`, the exact GELU composed from Burn's ops and moe-core's
 //!    (one fused operation from moe-kernels): their gradients against the exact derivative, and
 //!    their cost forward + backward.
 //! 4. Where the MoE layer's time goes (W1's top-2 dropless layer, E = 8 unless `--experts`
-//!    says otherwise, forward + backward): the whole layer, its experts alone on the same
-//!    buffer and row counts, their GELU alone, and the dense FFN with the same FLOPs.
+//!    says otherwise, forward + backward): the whole layer, its experts alone on a buffer
+//!    grouped as the layer's router grouped it, their GELU alone, and the dense FFN with the same FLOPs.
 //! 5. What the experts' weights alone cost to move through memory at E = 4 and E = 64, with no
 //!    arithmetic: one forward + backward pass reads each expert's two weight matrices twice
 //!    (forward product, input gradient) and writes their gradients once. Plain Rust on all
@@ -197,23 +197,30 @@ fn expert_batch(device: &Device, args: &Args) {
         flops / per_expert_ms / 1e6,
         batched_ms / per_expert_ms
     );
-    let all_rows = Tensor::<1, Int>::full([EXPERTS], rows as i64, device);
+    let flat_in = batched_in.clone().reshape([ROWS, D_MODEL]);
     let grouped_ms = median_ms(device, args.repeats, || {
-        let _ = grouped_matmul(batched_in.clone(), batched_w.clone(), all_rows.clone());
+        let _ = grouped_matmul(
+            flat_in.clone(),
+            batched_w.clone(),
+            even_offsets(EXPERTS, rows, device),
+        );
     });
     println!(
-        "   grouped, every row filled           {grouped_ms:8.1} ms  {:6.1} GFLOP/s  (batched / grouped = {:.2})",
+        "   grouped, every row in a group        {grouped_ms:8.1} ms  {:6.1} GFLOP/s  (batched / grouped = {:.2})",
         flops / grouped_ms / 1e6,
         batched_ms / grouped_ms
     );
     // The same rows spread over many experts: each GEMM gets fewer rows and its own weights.
     for experts in [16, 64] {
         let rows = ROWS / experts;
-        let input = Tensor::<3>::random([experts, rows, D_MODEL], normal, device);
+        let input = Tensor::<2>::random([experts * rows, D_MODEL], normal, device);
         let weights = Tensor::<3>::random([experts, D_MODEL, D_HIDDEN], normal, device);
-        let counts = Tensor::<1, Int>::full([experts], rows as i64, device);
         let ms = median_ms(device, args.repeats, || {
-            let _ = grouped_matmul(input.clone(), weights.clone(), counts.clone());
+            let _ = grouped_matmul(
+                input.clone(),
+                weights.clone(),
+                even_offsets(experts, rows, device),
+            );
         });
         println!(
             "   grouped, {experts} experts x {rows} rows         {ms:8.1} ms  {:6.1} GFLOP/s  ({:.2} x the 8-expert time)",
@@ -221,6 +228,11 @@ fn expert_batch(device: &Device, args: &Args) {
             ms / grouped_ms
         );
     }
+}
+
+/// `[0, rows, 2 rows, ..., experts rows]`: `experts` groups of `rows` rows each.
+fn even_offsets(experts: usize, rows: usize, device: &Device) -> Tensor<1, Int> {
+    Tensor::<1, Int>::arange(0..experts as i64 + 1, device).mul_scalar(rows as i64)
 }
 
 /// Part 3: Burn's GELU, the composed exact GELU and moe-core's fused one.
@@ -286,23 +298,27 @@ fn layer_breakdown(
     );
     let moe = layer::moe_config(experts, 2, true).init(&autodiff)?;
     let tokens = Tensor::<2>::random([TOKENS, D_MODEL], normal, &autodiff);
-    let mut slots = 0;
-    let mut filled = Tensor::<1, Int>::zeros([experts], &autodiff);
+    let mut loads = Tensor::<1, Int>::zeros([experts], &autodiff);
     let layer_ms = median_ms(&autodiff, args.repeats, || {
         let out = moe.forward_with_mode(tokens.clone().require_grad(), RoutingMode::Train);
-        slots = out.stats.capacity;
-        filled = out.stats.tokens_per_expert.clone();
+        loads = out.stats.tokens_per_expert.clone();
         let _ = (out.output.mean() + out.aux_loss).backward();
     });
-    let buffer = Tensor::<3>::random([experts, slots, D_MODEL], normal, &autodiff);
+    // The buffer of the last pass: its rows grouped by expert as the router left them.
+    let slots = 2 * TOKENS;
+    let offsets = Tensor::cat(
+        vec![Tensor::<1, Int>::zeros([1], &autodiff), loads.cumsum(0)],
+        0,
+    );
+    let buffer = Tensor::<2>::random([slots, D_MODEL], normal, &autodiff);
     let experts_ms = median_ms(&autodiff, args.repeats, || {
         let _ = moe
             .experts
-            .forward_filled(buffer.clone().require_grad(), filled.clone())
+            .forward_grouped(buffer.clone().require_grad(), offsets.clone())
             .mean()
             .backward();
     });
-    let hidden = Tensor::<3>::random([experts, slots, D_HIDDEN], normal, &autodiff);
+    let hidden = Tensor::<2>::random([slots, D_HIDDEN], normal, &autodiff);
     let gelu_ms = median_ms(&autodiff, args.repeats, || {
         let _ = burn_moe::core::gelu(hidden.clone().require_grad())
             .mean()
@@ -316,13 +332,13 @@ fn layer_breakdown(
             .mean()
             .backward();
     });
-    println!("   whole layer ({slots} slots per expert)   {layer_ms:8.1} ms");
+    println!("   whole layer ({slots} rows in the expert buffer)   {layer_ms:8.1} ms");
     println!(
-        "   experts alone on [{experts}, {slots}, {D_MODEL}]   {experts_ms:8.1} ms  ({:.0} % of the layer)",
+        "   experts alone on [{slots}, {D_MODEL}]   {experts_ms:8.1} ms  ({:.0} % of the layer)",
         100.0 * experts_ms / layer_ms
     );
     println!(
-        "   their GELU alone on [{experts}, {slots}, {D_HIDDEN}] {gelu_ms:8.1} ms  ({:.0} % of the layer)",
+        "   their GELU alone on [{slots}, {D_HIDDEN}] {gelu_ms:8.1} ms  ({:.0} % of the layer)",
         100.0 * gelu_ms / layer_ms
     );
     println!(

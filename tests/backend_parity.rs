@@ -144,12 +144,7 @@ fn observe(moe: &Moe, x: &[f32], device: &Device) -> Observed {
     let plain = moe.clone().to_device(device);
     let input = || Tensor::<2>::from_data(TensorData::new(x.to_vec(), [TOKENS, D_MODEL]), device);
     let out = plain.forward_with_mode(input(), RoutingMode::Eval);
-    let assignments = out
-        .stats
-        .assignments
-        .clone()
-        .try_into_vec_as::<bool>()
-        .unwrap();
+    let assignments = out.stats.assignments().try_into_vec_as::<bool>().unwrap();
 
     let trained = plain.clone().train();
     let autodiff_device = device.clone().autodiff();
@@ -283,7 +278,7 @@ fn compare_text_model(device: &Device) {
         let assignments: Vec<Vec<bool>> = out
             .layer_stats
             .iter()
-            .map(|stats| stats.assignments.clone().try_into_vec_as::<bool>().unwrap())
+            .map(|stats| stats.assignments().try_into_vec_as::<bool>().unwrap())
             .collect();
         let loss = out.logits.clone().powi_scalar(2).mean() + out.aux_loss.clone();
         let grads = loss.backward();

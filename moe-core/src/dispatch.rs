@@ -1,162 +1,142 @@
-//! Dispatch and combine: from the gate's choices to the experts' buffers and back.
+//! Dispatch and combine: from the gate's choices to the experts' buffer and back.
 //!
-//! The experts run on a capacity-padded buffer `[E, C, d_model]`: slot `c` of expert `e` holds
-//! the `c`-th token that expert keeps (in token order), empty slots hold token 0 with weight 0.
-//! Everything below stays on the device; there is no loop over experts on the host.
+//! The experts run on one buffer `[S, d_model]` laid out ragged (MegaBlocks, Gale et al.
+//! 2022): the kept (token, expert) pairs sorted by expert, each expert's in token order,
+//! contiguous, so expert `e` owns rows `offsets[e]..offsets[e + 1]` and the rows after
+//! `offsets[E]` are padding (token 0, weight 0). `S` is fixed before routing, so nothing is read
+//! back to size it: `E x C` under a capacity limit `C`, `tokens x top_k` when dropless (every
+//! assignment a token can make). However unevenly the router spreads the tokens, the buffer
+//! holds the routed rows and at most `S - routed` padding rows at its end, and every operation
+//! after the dispatch costs what the routed rows cost.
 //!
-//! 1. [`DispatchPlan::new`]: which (token, expert) pairs survive the capacity limit (by
-//!    position or by probability), and the slot each one takes, computed with prefix sums
-//!    over tokens;
+//! 1. [`DispatchPlan::with_capacity`] / [`DispatchPlan::dropless`]: which (token, expert) pairs
+//!    survive the capacity limit (by position or by probability), and the row each takes:
+//!    `offsets[e]` plus the number of kept pairs of expert `e` before it
+//!    ([`moe_kernels::exclusive_cumsum`]); then the pair each row holds
+//!    ([`moe_kernels::invert_slots`]);
 //! 2. [`DispatchPlan::dispatch`]: gather the tokens into the buffer
 //!    ([`moe_kernels::gather_rows`]);
-//! 3. the experts run on the buffer, each over its filled slots only
-//!    ([`crate::Experts::forward_filled`]);
-//! 4. [`DispatchPlan::combine`]: weight each slot's output by its gate value and scatter-add it
-//!    back to its token ([`moe_kernels::combine_rows`], one operation).
+//! 3. the experts run on the buffer, each over its own rows
+//!    ([`crate::Experts::forward_grouped`]);
+//! 4. [`DispatchPlan::combine`]: weight each row's output by its gate value and add it back to
+//!    its token ([`moe_kernels::combine_rows`], one operation).
 //!
-//! A dropped assignment takes no slot and contributes zero; the layer's residual connection
-//! carries the token on.
+//! A dropped assignment takes no row and contributes zero; the layer's residual connection
+//! carries the token on. Everything stays on the device.
 
-use burn::tensor::ops::IndexingUpdateOp;
 use burn::tensor::{Bool, Int, Tensor};
-use moe_kernels::{combine_rows, gather_rows};
+use moe_kernels::{combine_rows, exclusive_cumsum, gather_rows, invert_slots};
 
 use crate::DropPolicy;
 
 /// The expert buffer layout for one forward pass.
 #[derive(Debug, Clone)]
 pub struct DispatchPlan {
-    /// Token feeding each slot, `[E * C]` (slot `e * C + c`); 0 for empty slots.
+    /// Token feeding each row of the buffer, `[S]`; 0 for padding rows.
     pub token_of_slot: Tensor<1, Int>,
-    /// Combine weight of each slot, `[E * C]`; 0 for empty slots. Carries the gate's gradient.
+    /// Combine weight of each row, `[S]`; 0 for padding rows. Carries the gate's gradient.
     pub weight_of_slot: Tensor<1>,
     /// Which (token, expert) pairs the experts process, `[tokens, E]`.
     pub kept: Tensor<2, Bool>,
-    /// Tokens each expert keeps, `[E]`: expert `e` fills its first `tokens_per_expert[e]`
-    /// slots, the rest are empty.
+    /// Pairs each expert keeps, `[E]`.
     pub tokens_per_expert: Tensor<1, Int>,
-    /// Slots per expert.
-    pub capacity: usize,
+    /// Where each expert's rows start, `[E + 1]`: expert `e` owns rows
+    /// `offsets[e]..offsets[e + 1]`, and `offsets[E]` is the number of kept pairs.
+    pub offsets: Tensor<1, Int>,
+    /// Rows of the buffer, `S`.
+    pub slots: usize,
 }
 
 impl DispatchPlan {
-    /// Lays out the `candidates` (`[tokens, E]`, with combine `weights`) into `capacity` slots
-    /// per expert. Under [`DropPolicy::Position`] an expert keeps its earliest candidates; under
-    /// [`DropPolicy::Probability`] those with the largest weight, ties going to the earlier
-    /// token.
-    pub fn new(
+    /// Keeps at most `capacity` of each expert's `candidates` (`[tokens, E]`, with combine
+    /// `weights`) in a buffer of `E x capacity` rows. Under [`DropPolicy::Position`] an expert
+    /// keeps its earliest candidates; under [`DropPolicy::Probability`] those with the largest
+    /// weight, ties going to the earlier token.
+    pub fn with_capacity(
         candidates: Tensor<2, Bool>,
         weights: Tensor<2>,
         capacity: usize,
         policy: DropPolicy,
     ) -> Self {
         let [num_tokens, num_experts] = candidates.dims();
-        let device = candidates.device();
         let kept = match policy {
             _ if capacity >= num_tokens => candidates,
             DropPolicy::Position => {
-                let earlier = exclusive_count(candidates.clone());
+                let earlier = exclusive_cumsum(candidates.clone().int());
                 candidates.bool_and(earlier.lower_elem(capacity as i64))
             }
             DropPolicy::Probability => keep_largest(candidates, weights.clone().detach(), capacity),
         };
+        Self::lay_out(kept, weights, num_experts * capacity)
+    }
 
-        // Slot of each kept pair: expert * C + (number of kept pairs of that expert before it).
-        let position = exclusive_count(kept.clone());
-        let expert_offset =
-            Tensor::<1, Int>::arange_step(0..(num_experts * capacity) as i64, capacity, &device)
-                .unsqueeze_dim::<2>(0)
-                .expand([num_tokens, num_experts]);
-        let overflow_slot = (num_experts * capacity) as i64;
-        let slot = Tensor::<2, Int>::full([num_tokens, num_experts], overflow_slot, &device)
-            .mask_where(kept.clone(), position + expert_offset);
+    /// Keeps every candidate (`[tokens, E]`, with combine `weights`) in a buffer of `slots`
+    /// rows, which must be at least the number of candidates (`tokens x top_k` for a gate that
+    /// picks `top_k` experts per token); candidates beyond it would be dropped.
+    pub fn dropless(candidates: Tensor<2, Bool>, weights: Tensor<2>, slots: usize) -> Self {
+        Self::lay_out(candidates, weights, slots)
+    }
 
-        // Invert the map: for each slot, 1 + the flat index (token * E + expert) of the pair in
-        // it, or 0 if empty. Every kept pair has a slot of its own, so `Add` only ever adds to
-        // zero; the overflow slot collects zeros from the dropped pairs and is cut off.
-        let pair_count = (num_tokens * num_experts) as i64;
-        let pair_code = Tensor::<1, Int>::arange(1..pair_count + 1, &device)
-            .reshape([num_tokens, num_experts])
-            .mask_fill(kept.clone().bool_not(), 0);
-        let slot_code = Tensor::<1, Int>::zeros([num_experts * capacity + 1], &device)
-            .select_assign(
-                0,
-                slot.reshape([num_tokens * num_experts]),
-                pair_code.reshape([num_tokens * num_experts]),
-                IndexingUpdateOp::Add,
-            )
-            .slice(0..num_experts * capacity);
-        let occupied = slot_code.clone().greater_elem(0);
-        let pair_of_slot = slot_code.sub_scalar(1).clamp_min(0);
+    /// Lays the `kept` pairs out in `slots` rows, sorted by expert, each expert's in token order.
+    fn lay_out(kept: Tensor<2, Bool>, weights: Tensor<2>, slots: usize) -> Self {
+        let [num_tokens, num_experts] = kept.dims();
+        let device = kept.device();
+        let kept_count = kept.clone().int();
+        let tokens_per_expert = kept_count.clone().sum_dim(0);
+        // offsets = [0, load_0, load_0 + load_1, ...]: the exclusive prefix sum of the loads.
+        let offsets = Tensor::cat(
+            vec![
+                exclusive_cumsum(tokens_per_expert.clone().reshape([num_experts, 1])),
+                tokens_per_expert.clone().sum().reshape([1, 1]),
+            ],
+            0,
+        )
+        .reshape([num_experts + 1]);
+        let tokens_per_expert = tokens_per_expert.squeeze_dim::<1>(0);
+
+        // Row of each kept pair: its expert's offset plus its rank among that expert's pairs;
+        // the dropped pairs get `slots`, which no row has.
+        let start = offsets
+            .clone()
+            .slice(0..num_experts)
+            .unsqueeze_dim::<2>(0)
+            .expand([num_tokens, num_experts]);
+        let slot_of_pair = Tensor::<2, Int>::full([num_tokens, num_experts], slots as i64, &device)
+            .mask_where(kept.clone(), exclusive_cumsum(kept_count) + start);
+
+        let pair_of_slot = invert_slots(slot_of_pair, slots);
+        let occupied = pair_of_slot.clone().greater_equal_elem(0);
+        let pair_of_slot = pair_of_slot.clamp_min(0);
         let token_of_slot = pair_of_slot.clone().div_scalar(num_experts as i64);
         let weight_of_slot = weights
             .reshape([num_tokens * num_experts])
             .select(0, pair_of_slot)
             .mask_fill(occupied.bool_not(), 0.0);
-
-        let tokens_per_expert = kept.clone().int().sum_dim(0).squeeze_dim(0);
         Self {
             token_of_slot,
             weight_of_slot,
             kept,
             tokens_per_expert,
-            capacity,
+            offsets,
+            slots,
         }
     }
 
-    /// Gathers the tokens `x: [tokens, d_model]` into the expert buffer `[E, C, d_model]`.
-    pub fn dispatch(&self, x: Tensor<2>) -> Tensor<3> {
-        let [_, d_model] = x.dims();
-        let num_experts = self.token_of_slot.dims()[0] / self.capacity;
-        gather_rows(x, self.token_of_slot.clone()).reshape([num_experts, self.capacity, d_model])
+    /// Gathers the tokens `x: [tokens, d_model]` into the expert buffer `[S, d_model]`.
+    pub fn dispatch(&self, x: Tensor<2>) -> Tensor<2> {
+        gather_rows(x, self.token_of_slot.clone())
     }
 
-    /// Weights the expert outputs `[E, C, d_model]` by their gate values and adds each back to
-    /// its token: `y[n] = sum over slots s of token n of weight[s] * expert_output[s]`.
-    pub fn combine(&self, expert_output: Tensor<3>, num_tokens: usize) -> Tensor<2> {
-        let [num_experts, capacity, d_model] = expert_output.dims();
+    /// Weights the expert outputs `[S, d_model]` by their gate values and adds each back to its
+    /// token: `y[n] = sum over rows s of token n of weight[s] * expert_output[s]`.
+    pub fn combine(&self, expert_output: Tensor<2>, num_tokens: usize) -> Tensor<2> {
         combine_rows(
-            expert_output.reshape([num_experts * capacity, d_model]),
+            expert_output,
             self.weight_of_slot.clone(),
             self.token_of_slot.clone(),
             num_tokens,
         )
     }
-}
-
-/// Rows below which the prefix sum runs in one pass.
-const SCAN_BLOCK: usize = 64;
-
-/// For each `[token, expert]` cell, how many `true` cells come before it in the same column:
-/// an exclusive prefix count over tokens.
-///
-/// Burn's `cumsum` costs `O(n^2)` along the scanned dimension on cubecl (wgpu) backends, so
-/// long columns are scanned in blocks of 64 rows, then the block totals are scanned.
-pub fn exclusive_count(mask: Tensor<2, Bool>) -> Tensor<2, Int> {
-    let counts = mask.int();
-    let [rows, columns] = counts.dims();
-    let inclusive = if rows <= SCAN_BLOCK {
-        counts.clone().cumsum(0)
-    } else {
-        let blocks = rows.div_ceil(SCAN_BLOCK);
-        let padded = blocks * SCAN_BLOCK;
-        let device = counts.device();
-        let blocked = Tensor::cat(
-            vec![
-                counts.clone(),
-                Tensor::<2, Int>::zeros([padded - rows, columns], &device),
-            ],
-            0,
-        )
-        .reshape([blocks, SCAN_BLOCK, columns]);
-        let within = blocked.cumsum(1);
-        let totals = within.clone().narrow(1, SCAN_BLOCK - 1, 1);
-        let before = totals.clone().cumsum(0) - totals;
-        (within + before)
-            .reshape([padded, columns])
-            .narrow(0, 0, rows)
-    };
-    inclusive - counts
 }
 
 /// Keeps, in each column, the `capacity` candidates with the largest `scores`; among equal
@@ -184,6 +164,6 @@ fn keep_largest(
         .expand([rows, columns]);
     let at_kept = at
         .clone()
-        .bool_and(exclusive_count(at).lower(room_at_threshold));
+        .bool_and(exclusive_cumsum(at.int()).lower(room_at_threshold));
     above.bool_or(at_kept)
 }

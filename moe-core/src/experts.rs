@@ -1,10 +1,11 @@
-//! The experts: feed-forward networks stored stacked, run as one batched (or grouped) matmul.
+//! The experts: feed-forward networks stored stacked, run as grouped matmuls over the ragged
+//! expert buffer (or one batched matmul over a dense one).
 
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Int, Tensor};
-use moe_kernels::{batched_matmul, grouped_matmul};
+use moe_kernels::{batched_matmul, grouped_bias, grouped_matmul};
 
 use crate::error::{check_nonzero, MoeError};
 use crate::init::uniform;
@@ -98,9 +99,9 @@ impl ExpertConfig {
     }
 }
 
-/// `E` experts of one form, stacked so that all of them run as one batched matmul:
-/// input `[E, C, d_model]` (row `c` of slice `e` is the `c`-th token of expert `e`), output
-/// the same shape.
+/// `E` experts of one form, stacked so that all of them run as one grouped matmul per
+/// projection: on the ragged buffer `[S, d_model]` ([`Experts::forward_grouped`]), or on a
+/// dense `[E, C, d_model]` one ([`Experts::forward`]).
 #[derive(Module, Debug)]
 pub struct Experts {
     /// Input projection, `[E, d_model, d_hidden]`.
@@ -119,39 +120,48 @@ pub struct Experts {
 }
 
 impl Experts {
-    /// Runs expert `e` on slice `e` of `x: [E, C, d_model]`.
+    /// Runs expert `e` on slice `e` of `x: [E, C, d_model]`, every row of it (a batched
+    /// matmul): the shared experts, which see every token.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.run(x, None)
+        self.run(
+            x,
+            |x, weight| batched_matmul(x, weight.val()),
+            |y, bias| y + bias.val().unsqueeze_dim(1),
+        )
     }
 
-    /// [`Experts::forward`] on a buffer whose slice `e` holds tokens only in its first
-    /// `filled[e]` rows, the rest being padding: the matmuls skip the padding
-    /// ([`moe_kernels::grouped_matmul`]), so a busy expert no longer makes every expert pay
-    /// for its load. The padding rows of the output are not computed: they hold the output
-    /// bias (FFN) or zero (SwiGLU), and no gradient flows back through them.
-    pub fn forward_filled(&self, x: Tensor<3>, filled: Tensor<1, Int>) -> Tensor<3> {
-        self.run(x, Some(&filled))
+    /// Runs expert `e` on rows `offsets[e]..offsets[e + 1]` of the ragged buffer
+    /// `x: [S, d_model]` (see [`crate::dispatch`]), giving `[S, d_model]`: each product is a
+    /// [`moe_kernels::grouped_matmul`] over the experts' own rows, so no expert pays for
+    /// another's load. The rows after `offsets[E]` are padding: their output is zero (no bias
+    /// is added there) and no gradient flows back through them.
+    pub fn forward_grouped(&self, x: Tensor<2>, offsets: Tensor<1, Int>) -> Tensor<2> {
+        self.run(
+            x,
+            |x, weight| grouped_matmul(x, weight.val(), offsets.clone()),
+            |y, bias| grouped_bias(y, bias.val(), offsets.clone()),
+        )
     }
 
-    fn run(&self, x: Tensor<3>, filled: Option<&Tensor<1, Int>>) -> Tensor<3> {
-        let project = |x: Tensor<3>, weight: &Param<Tensor<3>>| match filled {
-            Some(filled) => grouped_matmul(x, weight.val(), filled.clone()),
-            None => batched_matmul(x, weight.val()),
+    /// The expert formula with the products and bias additions of one layout: `project(x, w)`
+    /// multiplies each expert's rows by its slice of `w`, `add_bias(y, b)` adds its row of `b`.
+    fn run<const D: usize>(
+        &self,
+        x: Tensor<D>,
+        project: impl Fn(Tensor<D>, &Param<Tensor<3>>) -> Tensor<D>,
+        add_bias: impl Fn(Tensor<D>, &Param<Tensor<2>>) -> Tensor<D>,
+    ) -> Tensor<D> {
+        let with_bias = |y: Tensor<D>, bias: &Option<Param<Tensor<2>>>| match bias {
+            Some(bias) => add_bias(y, bias),
+            None => y,
         };
-        let mut hidden = project(x.clone(), &self.w_in);
-        if let Some(bias) = &self.b_in {
-            hidden = hidden + bias.val().unsqueeze_dim(1);
-        }
+        let hidden = with_bias(project(x.clone(), &self.w_in), &self.b_in);
         let hidden = match (self.kind, &self.w_gate) {
             (ExpertKind::SwiGlu, Some(w_gate)) => silu(project(x, w_gate)) * hidden,
             (ExpertKind::Ffn(activation), _) => activation.apply(hidden),
             (ExpertKind::SwiGlu, None) => unreachable!("SwiGLU experts are built with a gate"),
         };
-        let mut output = project(hidden, &self.w_out);
-        if let Some(bias) = &self.b_out {
-            output = output + bias.val().unsqueeze_dim(1);
-        }
-        output
+        with_bias(project(hidden, &self.w_out), &self.b_out)
     }
 
     /// Number of experts in the stack.

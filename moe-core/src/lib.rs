@@ -49,6 +49,7 @@ pub mod reference;
 pub mod rng;
 mod router;
 mod stats;
+mod token_order;
 
 pub use balancing::BiasBalancingConfig;
 pub use capacity::{CapacityConfig, DropPolicy};

@@ -2,13 +2,15 @@
 
 use burn::config::Config;
 use burn::module::{Module, Param};
-use burn::tensor::{Bool, Device, Int, Tensor};
+use burn::tensor::{Bool, Device, Tensor};
 
 use crate::balancing::{updated_bias, BiasBalancingConfig};
 use crate::dispatch::DispatchPlan;
 use crate::error::{check_nonzero, MoeError};
 use crate::gate::{GateConfig, GateInput};
 use crate::losses::{router_z_loss, LossConfig, LossKind};
+use crate::stats::RoutingRecord;
+use crate::token_order::TokenOrder;
 use crate::{CapacityConfig, DropPolicy, ExpertConfig, Experts, Router, RoutingMode, RoutingStats};
 
 /// Configuration of a [`Moe`] layer.
@@ -249,12 +251,10 @@ impl Moe {
             mode,
         });
 
-        let (capacity, policy) = self.capacity_and_policy(&gate.candidates, num_tokens, mode);
-        let plan = DispatchPlan::new(gate.candidates.clone(), gate.weights, capacity, policy);
-        let expert_output = self.experts.forward_filled(
-            plan.dispatch(tokens.clone()),
-            plan.tokens_per_expert.clone(),
-        );
+        let (plan, capacity) = self.plan(&gate.candidates, gate.weights, num_tokens, mode);
+        let expert_output = self
+            .experts
+            .forward_grouped(plan.dispatch(tokens.clone()), plan.offsets.clone());
         let mut output = plan.combine(expert_output, num_tokens);
         if let Some(shared) = &self.shared_experts {
             let shared_output = shared.forward(tokens.unsqueeze_dim(0)).squeeze_dim::<2>(0);
@@ -278,26 +278,17 @@ impl Moe {
             losses.push((LossKind::ZLoss, z_loss.detach()));
         }
 
-        let kept = plan.kept.clone().int();
-        let tokens_per_expert = plan.tokens_per_expert.clone();
-        let routed_per_expert: Tensor<1, Int> = if self.config.gate.is_expert_choice() {
-            tokens_per_expert.clone()
-        } else {
-            gate.candidates.int().sum_dim(0).squeeze_dim(0)
-        };
-        let dropped_assignments = (routed_per_expert.clone() - tokens_per_expert.clone()).sum();
-        let unrouted_tokens = kept.sum_dim(1).equal_elem(0).int().sum();
-        let stats = RoutingStats {
-            assignments: order.restore_rows(plan.kept),
-            routed_per_expert,
-            tokens_per_expert,
-            dropped_assignments,
-            unrouted_tokens,
-            mean_gate_prob: gate.probs.detach().mean_dim(0).squeeze_dim(0),
+        let stats = RoutingStats::new(RoutingRecord {
+            kept: plan.kept,
+            candidates: gate.candidates,
+            probs: gate.probs,
+            order,
+            expert_choice: self.config.gate.is_expert_choice(),
+            tokens_per_expert: plan.tokens_per_expert,
             losses,
             capacity,
             num_tokens,
-        };
+        });
         MoeOutput {
             output: order.unflatten(output, shape),
             aux_loss,
@@ -305,34 +296,41 @@ impl Moe {
         }
     }
 
-    /// Buffer slots per expert and the drop policy for this pass.
-    fn capacity_and_policy(
+    /// The dispatch plan of this pass, with the most assignments one expert may keep.
+    ///
+    /// Under a capacity limit the buffer has `E x C` rows; dropless, it has one row for every
+    /// assignment the gate can make (`tokens x top_k`), so its size is known before routing and
+    /// nothing is read back from the device, and an expert may take every token.
+    fn plan(
         &self,
         candidates: &Tensor<2, Bool>,
+        weights: Tensor<2>,
         num_tokens: usize,
         mode: RoutingMode,
-    ) -> (usize, DropPolicy) {
+    ) -> (DispatchPlan, usize) {
         let config = &self.config;
+        let candidates = candidates.clone();
         if config.gate.is_expert_choice() {
             let capacity = config
                 .capacity
                 .capacity(num_tokens, config.num_experts, 1, mode);
-            return (capacity, DropPolicy::Probability);
+            let plan =
+                DispatchPlan::with_capacity(candidates, weights, capacity, DropPolicy::Probability);
+            return (plan, capacity);
         }
         if config.capacity.dropless {
-            // The busiest expert sizes the buffer: the one host read of the layer.
-            let busiest: i64 = candidates
-                .clone()
-                .int()
-                .sum_dim(0)
-                .max()
-                .into_scalar::<i64>();
-            return (busiest.max(1) as usize, DropPolicy::Position);
+            let slots = num_tokens * config.top_k;
+            return (
+                DispatchPlan::dropless(candidates, weights, slots),
+                num_tokens,
+            );
         }
         let capacity = config
             .capacity
             .capacity(num_tokens, config.num_experts, config.top_k, mode);
-        (capacity, config.capacity.drop_policy)
+        let plan =
+            DispatchPlan::with_capacity(candidates, weights, capacity, config.capacity.drop_policy);
+        (plan, capacity)
     }
 
     /// One step of auxiliary-loss-free balancing (see [`crate::balancing`]): moves the selection
@@ -344,7 +342,7 @@ impl Moe {
         else {
             return;
         };
-        let load = stats.routed_per_expert.clone().float();
+        let load = stats.routed_per_expert().float();
         let updated = updated_bias(bias.val().detach(), load, settings.update_rate);
         self.router.selection_bias =
             Some(Param::initialized(bias.id, updated).set_require_grad(false));
@@ -353,73 +351,5 @@ impl Moe {
     /// The selection bias of auxiliary-loss-free balancing, if enabled, `[E]`.
     pub fn balance_bias(&self) -> Option<Tensor<1>> {
         self.router.selection_bias.as_ref().map(|bias| bias.val())
-    }
-}
-
-/// The order in which tokens compete for capacity: sequence position first, then batch row.
-///
-/// An input `[..., seq, d_model]` is flattened position-major (all first positions of the
-/// batch, then all second positions, ...), so under [`DropPolicy::Position`] a token competes
-/// only with tokens at the same or earlier positions: changing a later token of any sequence
-/// never changes an earlier token's routing, which keeps decoders causal also in batches.
-/// A `[tokens, d_model]` input keeps its order.
-struct TokenOrder {
-    batch: usize,
-    seq: usize,
-}
-
-impl TokenOrder {
-    fn new(shape: &[usize]) -> Self {
-        let rank = shape.len();
-        if rank >= 3 {
-            Self {
-                batch: shape[..rank - 2].iter().product(),
-                seq: shape[rank - 2],
-            }
-        } else {
-            Self {
-                batch: 1,
-                seq: shape[0],
-            }
-        }
-    }
-
-    /// Whether position-major order differs from the input's order (otherwise the
-    /// transposes below are skipped: they would copy for nothing).
-    fn reorders(&self) -> bool {
-        self.batch > 1 && self.seq > 1
-    }
-
-    /// `[..., seq, d] -> [seq * batch, d]`, position-major.
-    fn flatten<const D: usize>(&self, x: Tensor<D>) -> Tensor<2> {
-        let d_model = x.dims()[D - 1];
-        if !self.reorders() {
-            return x.reshape([self.batch * self.seq, d_model]);
-        }
-        x.reshape([self.batch, self.seq, d_model])
-            .swap_dims(0, 1)
-            .reshape([self.seq * self.batch, d_model])
-    }
-
-    /// The inverse of [`flatten`](Self::flatten), back to `shape`.
-    fn unflatten<const D: usize>(&self, y: Tensor<2>, shape: [usize; D]) -> Tensor<D> {
-        let d_model = shape[D - 1];
-        if !self.reorders() {
-            return y.reshape(shape);
-        }
-        y.reshape([self.seq, self.batch, d_model])
-            .swap_dims(0, 1)
-            .reshape(shape)
-    }
-
-    /// Per-token rows `[seq * batch, E]` (position-major) back to the input's token order.
-    fn restore_rows(&self, rows: Tensor<2, Bool>) -> Tensor<2, Bool> {
-        if !self.reorders() {
-            return rows;
-        }
-        let [_, columns] = rows.dims();
-        rows.reshape([self.seq, self.batch, columns])
-            .swap_dims(0, 1)
-            .reshape([self.batch * self.seq, columns])
     }
 }

@@ -12,8 +12,9 @@
 //! `[tokens, d]` tensor and scatter-adds into it, and the combine is a broadcast multiply, a
 //! zero-fill, a scatter-add and, backward, a `select`, two multiplies and a row sum, each
 //! materialising a full `[slots, d]` intermediate. The default bodies below are exactly those
-//! ops (ndarray, wgpu); flex runs each direction as one pass over the rows
-//! ([`GatherScatterBackend`]).
+//! ops (ndarray); flex runs each direction as one pass over the rows, and cube (wgpu) runs the
+//! scatter-adds as parallel gathers over each token's listed rows (Burn's `select_assign`
+//! there runs one thread per column, each walking every index).
 
 // `burn::backend::NdArray` is deprecated in Burn 0.22 but still one of the backends we serve.
 #![allow(deprecated)]
@@ -77,10 +78,12 @@ pub fn combine_rows(
     Autodiff,
     NdArray: cfg(feature = "ndarray"),
     Flex: cfg(feature = "flex"),
-    Cube: cfg(feature = "wgpu")
+    Cube: cfg(feature = "wgpu"),
+    Fusion: cfg(feature = "wgpu")
 )]
 pub trait GatherScatterBackend: Backend {
     /// `y[s] = x[index[s]]` (see [`gather_rows`]).
+    #[fusion(dtype = x, shape = Shape::new([index[0], x[1]]))]
     fn gather_rows(x: FloatTensor<Self>, index: IntTensor<Self>) -> FloatTensor<Self> {
         Self::float_select(x, 0, index)
     }
@@ -88,6 +91,7 @@ pub trait GatherScatterBackend: Backend {
     /// `y[t] = Σ_{s: index[s] = t} values[s]`, `[tokens, d]`: the gradient of
     /// [`gather_rows`](Self::gather_rows) with respect to `x`, given `values` = the gradient of
     /// its output.
+    #[fusion(dtype = values, shape = Shape::new([*tokens, values[1]]))]
     fn scatter_add_rows(
         values: FloatTensor<Self>,
         index: IntTensor<Self>,
@@ -97,6 +101,7 @@ pub trait GatherScatterBackend: Backend {
     }
 
     /// `y[t] = Σ_{s: index[s] = t} weight[s] · values[s]` (see [`combine_rows`]).
+    #[fusion(dtype = values, shape = Shape::new([*tokens, values[1]]))]
     fn combine_rows(
         values: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -109,6 +114,7 @@ pub trait GatherScatterBackend: Backend {
     /// The gradients of [`combine_rows`](Self::combine_rows) given the gradient `grad` of its
     /// output: `(grad_values, grad_weight)`, with `grad_values[s] = weight[s] · grad[index[s]]`
     /// and `grad_weight[s] = grad[index[s]] · values[s]`.
+    #[fusion(meta = |_grad, values, weight, _index| (values.clone(), weight.clone()))]
     fn combine_rows_backward(
         grad: FloatTensor<Self>,
         values: FloatTensor<Self>,
@@ -173,9 +179,6 @@ pub(crate) fn composed_scatter_add_rows<B: Backend>(
 
 #[cfg(feature = "ndarray")]
 impl GatherScatterBackend for burn::backend::NdArray {}
-
-#[cfg(feature = "wgpu")]
-impl GatherScatterBackend for burn::backend::Cube {}
 
 /// The backward step of [`gather_rows`]: the index and the number of source rows.
 #[derive(Debug)]

@@ -4,7 +4,8 @@
 //! backend, the fix lives here, as a Burn *backend extension*: one trait, a default body that
 //! composes Burn's own ops (right on every backend), and a hand-written kernel for the backends
 //! that need one. moe-core calls the plain `Tensor` functions of this crate and never sees a
-//! backend.
+//! backend. The flex kernels are Rust (`flex/`), the wgpu ones CubeCL (`cube/`);
+//! [`launches`] counts the kernels work launches and the reads it makes on wgpu.
 //!
 //! - [`gelu()`]: the exact GELU, `x Φ(x)`, with its exact gradient `Φ(x) + x φ(x)`. On flex its
 //!   forward and backward are single vectorised passes (Burn composes it from six ops, and flex
@@ -24,9 +25,14 @@
 //!   rows per direction.
 //! - [`dropout()`]: inverted dropout whose mask is one operation; on flex a single pass of
 //!   counter-based random draws instead of Burn's per-element sampler.
-//! - [`grouped_matmul()`]: one matmul per expert over only the rows that expert filled in the
-//!   padded `[E, C, K]` buffer, with its gradients; on flex one GEMM per expert, so the padding
-//!   costs nothing (a batched matmul multiplies it too).
+//! - [`grouped_matmul()`], [`grouped_bias()`]: one matmul (and bias row) per expert over the
+//!   expert's own rows of the ragged `[S, K]` buffer (rows grouped by expert, `offsets` say
+//!   where each group starts), with their gradients; on flex one GEMM per group where its rows
+//!   lie, on wgpu tiled CubeCL kernels that find each tile's group on the device.
+//! - [`exclusive_cumsum()`], [`invert_slots()`]: the dispatch plan's integer steps (each
+//!   expert's tokens numbered in order; the pair each buffer row holds); on wgpu a column scan
+//!   and a parallel scatter in CubeCL instead of Burn's quadratic `cumsum` and its
+//!   single-thread 1-D `select_assign`.
 //! - [`matmul()`], [`batched_matmul()`], [`multi_head_matmul()`]: dense products (a linear
 //!   layer's weight; stacked experts; attention's heads) with their gradients; on flex one GEMM
 //!   call per matrix whose output is written once (flex's own matmul writes it three times),
@@ -36,7 +42,8 @@
 //! - [`gather_rows()`], [`combine_rows()`]: the layer's dispatch (`y[s] = x[index[s]]`) and
 //!   combine (a weighted scatter-add back to the tokens), each with its own backward pass; on
 //!   flex one pass over the rows per direction instead of Burn's `select`/`select_assign` and
-//!   their `[slots, d]` intermediates.
+//!   their `[slots, d]` intermediates; on wgpu the scatter-adds as parallel gathers over each
+//!   token's listed rows (no float atomics, deterministic).
 //! - [`rms_norm()`]: RMSNorm with its gradients for the input and the scale, one autodiff node
 //!   that keeps only its inputs; on flex one pass over the rows per direction (Burn's `RmsNorm`
 //!   composes six ops and keeps most of their outputs).
@@ -54,13 +61,18 @@ pub mod dropout;
 pub mod gather_scatter;
 pub mod gelu;
 pub mod grouped_matmul;
+#[cfg(feature = "wgpu")]
+pub mod launches;
 pub mod math;
 pub mod matmul;
 pub mod rms_norm;
 pub mod rotary;
+pub mod routing;
 pub mod silu;
 pub mod softmax;
 
+#[cfg(feature = "wgpu")]
+mod cube;
 #[cfg(feature = "flex")]
 mod flex;
 
@@ -69,9 +81,10 @@ pub use cross_entropy::{cross_entropy, CrossEntropyBackend};
 pub use dropout::{dropout, DropoutBackend};
 pub use gather_scatter::{combine_rows, gather_rows, GatherScatterBackend};
 pub use gelu::{gelu, GeluBackend};
-pub use grouped_matmul::{grouped_matmul, GroupedMatmulBackend};
+pub use grouped_matmul::{grouped_bias, grouped_matmul, GroupedMatmulBackend};
 pub use matmul::{batched_matmul, matmul, multi_head_matmul, HeadLayout, MatmulBackend};
 pub use rms_norm::{rms_norm, RmsNormBackend};
 pub use rotary::{rotary, RotaryBackend};
+pub use routing::{exclusive_cumsum, invert_slots, RoutingBackend};
 pub use silu::{silu, SiluBackend};
 pub use softmax::{causal_softmax, log_softmax, softmax, SoftmaxBackend};

@@ -98,13 +98,32 @@ impl Segment {
     }
 }
 
-/// Tokens each expert of one MoE layer processed, split by modality.
+/// Tokens each expert of one MoE layer processed, split by modality: computed on the device
+/// when asked for (a training loop asks on the steps it logs).
 #[derive(Debug, Clone)]
 pub struct ModalityRouting {
+    stats: RoutingStats,
+    batch: usize,
+    length: usize,
+    image_positions: std::ops::Range<usize>,
+}
+
+impl ModalityRouting {
     /// From image positions, `[E]`.
-    pub image: Tensor<1, Int>,
+    pub fn image(&self) -> Tensor<1, Int> {
+        let assignments = self.stats.assignments();
+        let [_, experts] = assignments.dims();
+        assignments
+            .int()
+            .reshape([self.batch, self.length, experts])
+            .slice([0..self.batch, self.image_positions.clone(), 0..experts])
+            .sum_dims_squeeze(&[0, 1])
+    }
+
     /// From text positions, `[E]`.
-    pub text: Tensor<1, Int>,
+    pub fn text(&self) -> Tensor<1, Int> {
+        self.stats.tokens_per_expert.clone() - self.image()
+    }
 }
 
 /// Result of [`MultimodalMoeTransformer::forward`].
@@ -285,7 +304,12 @@ impl MultimodalMoeTransformer {
             modality_routing: out
                 .layer_stats
                 .iter()
-                .map(|stats| split_by_modality(stats, batch, length, image_positions.clone()))
+                .map(|stats| ModalityRouting {
+                    stats: stats.clone(),
+                    batch,
+                    length,
+                    image_positions: image_positions.clone(),
+                })
                 .collect(),
             aux_loss: out.aux_loss,
             layer_stats: out.layer_stats,
@@ -359,28 +383,5 @@ impl MultimodalMoeTransformer {
             Modality::Text => projection::apply(&self.text_head, hidden),
             Modality::Image => projection::apply(&self.image_head, hidden),
         }
-    }
-}
-
-/// Tokens per expert from the positions in `image_positions` and from the others.
-fn split_by_modality(
-    stats: &RoutingStats,
-    batch: usize,
-    length: usize,
-    image_positions: std::ops::Range<usize>,
-) -> ModalityRouting {
-    let [_, experts] = stats.assignments.dims();
-    let per_position = stats
-        .assignments
-        .clone()
-        .int()
-        .reshape([batch, length, experts]);
-    let total: Tensor<1, Int> = per_position.clone().sum_dims_squeeze(&[0, 1]);
-    let image: Tensor<1, Int> = per_position
-        .slice([0..batch, image_positions, 0..experts])
-        .sum_dims_squeeze(&[0, 1]);
-    ModalityRouting {
-        text: total - image.clone(),
-        image,
     }
 }

@@ -195,19 +195,32 @@ fn wgpu_default() -> Result<SelectedDevice, BackendError> {
     Err(BackendError::NotCompiled { backend: "wgpu" })
 }
 
+/// The wgpu device of `kind`. wgpu's runtime for a device is set up once per process (a
+/// second setup is refused), so the first one that opens is kept and handed out again.
 #[cfg(feature = "wgpu")]
 fn open_wgpu(kind: burn::tensor::DeviceKind) -> Result<SelectedDevice, BackendError> {
+    static OPENED: std::sync::Mutex<Vec<(String, SelectedDevice)>> =
+        std::sync::Mutex::new(Vec::new());
+    let key = format!("{kind:?}");
+    let mut opened = OPENED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((_, selected)) = opened.iter().find(|(opened, _)| *opened == key) {
+        return Ok(selected.clone());
+    }
     let (device, setup) = Device::wgpu_options()
         .device_kind(kind)
         .init_with_setup()
         .map_err(|error| BackendError::NoAdapter(error.to_string()))?;
     let info = setup.adapter.get_info();
-    Ok(SelectedDevice {
+    let selected = SelectedDevice {
         device,
         backend: Backend::Wgpu,
         adapter: format!("{} ({:?}, {:?})", info.name, info.device_type, info.backend),
         precision: Precision::F32,
-    })
+    };
+    opened.push((key, selected.clone()));
+    Ok(selected)
 }
 
 /// A wgpu device on whatever adapter wgpu offers (software ones included), or why there is

@@ -31,6 +31,7 @@ pub mod error;
 pub mod metrics;
 pub mod optimizer;
 pub mod plots;
+pub mod readout;
 pub mod schedule;
 pub mod split;
 pub mod tasks;

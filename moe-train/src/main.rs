@@ -50,6 +50,7 @@ fn run(cli: Cli) -> moe_train::Result<()> {
                     show_progress: true,
                     interrupt: Some(interrupt),
                     stop_after: args.stop_after,
+                    on_step: None,
                 },
             )?;
             if summary.interrupted {

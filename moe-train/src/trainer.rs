@@ -26,10 +26,11 @@ use crate::error::{io, Result};
 use crate::metrics::{self, EvalRow, MetricsLog, Row, TrainRow};
 use crate::optimizer::FusedAdamW;
 use crate::plots;
+use crate::readout::StepReadout;
 use crate::schedule::learning_rate;
 use crate::tasks::digits::DigitsTask;
 use crate::tasks::text::TextTask;
-use crate::tasks::{expert_shares, shares, Task};
+use crate::tasks::{shares, Task};
 use crate::tokenizer::Tokenizer;
 
 /// Keeps the data sampler's stream apart from other uses of the seed.
@@ -49,6 +50,19 @@ pub struct RunOptions {
     /// Stop after this step as if interrupted (the schedule still spans `run.steps`), e.g. to
     /// train a long schedule in several sessions.
     pub stop_after: Option<usize>,
+    /// Called after every step, once it is logged, evaluated and saved as due.
+    pub on_step: Option<StepHook>,
+}
+
+/// A function the training loop calls after every step with the step's number: progress
+/// reporting of one's own, or a test watching what each step does.
+#[derive(Clone)]
+pub struct StepHook(pub Arc<dyn Fn(usize) + Send + Sync>);
+
+impl std::fmt::Debug for StepHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StepHook")
+    }
 }
 
 /// What a run did.
@@ -234,42 +248,29 @@ pub fn run<T: Task>(
         let output = last.expect("at least one micro-batch");
         if step % config.run.log_every == 0 || step == steps {
             let seconds = interval_start.elapsed().as_secs_f64().max(1e-9);
+            let readout = StepReadout::read(&output, grad_norm.as_ref());
+            let as_shares = |loads: &[Vec<i64>]| loads.iter().map(|load| shares(load)).collect();
+            let multimodal = !output.modality.is_empty();
             let row = TrainRow {
                 step,
-                loss: output.loss.into_scalar::<f64>(),
-                cross_entropy: output.cross_entropy.into_scalar::<f64>(),
-                aux_loss: output.aux_loss.into_scalar::<f64>(),
+                loss: readout.loss,
+                cross_entropy: readout.cross_entropy,
+                aux_loss: readout.aux_loss,
                 lr,
-                grad_norm: grad_norm.map_or(0.0, |n| n.into_scalar::<f64>()),
+                grad_norm: readout.grad_norm.unwrap_or(0.0),
                 tokens_per_second: interval_tokens as f64 / seconds,
-                expert_load: expert_shares(&output.layer_stats),
-                dropped: output
-                    .layer_stats
+                expert_load: readout
+                    .layers
                     .iter()
-                    .map(|s| {
-                        let summary = s.summary();
-                        let routed: u64 = summary.routed_per_expert.iter().sum();
-                        summary.dropped_assignments as f64 / routed.max(1) as f64
-                    })
+                    .map(|layer| shares(&signed(&layer.tokens_per_expert)))
                     .collect(),
-                image_expert_load: (!output.modality.is_empty()).then(|| {
-                    output
-                        .modality
-                        .iter()
-                        .map(|m| {
-                            shares(&m.image.clone().try_into_vec_as::<i64>().unwrap_or_default())
-                        })
-                        .collect()
-                }),
-                text_expert_load: (!output.modality.is_empty()).then(|| {
-                    output
-                        .modality
-                        .iter()
-                        .map(|m| {
-                            shares(&m.text.clone().try_into_vec_as::<i64>().unwrap_or_default())
-                        })
-                        .collect()
-                }),
+                dropped: readout
+                    .layers
+                    .iter()
+                    .map(|layer| layer.drop_rate())
+                    .collect(),
+                image_expert_load: multimodal.then(|| as_shares(&readout.image_loads)),
+                text_expert_load: multimodal.then(|| as_shares(&readout.text_loads)),
             };
             let message = format!(
                 "loss {:.3} | {:.0} tok/s | lr {:.1e}",
@@ -305,6 +306,9 @@ pub fn run<T: Task>(
             saved_at = Some(step);
         }
         bar.inc(1);
+        if let Some(hook) = &options.on_step {
+            (hook.0)(step);
+        }
     }
     bar.finish_and_clear();
 
@@ -380,4 +384,9 @@ fn progress_bar(show: bool, total: u64, position: u64) -> ProgressBar {
     );
     bar.set_position(position);
     bar
+}
+
+/// Counts as the signed integers [`shares`] takes.
+fn signed(counts: &[u64]) -> Vec<i64> {
+    counts.iter().map(|&count| count as i64).collect()
 }

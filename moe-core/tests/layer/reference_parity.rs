@@ -124,11 +124,11 @@ fn fast_dispatch_matches_reference_for_every_gate_kind_and_shape() {
                     expected_per_expert[e] += 1;
                 }
                 assert_eq!(
-                    ints(out.stats.tokens_per_expert),
+                    ints(out.stats.tokens_per_expert.clone()),
                     expected_per_expert,
                     "{what}: tokens per expert"
                 );
-                let dropped = ints(out.stats.dropped_assignments)[0];
+                let dropped = ints(out.stats.dropped_assignments())[0];
                 if !gate.is_expert_choice() {
                     // Evaluation keeps GShard's second choice, so every token asks for top_k.
                     let asked = shape.tokens * top_k;

@@ -7,7 +7,7 @@ use burn::backend::flex::{Flex, FlexTensor};
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::TensorMetadata;
 
-use super::grouped_matmul::{Operand, Products, StorageOrder, ROW_MAJOR};
+use super::products::{Operand, Products, StorageOrder, ROW_MAJOR};
 use crate::matmul::MatmulBackend;
 
 impl MatmulBackend for Flex {

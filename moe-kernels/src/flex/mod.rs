@@ -136,6 +136,7 @@ mod dropout;
 mod gather_scatter;
 mod grouped_matmul;
 mod matmul;
+mod products;
 mod rms_norm;
 mod rotary;
 mod softmax;

@@ -17,6 +17,51 @@ pub fn devices() -> Vec<(&'static str, Device)> {
     ]
 }
 
+/// [`devices`] and, where a Vulkan, Metal or DX12 device opens, wgpu (whose kernels are
+/// CubeCL's): for the operations that have cube kernels. Without such a device wgpu is left out
+/// with a line saying why, unless `BURN_MOE_REQUIRE_WGPU=1` (set by `.ci/run` once it has
+/// installed a software Vulkan driver), which makes a missing device a failure.
+pub fn devices_with_wgpu() -> Vec<(&'static str, Device)> {
+    let mut all = devices();
+    #[cfg(feature = "wgpu")]
+    if let Some(device) = wgpu() {
+        all.push(("wgpu", device.autodiff()));
+    }
+    all
+}
+
+/// The wgpu device on wgpu's default adapter, opened once per test binary.
+#[cfg(feature = "wgpu")]
+fn wgpu() -> Option<Device> {
+    static DEVICE: std::sync::OnceLock<Result<Device, String>> = std::sync::OnceLock::new();
+    let opened = DEVICE.get_or_init(|| {
+        Device::wgpu_options()
+            .device_kind(burn::tensor::DeviceKind::DefaultDevice)
+            .init()
+            .map_err(|error| error.to_string())
+    });
+    match opened {
+        Ok(device) => Some(device.clone()),
+        Err(error) => {
+            let required = std::env::var("BURN_MOE_REQUIRE_WGPU").is_ok_and(|v| v == "1");
+            assert!(
+                !required,
+                "BURN_MOE_REQUIRE_WGPU=1 but wgpu opens no device: {error}"
+            );
+            eprintln!("wgpu: skipped: {error}");
+            None
+        }
+    }
+}
+
+/// The float types `device` computes in among [`DTYPES`].
+pub fn dtypes(device: &Device) -> Vec<(FloatDType, f64)> {
+    DTYPES
+        .into_iter()
+        .filter(|(dtype, _)| device.supports_dtype(*dtype))
+        .collect()
+}
+
 /// The float types the products are checked in, with their relative tolerances.
 pub const DTYPES: [(FloatDType, f64); 2] = [(FloatDType::F32, 1e-5), (FloatDType::F64, 1e-12)];
 

@@ -29,8 +29,8 @@ fn routing_is_split_by_modality() {
     assert_eq!(out.modality_routing.len(), 2);
     // Sequence: 16 patches then 1 caption token (the last caption token is only predicted).
     for (split, stats) in out.modality_routing.iter().zip(&out.layer_stats) {
-        let image: Vec<i64> = split.image.clone().try_into_vec_as().unwrap();
-        let text: Vec<i64> = split.text.clone().try_into_vec_as().unwrap();
+        let image: Vec<i64> = split.image().try_into_vec_as().unwrap();
+        let text: Vec<i64> = split.text().try_into_vec_as().unwrap();
         let total: Vec<i64> = stats.tokens_per_expert.clone().try_into_vec_as().unwrap();
         assert_eq!(
             image.iter().sum::<i64>(),
@@ -49,7 +49,7 @@ fn routing_is_split_by_modality() {
         &Segment::ImageTokens(batch.image_tokens.clone()),
     );
     assert_eq!(out.logits.dims(), [3, 64, 4]);
-    let image: i64 = out.modality_routing[0].image.clone().sum().into_scalar();
+    let image: i64 = out.modality_routing[0].image().sum().into_scalar();
     assert_eq!(image, 3 * 63 * 2, "63 image-token positions are inputs");
 }
 

@@ -18,6 +18,7 @@ fn options(out: std::path::PathBuf, resume: bool) -> RunOptions {
         show_progress: false,
         interrupt: None,
         stop_after: None,
+        on_step: None,
     }
 }
 
@@ -86,6 +87,7 @@ fn resuming_repeats_the_uninterrupted_losses() {
         config.clone(),
         RunOptions {
             stop_after: Some(4),
+            on_step: None,
             ..options(dir.join("halves"), false)
         },
     )

@@ -1,0 +1,39 @@
+//! The cube backend's implementations of this crate's operations (wgpu, and every other
+//! CubeCL runtime): kernels written in CubeCL, the language Burn's own kernels are written in.
+//!
+//! Each operation is implemented for [`CubeBackend`](burn::backend::wgpu::CubeBackend), the
+//! unfused backend; the `Fusion` entry of its `#[backend_extension]` makes Burn's fusion
+//! backend (what wgpu runs by default) record the operation lazily in its stream and call this
+//! implementation when the stream runs. No kernel reads anything back to the host: sizes that
+//! depend on the data (an expert's rows) are found on the device, and grids are sized for the
+//! most work the data could ask for.
+
+use burn::backend::wgpu::CubeTensor;
+use burn::tensor::Shape;
+use burn_cubecl::ops::numeric::{empty_device_contiguous_dtype, zeros_client};
+use cubecl::client::Client;
+
+mod gather_scatter;
+mod grouped_matmul;
+mod routing;
+
+/// A new contiguous tensor of `like`'s dtype on its device, uninitialised.
+fn empty_like_shape(like: &CubeTensor, shape: Shape) -> CubeTensor {
+    empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, like.dtype)
+}
+
+/// A new contiguous zero tensor of `like`'s dtype on its device.
+fn zeros_like_shape(like: &CubeTensor, shape: Shape) -> CubeTensor {
+    zeros_client(like.client.clone(), like.device.clone(), shape, like.dtype)
+}
+
+/// Units per cube for the kernels that share a scan in one cube: 256, or the largest power of
+/// two the device allows in a cube (a CPU runtime may allow as few as its core count).
+fn scan_units(client: &Client) -> usize {
+    let limit = client
+        .properties()
+        .hardware
+        .max_units_per_cube
+        .clamp(1, 256);
+    1 << (31 - limit.leading_zeros())
+}

@@ -1,0 +1,113 @@
+//! `moe_kernels::{exclusive_cumsum, invert_slots}` on every backend built in (wgpu included
+//! where a device opens) against plain loops on the host: columns shorter and longer than a
+//! cube's units, a single row and a single column, and slot maps with dropped pairs.
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use moe_kernels::{exclusive_cumsum, invert_slots};
+
+mod common;
+use common::devices_with_wgpu;
+
+fn int_matrix(values: &[i64], shape: [usize; 2], device: &Device) -> Tensor<2, Int> {
+    Tensor::from_data(TensorData::new(values.to_vec(), shape), device)
+}
+
+fn host_ints<const D: usize>(tensor: Tensor<D, Int>) -> Vec<i64> {
+    tensor.try_into_vec_as::<i64>().unwrap()
+}
+
+/// `y[t][c] = Σ_{t' < t} x[t'][c]` by loops.
+fn column_prefixes(x: &[i64], [rows, columns]: [usize; 2]) -> Vec<i64> {
+    let mut y = vec![0; x.len()];
+    for c in 0..columns {
+        let mut running = 0;
+        for t in 0..rows {
+            y[t * columns + c] = running;
+            running += x[t * columns + c];
+        }
+    }
+    y
+}
+
+/// Deterministic small integers, about a third of them zero (a mask with counts in it).
+fn pattern(len: usize, seed: usize) -> Vec<i64> {
+    (0..len)
+        .map(|i| ((i * seed + i / 7) % 5) as i64 / 2)
+        .collect()
+}
+
+#[test]
+fn exclusive_cumsum_matches_the_loops() {
+    for (backend, device) in devices_with_wgpu() {
+        for shape in [[1, 5], [7, 3], [300, 4], [1000, 1], [2049, 3]] {
+            let x = pattern(shape[0] * shape[1], 3);
+            let got = host_ints(exclusive_cumsum(int_matrix(&x, shape, &device)));
+            assert_eq!(
+                got,
+                column_prefixes(&x, shape),
+                "{backend}: exclusive_cumsum of {shape:?}"
+            );
+        }
+        // A transposed view: the kernel reads through the strides.
+        let x = pattern(6 * 40, 7);
+        let view = int_matrix(&x, [6, 40], &device).transpose();
+        let transposed: Vec<i64> = (0..40)
+            .flat_map(|r| (0..6).map(move |c| (r, c)))
+            .map(|(r, c)| x[c * 40 + r])
+            .collect();
+        assert_eq!(
+            host_ints(exclusive_cumsum(view)),
+            column_prefixes(&transposed, [40, 6]),
+            "{backend}: exclusive_cumsum of a transposed view"
+        );
+    }
+}
+
+#[test]
+fn invert_slots_matches_the_loops() {
+    for (backend, device) in devices_with_wgpu() {
+        // 5 tokens x 3 experts; slot 8 (= slots) means dropped; slots 2 and 6 stay empty.
+        let slots = 8;
+        #[rustfmt::skip]
+        let slot_of_pair = vec![
+            0, 8, 4,
+            1, 3, 8,
+            8, 8, 5,
+            8, 7, 8,
+            8, 8, 8,
+        ];
+        let mut expected = vec![-1; slots];
+        for (pair, &slot) in slot_of_pair.iter().enumerate() {
+            if (slot as usize) < slots {
+                expected[slot as usize] = pair as i64;
+            }
+        }
+        let got = host_ints(invert_slots(
+            int_matrix(&slot_of_pair, [5, 3], &device),
+            slots,
+        ));
+        assert_eq!(got, expected, "{backend}: invert_slots");
+
+        // Many pairs, every other one kept, in a buffer with room to spare.
+        let (tokens, experts) = (700, 4);
+        let slot_of_pair: Vec<i64> = (0..tokens * experts)
+            .map(|pair| {
+                if pair % 2 == 0 {
+                    (pair / 2) as i64
+                } else {
+                    5000
+                }
+            })
+            .collect();
+        let slots = tokens * experts / 2 + 9;
+        let mut expected = vec![-1; slots];
+        for pair in (0..tokens * experts).step_by(2) {
+            expected[pair / 2] = pair as i64;
+        }
+        let got = host_ints(invert_slots(
+            int_matrix(&slot_of_pair, [tokens, experts], &device),
+            slots,
+        ));
+        assert_eq!(got, expected, "{backend}: invert_slots, many pairs");
+    }
+}

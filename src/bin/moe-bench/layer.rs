@@ -35,7 +35,8 @@ pub struct LayerRow {
     pub tokens_per_second: f64,
     /// Useful FLOPs (routed tokens only, no padding) per second, forward + backward.
     pub gflops: f64,
-    /// Slots per expert used (MoE).
+    /// Rows per expert of the expert buffer (MoE): the capacity `C`, or for dropless the
+    /// mean load `tokens x top_k / E` (the ragged buffer holds exactly the routed rows).
     pub capacity_slots: usize,
 }
 
@@ -48,6 +49,19 @@ pub fn ffn_flops(rows: usize, d: usize, h: usize) -> f64 {
 /// W1's MoE layer: softmax top-k gate, GELU FFN experts, no auxiliary loss weights, dropless or
 /// capacity factor 1.25.
 pub fn moe_config(experts: usize, top_k: usize, dropless: bool) -> MoeConfig {
+    benchmark_layer(D_MODEL, D_HIDDEN, experts, top_k, dropless)
+}
+
+/// The MoE layer the benchmark's workloads time, at any width: softmax top-k gate, GELU FFN
+/// experts of hidden size `d_hidden`, no auxiliary loss weights, dropless or capacity factor
+/// 1.25.
+pub fn benchmark_layer(
+    d_model: usize,
+    d_hidden: usize,
+    experts: usize,
+    top_k: usize,
+    dropless: bool,
+) -> MoeConfig {
     let capacity = if dropless {
         CapacityConfig::dropless()
     } else {
@@ -56,9 +70,9 @@ pub fn moe_config(experts: usize, top_k: usize, dropless: bool) -> MoeConfig {
             .with_min_capacity(1)
     };
     MoeConfig::new(
-        D_MODEL,
+        d_model,
         experts,
-        ExpertConfig::new(D_HIDDEN).with_kind(ExpertKind::Ffn(Activation::Gelu)),
+        ExpertConfig::new(d_hidden).with_kind(ExpertKind::Ffn(Activation::Gelu)),
     )
     .with_top_k(top_k)
     .with_gate(GateConfig::softmax_top_k())
@@ -72,8 +86,8 @@ pub struct LayerCase {
     experts: usize,
     top_k: usize,
     capacity: String,
-    /// Slots per expert of the last pass (set by the pass itself: dropless layers size their
-    /// buffer to the busiest expert).
+    /// Rows per expert of the expert buffer (see [`LayerRow::capacity_slots`]; set by the
+    /// pass itself under a capacity limit).
     slots: Rc<Cell<usize>>,
 }
 
@@ -83,7 +97,7 @@ impl LayerCase {
         self.kind == "moe" && self.experts == experts && self.top_k == top_k
     }
 
-    /// Slots per expert of the last pass (0 before the first).
+    /// Rows per expert of the expert buffer (0 before the first pass under a capacity limit).
     pub fn slots(&self) -> usize {
         self.slots.get()
     }
@@ -122,7 +136,8 @@ pub fn moe_case(
         .init(&device)
         .expect("valid config");
     let x = Tensor::<2>::random([TOKENS, D_MODEL], Distribution::Normal(0.0, 1.0), &device);
-    let slots = Rc::new(Cell::new(0));
+    let mean_load = (TOKENS * top_k).div_ceil(experts);
+    let slots = Rc::new(Cell::new(if dropless { mean_load } else { 0 }));
     let case = LayerCase {
         kind: "moe",
         experts,
@@ -137,7 +152,9 @@ pub fn moe_case(
     let run = Box::new(move || {
         let x = x.clone().detach().require_grad();
         let out = moe.forward_with_mode(x, RoutingMode::Train);
-        slots.set(out.stats.capacity);
+        if !dropless {
+            slots.set(out.stats.capacity);
+        }
         let loss = out.output.mean() + out.aux_loss;
         let _ = loss.backward();
     });

@@ -7,11 +7,13 @@
 //! Workloads (see BENCHMARKS.md): W1 the MoE layer forward + backward against the dense FFN
 //! with the same active FLOPs; W2 a training step of the `tiny` and `small` presets with peak
 //! memory; W3 the backend's matmul at the expert GEMM shapes; W4 the same in PyTorch eager
-//! (`bench/torch_moe.py`). Every figure is the median of repeated runs after warm-up; W1's
+//! (`bench/torch_moe.py`); W5 the layer's cost as tokens and experts grow (`--only w2` and
+//! `--only w5` run those alone). Every figure is the median of repeated runs after warm-up; W1's
 //! configurations are timed in interleaved rounds, so that the ratios between them (P1, P2)
 //! compare runs made at the same time.
 
 mod layer;
+mod scaling;
 mod step;
 mod timing;
 mod torch;
@@ -63,9 +65,25 @@ struct Args {
     /// measure what that gives.
     #[arg(long)]
     main_thread: bool,
+    /// Run only this workload: `w2` (training steps) or `w5` (scaling: the layer at T, 4T and
+    /// 16T tokens and 4, 16 and 64 experts).
+    #[arg(long, value_enum)]
+    only: Option<Only>,
+    /// W5's smallest token count T.
+    #[arg(long, default_value_t = 1024)]
+    scaling_tokens: usize,
     /// Internal: measure W2 for one preset in this process and print its memory.
     #[arg(long, hide = true)]
     w2_child: Option<Preset>,
+}
+
+/// The workloads that run on their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Only {
+    /// W2: one training step of each preset.
+    W2,
+    /// W5: the layer's cost as tokens and experts grow.
+    W5,
 }
 
 fn main() {
@@ -92,11 +110,33 @@ fn bench(args: &Args, heap_reuse: bool) {
 
     if let Some(preset) = args.w2_child {
         let baseline = step::memory_status().map(|(_, rss)| rss);
-        let mut row = step::step_row(&device, preset, &preset_name(preset), warmup, repeats);
+        let observe = observe_wgpu(args);
+        let mut row = step::step_row(
+            &device,
+            preset,
+            &preset_name(preset),
+            warmup,
+            repeats,
+            observe,
+        );
         row.peak_rss = step::memory_status().map(|(peak, _)| peak);
         row.baseline_rss = baseline;
         println!("{}", serde_json::to_string(&row).expect("serialises"));
         return;
+    }
+
+    match args.only {
+        Some(Only::W5) => {
+            let w5 = w5(&device, args, warmup, repeats);
+            write_json(args, json!({ "backend": selected.to_string(), "w5": w5 }));
+            return;
+        }
+        Some(Only::W2) => {
+            let (w2, _) = w2(args, &mut Err("--only w2".into()), warmup, repeats);
+            write_json(args, json!({ "backend": selected.to_string(), "w2": w2 }));
+            return;
+        }
+        None => {}
     }
 
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -159,8 +199,8 @@ fn bench(args: &Args, heap_reuse: bool) {
         }
     }
     // W3 joins the rounds too: the dense FFN's first projection, then the E=8 top-2 expert
-    // buffers as one pass of each of those layers sizes them (dropless sizes its buffer to the
-    // busiest expert, so the pass runs once here first).
+    // buffers (a pass of each of those layers runs once here first, so that the capacity
+    // layer has its capacity).
     let layers = runs.len();
     let mut w3_cases = Vec::new();
     let mut shapes = vec![(1, TOKENS, 2 * D_HIDDEN)];
@@ -225,46 +265,7 @@ fn bench(args: &Args, heap_reuse: bool) {
         w3.push(row);
     }
 
-    // W2, each preset in its own process so that its peak memory is its own.
-    println!("\nW2: one training step (forward, backward, AdamW)");
-    let mut w2: Vec<StepRow> = Vec::new();
-    let presets: Vec<Preset> = if args.quick {
-        vec![Preset::Tiny]
-    } else {
-        vec![Preset::Tiny, Preset::Small]
-    };
-    let mut torch_w2 = Vec::new();
-    for preset in presets {
-        // PyTorch's step right after ours.
-        let child = w2_in_child(args, preset);
-        if let Ok(server) = &mut server {
-            match server.w2(&preset_name(preset), warmup, repeats) {
-                Ok(row) => torch_w2.push(row),
-                Err(reason) => println!(
-                    "PyTorch W2 {}: not measured ({reason})",
-                    preset_name(preset)
-                ),
-            }
-        }
-        match child {
-            Ok(row) => {
-                println!(
-                    "{:<6} {:>9} params {:>9} active {:>6} tokens {:>9.1} ms {:>9.0} tokens/s  peak RSS {:>6.0} MB (estimate {:.0} MB + runtime {:.0} MB)",
-                    row.preset,
-                    row.parameters,
-                    row.active_parameters,
-                    row.tokens,
-                    row.seconds * 1e3,
-                    row.tokens_per_second,
-                    row.peak_rss.unwrap_or(0) as f64 / 1e6,
-                    row.estimated_bytes as f64 / 1e6,
-                    row.baseline_rss.unwrap_or(0) as f64 / 1e6,
-                );
-                w2.push(row);
-            }
-            Err(error) => println!("{}: not measured ({error})", preset_name(preset)),
-        }
-    }
+    let (w2, torch_w2) = w2(args, &mut server, warmup, repeats);
 
     // W4
     let torch = server.map(|server| TorchResults {
@@ -299,6 +300,8 @@ fn bench(args: &Args, heap_reuse: bool) {
         println!("\nW4: PyTorch not measured: {reason}");
     }
 
+    let w5 = w5(&device, args, warmup, repeats);
+
     let report = ratios(&w1, &w2, &w3, torch.as_ref().ok());
     println!("\nratios (targets: P1 >= 0.90 at E=8 top-2, P2 <= 1.10, P3 >= 1.0, P4 >= 0.80, memory <= 1.5)");
     for key in [
@@ -323,6 +326,116 @@ fn bench(args: &Args, heap_reuse: bool) {
         Ok(results) => json!(results),
         Err(reason) => json!({ "not_measured": reason }),
     };
+    output["w5"] = w5;
+    write_json(args, output);
+}
+
+/// W2, each preset in its own process so that its peak memory is its own, with PyTorch's step
+/// right after ours when its server runs: our rows and PyTorch's.
+fn w2(
+    args: &Args,
+    server: &mut Result<TorchServer, String>,
+    warmup: usize,
+    repeats: usize,
+) -> (Vec<StepRow>, Vec<torch::TorchStepRow>) {
+    println!("\nW2: one training step (forward, backward, AdamW)");
+    let mut w2: Vec<StepRow> = Vec::new();
+    let presets: Vec<Preset> = if args.quick {
+        vec![Preset::Tiny]
+    } else {
+        vec![Preset::Tiny, Preset::Small]
+    };
+    let mut torch_w2 = Vec::new();
+    for preset in presets {
+        // PyTorch's step right after ours.
+        let child = w2_in_child(args, preset);
+        if let Ok(server) = server.as_mut() {
+            match server.w2(&preset_name(preset), warmup, repeats) {
+                Ok(row) => torch_w2.push(row),
+                Err(reason) => println!(
+                    "PyTorch W2 {}: not measured ({reason})",
+                    preset_name(preset)
+                ),
+            }
+        }
+        match child {
+            Ok(row) => {
+                if let (Some(launches), Some(reads)) =
+                    (row.launches_per_step, row.host_reads_per_step)
+                {
+                    println!(
+                        "{:<6} one step: {launches} kernel launches, {reads} host reads",
+                        row.preset
+                    );
+                }
+                println!(
+                    "{:<6} {:>9} params {:>9} active {:>6} tokens {:>9.1} ms {:>9.0} tokens/s  peak RSS {:>6.0} MB (estimate {:.0} MB + runtime {:.0} MB)",
+                    row.preset,
+                    row.parameters,
+                    row.active_parameters,
+                    row.tokens,
+                    row.seconds * 1e3,
+                    row.tokens_per_second,
+                    row.peak_rss.unwrap_or(0) as f64 / 1e6,
+                    row.estimated_bytes as f64 / 1e6,
+                    row.baseline_rss.unwrap_or(0) as f64 / 1e6,
+                );
+                w2.push(row);
+            }
+            Err(error) => println!("{}: not measured ({error})", preset_name(preset)),
+        }
+    }
+
+    (w2, torch_w2)
+}
+
+/// W5: prints and returns its rows and ratios.
+fn w5(device: &burn::tensor::Device, args: &Args, warmup: usize, repeats: usize) -> Value {
+    let base = args.scaling_tokens;
+    println!(
+        "\nW5: scaling, MoE layer forward + backward, d_model {}, expert hidden {}, top-{}, untrained router (interleaved rounds)",
+        scaling::D_MODEL,
+        scaling::D_HIDDEN,
+        scaling::TOP_K
+    );
+    let rows = scaling::measure(device, base, warmup, repeats);
+    println!("{:<14} {:>4} {:>7} {:>10}", "capacity", "E", "tokens", "ms");
+    for row in &rows {
+        println!(
+            "{:<14} {:>4} {:>7} {:>10.1}",
+            row.capacity,
+            row.experts,
+            row.tokens,
+            row.seconds * 1e3
+        );
+    }
+    let ratios = scaling::ratios(&rows, base);
+    println!(
+        "ratios (targets: each 4x in tokens <= 4.5x the time; 64 experts <= 1.3x the time of 4)"
+    );
+    for key in ["tokens_4x_time_ratio", "experts_64_over_4_time_ratio"] {
+        println!("{key}: {}", ratios[key]);
+    }
+    json!({ "rows": rows, "ratios": ratios })
+}
+
+/// Whether to count W2's kernel launches and host reads: on wgpu, once this process counts its
+/// host reads.
+#[cfg(feature = "wgpu")]
+fn observe_wgpu(args: &Args) -> bool {
+    args.backend == Backend::Wgpu
+        && burn_moe::kernels::launches::install_host_read_counter()
+            .map_err(|error| eprintln!("W2: host reads not counted: {error}"))
+            .is_ok()
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn observe_wgpu(_args: &Args) -> bool {
+    false
+}
+
+/// Writes `output` to `--json`, if given.
+fn write_json(args: &Args, output: Value) {
     if let Some(path) = &args.json {
         if let Err(error) = std::fs::write(
             path,

@@ -35,6 +35,12 @@ pub struct StepRow {
     pub baseline_rss: Option<u64>,
     /// Hand estimate of what training needs, bytes (see [`estimate_bytes`]).
     pub estimated_bytes: u64,
+    /// Kernel launches of one step, on wgpu (`None`: not counted).
+    #[serde(default)]
+    pub launches_per_step: Option<usize>,
+    /// Reads from the device to the host during one step, on wgpu (`None`: not counted).
+    #[serde(default)]
+    pub host_reads_per_step: Option<usize>,
 }
 
 /// The preset's text-model config.
@@ -52,7 +58,8 @@ pub fn preset_config(preset: Preset) -> (TrainConfig, MoeTransformerConfig) {
 ///   softmax (`2 * heads * N * T`), the context and the output: about `10 * N * d + 2 * H * N * T`
 ///   floats; a dense FFN keeps its input, the hidden pre- and post-activation and the output:
 ///   `2 * N * d + 2 * N * d_ff`; an MoE layer keeps the dispatched buffer, hidden pre/post and
-///   the expert output for `E * C` slots (`2 * E * C * (d + h)`) plus the router's `[N, E]`
+///   the expert output for its rows (`N * top_k` dropless, `E * C` with a capacity limit:
+///   `2 * rows * (d + h)`) plus the router's `[N, E]`
 ///   tensors (about 8 of them) and its input/output `2 * N * d`;
 /// - the logits and their gradient: `2 * N * V` (the fused cross-entropy keeps no
 ///   log-probabilities).
@@ -73,7 +80,13 @@ pub fn estimate_bytes(train: &TrainConfig, model: &MoeTransformerConfig) -> u64 
         burn_moe::core::RoutingMode::Train,
     ) as u64;
     let h = moe.expert.d_hidden as u64;
-    let moe_layer = 2 * e * capacity * (d + h) + 8 * n * e + 2 * n * d;
+    // The ragged expert buffer: the routed rows when dropless, E x C rows otherwise.
+    let rows = if moe.capacity.dropless {
+        n * moe.top_k as u64
+    } else {
+        e * capacity
+    };
+    let moe_layer = 2 * rows * (d + h) + 8 * n * e + 2 * n * d;
     let moe_layers = model.num_moe_layers() as u64;
     let layers = model.num_layers as u64;
     let activations = layers * attention
@@ -96,13 +109,15 @@ fn batch(
     (ids, targets)
 }
 
-/// W2 for `preset` on `device`: median step time.
+/// W2 for `preset` on `device`: median step time, and with `observe` (wgpu, with the host
+/// read counter installed) the kernel launches and host reads of one more step.
 pub fn step_row(
     device: &Device,
     preset: Preset,
     name: &str,
     warmup: usize,
     repeats: usize,
+    observe: bool,
 ) -> StepRow {
     let device = device.clone().autodiff();
     device.seed(3);
@@ -111,12 +126,19 @@ pub fn step_row(
     let mut optimizer = FusedAdamW::new(0.1).init();
     let (ids, targets) = batch(&train, &config, &device);
     let mask = targets.clone().greater_equal_elem(0);
-    let seconds = median_seconds(&device, warmup, repeats, || {
+    let mut step = || {
         let current = model.take().expect("model");
         let out = current.loss(ids.clone(), targets.clone(), mask.clone());
         let grads = GradientsParams::from_grads(out.loss.backward(), &current);
         model = Some(optimizer.step(1e-3, current, grads));
-    });
+    };
+    let seconds = median_seconds(&device, warmup, repeats, &mut step);
+    let (launches_per_step, host_reads_per_step) = if observe {
+        let (launches, reads) = observe_step(&device, &mut step);
+        (Some(launches), Some(reads))
+    } else {
+        (None, None)
+    };
     let count = config.parameter_count();
     let tokens = train.optim.batch_size * config.context_length;
     let _ = model.map(|m| m.num_params());
@@ -130,7 +152,27 @@ pub fn step_row(
         peak_rss: None,
         baseline_rss: None,
         estimated_bytes: estimate_bytes(&train, &config),
+        launches_per_step,
+        host_reads_per_step,
     }
+}
+
+/// The kernel launches and host reads of one more `step` (ended by a device sync), on wgpu
+/// with the read counter installed ([`burn_moe::kernels::launches`]).
+#[cfg(feature = "wgpu")]
+fn observe_step(device: &Device, step: &mut impl FnMut()) -> (usize, usize) {
+    use burn_moe::kernels::launches::{count_launches, host_reads};
+    let before = host_reads();
+    let ((), launches) = count_launches(|| {
+        step();
+        device.sync().expect("device sync");
+    });
+    (launches.total(), host_reads() - before)
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn observe_step(_device: &Device, _step: &mut impl FnMut()) -> (usize, usize) {
+    unreachable!("launches are counted on wgpu only")
 }
 
 /// `VmHWM` (peak resident set) and `VmRSS` of this process, bytes (Linux).

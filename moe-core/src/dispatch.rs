@@ -82,7 +82,14 @@ impl DispatchPlan {
         let [num_tokens, num_experts] = kept.dims();
         let device = kept.device();
         let kept_count = kept.clone().int();
-        let tokens_per_expert = kept_count.clone().sum_dim(0);
+        // Each kept pair's rank among its expert's pairs; the last row plus its own count is
+        // each expert's load (a column sum without a second pass over the matrix).
+        let rank = exclusive_cumsum(kept_count.clone());
+        let last = num_tokens.saturating_sub(1)..num_tokens;
+        let tokens_per_expert = match num_tokens {
+            0 => Tensor::<2, Int>::zeros([1, num_experts], &device),
+            _ => rank.clone().slice(last.clone()) + kept_count.clone().slice(last),
+        };
         // offsets = [0, load_0, load_0 + load_1, ...]: the exclusive prefix sum of the loads.
         let offsets = Tensor::cat(
             vec![
@@ -102,7 +109,7 @@ impl DispatchPlan {
             .unsqueeze_dim::<2>(0)
             .expand([num_tokens, num_experts]);
         let slot_of_pair = Tensor::<2, Int>::full([num_tokens, num_experts], slots as i64, &device)
-            .mask_where(kept.clone(), exclusive_cumsum(kept_count) + start);
+            .mask_where(kept.clone(), rank + start);
 
         let pair_of_slot = invert_slots(slot_of_pair, slots);
         let occupied = pair_of_slot.clone().greater_equal_elem(0);

@@ -29,6 +29,8 @@
 //!   expert's own rows of the ragged `[S, K]` buffer (rows grouped by expert, `offsets` say
 //!   where each group starts), with their gradients; on flex one GEMM per group where its rows
 //!   lie, on wgpu tiled CubeCL kernels that find each tile's group on the device.
+//! - [`top_k_indices()`]: each row's `k` largest (a gate's experts); on flex a partial
+//!   selection per row instead of Burn's sort of the whole row.
 //! - [`exclusive_cumsum()`], [`invert_slots()`]: the dispatch plan's integer steps (each
 //!   expert's tokens numbered in order; the pair each buffer row holds); on wgpu a column scan
 //!   and a parallel scatter in CubeCL instead of Burn's quadratic `cumsum` and its
@@ -70,6 +72,7 @@ pub mod rotary;
 pub mod routing;
 pub mod silu;
 pub mod softmax;
+pub mod top_k;
 
 #[cfg(feature = "wgpu")]
 mod cube;
@@ -88,3 +91,4 @@ pub use rotary::{rotary, RotaryBackend};
 pub use routing::{exclusive_cumsum, invert_slots, RoutingBackend};
 pub use silu::{silu, SiluBackend};
 pub use softmax::{causal_softmax, log_softmax, softmax, SoftmaxBackend};
+pub use top_k::{top_k_indices, TopKBackend};

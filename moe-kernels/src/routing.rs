@@ -6,10 +6,11 @@
 //!   both the capacity rule "keep the first C" and each pair's row within its expert's group.
 //! - [`invert_slots`]: from the row (slot) each pair takes, the pair each slot holds.
 //!
-//! Composed from Burn's ops both are cheap on the CPU backends, but on cube (wgpu) Burn's
+//! Composed from Burn's ops both are linear on the CPU backends, but on cube (wgpu) Burn's
 //! `cumsum` is the O(n²) kernel (each output element sums its whole prefix), `arange` under
 //! fusion is built as a `cumsum` of ones, and a 1-D `select_assign` runs on a single GPU
-//! thread. The cube backend runs each as one linear-cost kernel instead (`crate::cube`).
+//! thread. The cube backend runs each as one linear-cost kernel instead (`crate::cube`), and
+//! flex as one pass over the matrix (`crate::flex`).
 
 // `burn::backend::NdArray` is deprecated in Burn 0.22 but still one of the backends we serve.
 #![allow(deprecated)]
@@ -43,7 +44,7 @@ pub fn invert_slots(slot_of_pair: Tensor<2, Int>, slots: usize) -> Tensor<1, Int
 }
 
 /// Backends that compute dispatch plans. The default bodies compose Burn's ops (right on every
-/// backend, linear on the CPU backends); cube overrides both.
+/// backend, linear on the CPU backends); flex and cube override both.
 #[backend_extension(
     Autodiff,
     NdArray: cfg(feature = "ndarray"),
@@ -69,7 +70,10 @@ pub trait RoutingBackend: Backend {
 /// [`RoutingBackend::invert_slots`] from Burn's ops: `1 + t * E + e` scattered (added to zero)
 /// at each pair's slot, in a buffer with one extra slot that collects the dropped pairs and is
 /// cut off, then minus one.
-fn composed_invert_slots<B: Backend>(slot_of_pair: IntTensor<B>, slots: usize) -> IntTensor<B> {
+pub(crate) fn composed_invert_slots<B: Backend>(
+    slot_of_pair: IntTensor<B>,
+    slots: usize,
+) -> IntTensor<B> {
     let shape = slot_of_pair.shape();
     let pairs = shape.num_elements();
     let device = slot_of_pair.device();
@@ -86,9 +90,6 @@ fn composed_invert_slots<B: Backend>(slot_of_pair: IntTensor<B>, slots: usize) -
 
 #[cfg(feature = "ndarray")]
 impl RoutingBackend for burn::backend::NdArray {}
-
-#[cfg(feature = "flex")]
-impl RoutingBackend for burn::backend::Flex {}
 
 /// Integer tensors carry no gradient: the autodiff backend runs its inner backend's
 /// implementation.

@@ -1,9 +1,10 @@
-//! `moe_kernels::{exclusive_cumsum, invert_slots}` on every backend built in (wgpu included
-//! where a device opens) against plain loops on the host: columns shorter and longer than a
-//! cube's units, a single row and a single column, and slot maps with dropped pairs.
+//! `moe_kernels::{exclusive_cumsum, invert_slots, top_k_indices}` on every backend built in
+//! (wgpu included where a device opens) against plain loops on the host: columns shorter and
+//! longer than a cube's units, a single row and a single column, slot maps with dropped pairs,
+//! and rows with ties for the top-k.
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use moe_kernels::{exclusive_cumsum, invert_slots};
+use moe_kernels::{exclusive_cumsum, invert_slots, top_k_indices};
 
 mod common;
 use common::devices_with_wgpu;
@@ -109,5 +110,40 @@ fn invert_slots_matches_the_loops() {
             slots,
         ));
         assert_eq!(got, expected, "{backend}: invert_slots, many pairs");
+    }
+}
+
+/// The indices of each row's `k` largest, by a stable sort: larger first, equal values in
+/// index order.
+fn largest_by_sorting(values: &[f32], columns: usize, k: usize) -> Vec<i64> {
+    values
+        .chunks(columns)
+        .flat_map(|row| {
+            let mut order: Vec<usize> = (0..columns).collect();
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+            order.into_iter().take(k).map(|index| index as i64)
+        })
+        .collect()
+}
+
+#[test]
+fn top_k_indices_matches_a_sort() {
+    for (backend, device) in devices_with_wgpu() {
+        for (rows, columns) in [(1, 1), (5, 4), (37, 64), (300, 9)] {
+            // Few distinct values, so that most rows have ties.
+            let values: Vec<f32> = (0..rows * columns)
+                .map(|i| ((i * 7 + i / 5) % 6) as f32 - 2.5)
+                .collect();
+            let x =
+                Tensor::<2>::from_data(TensorData::new(values.clone(), [rows, columns]), &device);
+            for k in [1, 2, 3, columns].into_iter().filter(|&k| k <= columns) {
+                let got = host_ints(top_k_indices(x.clone(), k));
+                assert_eq!(
+                    got,
+                    largest_by_sorting(&values, columns, k),
+                    "{backend}: top-{k} of [{rows}, {columns}]"
+                );
+            }
+        }
     }
 }

@@ -170,7 +170,8 @@ pub struct GateOutput {
 }
 
 /// Indices of the `k` largest scores of each row, `[rows, k]`. `k == columns` is allowed (all
-/// experts, in column order). Uses `argtopk`, which stays on the device on every backend.
+/// experts, in column order). [`moe_kernels::top_k_indices`] stays on the device on every
+/// backend, and on flex selects instead of sorting each row.
 pub(crate) fn top_k_indices(scores: Tensor<2>, k: usize) -> Tensor<2, Int> {
     let [rows, columns] = scores.dims();
     if k >= columns {
@@ -178,7 +179,7 @@ pub(crate) fn top_k_indices(scores: Tensor<2>, k: usize) -> Tensor<2, Int> {
             .unsqueeze_dim::<2>(0)
             .expand([rows, columns])
     } else {
-        scores.argtopk(k, 1)
+        moe_kernels::top_k_indices(scores, k)
     }
 }
 

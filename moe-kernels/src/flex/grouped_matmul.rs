@@ -16,11 +16,14 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::products::{run_products, Destination, GemmFloat, Operand};
-use super::{contiguous, matrix, Float};
+use super::{contiguous, matrix, rows_per_task, written_rows, Float};
 use crate::grouped_matmul::{
     composed_grouped_bias, composed_grouped_matmul, composed_grouped_row_sum,
     composed_grouped_weight_grad, groups_from_offsets, uncovered_rows, GroupedMatmulBackend,
 };
+
+/// Elements per rayon task of the bias addition (whole rows, at least one).
+const CHUNK: usize = 1 << 14;
 
 impl GroupedMatmulBackend for Flex {
     fn grouped_matmul(x: FlexTensor, w: FlexTensor, offsets: FlexTensor) -> FlexTensor {
@@ -246,20 +249,29 @@ fn add_group_bias<E: Float>(x: FlexTensor, bias: FlexTensor, offsets: FlexTensor
     let bias = contiguous::<E>(bias);
     let (data, _) = matrix::<E>(&x);
     let (bias_data, _) = matrix::<E>(&bias);
-    let mut output = data.to_vec();
-    output
-        .par_chunks_mut(columns.max(1))
-        .enumerate()
-        .for_each(|(row, out)| {
-            // The groups are in order: the first that ends after `row` is the only candidate.
-            let expert = groups.partition_point(|group| group.end <= row);
-            if groups.get(expert).is_some_and(|group| group.contains(&row)) {
-                let bias_row = &bias_data[expert * columns..(expert + 1) * columns];
-                for (value, &b) in out.iter_mut().zip(bias_row) {
-                    *value = *value + b;
+    let row = columns.max(1);
+    // One parallel pass, each output element written once.
+    let output = written_rows::<E>(rows, columns, rows_per_task(row, CHUNK), |first, out| {
+        for (offset, out_row) in out.chunks_mut(row).enumerate() {
+            let index = first + offset;
+            let source = &data[index * columns..(index + 1) * columns];
+            // The groups are in order: the first that ends after the row is the only candidate.
+            let expert = groups.partition_point(|group| group.end <= index);
+            match groups.get(expert).filter(|group| group.contains(&index)) {
+                Some(_) => {
+                    let bias_row = &bias_data[expert * columns..(expert + 1) * columns];
+                    for ((out, &value), &b) in out_row.iter_mut().zip(source).zip(bias_row) {
+                        out.write(value + b);
+                    }
+                }
+                None => {
+                    for (out, &value) in out_row.iter_mut().zip(source) {
+                        out.write(value);
+                    }
                 }
             }
-        });
+        }
+    });
     FlexTensor::from_data(TensorData::new(output, [rows, columns]))
 }
 

@@ -139,4 +139,6 @@ mod matmul;
 mod products;
 mod rms_norm;
 mod rotary;
+mod routing;
 mod softmax;
+mod top_k;

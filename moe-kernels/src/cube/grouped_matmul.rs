@@ -242,6 +242,8 @@ fn grouped_matmul_kernel<F: Float, I: Int>(
         }
         sync_cube();
     }
+    // Through the strides: the zero-filled output may have padded rows.
+    let (out_row, out_column) = (output.stride(0), output.stride(1));
     #[unroll]
     for i in 0..PER_UNIT {
         let row = first_row + ty + UNITS * i;
@@ -249,7 +251,7 @@ fn grouped_matmul_kernel<F: Float, I: Int>(
         for j in 0..PER_UNIT {
             let column = first_column + tx + UNITS * j;
             if row < group_end && column < columns {
-                output[row * columns + column] = F::cast_from(sums[i * PER_UNIT + j]);
+                output[row * out_row + column * out_column] = F::cast_from(sums[i * PER_UNIT + j]);
             }
         }
     }

@@ -22,7 +22,8 @@ fn empty_like_shape(like: &CubeTensor, shape: Shape) -> CubeTensor {
     empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, like.dtype)
 }
 
-/// A new contiguous zero tensor of `like`'s dtype on its device.
+/// A new zero tensor of `like`'s dtype on its device (its rows may be padded: write it through
+/// its strides).
 fn zeros_like_shape(like: &CubeTensor, shape: Shape) -> CubeTensor {
     zeros_client(like.client.clone(), like.device.clone(), shape, like.dtype)
 }

@@ -1,12 +1,13 @@
-//! f16 on wgpu: where the adapter has `shader-f16`, the layer runs in f16 and matches the f32
-//! result within an f16 tolerance; where it has not, the backend chooser refuses with a clear
-//! message. Its own process (`harness = false`), because a device's float type is set once.
+//! Mixed f16 on wgpu: where the adapter has `shader-f16`, the layer with f32 weights computes
+//! f16 tokens in f16 and matches the f32 result within an f16 tolerance, and the gradient of
+//! its weights comes back in f32 close to the f32 model's; where the adapter has no f16, the
+//! backend chooser refuses with a clear message. Its own process (`harness = false`).
 
 use burn::module::Module;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use burn_moe::core::reference::{host, random_values};
 use burn_moe::core::{
-    CapacityConfig, ExpertConfig, ExpertKind, GateConfig, MoeConfig, RoutingMode,
+    CapacityConfig, ExpertConfig, ExpertKind, GateConfig, Moe, MoeConfig, RoutingMode,
 };
 use burn_moe::train::backend::{select, Backend, BackendError, Precision};
 
@@ -14,7 +15,7 @@ fn main() {
     let require_wgpu = std::env::var("BURN_MOE_REQUIRE_WGPU").is_ok_and(|v| v == "1");
     let selected = match select(Backend::Wgpu, Precision::F16) {
         Ok(selected) => selected,
-        Err(BackendError::NoF16 { device }) => {
+        Err(BackendError::NoHalfPrecision { device, .. }) => {
             // The refusal itself is what this adapter should get: check its message.
             let message = select(Backend::Wgpu, Precision::F16)
                 .unwrap_err()
@@ -69,31 +70,63 @@ fn main() {
                 .output,
         );
 
-        // The same weights, cast to f16 on load.
-        let half = config
-            .init(&selected.device)
-            .unwrap()
-            .load_record(moe.clone().into_record().cast_to_module_dtype());
-        let output = half
-            .forward_with_mode(input(&selected.device), RoutingMode::Eval)
+        // Mixed precision: the same f32 weights on wgpu, the tokens in f16.
+        let mixed = moe.clone().to_device(&selected.device);
+        let output = mixed
+            .forward_with_mode(
+                input(&selected.device).cast(FloatDType::F16),
+                RoutingMode::Eval,
+            )
             .output;
-        assert_eq!(
-            output.dtype(),
-            burn::tensor::DType::F16,
-            "{name}: output is not f16"
-        );
-        let actual = host(output);
+        assert_eq!(output.dtype(), DType::F16, "{name}: output is not f16");
         let scale = expected.iter().fold(0f64, |m, v| m.max(v.abs()));
-        let worst = actual
-            .iter()
-            .zip(&expected)
-            .map(|(a, e)| (a - e).abs())
-            .fold(0f64, f64::max);
+        let worst = largest_difference(&host(output), &expected);
         // f16 has an 11-bit mantissa (relative precision 4.9e-4); a few roundings per element.
         assert!(
             worst <= 1e-2 * scale,
             "{name}: f16 differs from f32 by {worst} (scale {scale})"
         );
-        println!("test wgpu f16: {name} ... ok (largest difference {worst:.2e}, scale {scale:.2})");
+
+        // The gradient reaches the f32 master weights in f32, close to the f32 model's.
+        let weight_gradient = |moe: Moe, device: &Device, dtype: FloatDType| {
+            let device = device.clone().autodiff();
+            let moe = moe.to_device(&device).train();
+            let output = moe
+                .forward_with_mode(input(&device).cast(dtype), RoutingMode::Eval)
+                .output;
+            let grads = output.cast(FloatDType::F32).sum().backward();
+            moe.experts
+                .w_in
+                .val()
+                .grad(&grads)
+                .expect("w_in has a gradient")
+        };
+        let expected_grad = host(weight_gradient(moe.clone(), &reference, FloatDType::F32));
+        let grad = weight_gradient(moe.clone(), &selected.device, FloatDType::F16);
+        assert_eq!(
+            grad.dtype(),
+            DType::F32,
+            "{name}: the master gradient is not f32"
+        );
+        let grad_scale = expected_grad.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let grad_worst = largest_difference(&host(grad), &expected_grad);
+        assert!(
+            grad_worst <= 1e-2 * grad_scale,
+            "{name}: the f16 gradient differs from f32's by {grad_worst} (scale {grad_scale})"
+        );
+        println!(
+            "test wgpu f16: {name} ... ok (largest difference {worst:.2e}, scale {scale:.2}; \
+             w_in gradient {grad_worst:.2e}, scale {grad_scale:.2})"
+        );
     }
+}
+
+/// The largest absolute difference between two equally long slices.
+fn largest_difference(actual: &[f64], expected: &[f64]) -> f64 {
+    assert_eq!(actual.len(), expected.len());
+    actual
+        .iter()
+        .zip(expected)
+        .map(|(a, e)| (a - e).abs())
+        .fold(0f64, f64::max)
 }

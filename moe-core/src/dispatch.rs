@@ -137,9 +137,11 @@ impl DispatchPlan {
     /// Weights the expert outputs `[S, d_model]` by their gate values and adds each back to its
     /// token: `y[n] = sum over rows s of token n of weight[s] * expert_output[s]`.
     pub fn combine(&self, expert_output: Tensor<2>, num_tokens: usize) -> Tensor<2> {
+        // The gate's weights are in the router's precision; the sum is in the experts'.
+        let weight = self.weight_of_slot.clone().cast(expert_output.dtype());
         combine_rows(
             expert_output,
-            self.weight_of_slot.clone(),
+            weight,
             self.token_of_slot.clone(),
             num_tokens,
         )

@@ -9,6 +9,7 @@ use moe_kernels::{batched_matmul, grouped_bias, grouped_matmul};
 
 use crate::error::{check_nonzero, MoeError};
 use crate::init::uniform;
+use crate::precision::param_for;
 
 /// Activation of an [`ExpertKind::Ffn`] expert.
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
@@ -125,8 +126,14 @@ impl Experts {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         self.run(
             x,
-            |x, weight| batched_matmul(x, weight.val()),
-            |y, bias| y + bias.val().unsqueeze_dim(1),
+            |x, weight| {
+                let weight = param_for(weight, &x);
+                batched_matmul(x, weight)
+            },
+            |y, bias| {
+                let bias = param_for(bias, &y);
+                y + bias.unsqueeze_dim(1)
+            },
         )
     }
 
@@ -138,8 +145,14 @@ impl Experts {
     pub fn forward_grouped(&self, x: Tensor<2>, offsets: Tensor<1, Int>) -> Tensor<2> {
         self.run(
             x,
-            |x, weight| grouped_matmul(x, weight.val(), offsets.clone()),
-            |y, bias| grouped_bias(y, bias.val(), offsets.clone()),
+            |x, weight| {
+                let weight = param_for(weight, &x);
+                grouped_matmul(x, weight, offsets.clone())
+            },
+            |y, bias| {
+                let bias = param_for(bias, &y);
+                grouped_bias(y, bias, offsets.clone())
+            },
         )
     }
 

@@ -45,6 +45,7 @@ pub mod gate;
 pub mod init;
 pub mod losses;
 mod moe;
+pub mod precision;
 pub mod reference;
 pub mod rng;
 mod router;

@@ -244,8 +244,11 @@ impl Moe {
         let order = TokenOrder::new(&shape);
         let tokens = order.flatten(x);
 
+        // The router computes in its weights' precision (f32 under mixed precision), as
+        // Switch Transformer does: its softmax and top-k decide the routing, so round-off there
+        // changes which experts a token visits.
         let gate = self.config.gate.route(GateInput {
-            x: tokens.clone(),
+            x: tokens.clone().cast(self.router.weight.val().dtype()),
             router: &self.router,
             top_k: self.config.top_k,
             mode,

@@ -230,7 +230,8 @@ impl DecoderStack {
                 let index =
                     Tensor::<1, Int>::arange(start as i64..(start + length) as i64, &device)
                         .unsqueeze_dim::<2>(0);
-                x + positions.forward(index)
+                let positions = positions.forward(index).cast(x.dtype());
+                x + positions
             }
             None => x,
         };

@@ -49,17 +49,33 @@ impl NormKind {
 }
 
 impl Norm {
-    /// Normalises the last dimension.
+    /// Normalises the last dimension. Half-precision activations (mixed precision) are
+    /// normalised in the parameters' precision and returned in their own: the mean and the
+    /// variance are sums over the whole row, which 16 bits would round.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        match (&self.layer, &self.rms) {
-            (Some(layer), _) => layer.forward(x),
-            // One operation with its own backward pass (`moe_kernels::rms_norm`) in f32 and
-            // f64; Burn's composed module in half precision, where it sums the squares in f32.
-            (None, Some(rms)) => match x.dtype() {
-                DType::F32 | DType::F64 => rms_norm(x, rms.gamma.val(), rms.epsilon),
-                _ => rms.forward(x),
+        let dtype = x.dtype();
+        let compute = match dtype {
+            DType::F32 | DType::F64 => x,
+            _ => x.cast(self.param_dtype()),
+        };
+        let y = match (&self.layer, &self.rms) {
+            (Some(layer), _) => layer.forward(compute),
+            // One operation with its own backward pass (`moe_kernels::rms_norm`).
+            (None, Some(rms)) => match compute.dtype() {
+                DType::F32 | DType::F64 => rms_norm(compute, rms.gamma.val(), rms.epsilon),
+                _ => rms.forward(compute),
             },
-            (None, None) => x,
+            (None, None) => compute,
+        };
+        y.cast(dtype)
+    }
+
+    /// The precision of the norm's own parameters (f32 when there are none).
+    fn param_dtype(&self) -> DType {
+        match (&self.layer, &self.rms) {
+            (Some(layer), _) => layer.gamma.val().dtype(),
+            (None, Some(rms)) => rms.gamma.val().dtype(),
+            (None, None) => DType::F32,
         }
     }
 }

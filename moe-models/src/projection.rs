@@ -1,15 +1,21 @@
 //! The forward pass of Burn's `Linear` through [`moe_kernels::matmul`]: the same module, the
 //! same parameters and records, `y = x W + b`, with the product as one operation whose flex
-//! kernel writes its output once.
+//! kernel writes its output once. Under mixed precision the parameters meet `x` in its type
+//! ([`moe_core::precision::param_for`]).
 
 use burn::nn::Linear;
 use burn::tensor::Tensor;
+use moe_core::precision::param_for;
 
 /// `x W + b` for `x: [..., d_input]`, as `Linear::forward` computes it.
 pub(crate) fn apply<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<D> {
-    let product = moe_kernels::matmul(x, linear.weight.val());
+    let weight = param_for(&linear.weight, &x);
+    let product = moe_kernels::matmul(x, weight);
     match &linear.bias {
-        Some(bias) => product + bias.val().unsqueeze(),
+        Some(bias) => {
+            let bias = param_for(bias, &product);
+            product + bias.unsqueeze()
+        }
         None => product,
     }
 }

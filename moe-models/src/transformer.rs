@@ -3,7 +3,8 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Embedding, Linear};
-use burn::tensor::{Bool, Device, Int, Tensor};
+use burn::tensor::{Bool, Device, FloatDType, Int, Tensor};
+use moe_core::precision::param_for;
 use moe_core::{DropPolicy, ExpertConfig, MoeConfig, RoutingStats};
 use moe_kernels::cross_entropy;
 
@@ -113,6 +114,7 @@ impl MoeTransformerConfig {
             lm_head: (!self.tie_embeddings)
                 .then(|| linear(self.d_model, self.vocab_size, false, device)),
             config: self.clone(),
+            compute_dtype: None,
         })
     }
 
@@ -234,6 +236,9 @@ pub struct MoeTransformer {
     pub lm_head: Option<Linear>,
     #[module(skip)]
     config: MoeTransformerConfig,
+    /// The type activations are computed in, when it is not the parameters' (mixed precision).
+    #[module(skip)]
+    compute_dtype: Option<FloatDType>,
 }
 
 /// Result of [`MoeTransformer::forward`].
@@ -288,8 +293,27 @@ impl MoeTransformer {
         self.run(tokens, Some(cache))
     }
 
+    /// The model computing its activations in `dtype` (mixed precision: `F16` or `BF16`)
+    /// while its parameters, their gradients and the optimizer's state stay in their own type;
+    /// the router, the norms and the loss keep the parameters' precision. `None` computes in
+    /// the parameters' type.
+    pub fn with_compute_dtype(mut self, dtype: Option<FloatDType>) -> Self {
+        self.compute_dtype = dtype;
+        self
+    }
+
+    /// The type activations are computed in, when it is not the parameters' (see
+    /// [`MoeTransformer::with_compute_dtype`]).
+    pub fn compute_dtype(&self) -> Option<FloatDType> {
+        self.compute_dtype
+    }
+
     fn run(&self, tokens: Tensor<2, Int>, cache: Option<&mut KvCache>) -> ModelOutput {
         let x = self.token_embedding.forward(tokens);
+        let x = match self.compute_dtype {
+            Some(dtype) => x.cast(dtype),
+            None => x,
+        };
         let out = self.stack.forward(x, cache, self.config.context_length);
         ModelOutput {
             logits: self.project(out.hidden),
@@ -302,7 +326,10 @@ impl MoeTransformer {
     fn project(&self, hidden: Tensor<3>) -> Tensor<3> {
         match &self.lm_head {
             Some(head) => projection::apply(head, hidden),
-            None => moe_kernels::matmul(hidden, self.token_embedding.weight.val().transpose()),
+            None => {
+                let weight = param_for(&self.token_embedding.weight, &hidden);
+                moe_kernels::matmul(hidden, weight.transpose())
+            }
         }
     }
 
@@ -316,7 +343,9 @@ impl MoeTransformer {
         mask: Tensor<2, Bool>,
     ) -> LossOutput {
         let out = self.forward(tokens);
-        let cross_entropy = masked_cross_entropy(out.logits, targets, mask);
+        // The loss in the parameters' precision: a sum over the vocabulary and the batch.
+        let logits = out.logits.cast(self.token_embedding.weight.val().dtype());
+        let cross_entropy = masked_cross_entropy(logits, targets, mask);
         LossOutput {
             loss: cross_entropy.clone() + out.aux_loss.clone(),
             cross_entropy,

@@ -37,7 +37,13 @@ pub enum Backend {
     Flex,
 }
 
-/// Floating-point precision of the model.
+/// The precision a model computes in.
+///
+/// The half precisions are *mixed* precision (Micikevicius et al. 2018): the parameters, their
+/// gradients and the optimizer's state stay in f32 (the master weights), the activations and
+/// the products are computed in 16 bits, the router, the normalisations, the loss and every
+/// sum a kernel accumulates in f32, and the loss is scaled so that small gradients survive the
+/// 16-bit backward pass (see `moe_train::loss_scale`).
 #[derive(
     Debug,
     Clone,
@@ -51,11 +57,33 @@ pub enum Backend {
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
-    /// 32-bit floats.
+    /// 32-bit floats throughout.
     #[default]
     F32,
-    /// 16-bit floats (wgpu adapters with the `shader-f16` feature).
+    /// Mixed: computes in f16 (wgpu adapters with the `shader-f16` feature).
     F16,
+    /// Mixed: computes in bf16 (adapters that have it).
+    Bf16,
+}
+
+impl Precision {
+    /// The float type the model computes in.
+    pub fn compute_dtype(self) -> FloatDType {
+        match self {
+            Precision::F32 => FloatDType::F32,
+            Precision::F16 => FloatDType::F16,
+            Precision::Bf16 => FloatDType::BF16,
+        }
+    }
+
+    /// The name `--precision` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+            Precision::Bf16 => "bf16",
+        }
+    }
 }
 
 /// Why no device could be set up.
@@ -70,11 +98,15 @@ pub enum BackendError {
     /// wgpu found no usable adapter.
     #[error("wgpu found no usable adapter: {0}. Install your GPU's Vulkan/Metal/DX12 driver (on Debian without a GPU: `apt-get install mesa-vulkan-drivers` for software Vulkan), or use `--backend flex`")]
     NoAdapter(String),
-    /// f16 was asked for where it is not supported.
-    #[error("{device} cannot compute in f16 (wgpu needs an adapter with the `shader-f16` feature); use `--precision f32`")]
-    NoF16 {
+    /// A half precision was asked for where it is not supported.
+    #[error("{device} cannot compute in {precision} ({why}); use `--precision f32`")]
+    NoHalfPrecision {
         /// The device, in words.
         device: String,
+        /// `f16` or `bf16`.
+        precision: &'static str,
+        /// What it would take.
+        why: &'static str,
     },
 }
 
@@ -87,7 +119,7 @@ pub struct SelectedDevice {
     pub backend: Backend,
     /// The adapter's name and kind, for wgpu; "CPU" otherwise.
     pub adapter: String,
-    /// The float precision tensors are created in.
+    /// The precision models compute in (tensors are created in f32 either way).
     pub precision: Precision,
 }
 
@@ -101,7 +133,8 @@ impl fmt::Display for SelectedDevice {
         };
         let precision = match self.precision {
             Precision::F32 => "f32",
-            Precision::F16 => "f16",
+            Precision::F16 => "mixed f16",
+            Precision::Bf16 => "mixed bf16",
         };
         write!(f, "{backend} on {} ({precision})", self.adapter)
     }
@@ -117,19 +150,21 @@ pub fn select(backend: Backend, precision: Precision) -> Result<SelectedDevice, 
         Backend::Wgpu => wgpu_default()?,
         Backend::Ndarray | Backend::Flex => cpu(backend)?,
     };
-    if precision == Precision::F16 {
-        if selected.backend != Backend::Wgpu || !selected.device.supports_dtype(FloatDType::F16) {
-            return Err(BackendError::NoF16 {
+    if precision != Precision::F32 {
+        let why = match precision {
+            Precision::Bf16 => "wgpu needs an adapter that computes in bf16",
+            _ => "wgpu needs an adapter with the `shader-f16` feature",
+        };
+        let supported = selected.backend == Backend::Wgpu
+            && selected.device.supports_dtype(precision.compute_dtype());
+        if !supported {
+            return Err(BackendError::NoHalfPrecision {
                 device: selected.to_string(),
+                precision: precision.name(),
+                why,
             });
         }
-        selected
-            .device
-            .configure(FloatDType::F16)
-            .map_err(|error| BackendError::NoF16 {
-                device: format!("{selected} ({error})"),
-            })?;
-        selected.precision = Precision::F16;
+        selected.precision = precision;
     }
     Ok(selected)
 }
@@ -260,7 +295,7 @@ mod tests {
     fn f16_on_the_cpu_is_refused_with_a_clear_message() {
         let error = select(Backend::Flex, Precision::F16).unwrap_err();
         let message = error.to_string();
-        assert!(matches!(error, BackendError::NoF16 { .. }));
+        assert!(matches!(error, BackendError::NoHalfPrecision { .. }));
         assert!(message.contains("shader-f16"), "{message}");
         assert!(message.contains("--precision f32"), "{message}");
         assert!(message.contains("flex on CPU"), "{message}");

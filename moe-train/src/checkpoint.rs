@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
 use crate::error::{io, Result, TrainError};
+use crate::loss_scale::LossScaleState;
 use crate::tokenizer::Tokenizer;
 
 /// The training state besides model and optimizer.
@@ -29,6 +30,9 @@ pub struct TrainingState {
     pub tokens_seen: u64,
     /// Training seconds so far.
     pub elapsed_seconds: f64,
+    /// The dynamic loss scale of a mixed-precision run (absent in f32 runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<LossScaleState>,
 }
 
 /// File names inside a checkpoint folder.

@@ -44,15 +44,47 @@ pub fn clip_global_norm<M: Module>(
     module: &M,
     max_norm: f64,
 ) -> Option<Tensor<1>> {
-    let mut norm = SquaredNorm { grads, total: None };
-    module.visit(&mut norm);
-    let norm = norm.total?.sqrt();
-    if max_norm > 0.0 {
-        let scale = (norm.clone().add_scalar(1e-6))
+    unscale_and_clip(grads, module, None, max_norm).map(|norms| norms.norm)
+}
+
+/// The norms [`unscale_and_clip`] measured.
+pub struct GradientNorms {
+    /// The global norm of the gradients as computed (scaled by the loss scale, when there is
+    /// one), `[1]`: not finite when the scaled backward pass overflowed.
+    pub scaled: Tensor<1>,
+    /// The global norm of the loss's gradients before clipping, `[1]`.
+    pub norm: Tensor<1>,
+}
+
+/// Multiplies `grads` of `module` by `unscale` (`1 / S` under loss scaling, [`crate::loss_scale`])
+/// and clips the result to global norm `max_norm` (no clipping when `max_norm <= 0`), in one
+/// multiplication per gradient; `None` when the module has no gradient.
+pub fn unscale_and_clip<M: Module>(
+    grads: &mut GradientsParams,
+    module: &M,
+    unscale: Option<Tensor<1>>,
+    max_norm: f64,
+) -> Option<GradientNorms> {
+    let mut squares = SquaredNorm { grads, total: None };
+    module.visit(&mut squares);
+    let scaled = squares.total?.sqrt();
+    let norm = match &unscale {
+        Some(unscale) => scaled.clone() * unscale.clone(),
+        None => scaled.clone(),
+    };
+    let clip = (max_norm > 0.0).then(|| {
+        (norm.clone().add_scalar(1e-6))
             .recip()
             .mul_scalar(max_norm)
-            .clamp_max(1.0);
+            .clamp_max(1.0)
+    });
+    let factor = match (unscale, clip) {
+        (Some(unscale), Some(clip)) => Some(unscale * clip),
+        (Some(factor), None) | (None, Some(factor)) => Some(factor),
+        (None, None) => None,
+    };
+    if let Some(scale) = factor {
         module.visit(&mut Scale { grads, scale });
     }
-    Some(norm)
+    Some(GradientNorms { scaled, norm })
 }

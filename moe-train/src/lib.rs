@@ -12,7 +12,8 @@
 //! - [`corpus`], [`split`], [`tokenizer`], [`data`]: from files to batches;
 //! - [`optimizer`]: AdamW with a fused update ([`optimizer::FusedAdamW`]).
 //! - [`trainer`]: the loop (AdamW, schedule, clipping, accumulation), with [`schedule`],
-//!   [`clip`], [`checkpoint`], [`metrics`] and [`plots`];
+//!   [`clip`], [`loss_scale`] (mixed precision), [`readout`] (a logged step's values in one
+//!   read), [`checkpoint`], [`metrics`] and [`plots`];
 //! - [`tasks`]: text and digits;
 //! - [`commands`]: generation and evaluation.
 
@@ -28,6 +29,7 @@ pub mod config;
 pub mod corpus;
 pub mod data;
 pub mod error;
+pub mod loss_scale;
 pub mod metrics;
 pub mod optimizer;
 pub mod plots;

@@ -36,6 +36,12 @@ pub struct TrainRow {
     /// Expert load of text positions only (multimodal runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text_expert_load: Option<Vec<Vec<f64>>>,
+    /// The loss scale after this step (mixed precision).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
+    /// Steps skipped so far for a gradient that overflowed (mixed precision).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped_steps: Option<u64>,
 }
 
 /// An evaluation row.

@@ -10,9 +10,11 @@ use burn::optim::{AdamWState, AdaptiveMomentumState, LearningRate, ModuleOptimiz
 use burn::tensor::{Device, Tensor};
 use moe_kernels::{adamw_update, AdamWStep};
 
+use crate::loss_scale::UpdateGate;
+
 /// AdamW with a fused update; build it with [`FusedAdamW::new`] and turn it into the
 /// [`ModuleOptimizer`] the training loop steps with [`FusedAdamW::init`].
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct FusedAdamW {
     /// Decay of the first moment, `β₁` (burn-optim's default 0.9).
     pub beta_1: f32,
@@ -22,6 +24,9 @@ pub struct FusedAdamW {
     pub epsilon: f32,
     /// Decoupled weight decay `λ`.
     pub weight_decay: f32,
+    /// When set, whether each step is applied (mixed precision skips the steps whose scaled
+    /// gradients overflowed, [`crate::loss_scale`]).
+    pub gate: Option<UpdateGate>,
 }
 
 impl FusedAdamW {
@@ -32,7 +37,16 @@ impl FusedAdamW {
             beta_2: 0.999,
             epsilon: 1e-5,
             weight_decay,
+            gate: None,
         }
+    }
+
+    /// Applies a step only where `gate` says so: with a flag of 0 the parameters and the
+    /// moments keep their values (the step count still advances, so the bias corrections of
+    /// the steps after a skip use one more step than were applied).
+    pub fn with_gate(mut self, gate: UpdateGate) -> Self {
+        self.gate = Some(gate);
+        self
     }
 
     /// The optimizer of a whole module.
@@ -66,7 +80,21 @@ impl Optimizer for FusedAdamW {
             weight_decay: self.weight_decay,
             time,
         };
-        let (tensor, moment_1, moment_2) = adamw_update(tensor, grad, moments, step);
+        let previous = self
+            .gate
+            .as_ref()
+            .and_then(UpdateGate::get)
+            .map(|keep| (keep, tensor.clone(), moments.clone()));
+        let (mut tensor, mut moment_1, mut moment_2) = adamw_update(tensor, grad, moments, step);
+        if let Some((keep, old, old_moments)) = previous {
+            // A select, not a blend: a skipped step's values may be NaN or infinite.
+            let skip = keep.equal_elem(0.0).reshape([1; D]).expand(tensor.dims());
+            let (old_1, old_2) =
+                old_moments.unwrap_or_else(|| (moment_1.zeros_like(), moment_2.zeros_like()));
+            tensor = tensor.mask_where(skip.clone(), old);
+            moment_1 = moment_1.mask_where(skip.clone(), old_1);
+            moment_2 = moment_2.mask_where(skip, old_2);
+        }
         let momentum = AdaptiveMomentumState {
             time,
             moment_1,

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use burn::tensor::{Tensor, TensorData, Transaction};
 use moe_core::RoutingSummary;
 
+use crate::loss_scale::LossScaler;
 use crate::tasks::StepOutput;
 
 /// Reads made by [`StepReadout::read`] in this process.
@@ -38,11 +39,18 @@ pub struct StepReadout {
     pub image_loads: Vec<Vec<i64>>,
     /// Each MoE layer's load from text positions (multimodal tasks), per expert.
     pub text_loads: Vec<Vec<i64>>,
+    /// The loss scale and the steps skipped so far (mixed precision).
+    pub loss_scale: Option<(f64, u64)>,
 }
 
 impl StepReadout {
-    /// Reads `output` (and the gradient norm) with one synchronisation.
-    pub fn read(output: &StepOutput, grad_norm: Option<&Tensor<1>>) -> Self {
+    /// Reads `output` (and the gradient norm, and the loss scaler's state) with one
+    /// synchronisation.
+    pub fn read(
+        output: &StepOutput,
+        grad_norm: Option<&Tensor<1>>,
+        scaler: Option<&LossScaler>,
+    ) -> Self {
         // All without autodiff: Burn reads a transaction on its first tensor's backend, and the
         // gradient norm has none.
         let mut transaction = Transaction::default()
@@ -60,6 +68,11 @@ impl StepReadout {
                 .register(split.image().without_autodiff())
                 .register(split.text().without_autodiff());
         }
+        if let Some(scaler) = scaler {
+            transaction = transaction
+                .register(scaler.scale())
+                .register(scaler.skipped());
+        }
         HOST_READS.fetch_add(1, Ordering::SeqCst);
         let mut data = transaction.execute().into_iter();
         let mut scalar = || first_float(data.next().expect("registered above"));
@@ -75,6 +88,11 @@ impl StepReadout {
             image_loads.push(ints(data.next().expect("registered above")));
             text_loads.push(ints(data.next().expect("registered above")));
         }
+        let loss_scale = scaler.map(|_| {
+            let scale = first_float(data.next().expect("registered above"));
+            let skipped = first_float(data.next().expect("registered above"));
+            (scale, skipped.max(0.0) as u64)
+        });
         Self {
             loss,
             cross_entropy,
@@ -83,6 +101,7 @@ impl StepReadout {
             layers,
             image_loads,
             text_loads,
+            loss_scale,
         }
     }
 }

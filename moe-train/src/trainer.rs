@@ -14,15 +14,16 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use moe_core::rng::SplitMix64;
 
-use crate::backend::{self, SelectedDevice};
+use crate::backend::{self, Precision, SelectedDevice};
 use crate::checkpoint::{self, CheckpointParts, TrainingState};
-use crate::clip::clip_global_norm;
+use crate::clip::unscale_and_clip;
 use crate::config::{Task as TaskKind, TrainConfig};
 use crate::error::{io, Result};
+use crate::loss_scale::{LossScaler, UpdateGate, GROWTH_INTERVAL};
 use crate::metrics::{self, EvalRow, MetricsLog, Row, TrainRow};
 use crate::optimizer::FusedAdamW;
 use crate::plots;
@@ -134,6 +135,13 @@ pub fn train(config: TrainConfig, options: RunOptions) -> Result<RunSummary> {
             run(task, config, selected, device, options, resume)
         }
         TaskKind::Caption | TaskKind::TextToImage => {
+            if selected.precision != Precision::F32 {
+                return Err(crate::error::TrainError::Config(format!(
+                    "`--precision {}` trains the text model; the multimodal model trains in f32 (use `--precision f32` with `--task {}`)",
+                    selected.precision.name(),
+                    if config.task == TaskKind::Caption { "caption" } else { "text-to-image" }
+                )));
+            }
             let task = DigitsTask::new(&config, &device);
             run(task, config, selected, device, options, resume)
         }
@@ -154,17 +162,26 @@ pub fn run<T: Task>(
     let seed = config.run.seed;
     device.seed(seed);
     let mut model = task.build_model(&device)?;
-    let mut optimizer = FusedAdamW::new(config.optim.weight_decay as f32).init();
+    let mut mixed = (selected.precision != Precision::F32).then(|| MixedPrecision::new(&device));
+    let mut adamw = FusedAdamW::new(config.optim.weight_decay as f32);
+    if let Some(mixed) = &mixed {
+        adamw = adamw.with_gate(mixed.gate.clone());
+    }
+    let mut optimizer = adamw.init();
     let mut state = TrainingState {
         step: 0,
         data_rng: seed ^ DATA_STREAM,
         tokens_seen: 0,
         elapsed_seconds: 0.0,
+        loss_scale: None,
     };
     if let Some((folder, saved)) = &resume {
         model = checkpoint::load_model(folder, model)?;
         optimizer = checkpoint::load_optimizer(folder, optimizer)?;
         state = saved.clone();
+        if let (Some(mixed), Some(saved_scale)) = (&mut mixed, state.loss_scale) {
+            mixed.scaler = LossScaler::restore(&device, saved_scale, GROWTH_INTERVAL);
+        }
     }
     let parameters = (model.num_params(), count_active(&config, &model));
     write_config(out, &config)?;
@@ -231,15 +248,25 @@ pub fn run<T: Task>(
                 .loss
                 .clone()
                 .div_scalar(config.optim.grad_accum as f64);
+            let loss = match &mixed {
+                Some(mixed) => mixed.scaler.scale_loss(loss),
+                None => loss,
+            };
             accumulator.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
             interval_tokens += output.tokens;
             state.tokens_seen += output.tokens as u64;
             last = Some(output);
         }
-        let mut grads = accumulator.grads();
-        let grad_norm = clip_global_norm(&mut grads, &model, config.optim.grad_clip);
         let lr = learning_rate(step, steps, &config.optim);
-        model = optimizer.step(lr, model, grads);
+        let grad_norm;
+        (model, grad_norm) = apply_gradients(
+            model,
+            accumulator.grads(),
+            &mut optimizer,
+            mixed.as_mut(),
+            lr,
+            config.optim.grad_clip,
+        );
         state.step = step;
         state.data_rng = rng.0;
         state.elapsed_seconds = elapsed_before + started.elapsed().as_secs_f64();
@@ -248,7 +275,8 @@ pub fn run<T: Task>(
         let output = last.expect("at least one micro-batch");
         if step % config.run.log_every == 0 || step == steps {
             let seconds = interval_start.elapsed().as_secs_f64().max(1e-9);
-            let readout = StepReadout::read(&output, grad_norm.as_ref());
+            let scaler = mixed.as_ref().map(|mixed| &mixed.scaler);
+            let readout = StepReadout::read(&output, grad_norm.as_ref(), scaler);
             let as_shares = |loads: &[Vec<i64>]| loads.iter().map(|load| shares(load)).collect();
             let multimodal = !output.modality.is_empty();
             let row = TrainRow {
@@ -271,11 +299,16 @@ pub fn run<T: Task>(
                     .collect(),
                 image_expert_load: multimodal.then(|| as_shares(&readout.image_loads)),
                 text_expert_load: multimodal.then(|| as_shares(&readout.text_loads)),
+                loss_scale: readout.loss_scale.map(|(scale, _)| scale),
+                skipped_steps: readout.loss_scale.map(|(_, skipped)| skipped),
             };
-            let message = format!(
+            let mut message = format!(
                 "loss {:.3} | {:.0} tok/s | lr {:.1e}",
                 row.cross_entropy, row.tokens_per_second, lr
             );
+            if let Some((scale, skipped)) = readout.loss_scale {
+                message += &format!(" | loss scale {scale} ({skipped} steps skipped)");
+            }
             if plain_lines && (step % line_every == 0 || step == steps) {
                 eprintln!("step {step:>6}/{steps}: {message}");
             }
@@ -302,7 +335,15 @@ pub fn run<T: Task>(
             log.write(&Row::Eval(row))?;
         }
         if step % config.run.checkpoint_every == 0 || step == steps {
-            summary.checkpoint = save(out, &model, &optimizer, &state, &config, task.tokenizer())?;
+            summary.checkpoint = save(
+                out,
+                &model,
+                &optimizer,
+                &state,
+                mixed.as_ref(),
+                &config,
+                task.tokenizer(),
+            )?;
             saved_at = Some(step);
         }
         bar.inc(1);
@@ -313,7 +354,15 @@ pub fn run<T: Task>(
     bar.finish_and_clear();
 
     if saved_at != Some(state.step) {
-        summary.checkpoint = save(out, &model, &optimizer, &state, &config, task.tokenizer())?;
+        summary.checkpoint = save(
+            out,
+            &model,
+            &optimizer,
+            &state,
+            mixed.as_ref(),
+            &config,
+            task.tokenizer(),
+        )?;
     }
     let trained = state.tokens_seen - tokens_before;
     summary.tokens_per_second = trained as f64 / started.elapsed().as_secs_f64().max(1e-9);
@@ -329,20 +378,64 @@ pub fn run<T: Task>(
     Ok(summary)
 }
 
+/// Mixed precision's training-loop state: the loss scale and the flag that lets the optimizer
+/// skip a step whose gradients overflowed.
+struct MixedPrecision {
+    scaler: LossScaler,
+    gate: UpdateGate,
+}
+
+impl MixedPrecision {
+    fn new(device: &Device) -> Self {
+        Self {
+            scaler: LossScaler::new(device, GROWTH_INTERVAL),
+            gate: UpdateGate::default(),
+        }
+    }
+}
+
+/// The end of a step, after the backward passes: the gradients unscaled (mixed precision) and
+/// clipped in one multiplication, the scale moved and the step skipped if they overflowed, and
+/// the optimizer's update. Returns the model and the gradient norm before clipping.
+fn apply_gradients<M: Module>(
+    model: M,
+    mut grads: GradientsParams,
+    optimizer: &mut burn::optim::ModuleOptimizer,
+    mixed: Option<&mut MixedPrecision>,
+    lr: f64,
+    max_norm: f64,
+) -> (M, Option<Tensor<1>>) {
+    let unscale = mixed.as_ref().map(|mixed| mixed.scaler.unscale_factor());
+    let norms = unscale_and_clip(&mut grads, &model, unscale, max_norm);
+    if let (Some(mixed), Some(norms)) = (mixed, &norms) {
+        let keep = mixed.scaler.update(norms.scaled.clone());
+        mixed.gate.set(Some(keep));
+    }
+    let model = optimizer.step(lr, model, grads);
+    (model, norms.map(|norms| norms.norm))
+}
+
+/// Writes a checkpoint of `state`, with the loss scale read from the device under mixed
+/// precision.
 fn save<M: Module>(
     out: &Path,
     model: &M,
     optimizer: &burn::optim::ModuleOptimizer,
     state: &TrainingState,
+    mixed: Option<&MixedPrecision>,
     config: &TrainConfig,
     tokenizer: Option<&Tokenizer>,
 ) -> Result<PathBuf> {
+    let state = TrainingState {
+        loss_scale: mixed.map(|mixed| mixed.scaler.state()),
+        ..state.clone()
+    };
     checkpoint::save(
         out,
         CheckpointParts {
             model,
             optimizer,
-            state,
+            state: &state,
             config,
             tokenizer,
         },

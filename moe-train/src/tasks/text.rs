@@ -5,6 +5,7 @@ use moe_core::rng::SplitMix64;
 use moe_models::{GenerationConfig, MoeTransformer, SamplingConfig};
 
 use super::{expert_shares, Evaluation, StepOutput, Task};
+use crate::backend::Precision;
 use crate::config::{TokenizerKind, TrainConfig};
 use crate::corpus::{self, Corpus};
 use crate::data::TokenStream;
@@ -101,10 +102,13 @@ impl Task for TextTask {
     type Model = MoeTransformer;
 
     fn build_model(&self, device: &Device) -> Result<MoeTransformer> {
+        let precision = self.config.run.precision;
+        let compute = (precision != Precision::F32).then(|| precision.compute_dtype());
         Ok(self
             .config
             .text_model_config(self.tokenizer.vocab_size())
-            .init(device)?)
+            .init(device)?
+            .with_compute_dtype(compute))
     }
 
     fn step(&self, model: &MoeTransformer, rng: &mut SplitMix64) -> StepOutput {

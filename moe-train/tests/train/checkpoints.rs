@@ -5,6 +5,7 @@ use burn::optim::AdamWConfig;
 use burn::tensor::{Int, Tensor, TensorData};
 use moe_train::checkpoint::{self, CheckpointParts, TrainingState};
 use moe_train::config::Preset;
+use moe_train::loss_scale::LossScaleState;
 
 use crate::common::temp_dir;
 
@@ -32,6 +33,11 @@ fn a_saved_model_loads_with_identical_outputs() {
         data_rng: 99,
         tokens_seen: 1234,
         elapsed_seconds: 1.5,
+        loss_scale: Some(LossScaleState {
+            scale: 8192.0,
+            good_steps: 17,
+            skipped: 3,
+        }),
     };
     let saved = checkpoint::save(
         &dir,
@@ -85,6 +91,7 @@ fn latest_follows_the_newest_and_old_ones_are_pruned() {
             data_rng: 0,
             tokens_seen: 0,
             elapsed_seconds: 0.0,
+            loss_scale: None,
         };
         checkpoint::save(
             &dir,

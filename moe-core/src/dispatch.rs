@@ -27,6 +27,7 @@
 use burn::tensor::{Bool, Int, Tensor};
 use moe_kernels::{combine_rows, exclusive_cumsum, gather_rows, invert_slots};
 
+use crate::precision::to_dtype;
 use crate::DropPolicy;
 
 /// The expert buffer layout for one forward pass.
@@ -138,7 +139,7 @@ impl DispatchPlan {
     /// token: `y[n] = sum over rows s of token n of weight[s] * expert_output[s]`.
     pub fn combine(&self, expert_output: Tensor<2>, num_tokens: usize) -> Tensor<2> {
         // The gate's weights are in the router's precision; the sum is in the experts'.
-        let weight = self.weight_of_slot.clone().cast(expert_output.dtype());
+        let weight = to_dtype(self.weight_of_slot.clone(), expert_output.dtype());
         combine_rows(
             expert_output,
             weight,

@@ -9,6 +9,7 @@ use crate::dispatch::DispatchPlan;
 use crate::error::{check_nonzero, MoeError};
 use crate::gate::{GateConfig, GateInput};
 use crate::losses::{router_z_loss, LossConfig, LossKind};
+use crate::precision::to_dtype;
 use crate::stats::RoutingRecord;
 use crate::token_order::TokenOrder;
 use crate::{CapacityConfig, DropPolicy, ExpertConfig, Experts, Router, RoutingMode, RoutingStats};
@@ -248,7 +249,7 @@ impl Moe {
         // Switch Transformer does: its softmax and top-k decide the routing, so round-off there
         // changes which experts a token visits.
         let gate = self.config.gate.route(GateInput {
-            x: tokens.clone().cast(self.router.weight.val().dtype()),
+            x: to_dtype(tokens.clone(), self.router.weight.val().dtype()),
             router: &self.router,
             top_k: self.config.top_k,
             mode,

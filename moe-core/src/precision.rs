@@ -3,11 +3,21 @@
 //! Under mixed precision (Micikevicius et al. 2018) a model's parameters stay f32 (the master
 //! copy the optimizer updates), and each use casts them to the type of the activations they
 //! meet. The cast is differentiable: its backward pass returns the gradient in the parameter's
-//! type, so gradients and optimizer state are f32 too. In full precision the cast does
-//! nothing.
+//! type, so gradients and optimizer state are f32 too. In full precision nothing is cast.
 
 use burn::module::Param;
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
+
+/// `tensor` in `dtype`: a cast where the types differ, the tensor itself where they do not
+/// (a cast to its own type would still add a node to the autodiff graph and an operation to
+/// fusion's queue).
+pub fn to_dtype<const D: usize>(tensor: Tensor<D>, dtype: DType) -> Tensor<D> {
+    if tensor.dtype() == dtype {
+        tensor
+    } else {
+        tensor.cast(dtype)
+    }
+}
 
 /// `param` in the type of `activations` (a cast under mixed precision, the parameter itself
 /// otherwise).
@@ -15,5 +25,5 @@ pub fn param_for<const D: usize, const E: usize>(
     param: &Param<Tensor<D>>,
     activations: &Tensor<E>,
 ) -> Tensor<D> {
-    param.val().cast(activations.dtype())
+    to_dtype(param.val(), activations.dtype())
 }

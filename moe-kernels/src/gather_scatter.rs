@@ -73,7 +73,8 @@ pub fn combine_rows(
 }
 
 /// Backends that gather and scatter token rows. The default bodies compose Burn's ops
-/// (correct everywhere); flex overrides them with one pass over the rows each.
+/// (correct everywhere); flex overrides them with one pass over the rows each, and cube
+/// overrides the scatter-adds (each token sums its own rows, so no float atomics).
 #[backend_extension(
     Autodiff,
     NdArray: cfg(feature = "ndarray"),

@@ -3,6 +3,7 @@
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Embedding};
 use burn::tensor::{Device, Int, Tensor};
+use moe_core::precision::to_dtype;
 use moe_core::{ExpertConfig, Experts, Moe, MoeConfig, RoutingStats};
 
 use crate::attention::{CausalSelfAttention, LayerCache};
@@ -230,7 +231,7 @@ impl DecoderStack {
                 let index =
                     Tensor::<1, Int>::arange(start as i64..(start + length) as i64, &device)
                         .unsqueeze_dim::<2>(0);
-                let positions = positions.forward(index).cast(x.dtype());
+                let positions = to_dtype(positions.forward(index), x.dtype());
                 x + positions
             }
             None => x,

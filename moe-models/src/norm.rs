@@ -4,6 +4,7 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::{DType, Device, Tensor};
+use moe_core::precision::to_dtype;
 use moe_kernels::rms_norm;
 
 /// Which normalisation the blocks use.
@@ -67,7 +68,7 @@ impl Norm {
             },
             (None, None) => compute,
         };
-        y.cast(dtype)
+        to_dtype(y, dtype)
     }
 
     /// The precision of the norm's own parameters (f32 when there are none).

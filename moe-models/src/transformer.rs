@@ -4,7 +4,7 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Embedding, Linear};
 use burn::tensor::{Bool, Device, FloatDType, Int, Tensor};
-use moe_core::precision::param_for;
+use moe_core::precision::{param_for, to_dtype};
 use moe_core::{DropPolicy, ExpertConfig, MoeConfig, RoutingStats};
 use moe_kernels::cross_entropy;
 
@@ -344,7 +344,7 @@ impl MoeTransformer {
     ) -> LossOutput {
         let out = self.forward(tokens);
         // The loss in the parameters' precision: a sum over the vocabulary and the batch.
-        let logits = out.logits.cast(self.token_embedding.weight.val().dtype());
+        let logits = to_dtype(out.logits, self.token_embedding.weight.val().dtype());
         let cross_entropy = masked_cross_entropy(logits, targets, mask);
         LossOutput {
             loss: cross_entropy.clone() + out.aux_loss.clone(),

@@ -15,7 +15,7 @@ use burn::tensor::{DType, TensorData};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::products::{run_products, Destination, GemmFloat, Operand};
+use super::products::{run_products, write_product, Destination, GemmFloat, Operand};
 use super::{contiguous, matrix, rows_per_task, written_rows, Float};
 use crate::grouped_matmul::{
     composed_grouped_bias, composed_grouped_matmul, composed_grouped_row_sum,
@@ -126,6 +126,13 @@ struct Matrix {
     column_stride: isize,
 }
 
+impl Matrix {
+    /// `[row, column]` strides.
+    fn strides(&self) -> [isize; 2] {
+        [self.row_stride, self.column_stride]
+    }
+}
+
 impl Operand {
     /// The matrix of a rank-2 tensor from row `row` on.
     fn rows_from(self, row: usize) -> Matrix {
@@ -198,34 +205,19 @@ impl GroupedGemms {
         let rhs_data: &[T] = rhs.storage();
         let row_length = self.row_length as isize;
         let multiply = |gemm: &Gemm, parallelism: Parallelism| {
-            let [m, n, k] = gemm.size;
-            // SAFETY: each product writes the `m x n` block from `gemm.out` with row stride
-            // `row_length`, which lies within the output and overlaps no other product's block
-            // nor a zeroed range (the groups are disjoint, and `zeroed` is what they leave).
-            // `gemm` writes the block without reading it (`read_dst` is false). The operand
+            // SAFETY: each product writes its `m x n` block (`gemm.size = [m, n, k]`) from
+            // `gemm.out` with row stride `row_length`, which lies within the output and
+            // overlaps no other product's block nor a zeroed range (the groups are disjoint,
+            // and `zeroed` is what they leave), without reading it. The operand
             // matrices are views of `lhs` and `rhs` within their storage: the groups lie
             // within the rows (or, transposed, the columns) of `x` and `grad`, and the expert
             // index within `w`'s first dimension.
             unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    destination.at(gemm.out),
-                    1,
-                    row_length,
-                    false,
-                    lhs_data.as_ptr().offset(gemm.lhs.start),
-                    gemm.lhs.column_stride,
-                    gemm.lhs.row_stride,
-                    rhs_data.as_ptr().offset(gemm.rhs.start),
-                    gemm.rhs.column_stride,
-                    gemm.rhs.row_stride,
-                    T::ZERO,
-                    T::ONE,
-                    false,
-                    false,
-                    false,
+                write_product(
+                    gemm.size,
+                    (destination.at(gemm.out), [row_length, 1]),
+                    (lhs_data.as_ptr().offset(gemm.lhs.start), gemm.lhs.strides()),
+                    (rhs_data.as_ptr().offset(gemm.rhs.start), gemm.rhs.strides()),
                     parallelism,
                 );
             }

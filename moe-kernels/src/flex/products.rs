@@ -146,6 +146,48 @@ impl<T> Destination<T> {
     }
 }
 
+/// `dst = lhs · rhs` for one `m x k` by `k x n` product through `gemm`, overwriting the
+/// `m x n` block at `dst` without reading it. Each matrix is a pointer with its
+/// `[row, column]` strides in elements.
+///
+/// # Safety
+///
+/// `dst` with its strides addresses `m x n` elements that nothing else reads or writes
+/// meanwhile; `lhs` and `rhs` with theirs address `m x k` and `k x n` readable elements.
+pub(super) unsafe fn write_product<T: GemmFloat>(
+    [m, n, k]: [usize; 3],
+    (dst, [dst_row, dst_column]): (*mut T, [isize; 2]),
+    (lhs, [lhs_row, lhs_column]): (*const T, [isize; 2]),
+    (rhs, [rhs_row, rhs_column]): (*const T, [isize; 2]),
+    parallelism: Parallelism,
+) {
+    // SAFETY: the caller's contract is `gemm`'s for these pointers and strides; `read_dst`
+    // is false, so `dst` is only written (with `alpha` unused and `beta = 1`).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            dst_column,
+            dst_row,
+            false,
+            lhs,
+            lhs_column,
+            lhs_row,
+            rhs,
+            rhs_column,
+            rhs_row,
+            T::ZERO,
+            T::ONE,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
 impl Products {
     /// The products in `f32` or `f64` when both operands have that type; `None` otherwise
     /// (half precisions), for the caller's composed fallback.
@@ -243,7 +285,7 @@ impl Products {
             // onto `0..len` (`output_strides`), so batch entry `entry` owns the elements at
             // `start + r * strides[2] + c * strides[3]` for `r < rows`, `c < columns`, which no
             // other product writes. The rows from `m` on are zeroed here; `gemm` writes the
-            // first `m` without reading them (`read_dst` is false). `lhs` and `rhs` are tensors
+            // first `m` without reading them. `lhs` and `rhs` are tensors
             // whose layouts address every element of batch entry `entry` within their storage,
             // and `m`, `k` are within their dimensions (the counts are clamped to the slots;
             // `k` is the shared inner size or a clamped count).
@@ -266,25 +308,17 @@ impl Products {
                 if m == 0 {
                     return;
                 }
-                gemm::gemm(
-                    m,
-                    columns,
-                    k,
-                    start,
-                    strides[3],
-                    strides[2],
-                    false,
-                    lhs_data.as_ptr().offset(self.lhs.offset(entry)),
-                    self.lhs.column_stride,
-                    self.lhs.row_stride,
-                    rhs_data.as_ptr().offset(self.rhs.offset(entry)),
-                    self.rhs.column_stride,
-                    self.rhs.row_stride,
-                    T::ZERO,
-                    T::ONE,
-                    false,
-                    false,
-                    false,
+                write_product(
+                    [m, columns, k],
+                    (start, [strides[2], strides[3]]),
+                    (
+                        lhs_data.as_ptr().offset(self.lhs.offset(entry)),
+                        [self.lhs.row_stride, self.lhs.column_stride],
+                    ),
+                    (
+                        rhs_data.as_ptr().offset(self.rhs.offset(entry)),
+                        [self.rhs.row_stride, self.rhs.column_stride],
+                    ),
                     parallelism,
                 );
             }

@@ -12,6 +12,36 @@ use std::fmt;
 use burn::tensor::{Device, FloatDType};
 use thiserror::Error;
 
+/// Gives the process a private `XDG_RUNTIME_DIR` when it has none (a server, CI, a container).
+///
+/// Vulkan drivers probe the window system when wgpu lists adapters; without a desktop session
+/// Mesa's Wayland support prints `error: XDG_RUNTIME_DIR is invalid or not set` at every probe,
+/// several times per run, though burn-moe never opens a window. A folder of our own (mode
+/// 0700, as the variable requires) silences it. Call it before other threads start: it sets an
+/// environment variable.
+pub fn quiet_display_probes() {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+        let set = std::env::var_os("XDG_RUNTIME_DIR")
+            .is_some_and(|dir| std::path::Path::new(&dir).is_dir());
+        if set {
+            return;
+        }
+        let Ok(uid) = std::fs::metadata("/proc/self").map(|meta| meta.uid()) else {
+            return;
+        };
+        let dir = std::env::temp_dir().join(format!("burn-moe-runtime-{uid}"));
+        let _ = std::fs::DirBuilder::new().mode(0o700).create(&dir);
+        let private = std::fs::metadata(&dir).is_ok_and(|meta| {
+            meta.is_dir() && meta.uid() == uid && meta.permissions().mode() & 0o077 == 0
+        });
+        if private {
+            std::env::set_var("XDG_RUNTIME_DIR", &dir);
+        }
+    }
+}
+
 /// Which backend to run on.
 #[derive(
     Debug,

@@ -5,14 +5,22 @@
 //! newest. Each checkpoint is written into a temporary folder, every file and the folder are
 //! synced to disk, and only then is it renamed into place and `latest` replaced (also by
 //! rename). The last `keep` checkpoints are kept.
+//!
+//! Each checkpoint ends with a manifest (`manifest.json`: every file's size and SHA-256), so a
+//! file damaged, swapped or deleted afterwards is named when the checkpoint is opened
+//! ([`open`]), together with the run's intact older checkpoints. A text run's checkpoint also
+//! records what it trained on ([`DataRecord`]: the corpus's checksum and the validation split),
+//! so that evaluating or resuming it refuses a corpus that changed.
 
+use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::optim::ModuleOptimizer;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::config::TrainConfig;
 use crate::error::{io, Result, TrainError};
@@ -45,6 +53,40 @@ pub const STATE_FILE: &str = "state.json";
 pub const CONFIG_FILE: &str = "config.json";
 /// The tokenizer.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// [`DataRecord`]: what a text run trained on.
+pub const DATA_FILE: &str = "data.json";
+/// [`Manifest`]: every other file's size and checksum, written last.
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// What a text run trained on: enough to refuse a corpus that changed and to rebuild the
+/// same validation split.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataRecord {
+    /// The corpus file or folder, as an absolute path.
+    pub source: PathBuf,
+    /// Documents in the corpus.
+    pub documents: usize,
+    /// SHA-256 of the documents' texts ([`crate::corpus::Corpus::checksum`]).
+    pub sha256: String,
+    /// Indices (in source order) of the validation documents.
+    pub validation: Vec<usize>,
+}
+
+/// Size and SHA-256 of each file of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// By file name.
+    pub files: BTreeMap<String, FileEntry>,
+}
+
+/// One file of a [`Manifest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Size in bytes.
+    pub bytes: u64,
+    /// SHA-256, in hex.
+    pub sha256: String,
+}
 
 /// Everything a checkpoint holds.
 pub struct CheckpointParts<'a, M: Module> {
@@ -58,6 +100,8 @@ pub struct CheckpointParts<'a, M: Module> {
     pub config: &'a TrainConfig,
     /// The tokenizer (text runs).
     pub tokenizer: Option<&'a Tokenizer>,
+    /// What the run trained on (text runs).
+    pub data: Option<&'a DataRecord>,
 }
 
 /// Writes a checkpoint for `parts.state.step` into `run_dir`, points `latest` at it and
@@ -97,10 +141,24 @@ pub fn save<M: Module>(
     if let Some(tokenizer) = parts.tokenizer {
         tokenizer.save(&staging.join(TOKENIZER_FILE))?;
     }
+    if let Some(data) = parts.data {
+        write_json(&staging.join(DATA_FILE), data)?;
+    }
+    let mut manifest = Manifest {
+        files: BTreeMap::new(),
+    };
     for entry in std::fs::read_dir(&staging).map_err(io(&staging))? {
         let path = entry.map_err(io(&staging))?.path();
+        let name = path
+            .file_name()
+            .map(|name| name.to_string_lossy().to_string())
+            .unwrap_or_default();
+        manifest.files.insert(name, file_entry(&path)?);
         sync(&path)?;
     }
+    let manifest_path = staging.join(MANIFEST_FILE);
+    write_json(&manifest_path, &manifest)?;
+    sync(&manifest_path)?;
     sync(&staging)?;
 
     if target.exists() {
@@ -124,28 +182,165 @@ pub fn save<M: Module>(
     Ok(target)
 }
 
-/// The checkpoint folder for `path`: `path` itself if it holds a checkpoint, or the one its
+/// The checkpoint folder for `path`: `path` itself if it is a checkpoint folder, or the one its
 /// `latest` file names (a run folder).
 pub fn resolve(path: &Path) -> Result<PathBuf> {
     if path.join(STATE_FILE).exists() {
         return Ok(path.to_path_buf());
     }
-    let latest = path.join("latest");
-    let missing = || {
-        TrainError::Checkpoint {
-        path: path.to_path_buf(),
-        reason: "no checkpoint here (neither a checkpoint folder with state.json nor a run folder with a `latest` file)".into(),
+    if path.join(MODEL_FILE).exists() || path.join(MANIFEST_FILE).exists() {
+        return Err(incomplete(path, STATE_FILE));
     }
+    let latest = path.join("latest");
+    let Ok(name) = std::fs::read_to_string(&latest) else {
+        return Err(TrainError::Checkpoint {
+            path: path.to_path_buf(),
+            reason: "no checkpoint here (neither a checkpoint folder with state.json nor a run folder with a `latest` file)".into(),
+        });
     };
-    let name = std::fs::read_to_string(&latest).map_err(|_| missing())?;
     let folder = path.join(name.trim());
-    if !folder.join(STATE_FILE).exists() {
+    if !folder.is_dir() {
         return Err(TrainError::Checkpoint {
             path: folder,
-            reason: "`latest` names a checkpoint that is not there".into(),
+            reason: format!(
+                "`latest` names a checkpoint that is not there{}",
+                alternatives(path, None)
+            ),
         });
     }
+    if !folder.join(STATE_FILE).exists() {
+        return Err(incomplete(&folder, STATE_FILE));
+    }
     Ok(folder)
+}
+
+fn incomplete(folder: &Path, file: &str) -> TrainError {
+    TrainError::Checkpoint {
+        path: folder.to_path_buf(),
+        reason: format!(
+            "the checkpoint is incomplete: {file} is missing (deleted after it was written){}",
+            alternatives_of(folder)
+        ),
+    }
+}
+
+/// A checkpoint opened for reading: its folder, checked against its manifest, and its state.
+#[derive(Debug, Clone)]
+pub struct Opened {
+    /// The checkpoint folder.
+    pub folder: PathBuf,
+    /// Its training state.
+    pub state: TrainingState,
+    /// The run's config.
+    pub config: TrainConfig,
+    /// What it trained on (text runs written since the record exists).
+    pub data: Option<DataRecord>,
+}
+
+/// Resolves `path` ([`resolve`]), checks every file against the manifest ([`verify`]) and
+/// reads the state, config and data record. Errors name the file at fault and the run's
+/// intact older checkpoints.
+pub fn open(path: &Path) -> Result<Opened> {
+    let folder = resolve(path)?;
+    verify(&folder).map_err(|error| with_alternatives(error, &folder))?;
+    let (state, config) = read_state(&folder).map_err(|error| with_alternatives(error, &folder))?;
+    let data_path = folder.join(DATA_FILE);
+    let data = if data_path.exists() {
+        Some(read_json(&data_path).map_err(|error| with_alternatives(error, &folder))?)
+    } else {
+        None
+    };
+    Ok(Opened {
+        folder,
+        state,
+        config,
+        data,
+    })
+}
+
+/// Checks every file the manifest lists against its size and checksum. A checkpoint written
+/// before manifests existed passes.
+pub fn verify(folder: &Path) -> Result<()> {
+    let path = folder.join(MANIFEST_FILE);
+    if !path.exists() {
+        return Ok(());
+    }
+    let manifest: Manifest = read_json(&path)?;
+    for (name, expected) in &manifest.files {
+        let file = folder.join(name);
+        if !file.exists() {
+            return Err(TrainError::Checkpoint {
+                path: file,
+                reason: "missing: deleted after the checkpoint was written".into(),
+            });
+        }
+        let actual = file_entry(&file)?;
+        if actual != *expected {
+            return Err(TrainError::Checkpoint {
+                path: file,
+                reason: format!(
+                    "changed or damaged after the checkpoint was written ({} bytes, sha256 {}; the manifest says {} bytes, sha256 {})",
+                    actual.bytes,
+                    short(&actual.sha256),
+                    expected.bytes,
+                    short(&expected.sha256)
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The other checkpoints of the run that `folder` belongs to which pass [`verify`].
+pub fn intact_checkpoints(run_dir: &Path, except: Option<&Path>) -> Vec<PathBuf> {
+    let folder = run_dir.join("checkpoints");
+    let Ok(entries) = std::fs::read_dir(&folder) else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with("step-"))
+        .map(|entry| entry.path())
+        .filter(|path| Some(path.as_path()) != except)
+        .filter(|path| path.join(STATE_FILE).exists() && verify(path).is_ok())
+        .collect();
+    found.sort();
+    found.reverse();
+    found
+}
+
+/// A sentence naming the intact checkpoints of `run_dir` other than `except` (empty if none).
+fn alternatives(run_dir: &Path, except: Option<&Path>) -> String {
+    let intact = intact_checkpoints(run_dir, except);
+    if intact.is_empty() {
+        return ". The run has no other intact checkpoint".into();
+    }
+    let names: Vec<String> = intact.iter().map(|p| p.display().to_string()).collect();
+    format!(
+        ". Intact checkpoints of this run, newest first: {}; pass one as `--checkpoint`, or name it in `{}` to resume from it",
+        names.join(", "),
+        run_dir.join("latest").display()
+    )
+}
+
+/// [`alternatives`] for the run a checkpoint folder (`RUN/checkpoints/step-N`) belongs to.
+pub fn alternatives_of(checkpoint: &Path) -> String {
+    match checkpoint.parent().and_then(Path::parent) {
+        Some(run_dir) if run_dir.join("checkpoints").is_dir() => {
+            alternatives(run_dir, Some(checkpoint))
+        }
+        _ => String::new(),
+    }
+}
+
+fn with_alternatives(error: TrainError, folder: &Path) -> TrainError {
+    match error {
+        TrainError::Checkpoint { path, reason } => TrainError::Checkpoint {
+            path,
+            reason: format!("{reason}{}", alternatives_of(folder)),
+        },
+        other => other,
+    }
 }
 
 /// Reads a checkpoint's state and config.
@@ -156,21 +351,30 @@ pub fn read_state(folder: &Path) -> Result<(TrainingState, TrainConfig)> {
     ))
 }
 
-/// Loads the model weights of a checkpoint into `model`.
+/// Loads the model weights of a checkpoint into `model` (built from the checkpoint's config
+/// and tokenizer).
 pub fn load_model<M: Module>(folder: &Path, model: M) -> Result<M> {
     let path = folder.join(MODEL_FILE);
     if !path.exists() {
-        return Err(TrainError::Checkpoint {
-            path,
-            reason: "missing".into(),
-        });
+        return Err(incomplete(folder, MODEL_FILE));
     }
-    model
-        .try_load_file(&path)
-        .map_err(|error| TrainError::Checkpoint {
+    // A damaged record may make the reader panic rather than fail: report it as damage.
+    let loaded =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.try_load_file(&path)));
+    match loaded {
+        Ok(Ok(model)) => Ok(model),
+        Ok(Err(error)) => Err(TrainError::Checkpoint {
             path,
-            reason: format!("broken or from another model: {error}"),
-        })
+            reason: format!(
+                "does not fit the model that {CONFIG_FILE} and {TOKENIZER_FILE} beside it describe, or is damaged: {error}{}",
+                alternatives_of(folder)
+            ),
+        }),
+        Err(_) => Err(TrainError::Checkpoint {
+            path,
+            reason: format!("damaged (its reader failed){}", alternatives_of(folder)),
+        }),
+    }
 }
 
 /// Loads the optimizer state of a checkpoint into `optimizer`.
@@ -198,6 +402,36 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
         path: path.to_path_buf(),
         reason: format!("broken: {error}"),
     })
+}
+
+/// Size and SHA-256 of a file.
+fn file_entry(path: &Path) -> Result<FileEntry> {
+    let mut file = File::open(path).map_err(io(path))?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let read = file.read(&mut buffer).map_err(io(path))?;
+        if read == 0 {
+            break;
+        }
+        bytes += read as u64;
+        hasher.update(&buffer[..read]);
+    }
+    Ok(FileEntry {
+        bytes,
+        sha256: hex(&hasher.finalize()),
+    })
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// The first 12 hex digits of a checksum, enough to tell two apart in a message.
+fn short(sha: &str) -> &str {
+    &sha[..sha.len().min(12)]
 }
 
 fn sync(path: &Path) -> Result<()> {

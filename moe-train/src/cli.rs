@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::backend::{Backend, Precision};
 use crate::checkpoint;
 use crate::config::{CorpusChoice, GateChoice, Preset, Task, TokenizerKind, TrainConfig};
+use crate::divergence::OnNonFinite;
 use crate::error::{Result, TrainError};
 
 /// burn-moe: train Mixture-of-Experts models on a laptop GPU or the CPU.
@@ -32,9 +33,9 @@ pub enum Command {
 /// `burn-moe train`.
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// Starting point of the config.
-    #[arg(long, value_enum, default_value_t = Preset::Tiny)]
-    pub preset: Preset,
+    /// Starting point of the config (default: tiny).
+    #[arg(long, value_enum)]
+    pub preset: Option<Preset>,
     /// A TOML or JSON file with config fields to change (any subset of the sections `task`,
     /// `data`, `model`, `optim`, `run`).
     #[arg(long)]
@@ -44,8 +45,15 @@ pub struct TrainArgs {
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Continue the run in `--out` from its latest checkpoint.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overwrite")]
     pub resume: bool,
+    /// Start a new run in an `--out` that holds one, deleting its checkpoints, metrics and
+    /// plots.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// What to do at a step whose loss or gradient norm is NaN or infinite (default: stop).
+    #[arg(long, value_enum)]
+    pub on_nonfinite: Option<OnNonFinite>,
     /// Optimizer steps (total, counting the steps already done when resuming).
     #[arg(long)]
     pub steps: Option<usize>,
@@ -63,7 +71,7 @@ pub struct TrainArgs {
     #[arg(long, value_enum)]
     pub task: Option<Task>,
     /// Part of the chinese-poetry corpus.
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, conflicts_with_all = ["text", "jsonl"])]
     pub corpus: Option<CorpusChoice>,
     /// Train on your own UTF-8 text file (documents separated by blank lines).
     #[arg(long, conflicts_with = "jsonl")]
@@ -72,7 +80,7 @@ pub struct TrainArgs {
     #[arg(long, requires = "field")]
     pub jsonl: Option<PathBuf>,
     /// The JSON field holding the text.
-    #[arg(long, requires = "jsonl")]
+    #[arg(long, requires = "jsonl", conflicts_with = "text")]
     pub field: Option<String>,
     /// Where the corpus is cached (default `~/.cache/burn-moe`).
     #[arg(long)]
@@ -104,6 +112,9 @@ pub struct TrainArgs {
     /// Peak learning rate.
     #[arg(long)]
     pub lr: Option<f64>,
+    /// Clip the global gradient norm to this (0: no clipping).
+    #[arg(long)]
+    pub grad_clip: Option<f64>,
     /// Sequences per micro-batch.
     #[arg(long)]
     pub batch_size: Option<usize>,
@@ -131,7 +142,8 @@ impl TrainArgs {
     /// The run folder.
     pub fn out_dir(&self) -> PathBuf {
         self.out.clone().unwrap_or_else(|| {
-            let preset = serde_json::to_value(self.preset).expect("serialises");
+            let preset = self.preset.unwrap_or(Preset::Tiny);
+            let preset = serde_json::to_value(preset).expect("serialises");
             let preset = preset.as_str().unwrap_or("run").to_string();
             match self.task {
                 Some(task) if task != Task::Text => {
@@ -148,18 +160,26 @@ impl TrainArgs {
     /// saved config with the flags on top (the trainer refuses changes beyond the `run`
     /// section).
     pub fn resolve(&self) -> Result<TrainConfig> {
-        let mut config = if self.resume {
-            let folder = checkpoint::resolve(&self.out_dir())?;
-            checkpoint::read_state(&folder)?.1
-        } else {
-            TrainConfig::from_preset_and_file(self.preset, self.config.as_deref())?
-        };
         if self.resume && self.config.is_some() {
             return Err(TrainError::Config(
                 "`--resume` continues the saved config; `--config` cannot be combined with it"
                     .into(),
             ));
         }
+        if let (true, Some(preset)) = (self.resume, self.preset) {
+            return Err(TrainError::Config(format!(
+                "`--resume` continues the saved config; `--preset {}` would have no effect (leave it out)",
+                preset.name()
+            )));
+        }
+        let mut config = if self.resume {
+            let out = self.out_dir();
+            crate::run_dir::check_is_folder(&out)?;
+            checkpoint::open(&out)?.config
+        } else {
+            let preset = self.preset.unwrap_or(Preset::Tiny);
+            TrainConfig::from_preset_and_file(preset, self.config.as_deref())?
+        };
         let set = |slot: &mut usize, value: Option<usize>| {
             if let Some(value) = value {
                 *slot = value;
@@ -216,13 +236,62 @@ impl TrainArgs {
             config.model.aux_loss_weight = weight;
         }
         if let Some(lr) = self.lr {
+            // The preset's ratio of final to peak learning rate is kept.
+            let ratio = config.optim.min_lr / config.optim.lr;
             config.optim.lr = lr;
-            config.optim.min_lr = config.optim.min_lr.min(lr);
+            if lr.is_finite() && ratio.is_finite() {
+                config.optim.min_lr = lr * ratio;
+            }
+        }
+        if let Some(clip) = self.grad_clip {
+            config.optim.grad_clip = clip;
+        }
+        if let Some(mode) = self.on_nonfinite {
+            config.run.on_nonfinite = mode;
         }
         if let Some(seed) = self.seed {
             config.run.seed = seed;
         }
         Ok(config)
+    }
+}
+
+impl TrainArgs {
+    /// Flags given that have no effect with the others, each as a warning naming it.
+    pub fn warnings(&self, config: &TrainConfig) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let mut warn = |given: bool, message: &str| {
+            if given {
+                warnings.push(message.to_string());
+            }
+        };
+        let own_text = config.data.text.is_some() || config.data.jsonl.is_some();
+        warn(
+            self.cache_dir.is_some() && own_text,
+            "`--cache-dir` has no effect with `--text` or `--jsonl` (it is where the default corpus is kept)",
+        );
+        warn(
+            self.min_freq.is_some() && config.data.tokenizer == TokenizerKind::Bpe,
+            "`--min-freq` has no effect with `--tokenizer bpe` (it prunes the character vocabulary)",
+        );
+        warn(
+            self.min_freq.is_some() && self.resume,
+            "`--min-freq` has no effect with `--resume` (the run keeps its tokenizer)",
+        );
+        warn(
+            config.task != Task::Text && (self.tokenizer.is_some() || self.min_freq.is_some()),
+            "`--tokenizer` and `--min-freq` have no effect on the digits tasks (their vocabulary is fixed)",
+        );
+        warn(
+            config.model.dense
+                && (self.experts.is_some() || self.gate.is_some() || self.aux_loss_weight.is_some()),
+            "`--experts`, `--gate` and `--aux-loss-weight` have no effect with `--dense` (the dense model has no router; only `--top-k` and the expert size set its width)",
+        );
+        warn(
+            self.stop_after.is_some_and(|last| last >= config.run.steps),
+            "`--stop-after` is at or past `--steps`, so it has no effect",
+        );
+        warnings
     }
 }
 
@@ -253,6 +322,31 @@ pub struct GenerateArgs {
     /// Where to run.
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
     pub backend: Backend,
+}
+
+impl GenerateArgs {
+    /// Checks the sampling settings.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature.is_finite() && (0.0..=100.0).contains(&self.temperature)) {
+            return Err(TrainError::Argument(format!(
+                "`--temperature` must be in [0, 100] (0: greedy), got {}",
+                self.temperature
+            )));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(TrainError::Argument(format!(
+                "`--top-p` must be in (0, 1] (1: no cut), got {}",
+                self.top_p
+            )));
+        }
+        if self.max_tokens == 0 || self.max_tokens > 1 << 16 {
+            return Err(TrainError::Argument(format!(
+                "`--max-tokens` must be in [1, 65536], got {}",
+                self.max_tokens
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// `burn-moe eval`.

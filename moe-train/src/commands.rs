@@ -9,6 +9,7 @@ use crate::backend::{self, Precision};
 use crate::checkpoint;
 use crate::cli::{EvalArgs, GenerateArgs};
 use crate::config::Task as TaskKind;
+use crate::divergence::non_finite_parameters;
 use crate::error::{Result, TrainError};
 use crate::tasks::digits::{caption_digit, draw_numeral, DigitsTask};
 use crate::tasks::text::TextTask;
@@ -17,8 +18,9 @@ use crate::tokenizer::{Tokenizer, BOS, EOS, PAD};
 
 /// Streams generated text to standard output as it is produced; returns the generated text.
 pub fn generate(args: &GenerateArgs) -> Result<String> {
-    let folder = checkpoint::resolve(&args.checkpoint)?;
-    let (_, config) = checkpoint::read_state(&folder)?;
+    args.validate()?;
+    let opened = checkpoint::open(&args.checkpoint)?;
+    let (folder, config) = (opened.folder, opened.config);
     let device = backend::select_and_report(args.backend, Precision::F32)?.device;
     let sampling = SamplingConfig {
         temperature: args.temperature,
@@ -32,7 +34,7 @@ pub fn generate(args: &GenerateArgs) -> Result<String> {
             let model = config
                 .text_model_config(tokenizer.vocab_size())
                 .init(&device)?;
-            let model = checkpoint::load_model(&folder, model)?;
+            let model = load_finite(&folder, model)?;
             let mut prompt = vec![BOS];
             prompt.extend(tokenizer.encode(&args.prompt));
             let generation = GenerationConfig {
@@ -68,7 +70,7 @@ pub fn generate(args: &GenerateArgs) -> Result<String> {
             let model = config
                 .multimodal_model_config(TEXT_VOCAB.len())
                 .init(&device)?;
-            let model = checkpoint::load_model(&folder, model)?;
+            let model = load_finite(&folder, model)?;
             let levels = config.data.image_levels;
             let text = if config.task == TaskKind::TextToImage {
                 draw_numeral(&model, digit, levels, sampling)
@@ -92,28 +94,67 @@ pub struct EvalReport {
 
 /// Evaluates a checkpoint on its run's validation data.
 pub fn evaluate(args: &EvalArgs) -> Result<EvalReport> {
-    let folder = checkpoint::resolve(&args.checkpoint)?;
-    let (state, mut config) = checkpoint::read_state(&folder)?;
+    if args.batches == Some(0) {
+        return Err(TrainError::Argument(
+            "`--batches` must be at least 1, got 0".into(),
+        ));
+    }
+    let opened = checkpoint::open(&args.checkpoint)?;
+    let (folder, state, mut config) = (opened.folder, opened.state, opened.config);
     if let Some(batches) = args.batches {
-        config.run.eval_batches = batches.max(1);
+        config.run.eval_batches = batches;
     }
     let device = backend::select_and_report(args.backend, Precision::F32)?.device;
     let evaluation = match config.task {
         TaskKind::Text => {
             let tokenizer = Tokenizer::load(&folder.join(checkpoint::TOKENIZER_FILE))?;
-            let task = TextTask::new(&config, Some(tokenizer), &device, true)?;
-            let model = checkpoint::load_model(&folder, task.build_model(&device)?)?;
+            let task = TextTask::new(
+                &config,
+                Some(tokenizer),
+                opened.data.as_ref(),
+                &device,
+                true,
+            )?;
+            let model = load_finite(&folder, task.build_model(&device)?)?;
             task.evaluate(&model, &device)
         }
         TaskKind::Caption | TaskKind::TextToImage => {
             let task = DigitsTask::new(&config, &device);
-            let model = checkpoint::load_model(&folder, task.build_model(&device)?)?;
+            let model = load_finite(&folder, task.build_model(&device)?)?;
             task.evaluate(&model, &device)
         }
     };
+    if !evaluation.loss.is_finite() {
+        return Err(TrainError::NonFiniteModel {
+            path: folder.clone(),
+            detail: format!("its validation loss is {}", evaluation.loss),
+            alternatives: checkpoint::alternatives_of(&folder),
+        });
+    }
     Ok(EvalReport {
         step: state.step,
         evaluation,
+    })
+}
+
+/// Loads a checkpoint's model and refuses it if any weight is NaN or infinite: such a model
+/// gives NaN losses and samples garbage (the pad token), and its checkpoint is not worth using.
+pub fn load_finite<M: burn::module::Module>(folder: &std::path::Path, model: M) -> Result<M> {
+    let model = checkpoint::load_model(folder, model)?;
+    let bad = non_finite_parameters(&model);
+    if bad.is_empty() {
+        return Ok(model);
+    }
+    let values: usize = bad.iter().map(|(_, count)| count).sum();
+    let names: Vec<&str> = bad.iter().take(3).map(|(path, _)| path.as_str()).collect();
+    Err(TrainError::NonFiniteModel {
+        path: folder.to_path_buf(),
+        detail: format!(
+            "{values} values in {} parameter tensors, among them {}",
+            bad.len(),
+            names.join(", ")
+        ),
+        alternatives: checkpoint::alternatives_of(folder),
     })
 }
 

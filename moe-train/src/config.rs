@@ -13,6 +13,7 @@ use moe_models::{MoeTransformerConfig, MultimodalMoeTransformerConfig, NormKind,
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, Precision};
+use crate::divergence::OnNonFinite;
 use crate::error::{io, Result, TrainError};
 
 /// What the run trains.
@@ -25,6 +26,17 @@ pub enum Task {
     Caption,
     /// The multimodal model: numeral -> 8x8 digit image (text, then pixel tokens).
     TextToImage,
+}
+
+impl Task {
+    /// The name the command line uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Text => "text",
+            Task::Caption => "caption",
+            Task::TextToImage => "text-to-image",
+        }
+    }
 }
 
 /// Which part of the `chinese-poetry` package to train on.
@@ -107,6 +119,20 @@ pub struct DataConfig {
     pub val_fraction: f64,
     /// Pixel levels of the digit images (multimodal tasks).
     pub image_levels: usize,
+}
+
+impl DataConfig {
+    /// Makes the corpus and cache paths absolute, so that the run's saved config finds them
+    /// from any working directory (`eval`, `--resume`).
+    pub fn make_paths_absolute(&mut self) -> Result<()> {
+        for path in [&mut self.text, &mut self.jsonl, &mut self.cache_dir]
+            .into_iter()
+            .flatten()
+        {
+            *path = std::path::absolute(&*path).map_err(io(path.clone()))?;
+        }
+        Ok(())
+    }
 }
 
 /// Model shape.
@@ -199,6 +225,9 @@ pub struct RunConfig {
     pub backend: Backend,
     /// Float precision.
     pub precision: Precision,
+    /// What to do at a step whose loss or gradient norm is not finite.
+    #[serde(default)]
+    pub on_nonfinite: OnNonFinite,
 }
 
 /// A whole training config.
@@ -230,6 +259,15 @@ pub enum Preset {
 }
 
 impl Preset {
+    /// The name the command line uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Tiny => "tiny",
+            Preset::Small => "small",
+            Preset::Base => "base",
+        }
+    }
+
     /// The preset's config.
     pub fn config(self) -> TrainConfig {
         let tiny = TrainConfig {
@@ -288,6 +326,7 @@ impl Preset {
                 sample_tokens: 96,
                 backend: Backend::Auto,
                 precision: Precision::F32,
+                on_nonfinite: OnNonFinite::Stop,
             },
         };
         match self {
@@ -376,9 +415,17 @@ impl TrainConfig {
         Ok(config)
     }
 
-    /// Checks the fields the model configs do not check themselves.
+    /// Checks every field against its range, and the combinations that would make the run
+    /// something other than what it says (an "MoE" model without an MoE layer, a warm-up
+    /// longer than the run, ...). Each error names the field and the value.
     pub fn validate(&self) -> Result<()> {
-        let bad = |message: String| Err(TrainError::Config(message));
+        self.validate_data()?;
+        self.validate_model()?;
+        self.validate_optim()?;
+        self.validate_run()
+    }
+
+    fn validate_data(&self) -> Result<()> {
         let d = &self.data;
         if d.jsonl.is_some() != d.field.is_some() {
             return bad("`--jsonl FILE` needs `--field NAME` (and `field` needs `jsonl`)".into());
@@ -386,45 +433,116 @@ impl TrainConfig {
         if d.text.is_some() && d.jsonl.is_some() {
             return bad("give either `--text` or `--jsonl`, not both".into());
         }
-        if !(0.0..0.5).contains(&d.val_fraction) || d.val_fraction.is_nan() {
+        if self.task != Task::Text && (d.text.is_some() || d.jsonl.is_some()) {
             return bad(format!(
-                "`data.val_fraction` must be in [0, 0.5), got {}",
+                "`--text` and `--jsonl` give the text task its corpus; the `{}` task draws its own digit images (leave them out, or use `--task text`)",
+                self.task.name()
+            ));
+        }
+        if !(d.val_fraction > 0.0 && d.val_fraction < 0.5) {
+            return bad(format!(
+                "`data.val_fraction` must be in (0, 0.5), got {}",
                 d.val_fraction
             ));
         }
-        if d.image_levels < 2 {
-            return bad(format!(
-                "`data.image_levels` must be at least 2, got {}",
-                d.image_levels
-            ));
-        }
-        let o = &self.optim;
-        for (name, value) in [("optim.lr", o.lr), ("optim.min_lr", o.min_lr)] {
-            if !(value.is_finite() && value > 0.0) {
-                return bad(format!("`{name}` must be a finite number > 0, got {value}"));
+        in_range("data.image_levels", d.image_levels, 2, 256)?;
+        in_range("data.min_freq", d.min_freq, 1, 1 << 30)?;
+        in_range("data.bpe_vocab_size", d.bpe_vocab_size, 260, 1 << 20)
+    }
+
+    fn validate_model(&self) -> Result<()> {
+        let m = &self.model;
+        in_range("model.d_model", m.d_model, 1, 1 << 16)?;
+        in_range("model.num_layers", m.num_layers, 1, 1024)?;
+        in_range("model.num_heads", m.num_heads, 1, m.d_model)?;
+        in_range("model.context_length", m.context_length, 1, 1 << 20)?;
+        in_range("model.d_ff", m.d_ff, 1, 1 << 20)?;
+        in_range("model.experts", m.experts, 1, 1 << 20)?;
+        in_range("model.top_k", m.top_k, 1, m.experts)?;
+        in_range("model.expert_hidden", m.expert_hidden, 1, 1 << 20)?;
+        in_range("model.shared_experts", m.shared_experts, 0, 64)?;
+        if !m.dense {
+            if m.moe_every == 0 {
+                return bad("`model.moe_every` is 0, which leaves no MoE layer; train the dense model with `--dense` instead".into());
             }
-        }
-        let non_negative = |v: f64| v.is_finite() && v >= 0.0;
-        if !non_negative(o.weight_decay) || !non_negative(o.grad_clip) {
-            return bad(
-                "`optim.weight_decay` and `optim.grad_clip` must be finite and >= 0".into(),
-            );
+            if m.moe_every > m.num_layers {
+                return bad(format!(
+                    "`model.moe_every` {} is larger than `model.num_layers` {}, which leaves no MoE layer (MoE goes in every `moe_every`-th block)",
+                    m.moe_every, m.num_layers
+                ));
+            }
         }
         for (name, value) in [
-            ("optim.batch_size", o.batch_size),
-            ("optim.grad_accum", o.grad_accum),
-            ("run.steps", self.run.steps),
-            ("run.eval_every", self.run.eval_every),
-            ("run.eval_batches", self.run.eval_batches),
-            ("run.log_every", self.run.log_every),
-            ("run.checkpoint_every", self.run.checkpoint_every),
-            ("run.keep_checkpoints", self.run.keep_checkpoints),
+            ("model.capacity_factor", m.capacity_factor),
+            ("model.eval_capacity_factor", m.eval_capacity_factor),
         ] {
-            if value == 0 {
-                return bad(format!("`{name}` must be at least 1, got 0"));
+            if !(value.is_finite() && value > 0.0 && value <= 1000.0) {
+                return bad(format!("`{name}` must be in (0, 1000], got {value}"));
             }
         }
+        for (name, value) in [
+            ("model.aux_loss_weight", m.aux_loss_weight),
+            ("model.z_loss_weight", m.z_loss_weight),
+        ] {
+            if !(value.is_finite() && (0.0..=100.0).contains(&value)) {
+                return bad(format!("`{name}` must be in [0, 100], got {value}"));
+            }
+        }
+        if !(m.dropout.is_finite() && (0.0..1.0).contains(&m.dropout)) {
+            return bad(format!(
+                "`model.dropout` must be in [0, 1), got {}",
+                m.dropout
+            ));
+        }
         Ok(())
+    }
+
+    fn validate_optim(&self) -> Result<()> {
+        let o = &self.optim;
+        if !(o.lr.is_finite() && o.lr > 0.0) {
+            return bad(format!(
+                "`optim.lr` must be a finite number > 0, got {}",
+                o.lr
+            ));
+        }
+        if !(o.min_lr.is_finite() && o.min_lr >= 0.0 && o.min_lr <= o.lr) {
+            return bad(format!(
+                "`optim.min_lr` must be in [0, optim.lr = {}], got {}; the schedule decays from `lr` down to `min_lr`",
+                o.lr, o.min_lr
+            ));
+        }
+        if !(o.weight_decay.is_finite() && (0.0..=1.0).contains(&o.weight_decay)) {
+            return bad(format!(
+                "`optim.weight_decay` must be in [0, 1], got {}",
+                o.weight_decay
+            ));
+        }
+        if !(o.grad_clip.is_finite() && o.grad_clip >= 0.0) {
+            return bad(format!(
+                "`optim.grad_clip` must be a finite number >= 0 (0: no clipping), got {}",
+                o.grad_clip
+            ));
+        }
+        if o.warmup_steps > self.run.steps {
+            return bad(format!(
+                "`optim.warmup_steps` {} is more than `run.steps` {}: the learning rate would never reach `lr`",
+                o.warmup_steps, self.run.steps
+            ));
+        }
+        in_range("optim.batch_size", o.batch_size, 1, 1 << 20)?;
+        in_range("optim.grad_accum", o.grad_accum, 1, 1 << 16)
+    }
+
+    fn validate_run(&self) -> Result<()> {
+        let r = &self.run;
+        in_range("run.steps", r.steps, 1, 1_000_000_000)?;
+        in_range("run.eval_every", r.eval_every, 1, usize::MAX)?;
+        in_range("run.eval_batches", r.eval_batches, 1, 1 << 20)?;
+        in_range("run.log_every", r.log_every, 1, usize::MAX)?;
+        in_range("run.checkpoint_every", r.checkpoint_every, 1, usize::MAX)?;
+        in_range("run.keep_checkpoints", r.keep_checkpoints, 1, 1 << 20)?;
+        in_range("run.samples", r.samples, 0, 1000)?;
+        in_range("run.sample_tokens", r.sample_tokens, 1, 1 << 16)
     }
 
     /// The MoE layer config.
@@ -522,6 +640,24 @@ impl TrainConfig {
             .clone()
             .unwrap_or_else(default_cache_dir)
     }
+}
+
+/// An error naming a config value out of range.
+fn bad(message: String) -> Result<()> {
+    Err(TrainError::Config(message))
+}
+
+/// Checks `low <= value <= high`, naming the field.
+fn in_range(name: &str, value: usize, low: usize, high: usize) -> Result<()> {
+    if value < low || value > high {
+        let range = if high == usize::MAX {
+            format!("at least {low}")
+        } else {
+            format!("in [{low}, {high}]")
+        };
+        return bad(format!("`{name}` must be {range}, got {value}"));
+    }
+    Ok(())
 }
 
 /// `~/.cache/burn-moe` (or `$XDG_CACHE_HOME/burn-moe`).

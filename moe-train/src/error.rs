@@ -94,6 +94,9 @@ pub enum TrainError {
     /// The training config (file, preset or flags) is invalid.
     #[error("invalid training config: {0}")]
     Config(String),
+    /// A command-line value of `generate` or `eval` is out of range.
+    #[error("invalid argument: {0}")]
+    Argument(String),
     /// The model config is invalid.
     #[error("invalid model config: {0}")]
     Model(#[from] ModelError),
@@ -108,9 +111,59 @@ pub enum TrainError {
         /// What is wrong.
         reason: String,
     },
+    /// A run folder cannot be used as asked (it holds a run, is locked, is a file, ...).
+    #[error("{path}: {reason}")]
+    RunFolder {
+        /// The folder.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// The loss or the gradient norm stopped being a finite number.
+    #[error("training diverged at step {step}: {what}; stopped without saving the diverged model. {checkpoint}. Start again with a lower `--lr` or with clipping (`--grad-clip 1`), or resume with `--resume --lr ...`; `--on-nonfinite skip` skips such steps instead")]
+    Diverged {
+        /// The first non-finite step.
+        step: usize,
+        /// What was not finite, with its value.
+        what: String,
+        /// Where the last finite checkpoint is (or that there is none).
+        checkpoint: String,
+    },
+    /// A model's weights hold NaN or infinite values.
+    #[error("{path}: the model holds non-finite weights ({detail}); it diverged before this checkpoint was written{alternatives}")]
+    NonFiniteModel {
+        /// The checkpoint folder.
+        path: PathBuf,
+        /// Which parameters, how many values.
+        detail: String,
+        /// Intact older checkpoints of the run, if any.
+        alternatives: String,
+    },
+    /// A corpus file differs from the one the run trained on.
+    #[error("{path}: the corpus changed since the run trained on it ({detail}); a different corpus would give a different validation split and loss. Restore the file, or start a new run on the new text")]
+    CorpusChanged {
+        /// The file.
+        path: PathBuf,
+        /// Size and checksum, then and now.
+        detail: String,
+    },
+    /// The model and batch would not fit in memory.
+    #[error("not enough memory: {0}")]
+    Memory(String),
     /// The tokenizer could not be built, saved or loaded.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+}
+
+impl TrainError {
+    /// The program's exit status for this error: 3 when training diverged (so that scripts
+    /// can tell it from a mistake in the input), 1 otherwise (2 is the command line's own).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            TrainError::Diverged { .. } => 3,
+            _ => 1,
+        }
+    }
 }
 
 /// Result of the program's operations.

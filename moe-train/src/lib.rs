@@ -14,6 +14,10 @@
 //! - [`trainer`]: the loop (AdamW, schedule, clipping, accumulation), with [`schedule`],
 //!   [`clip`], [`loss_scale`] (mixed precision), [`readout`] (a logged step's values in one
 //!   read), [`checkpoint`], [`metrics`] and [`plots`];
+//! - what keeps a long run safe: [`run_dir`] (one process owns a run folder, nothing is
+//!   overwritten by accident), [`divergence`] (a non-finite loss stops the run before it
+//!   replaces a finite checkpoint), [`memory`] (a model that cannot fit is refused before it
+//!   is allocated);
 //! - [`tasks`]: text and digits;
 //! - [`commands`]: generation and evaluation.
 
@@ -28,12 +32,15 @@ pub mod commands;
 pub mod config;
 pub mod corpus;
 pub mod data;
+pub mod divergence;
 pub mod error;
 pub mod loss_scale;
+pub mod memory;
 pub mod metrics;
 pub mod optimizer;
 pub mod plots;
 pub mod readout;
+pub mod run_dir;
 pub mod schedule;
 pub mod split;
 pub mod tasks;

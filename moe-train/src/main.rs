@@ -12,13 +12,15 @@ use moe_train::trainer::{self, RunOptions};
 fn main() -> ExitCode {
     // Large temporary tensors are reused from the heap instead of mmapped afresh each time.
     moe_train::allocator::reuse_heap_memory();
+    // Before any thread starts: Vulkan drivers probing for a display complain without it.
+    moe_train::backend::quiet_display_probes();
     let cli = Cli::parse();
     // The CPU backends' parallel operations then split from inside their thread pool.
     match moe_train::threads::run_on_compute_threads(|| run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error}");
-            ExitCode::FAILURE
+            ExitCode::from(error.exit_code())
         }
     }
 }
@@ -27,6 +29,9 @@ fn run(cli: Cli) -> moe_train::Result<()> {
     match cli.command {
         Command::Train(args) => {
             let config = args.resolve()?;
+            for warning in args.warnings(&config) {
+                eprintln!("warning: {warning}");
+            }
             let out = args.out_dir();
             let interrupt = Arc::new(AtomicBool::new(false));
             let flag = interrupt.clone();
@@ -47,6 +52,7 @@ fn run(cli: Cli) -> moe_train::Result<()> {
                 RunOptions {
                     out: out.clone(),
                     resume: args.resume,
+                    overwrite: args.overwrite,
                     show_progress: true,
                     interrupt: Some(interrupt),
                     stop_after: args.stop_after,
@@ -71,8 +77,8 @@ fn run(cli: Cli) -> moe_train::Result<()> {
             );
             if let Some((step, loss)) = summary.val_losses.last() {
                 println!(
-                    "validation loss at step {step}: {loss:.4} (perplexity {:.2})",
-                    loss.exp()
+                    "validation loss at step {step}: {loss:.4} (perplexity {})",
+                    trainer::perplexity(*loss)
                 );
             }
             for plot in &summary.plots {
@@ -91,10 +97,10 @@ fn run(cli: Cli) -> moe_train::Result<()> {
         Command::Eval(args) => {
             let report = commands::evaluate(&args)?;
             println!(
-                "checkpoint at step {}: validation loss {:.4}, perplexity {:.2}",
+                "checkpoint at step {}: validation loss {:.4}, perplexity {}",
                 report.step,
                 report.evaluation.loss,
-                report.evaluation.loss.exp()
+                trainer::perplexity(report.evaluation.loss)
             );
             println!("{}", load_summary(&report.evaluation.expert_load));
             Ok(())

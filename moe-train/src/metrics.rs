@@ -42,6 +42,9 @@ pub struct TrainRow {
     /// Steps skipped so far for a gradient that overflowed (mixed precision).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skipped_steps: Option<u64>,
+    /// Steps skipped so far for a non-finite loss or gradient (`--on-nonfinite skip`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub non_finite_skipped: Option<u64>,
 }
 
 /// An evaluation row.
@@ -82,28 +85,42 @@ pub struct MetricsLog {
 }
 
 impl MetricsLog {
-    /// Opens the log of `run_dir`, dropping rows after `resume_step` (a resumed run rewrites
-    /// what the interrupted one logged after its last checkpoint); `None` starts afresh.
+    /// Opens the log of `run_dir` for appending. A new run (`resume_step` `None`) starts an
+    /// empty log. A resumed run keeps the rows up to `resume_step` and drops those after it
+    /// (what the interrupted run logged after its last checkpoint, which the resumed run logs
+    /// again); that rewrite goes to a staging file renamed over the log, so a process killed
+    /// meanwhile leaves the old log or the new one, never a truncated one.
     pub fn open(run_dir: &Path, resume_step: Option<usize>) -> Result<Self> {
         let path = run_dir.join("metrics.jsonl");
-        let kept: Vec<Row> = match resume_step {
-            Some(step) => read(&path)?
-                .into_iter()
-                .filter(|row| row.step() <= step)
-                .collect(),
-            None => Vec::new(),
-        };
-        let mut file = File::create(&path).map_err(io(&path))?;
-        for row in &kept {
-            writeln!(
-                file,
-                "{}",
-                serde_json::to_string(row).expect("rows serialise")
-            )
-            .map_err(io(&path))?;
+        match resume_step {
+            None => {
+                File::create(&path).map_err(io(&path))?;
+            }
+            Some(step) => {
+                let text = match std::fs::read(&path) {
+                    Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+                    Err(_) => String::new(),
+                };
+                let lines: Vec<&str> = text.lines().collect();
+                let keep = |line: &&str| {
+                    serde_json::from_str::<Row>(line).is_ok_and(|row| row.step() <= step)
+                };
+                let kept: Vec<&str> = lines.iter().copied().filter(keep).collect();
+                // Rewrite when rows go, or when the last line was cut short by a kill (appending
+                // to it would spoil the next row).
+                if kept.len() != lines.len() || !(text.is_empty() || text.ends_with('\n')) {
+                    let staging = run_dir.join(".metrics.jsonl.partial");
+                    let mut file = File::create(&staging).map_err(io(&staging))?;
+                    for line in kept {
+                        writeln!(file, "{line}").map_err(io(&staging))?;
+                    }
+                    file.sync_all().map_err(io(&staging))?;
+                    std::fs::rename(&staging, &path).map_err(io(&path))?;
+                }
+            }
         }
-        drop(file);
         let file = OpenOptions::new()
+            .create(true)
             .append(true)
             .open(&path)
             .map_err(io(&path))?;

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use burn::tensor::{Tensor, TensorData, Transaction};
 use moe_core::RoutingSummary;
 
+use crate::divergence::{NonFiniteReport, NonFiniteWatch};
 use crate::loss_scale::LossScaler;
 use crate::tasks::StepOutput;
 
@@ -41,15 +42,18 @@ pub struct StepReadout {
     pub text_loads: Vec<Vec<i64>>,
     /// The loss scale and the steps skipped so far (mixed precision).
     pub loss_scale: Option<(f64, u64)>,
+    /// What the non-finite watch has seen, when it was read.
+    pub non_finite: Option<NonFiniteReport>,
 }
 
 impl StepReadout {
-    /// Reads `output` (and the gradient norm, and the loss scaler's state) with one
-    /// synchronisation.
+    /// Reads `output` (and the gradient norm, the loss scaler's state and the non-finite
+    /// watch) with one synchronisation.
     pub fn read(
         output: &StepOutput,
         grad_norm: Option<&Tensor<1>>,
         scaler: Option<&LossScaler>,
+        watch: Option<&NonFiniteWatch>,
     ) -> Self {
         // All without autodiff: Burn reads a transaction on its first tensor's backend, and the
         // gradient norm has none.
@@ -73,6 +77,9 @@ impl StepReadout {
                 .register(scaler.scale())
                 .register(scaler.skipped());
         }
+        if let Some(watch) = watch {
+            transaction = watch.register(transaction);
+        }
         HOST_READS.fetch_add(1, Ordering::SeqCst);
         let mut data = transaction.execute().into_iter();
         let mut scalar = || first_float(data.next().expect("registered above"));
@@ -93,6 +100,7 @@ impl StepReadout {
             let skipped = first_float(data.next().expect("registered above"));
             (scale, skipped.max(0.0) as u64)
         });
+        let non_finite = watch.map(|_| NonFiniteWatch::report_from(&mut data));
         Self {
             loss,
             cross_entropy,
@@ -102,6 +110,7 @@ impl StepReadout {
             image_loads,
             text_loads,
             loss_scale,
+            non_finite,
         }
     }
 }

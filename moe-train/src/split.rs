@@ -14,6 +14,8 @@ pub struct Split {
     pub train: Vec<Document>,
     /// Validation documents, in source order.
     pub validation: Vec<Document>,
+    /// Indices (in source order) of the validation documents, as a checkpoint records them.
+    pub validation_indices: Vec<usize>,
 }
 
 /// Holds out `ceil(fraction * n)` documents (at least one when there are two or more and
@@ -29,9 +31,19 @@ pub fn split(documents: Vec<Document>, fraction: f64, seed: u64) -> Split {
     }
     let mut order: Vec<usize> = (0..count).collect();
     SplitMix64(seed ^ SPLIT_STREAM).shuffle(&mut order);
-    let mut is_validation = vec![false; count];
-    for &index in &order[..held_out] {
-        is_validation[index] = true;
+    let mut held: Vec<usize> = order[..held_out].to_vec();
+    held.sort_unstable();
+    split_at(documents, &held)
+}
+
+/// The split that holds out the documents at `validation_indices` (sorted, in range: a
+/// checkpoint's record of the split, checked against the corpus's checksum first).
+pub fn split_at(documents: Vec<Document>, validation_indices: &[usize]) -> Split {
+    let mut is_validation = vec![false; documents.len()];
+    for &index in validation_indices {
+        if let Some(slot) = is_validation.get_mut(index) {
+            *slot = true;
+        }
     }
     let (mut train, mut validation) = (Vec::new(), Vec::new());
     for (document, validation_doc) in documents.into_iter().zip(is_validation) {
@@ -41,5 +53,9 @@ pub fn split(documents: Vec<Document>, fraction: f64, seed: u64) -> Split {
             train.push(document);
         }
     }
-    Split { train, validation }
+    Split {
+        train,
+        validation,
+        validation_indices: validation_indices.to_vec(),
+    }
 }

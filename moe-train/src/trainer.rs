@@ -5,6 +5,11 @@
 //! device's generator (dropout, gate noise) is re-seeded from the run seed and the step number
 //! at every step, so a resumed run continues with exactly the losses of an uninterrupted one
 //! (on the CPU backends, which are deterministic).
+//!
+//! Safety: the run folder is claimed ([`crate::run_dir`]) before anything is written to it, a
+//! non-finite loss or gradient stops the run (or skips the step) before it can replace a
+//! finite checkpoint ([`crate::divergence`]), and a model and batch that cannot fit in memory
+//! are refused before they are allocated ([`crate::memory`]).
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -19,15 +24,20 @@ use indicatif::{ProgressBar, ProgressStyle};
 use moe_core::rng::SplitMix64;
 
 use crate::backend::{self, Precision, SelectedDevice};
-use crate::checkpoint::{self, CheckpointParts, TrainingState};
+use crate::checkpoint::{self, CheckpointParts, DataRecord, TrainingState};
 use crate::clip::unscale_and_clip;
 use crate::config::{Task as TaskKind, TrainConfig};
-use crate::error::{io, Result};
+use crate::divergence::{
+    NonFiniteReport, NonFiniteWatch, OnNonFinite, SpikeDetector, MAX_SKIPS_IN_A_ROW,
+};
+use crate::error::{io, Result, TrainError};
 use crate::loss_scale::{LossScaler, UpdateGate, GROWTH_INTERVAL};
+use crate::memory;
 use crate::metrics::{self, EvalRow, MetricsLog, Row, TrainRow};
 use crate::optimizer::FusedAdamW;
 use crate::plots;
 use crate::readout::StepReadout;
+use crate::run_dir::{Claim, RunDir};
 use crate::schedule::learning_rate;
 use crate::tasks::digits::DigitsTask;
 use crate::tasks::text::TextTask;
@@ -44,6 +54,9 @@ pub struct RunOptions {
     pub out: PathBuf,
     /// Continue from the run folder's latest checkpoint.
     pub resume: bool,
+    /// Start a new run in a folder that holds one, replacing it (without this, such a folder
+    /// is refused).
+    pub overwrite: bool,
     /// Draw progress bars and print progress lines.
     pub show_progress: bool,
     /// Set (by a Ctrl-C handler) to stop: a checkpoint is saved and the run returns.
@@ -53,6 +66,21 @@ pub struct RunOptions {
     pub stop_after: Option<usize>,
     /// Called after every step, once it is logged, evaluated and saved as due.
     pub on_step: Option<StepHook>,
+}
+
+impl RunOptions {
+    /// A new run into `out`, without progress output, interrupt or hook.
+    pub fn new(out: impl Into<PathBuf>) -> Self {
+        Self {
+            out: out.into(),
+            resume: false,
+            overwrite: false,
+            show_progress: false,
+            interrupt: None,
+            stop_after: None,
+            on_step: None,
+        }
+    }
 }
 
 /// A function the training loop calls after every step with the step's number: progress
@@ -93,79 +121,158 @@ pub struct RunSummary {
     pub parameters: (usize, usize),
 }
 
+/// A checkpoint a run continues from.
+pub struct Resumed {
+    /// Its folder.
+    pub folder: PathBuf,
+    /// Its training state.
+    pub state: TrainingState,
+}
+
 /// Trains as `config` says, or, with `options.resume`, continues the run in `options.out`
 /// from its latest checkpoint (then `config` may differ from the saved one only in its `run`
-/// section: more steps, another backend, ...).
-pub fn train(config: TrainConfig, options: RunOptions) -> Result<RunSummary> {
-    let resume = if options.resume {
-        let folder = checkpoint::resolve(&options.out)?;
-        let (state, saved) = checkpoint::read_state(&folder)?;
-        for (section, same) in [
-            ("task", config.task == saved.task),
-            ("data", config.data == saved.data),
-            ("model", config.model == saved.model),
-            ("optim", config.optim == saved.optim),
-        ] {
-            if !same {
-                return Err(crate::error::TrainError::Config(format!(
-                    "`--resume` continues the saved run, but the `{section}` settings given differ from the saved ones; only the `run` settings (steps, backend, ...) can change (start a new run with another `--out` to change the rest)"
-                )));
-            }
-        }
-        Some((folder, state))
+/// section and in the learning rate and clipping).
+pub fn train(mut config: TrainConfig, options: RunOptions) -> Result<RunSummary> {
+    config.validate()?;
+    let claim = match (options.resume, options.overwrite) {
+        (true, _) => Claim::Resume,
+        (false, true) => Claim::Overwrite,
+        (false, false) => Claim::New,
+    };
+    let run_dir = RunDir::claim(&options.out, claim)?;
+    let opened = if options.resume {
+        let opened = checkpoint::open(&options.out)?;
+        check_resumable(
+            &config,
+            &opened.config,
+            opened.state.step,
+            options.show_progress,
+        )?;
+        Some(opened)
     } else {
+        config.data.make_paths_absolute()?;
         None
     };
-    config.validate()?;
     let selected = if options.show_progress {
         backend::select_and_report(config.run.backend, config.run.precision)?
     } else {
         backend::select(config.run.backend, config.run.precision)?
     };
     let device = selected.device.clone().autodiff();
+    let resumed = opened.as_ref().map(|opened| Resumed {
+        folder: opened.folder.clone(),
+        state: opened.state.clone(),
+    });
     match config.task {
         TaskKind::Text => {
-            let tokenizer = match &resume {
-                Some((folder, _)) => {
-                    Some(Tokenizer::load(&folder.join(checkpoint::TOKENIZER_FILE))?)
-                }
-                None => None,
+            let (tokenizer, record) = match &opened {
+                Some(opened) => (
+                    Some(Tokenizer::load(
+                        &opened.folder.join(checkpoint::TOKENIZER_FILE),
+                    )?),
+                    opened.data.clone(),
+                ),
+                None => (None, None),
             };
-            let task = TextTask::new(&config, tokenizer, &device, options.show_progress)?;
-            run(task, config, selected, device, options, resume)
+            let task = TextTask::new(
+                &config,
+                tokenizer,
+                record.as_ref(),
+                &device,
+                options.show_progress,
+            )?;
+            let model = config.text_model_config(task.vocab_size());
+            memory::check(&config, &model, selected.backend)?;
+            run(task, config, selected, device, options, resumed, run_dir)
         }
         TaskKind::Caption | TaskKind::TextToImage => {
             if selected.precision != Precision::F32 {
-                return Err(crate::error::TrainError::Config(format!(
+                return Err(TrainError::Config(format!(
                     "`--precision {}` trains the text model; the multimodal model trains in f32 (use `--precision f32` with `--task {}`)",
                     selected.precision.name(),
                     if config.task == TaskKind::Caption { "caption" } else { "text-to-image" }
                 )));
             }
+            // The text model of the same shape stands in for the multimodal one's estimate.
+            let vocab = moe_models::digits::TEXT_VOCAB.len() + config.data.image_levels;
+            memory::check(&config, &config.text_model_config(vocab), selected.backend)?;
             let task = DigitsTask::new(&config, &device);
-            run(task, config, selected, device, options, resume)
+            run(task, config, selected, device, options, resumed, run_dir)
         }
     }
 }
 
-/// Trains `task` (the loop behind [`train`]).
+/// Refuses to resume with settings that would make the run another one: a different task,
+/// data, model or optimizer (except the learning rate and clipping, which a user may lower
+/// after a divergence), or a step count the run has already reached.
+fn check_resumable(
+    config: &TrainConfig,
+    saved: &TrainConfig,
+    step: usize,
+    show_progress: bool,
+) -> Result<()> {
+    let fixed = |optim: &crate::config::OptimConfig| crate::config::OptimConfig {
+        lr: 0.0,
+        min_lr: 0.0,
+        grad_clip: 0.0,
+        ..optim.clone()
+    };
+    for (section, same) in [
+        ("task", config.task == saved.task),
+        ("data", config.data == saved.data),
+        ("model", config.model == saved.model),
+        ("optim", fixed(&config.optim) == fixed(&saved.optim)),
+    ] {
+        if !same {
+            return Err(TrainError::Config(format!(
+                "`--resume` continues the saved run, but the `{section}` settings given differ from the saved ones; only the `run` settings (steps, backend, ...), the learning rate and clipping can change (start a new run with another `--out` to change the rest)"
+            )));
+        }
+    }
+    if show_progress {
+        for (name, now, before) in [
+            ("optim.lr", config.optim.lr, saved.optim.lr),
+            ("optim.min_lr", config.optim.min_lr, saved.optim.min_lr),
+            (
+                "optim.grad_clip",
+                config.optim.grad_clip,
+                saved.optim.grad_clip,
+            ),
+        ] {
+            if now != before {
+                eprintln!("warning: resuming with `{name}` {now} instead of {before}: the run will no longer repeat an uninterrupted one");
+            }
+        }
+    }
+    if config.run.steps <= step {
+        return Err(TrainError::Config(format!(
+            "the run is already at step {step} and `--steps` is {}: give more steps to train further (`--steps` counts from the start of the run)",
+            config.run.steps
+        )));
+    }
+    Ok(())
+}
+
+/// Trains `task` (the loop behind [`train`]) in the claimed `run_dir`.
 pub fn run<T: Task>(
     task: T,
     config: TrainConfig,
     selected: SelectedDevice,
     device: Device,
     options: RunOptions,
-    resume: Option<(PathBuf, TrainingState)>,
+    resume: Option<Resumed>,
+    run_dir: RunDir,
 ) -> Result<RunSummary> {
-    let out = options.out.as_path();
-    std::fs::create_dir_all(out).map_err(io(out))?;
+    let out = run_dir.path();
     let seed = config.run.seed;
     device.seed(seed);
     let mut model = task.build_model(&device)?;
+    let on_nonfinite = config.run.on_nonfinite;
     let mut mixed = (selected.precision != Precision::F32).then(|| MixedPrecision::new(&device));
+    let gate = (mixed.is_some() || on_nonfinite == OnNonFinite::Skip).then(UpdateGate::default);
     let mut adamw = FusedAdamW::new(config.optim.weight_decay as f32);
-    if let Some(mixed) = &mixed {
-        adamw = adamw.with_gate(mixed.gate.clone());
+    if let Some(gate) = &gate {
+        adamw = adamw.with_gate(gate.clone());
     }
     let mut optimizer = adamw.init();
     let mut state = TrainingState {
@@ -175,17 +282,17 @@ pub fn run<T: Task>(
         elapsed_seconds: 0.0,
         loss_scale: None,
     };
-    if let Some((folder, saved)) = &resume {
-        model = checkpoint::load_model(folder, model)?;
-        optimizer = checkpoint::load_optimizer(folder, optimizer)?;
-        state = saved.clone();
+    if let Some(resumed) = &resume {
+        model = checkpoint::load_model(&resumed.folder, model)?;
+        optimizer = checkpoint::load_optimizer(&resumed.folder, optimizer)?;
+        state = resumed.state.clone();
         if let (Some(mixed), Some(saved_scale)) = (&mut mixed, state.loss_scale) {
             mixed.scaler = LossScaler::restore(&device, saved_scale, GROWTH_INTERVAL);
         }
     }
     let parameters = (model.num_params(), count_active(&config, &model));
     write_config(out, &config)?;
-    let mut log = MetricsLog::open(out, resume.as_ref().map(|(_, s)| s.step))?;
+    let mut log = MetricsLog::open(out, resume.as_ref().map(|r| r.state.step))?;
 
     let steps = config.run.steps;
     let bar = progress_bar(options.show_progress, steps as u64, state.step as u64);
@@ -225,8 +332,13 @@ pub fn run<T: Task>(
     let elapsed_before = state.elapsed_seconds;
     let tokens_before = state.tokens_seen;
     let (mut interval_start, mut interval_tokens) = (Instant::now(), 0usize);
-    let mut saved_at = resume.as_ref().map(|(_, s)| s.step);
+    let mut saved_at = resume.as_ref().map(|r| r.state.step);
+    let mut last_checkpoint = resume.as_ref().map(|r| r.folder.clone());
     let inner = device.clone().without_autodiff();
+    let mut watch = NonFiniteWatch::new(&device);
+    let mut guard = DivergenceGuard::new(on_nonfinite);
+    let mut spikes = SpikeDetector::default();
+    let mut diverged = None;
 
     for step in state.step + 1..=steps {
         let stop_requested = options.stop_after.is_some_and(|last| step > last);
@@ -242,6 +354,7 @@ pub fn run<T: Task>(
         device.seed(seed ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let mut accumulator = GradientsAccumulator::new();
         let mut last = None;
+        let mut step_loss: Option<Tensor<1>> = None;
         for _ in 0..config.optim.grad_accum {
             let output = task.step(&model, &mut rng);
             let loss = output
@@ -252,6 +365,11 @@ pub fn run<T: Task>(
                 Some(mixed) => mixed.scaler.scale_loss(loss),
                 None => loss,
             };
+            let detached = output.loss.clone().without_autodiff();
+            step_loss = Some(match step_loss {
+                Some(sum) => sum + detached,
+                None => detached,
+            });
             accumulator.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
             interval_tokens += output.tokens;
             state.tokens_seen += output.tokens as u64;
@@ -263,7 +381,14 @@ pub fn run<T: Task>(
             model,
             accumulator.grads(),
             &mut optimizer,
-            mixed.as_mut(),
+            Gating {
+                mixed: mixed.as_mut(),
+                watch: &mut watch,
+                gate: gate.as_ref(),
+                skip: on_nonfinite == OnNonFinite::Skip,
+                step,
+                loss: step_loss.expect("at least one micro-batch"),
+            },
             lr,
             config.optim.grad_clip,
         );
@@ -273,35 +398,17 @@ pub fn run<T: Task>(
         summary.last_step = step;
 
         let output = last.expect("at least one micro-batch");
+        let mut checked = false;
         if step % config.run.log_every == 0 || step == steps {
             let seconds = interval_start.elapsed().as_secs_f64().max(1e-9);
             let scaler = mixed.as_ref().map(|mixed| &mixed.scaler);
-            let readout = StepReadout::read(&output, grad_norm.as_ref(), scaler);
-            let as_shares = |loads: &[Vec<i64>]| loads.iter().map(|load| shares(load)).collect();
-            let multimodal = !output.modality.is_empty();
-            let row = TrainRow {
-                step,
-                loss: readout.loss,
-                cross_entropy: readout.cross_entropy,
-                aux_loss: readout.aux_loss,
-                lr,
-                grad_norm: readout.grad_norm.unwrap_or(0.0),
-                tokens_per_second: interval_tokens as f64 / seconds,
-                expert_load: readout
-                    .layers
-                    .iter()
-                    .map(|layer| shares(&signed(&layer.tokens_per_expert)))
-                    .collect(),
-                dropped: readout
-                    .layers
-                    .iter()
-                    .map(|layer| layer.drop_rate())
-                    .collect(),
-                image_expert_load: multimodal.then(|| as_shares(&readout.image_loads)),
-                text_expert_load: multimodal.then(|| as_shares(&readout.text_loads)),
-                loss_scale: readout.loss_scale.map(|(scale, _)| scale),
-                skipped_steps: readout.loss_scale.map(|(_, skipped)| skipped),
-            };
+            let readout = StepReadout::read(&output, grad_norm.as_ref(), scaler, Some(&watch));
+            checked = true;
+            if let Some(error) = guard.check(readout.non_finite, &last_checkpoint, &say) {
+                diverged = Some(error);
+                break;
+            }
+            let row = train_row(&readout, step, lr, interval_tokens as f64 / seconds);
             let mut message = format!(
                 "loss {:.3} | {:.0} tok/s | lr {:.1e}",
                 row.cross_entropy, row.tokens_per_second, lr
@@ -313,13 +420,39 @@ pub fn run<T: Task>(
                 eprintln!("step {step:>6}/{steps}: {message}");
             }
             bar.set_message(message);
-            summary.train_losses.push((step, row.cross_entropy));
-            log.write(&Row::Train(row))?;
+            // A step skipped for a non-finite loss (`--on-nonfinite skip`) logs no row.
+            if row.loss.is_finite() && row.cross_entropy.is_finite() {
+                if let Some(mean) = spikes.observe(row.cross_entropy) {
+                    say(format!(
+                        "warning: step {step}: loss {:.4} is {:.1}x its running mean {mean:.4}: a loss spike (if they repeat or grow, lower `--lr` or enable `--grad-clip`)",
+                        row.cross_entropy,
+                        row.cross_entropy / mean
+                    ));
+                }
+                summary.train_losses.push((step, row.cross_entropy));
+                log.write(&Row::Train(row))?;
+            }
             interval_start = Instant::now();
             interval_tokens = 0;
         }
-        if step % config.run.eval_every == 0 || step == steps {
+        let evaluate = step % config.run.eval_every == 0 || step == steps;
+        let save_now = step % config.run.checkpoint_every == 0 || step == steps;
+        if (evaluate || save_now) && !checked {
+            if let Some(error) = guard.check(Some(watch.read()), &last_checkpoint, &say) {
+                diverged = Some(error);
+                break;
+            }
+        }
+        if evaluate {
             let evaluation = task.evaluate(&model.valid(), &inner);
+            if !evaluation.loss.is_finite() {
+                diverged = Some(diverged_error(
+                    step,
+                    format!("the validation loss is {}", evaluation.loss),
+                    &last_checkpoint,
+                ));
+                break;
+            }
             let row = EvalRow {
                 step,
                 val_loss: evaluation.loss,
@@ -327,14 +460,15 @@ pub fn run<T: Task>(
             };
             if options.show_progress {
                 say(format!(
-                    "step {step:>6}: validation loss {:.4}, perplexity {:.2}",
-                    row.val_loss, row.val_perplexity
+                    "step {step:>6}: validation loss {:.4}, perplexity {}",
+                    row.val_loss,
+                    perplexity(row.val_loss)
                 ));
             }
             summary.val_losses.push((step, row.val_loss));
             log.write(&Row::Eval(row))?;
         }
-        if step % config.run.checkpoint_every == 0 || step == steps {
+        if save_now {
             summary.checkpoint = save(
                 out,
                 &model,
@@ -342,8 +476,9 @@ pub fn run<T: Task>(
                 &state,
                 mixed.as_ref(),
                 &config,
-                task.tokenizer(),
+                (task.tokenizer(), task.data_record()),
             )?;
+            last_checkpoint = Some(summary.checkpoint.clone());
             saved_at = Some(step);
         }
         bar.inc(1);
@@ -353,16 +488,26 @@ pub fn run<T: Task>(
     }
     bar.finish_and_clear();
 
-    if saved_at != Some(state.step) {
-        summary.checkpoint = save(
-            out,
-            &model,
-            &optimizer,
-            &state,
-            mixed.as_ref(),
-            &config,
-            task.tokenizer(),
-        )?;
+    if diverged.is_none() && saved_at != Some(state.step) {
+        // Stopped early (interrupt, `stop_after`): save where it stopped, if that is finite.
+        match guard.check(Some(watch.read()), &last_checkpoint, &say) {
+            Some(error) => diverged = Some(error),
+            None => {
+                summary.checkpoint = save(
+                    out,
+                    &model,
+                    &optimizer,
+                    &state,
+                    mixed.as_ref(),
+                    &config,
+                    (task.tokenizer(), task.data_record()),
+                )?;
+            }
+        }
+    }
+    if let Some(error) = diverged {
+        plots::draw(out, &metrics::read(log.path())?);
+        return Err(error);
     }
     let trained = state.tokens_seen - tokens_before;
     summary.tokens_per_second = trained as f64 / started.elapsed().as_secs_f64().max(1e-9);
@@ -378,45 +523,190 @@ pub fn run<T: Task>(
     Ok(summary)
 }
 
-/// Mixed precision's training-loop state: the loss scale and the flag that lets the optimizer
-/// skip a step whose gradients overflowed.
+/// Mixed precision's training-loop state: the loss scale.
 struct MixedPrecision {
     scaler: LossScaler,
-    gate: UpdateGate,
 }
 
 impl MixedPrecision {
     fn new(device: &Device) -> Self {
         Self {
             scaler: LossScaler::new(device, GROWTH_INTERVAL),
-            gate: UpdateGate::default(),
         }
     }
 }
 
+/// What decides whether a step's update is applied: the loss scale's overflow check (mixed
+/// precision) and the non-finite watch (which vetoes a step only under
+/// [`OnNonFinite::Skip`]).
+struct Gating<'a> {
+    mixed: Option<&'a mut MixedPrecision>,
+    watch: &'a mut NonFiniteWatch,
+    /// The flag the optimizer reads (present under mixed precision or skipping).
+    gate: Option<&'a UpdateGate>,
+    skip: bool,
+    step: usize,
+    /// The step's loss summed over its micro-batches, `[1]`, without autodiff.
+    loss: Tensor<1>,
+}
+
 /// The end of a step, after the backward passes: the gradients unscaled (mixed precision) and
-/// clipped in one multiplication, the scale moved and the step skipped if they overflowed, and
-/// the optimizer's update. Returns the model and the gradient norm before clipping.
+/// clipped in one multiplication, the loss and norm watched for non-finite values, the scale
+/// moved and the step skipped if the gradients overflowed (or, when asked, if the loss or norm
+/// is not finite), and the optimizer's update. Returns the model and the gradient norm before
+/// clipping.
 fn apply_gradients<M: Module>(
     model: M,
     mut grads: GradientsParams,
     optimizer: &mut burn::optim::ModuleOptimizer,
-    mixed: Option<&mut MixedPrecision>,
+    gating: Gating<'_>,
     lr: f64,
     max_norm: f64,
 ) -> (M, Option<Tensor<1>>) {
-    let unscale = mixed.as_ref().map(|mixed| mixed.scaler.unscale_factor());
+    let unscale = gating
+        .mixed
+        .as_ref()
+        .map(|mixed| mixed.scaler.unscale_factor());
     let norms = unscale_and_clip(&mut grads, &model, unscale, max_norm);
-    if let (Some(mixed), Some(norms)) = (mixed, &norms) {
-        let keep = mixed.scaler.update(norms.scaled.clone());
-        mixed.gate.set(Some(keep));
+    let norm = norms
+        .as_ref()
+        .map(|norms| norms.norm.clone().without_autodiff())
+        .unwrap_or_else(|| gating.loss.zeros_like());
+    // Under mixed precision a non-finite gradient is an overflow the loss scale handles.
+    let check_norm = gating.mixed.is_none();
+    let finite = gating
+        .watch
+        .observe(gating.step, gating.loss, norm, check_norm);
+    let mut keep = gating.skip.then_some(finite);
+    if let (Some(mixed), Some(norms)) = (gating.mixed, &norms) {
+        let overflow_free = mixed.scaler.update(norms.scaled.clone());
+        keep = Some(match keep {
+            Some(finite) => finite * overflow_free,
+            None => overflow_free,
+        });
+    }
+    if let Some(gate) = gating.gate {
+        gate.set(keep);
     }
     let model = optimizer.step(lr, model, grads);
     (model, norms.map(|norms| norms.norm))
 }
 
+/// Turns what [`NonFiniteWatch`] reports into a decision: go on, warn about skipped steps, or
+/// stop with [`TrainError::Diverged`].
+struct DivergenceGuard {
+    mode: OnNonFinite,
+    skipped_reported: u64,
+}
+
+impl DivergenceGuard {
+    fn new(mode: OnNonFinite) -> Self {
+        Self {
+            mode,
+            skipped_reported: 0,
+        }
+    }
+
+    /// `None` to go on; the error to stop with otherwise.
+    fn check(
+        &mut self,
+        report: Option<NonFiniteReport>,
+        last_checkpoint: &Option<PathBuf>,
+        say: &impl Fn(String),
+    ) -> Option<TrainError> {
+        let report = report?;
+        let (step, loss, norm) = report.first?;
+        let what = describe(loss, norm);
+        match self.mode {
+            OnNonFinite::Stop => Some(diverged_error(step, what, last_checkpoint)),
+            OnNonFinite::Skip if report.streak >= MAX_SKIPS_IN_A_ROW => Some(diverged_error(
+                step,
+                format!(
+                    "{what}, and the last {} steps were all skipped for non-finite values",
+                    report.streak
+                ),
+                last_checkpoint,
+            )),
+            OnNonFinite::Skip => {
+                if report.skipped > self.skipped_reported {
+                    say(format!(
+                        "warning: {} step(s) skipped so far for a non-finite loss or gradient (the first at step {step}: {what})",
+                        report.skipped
+                    ));
+                    self.skipped_reported = report.skipped;
+                }
+                None
+            }
+        }
+    }
+}
+
+/// [`TrainError::Diverged`] at `step`, naming the last finite checkpoint.
+fn diverged_error(step: usize, what: String, last_checkpoint: &Option<PathBuf>) -> TrainError {
+    TrainError::Diverged {
+        step,
+        what,
+        checkpoint: match last_checkpoint {
+            Some(folder) => format!("The last finite checkpoint is {}", folder.display()),
+            None => "No checkpoint was written before it".into(),
+        },
+    }
+}
+
+/// "the loss is NaN (gradient norm 3.2)" and the like.
+fn describe(loss: f64, norm: f64) -> String {
+    if !loss.is_finite() {
+        format!("the loss is {loss} (gradient norm {norm})")
+    } else {
+        format!("the gradient norm is {norm} (loss {loss})")
+    }
+}
+
+/// `exp(loss)` for people: two decimals, or powers of ten once it is huge.
+pub fn perplexity(loss: f64) -> String {
+    let value = loss.exp();
+    if value < 1e6 {
+        format!("{value:.2}")
+    } else {
+        format!("{value:.3e}")
+    }
+}
+
+/// The metrics row of a logged step.
+fn train_row(readout: &StepReadout, step: usize, lr: f64, tokens_per_second: f64) -> TrainRow {
+    let as_shares = |loads: &[Vec<i64>]| loads.iter().map(|load| shares(load)).collect();
+    let multimodal = !readout.image_loads.is_empty();
+    TrainRow {
+        step,
+        loss: readout.loss,
+        cross_entropy: readout.cross_entropy,
+        aux_loss: readout.aux_loss,
+        lr,
+        grad_norm: readout.grad_norm.unwrap_or(0.0),
+        tokens_per_second,
+        expert_load: readout
+            .layers
+            .iter()
+            .map(|layer| shares(&signed(&layer.tokens_per_expert)))
+            .collect(),
+        dropped: readout
+            .layers
+            .iter()
+            .map(|layer| layer.drop_rate())
+            .collect(),
+        image_expert_load: multimodal.then(|| as_shares(&readout.image_loads)),
+        text_expert_load: multimodal.then(|| as_shares(&readout.text_loads)),
+        loss_scale: readout.loss_scale.map(|(scale, _)| scale),
+        skipped_steps: readout.loss_scale.map(|(_, skipped)| skipped),
+        non_finite_skipped: readout
+            .non_finite
+            .map(|report| report.skipped)
+            .filter(|&skipped| skipped > 0),
+    }
+}
+
 /// Writes a checkpoint of `state`, with the loss scale read from the device under mixed
-/// precision.
+/// precision, and the text task's tokenizer and data record.
 fn save<M: Module>(
     out: &Path,
     model: &M,
@@ -424,7 +714,7 @@ fn save<M: Module>(
     state: &TrainingState,
     mixed: Option<&MixedPrecision>,
     config: &TrainConfig,
-    tokenizer: Option<&Tokenizer>,
+    (tokenizer, data): (Option<&Tokenizer>, Option<&DataRecord>),
 ) -> Result<PathBuf> {
     let state = TrainingState {
         loss_scale: mixed.map(|mixed| mixed.scaler.state()),
@@ -438,6 +728,7 @@ fn save<M: Module>(
             state: &state,
             config,
             tokenizer,
+            data,
         },
         config.run.keep_checkpoints,
     )

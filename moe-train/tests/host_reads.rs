@@ -97,14 +97,10 @@ fn reads_per_step(dropless: bool) -> Vec<usize> {
     let record = boundaries.clone();
     let start = host_reads();
     let options = RunOptions {
-        out: dir.join("run"),
-        resume: false,
-        show_progress: false,
-        interrupt: None,
-        stop_after: None,
         on_step: Some(StepHook(Arc::new(move |_step| {
             record.lock().unwrap().push(host_reads());
         }))),
+        ..RunOptions::new(dir.join("run"))
     };
     train(config, options).expect("the run trains");
     let boundaries = boundaries.lock().unwrap().clone();

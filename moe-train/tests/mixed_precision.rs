@@ -128,18 +128,7 @@ fn run(dir: &std::path::Path, corpus: &std::path::Path, precision: Precision) ->
     config.run.backend = Backend::Wgpu;
     config.run.precision = precision;
     let out = dir.join(precision.name());
-    train(
-        config,
-        RunOptions {
-            out: out.clone(),
-            resume: false,
-            show_progress: false,
-            interrupt: None,
-            stop_after: None,
-            on_step: None,
-        },
-    )
-    .expect("the run trains");
+    train(config, RunOptions::new(out.clone())).expect("the run trains");
     let rows = read(&out.join("metrics.jsonl")).expect("the metrics are readable");
     let train: Vec<_> = rows
         .iter()

@@ -8,6 +8,8 @@ pub mod text;
 
 use std::path::{Path, PathBuf};
 
+use sha2::{Digest, Sha256};
+
 use crate::config::DataConfig;
 use crate::error::{Result, TrainError};
 
@@ -46,6 +48,19 @@ impl Corpus {
             source,
             lines,
         })
+    }
+}
+
+impl Corpus {
+    /// SHA-256 of the documents' texts in order (each followed by a 0 byte): it changes when
+    /// any document does, and not when only what separates documents in the file changes.
+    pub fn checksum(&self) -> String {
+        let mut hasher = Sha256::new();
+        for document in &self.documents {
+            hasher.update(document.text.as_bytes());
+            hasher.update([0u8]);
+        }
+        crate::checkpoint::hex(&hasher.finalize())
     }
 }
 

@@ -180,11 +180,7 @@ fn verify(tarball: &Path, show_progress: bool) -> Result<()> {
         bar.inc(read as u64);
     }
     bar.finish_and_clear();
-    let actual: String = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let actual = crate::checkpoint::hex(&hasher.finalize());
     if actual != SHA512 {
         let _ = std::fs::remove_file(tarball);
         return Err(TrainError::Checksum {

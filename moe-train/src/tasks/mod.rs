@@ -9,6 +9,7 @@ use moe_core::rng::SplitMix64;
 use moe_core::RoutingStats;
 use moe_models::ModalityRouting;
 
+use crate::checkpoint::DataRecord;
 use crate::error::Result;
 use crate::tokenizer::Tokenizer;
 
@@ -58,6 +59,10 @@ pub trait Task {
     ) -> Vec<String>;
     /// The tokenizer to save with checkpoints (text tasks).
     fn tokenizer(&self) -> Option<&Tokenizer>;
+    /// What the run trains on, saved with checkpoints (text tasks).
+    fn data_record(&self) -> Option<&DataRecord> {
+        None
+    }
     /// One line about the data.
     fn describe(&self) -> String;
 }

@@ -6,12 +6,17 @@ use moe_models::{GenerationConfig, MoeTransformer, SamplingConfig};
 
 use super::{expert_shares, Evaluation, StepOutput, Task};
 use crate::backend::Precision;
+use crate::checkpoint::DataRecord;
 use crate::config::{TokenizerKind, TrainConfig};
 use crate::corpus::{self, Corpus};
 use crate::data::TokenStream;
 use crate::error::{Result, TrainError};
-use crate::split::split;
-use crate::tokenizer::{CharTokenizer, Tokenizer, BOS, EOS, PAD};
+use crate::split::{split, split_at};
+use crate::tokenizer::{CharTokenizer, Tokenizer, BOS, EOS, PAD, UNK};
+
+/// Most of the training text a character vocabulary may turn into `<unk>`: beyond it,
+/// `min_freq` has left too few characters for a language model to learn anything.
+pub const MAX_UNKNOWN_SHARE: f64 = 0.5;
 
 /// The text task: corpus, split, tokenizer and token streams.
 pub struct TextTask {
@@ -20,20 +25,24 @@ pub struct TextTask {
     train: TokenStream,
     validation: TokenStream,
     description: String,
+    record: DataRecord,
     device: Device,
 }
 
 impl TextTask {
     /// Loads the corpus `config` names, splits it and tokenizes it. The tokenizer is built
-    /// from the training split unless one is given (a resumed run or a checkpoint).
+    /// from the training split unless one is given (a resumed run or a checkpoint), and so is
+    /// the split unless `record` (a checkpoint's) gives it, after checking that the corpus is
+    /// the one the record describes.
     pub fn new(
         config: &TrainConfig,
         tokenizer: Option<Tokenizer>,
+        record: Option<&DataRecord>,
         device: &Device,
         show_progress: bool,
     ) -> Result<Self> {
         let corpus = corpus::load(&config.data, &config.cache_dir(), show_progress)?;
-        Self::from_corpus(config, corpus, tokenizer, device)
+        Self::from_corpus(config, corpus, tokenizer, record, device)
     }
 
     /// As [`new`](Self::new), from documents already loaded.
@@ -41,10 +50,26 @@ impl TextTask {
         config: &TrainConfig,
         corpus: Corpus,
         tokenizer: Option<Tokenizer>,
+        record: Option<&DataRecord>,
         device: &Device,
     ) -> Result<Self> {
         let documents = corpus.documents.len();
-        let parts = split(corpus.documents, config.data.val_fraction, config.run.seed);
+        let checksum = corpus.checksum();
+        let source = std::path::absolute(&corpus.source).unwrap_or(corpus.source.clone());
+        if let Some(record) = record {
+            check_unchanged(record, &source, documents, &checksum)?;
+        }
+        let parts = match record {
+            Some(record) => split_at(corpus.documents, &record.validation),
+            None => split(corpus.documents, config.data.val_fraction, config.run.seed),
+        };
+        if parts.validation.is_empty() {
+            return Err(TrainError::Config(format!(
+                "{}: the corpus has {documents} document(s), too few to hold one out for validation; separate documents with a blank line (or one JSON line each) and give at least two, or raise `data.val_fraction`",
+                corpus.source.display()
+            )));
+        }
+        let built_here = tokenizer.is_none();
         let tokenizer = match tokenizer {
             Some(tokenizer) => tokenizer,
             None => match config.data.tokenizer {
@@ -60,6 +85,9 @@ impl TextTask {
         };
         let train = TokenStream::new(&parts.train, &tokenizer);
         let validation = TokenStream::new(&parts.validation, &tokenizer);
+        if built_here && config.data.tokenizer == TokenizerKind::Char {
+            check_vocabulary(&train, &tokenizer, config.data.min_freq)?;
+        }
         let needed = config.model.context_length + 1;
         for (part, stream) in [("training", &train), ("validation", &validation)] {
             if stream.tokens.len() < needed {
@@ -88,8 +116,19 @@ impl TextTask {
             train,
             validation,
             description,
+            record: DataRecord {
+                source,
+                documents,
+                sha256: checksum,
+                validation: parts.validation_indices,
+            },
             device: device.clone(),
         })
+    }
+
+    /// Size of the tokenizer's vocabulary.
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.vocab_size()
     }
 
     /// The validation stream.
@@ -189,7 +228,48 @@ impl Task for TextTask {
         Some(&self.tokenizer)
     }
 
+    fn data_record(&self) -> Option<&DataRecord> {
+        Some(&self.record)
+    }
+
     fn describe(&self) -> String {
         self.description.clone()
     }
+}
+
+/// Refuses a corpus other than the one `record` describes.
+fn check_unchanged(
+    record: &DataRecord,
+    source: &std::path::Path,
+    documents: usize,
+    checksum: &str,
+) -> Result<()> {
+    if record.documents == documents && record.sha256 == checksum {
+        return Ok(());
+    }
+    Err(TrainError::CorpusChanged {
+        path: source.to_path_buf(),
+        detail: format!(
+            "now {documents} documents, sha256 {}; the run trained on {} documents, sha256 {}",
+            &checksum[..12.min(checksum.len())],
+            record.documents,
+            &record.sha256[..12.min(record.sha256.len())]
+        ),
+    })
+}
+
+/// Refuses a character vocabulary that turns most of the training text into `<unk>`.
+fn check_vocabulary(train: &TokenStream, tokenizer: &Tokenizer, min_freq: usize) -> Result<()> {
+    let total = train.tokens.len().max(1);
+    let unknown = train.tokens.iter().filter(|&&id| id == UNK).count();
+    let share = unknown as f64 / total as f64;
+    if share > MAX_UNKNOWN_SHARE {
+        return Err(TrainError::Config(format!(
+            "`data.min_freq` {min_freq} leaves a vocabulary of {} tokens that turns {:.0}% of the training text into <unk> (at most {:.0}% is allowed); lower `--min-freq`",
+            tokenizer.vocab_size(),
+            100.0 * share,
+            100.0 * MAX_UNKNOWN_SHARE
+        )));
+    }
+    Ok(())
 }

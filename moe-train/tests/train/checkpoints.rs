@@ -47,6 +47,7 @@ fn a_saved_model_loads_with_identical_outputs() {
             state: &state,
             config: &config,
             tokenizer: None,
+            data: None,
         },
         2,
     )
@@ -101,6 +102,7 @@ fn latest_follows_the_newest_and_old_ones_are_pruned() {
                 state: &state,
                 config: &config,
                 tokenizer: None,
+                data: None,
             },
             2,
         )

@@ -72,7 +72,7 @@ pub fn tiny_config(text: PathBuf, steps: usize) -> TrainConfig {
     config.model.experts = 4;
     config.model.dropout = 0.0;
     config.optim.batch_size = 8;
-    config.optim.warmup_steps = 5;
+    config.optim.warmup_steps = 5.min(steps);
     config.optim.lr = 1e-2;
     config.optim.min_lr = 1e-3;
     config.run.steps = steps;

@@ -13,12 +13,8 @@ use crate::common::{temp_dir, tiny_config, write_generated_corpus};
 
 fn options(out: std::path::PathBuf, resume: bool) -> RunOptions {
     RunOptions {
-        out,
         resume,
-        show_progress: false,
-        interrupt: None,
-        stop_after: None,
-        on_step: None,
+        ..RunOptions::new(out)
     }
 }
 

@@ -1,0 +1,226 @@
+//! Divergence: a loss or gradient that stops being a finite number, and loss spikes.
+//!
+//! A run whose loss turns NaN keeps running and produces nothing of value; worse, its
+//! checkpoints replace the finite ones. [`NonFiniteWatch`] notices the first step whose loss or
+//! gradient norm is not finite, without reading anything back on the steps that are not logged
+//! (issue 17: a training step does no host read): it keeps on the device the first such step
+//! and its values, and the training loop reads them with the logged step's values and before
+//! every evaluation and checkpoint. Then the run stops ([`OnNonFinite::Stop`], the default) or,
+//! if the user asked, such steps are skipped ([`OnNonFinite::Skip`]: the optimizer leaves
+//! parameters and moments as they were, through the same gate mixed precision uses), up to
+//! [`MAX_SKIPS_IN_A_ROW`] in a row.
+//!
+//! [`SpikeDetector`] warns when a logged loss is far above its running mean: the usual sign
+//! that a learning rate is too high, often some hundred steps before the loss overflows.
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::{Device, Tensor, TensorData, Transaction};
+use serde::{Deserialize, Serialize};
+
+/// What training does at a step whose loss or gradient norm is NaN or infinite.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OnNonFinite {
+    /// Stop with an error naming the step and the value; the checkpoints written before it
+    /// are kept (the default).
+    #[default]
+    Stop,
+    /// Skip the step (parameters and optimizer state unchanged) and go on; stop after
+    /// [`MAX_SKIPS_IN_A_ROW`] skipped steps in a row.
+    Skip,
+}
+
+/// Skipped steps in a row after which [`OnNonFinite::Skip`] gives up: the model no longer
+/// produces finite losses at all.
+pub const MAX_SKIPS_IN_A_ROW: u64 = 20;
+
+/// The first non-finite step and the skip counts, kept as `[1]` tensors on the device.
+#[derive(Debug, Clone)]
+pub struct NonFiniteWatch {
+    /// The first step with a non-finite loss or norm (0: none yet).
+    first_step: Tensor<1>,
+    /// Its loss.
+    first_loss: Tensor<1>,
+    /// Its gradient norm.
+    first_norm: Tensor<1>,
+    /// Steps skipped so far (under [`OnNonFinite::Skip`]).
+    skipped: Tensor<1>,
+    /// Non-finite steps in a row up to the latest.
+    streak: Tensor<1>,
+}
+
+/// What a [`NonFiniteWatch`] holds, on the host.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NonFiniteReport {
+    /// The first non-finite step: `(step, loss, gradient norm)`.
+    pub first: Option<(usize, f64, f64)>,
+    /// Steps skipped so far.
+    pub skipped: u64,
+    /// Non-finite steps in a row up to the latest observed.
+    pub streak: u64,
+}
+
+impl NonFiniteWatch {
+    /// A watch that has seen nothing, on `device` (without autodiff).
+    pub fn new(device: &Device) -> Self {
+        let device = device.clone().without_autodiff();
+        let zero = || Tensor::zeros([1], &device);
+        Self {
+            first_step: zero(),
+            first_loss: zero(),
+            first_norm: zero(),
+            skipped: zero(),
+            streak: zero(),
+        }
+    }
+
+    /// Observes `step`'s `loss` and gradient `norm` (`[1]` each, no autodiff); returns whether
+    /// the step is finite (`[1]`, 1 or 0), the flag [`OnNonFinite::Skip`] gives the optimizer.
+    /// With `check_norm` false only the loss counts (mixed precision, where a non-finite
+    /// gradient is an overflow the loss scale already handles).
+    pub fn observe(
+        &mut self,
+        step: usize,
+        loss: Tensor<1>,
+        norm: Tensor<1>,
+        check_norm: bool,
+    ) -> Tensor<1> {
+        let mut finite = loss.clone().is_finite();
+        if check_norm {
+            finite = finite.bool_and(norm.clone().is_finite());
+        }
+        let keep = finite.float();
+        let bad = keep.clone().neg().add_scalar(1.0);
+        let first = self
+            .first_step
+            .clone()
+            .equal_elem(0.0)
+            .bool_and(bad.clone().greater_elem(0.5));
+        let step_value = Tensor::<1>::full([1], step as f32, &keep.device());
+        self.first_step = self
+            .first_step
+            .clone()
+            .mask_where(first.clone(), step_value);
+        self.first_loss = self.first_loss.clone().mask_where(first.clone(), loss);
+        self.first_norm = self.first_norm.clone().mask_where(first, norm);
+        self.skipped = self.skipped.clone() + bad.clone();
+        self.streak = (self.streak.clone() + 1.0) * bad;
+        keep
+    }
+
+    /// Adds the watch's tensors to `transaction` (read them back with [`Self::report_from`]).
+    pub fn register(&self, transaction: Transaction) -> Transaction {
+        transaction
+            .register(self.first_step.clone())
+            .register(self.first_loss.clone())
+            .register(self.first_norm.clone())
+            .register(self.skipped.clone())
+            .register(self.streak.clone())
+    }
+
+    /// The report from the values [`Self::register`] added, taken from `data` in order.
+    pub fn report_from(data: &mut impl Iterator<Item = TensorData>) -> NonFiniteReport {
+        let mut next = || {
+            data.next()
+                .and_then(|data| data.iter::<f64>().next())
+                .unwrap_or(f64::NAN)
+        };
+        let (step, loss, norm, skipped, streak) = (next(), next(), next(), next(), next());
+        NonFiniteReport {
+            first: (step > 0.0).then_some((step as usize, loss, norm)),
+            skipped: skipped.max(0.0) as u64,
+            streak: streak.max(0.0) as u64,
+        }
+    }
+
+    /// Reads the watch alone (one synchronisation).
+    pub fn read(&self) -> NonFiniteReport {
+        let data = self.register(Transaction::default()).execute();
+        Self::report_from(&mut data.into_iter())
+    }
+}
+
+/// Warns when a logged loss is far above its running mean.
+#[derive(Debug, Clone, Default)]
+pub struct SpikeDetector {
+    mean: Option<f64>,
+    seen: usize,
+}
+
+/// A loss more than this many times its running mean is a spike.
+pub const SPIKE_RATIO: f64 = 1.5;
+/// Logged losses averaged before spikes are looked for (the first steps fall fast).
+const SPIKE_WARM_UP: usize = 5;
+/// Weight of the newest loss in the running mean.
+const SPIKE_DECAY: f64 = 0.1;
+
+impl SpikeDetector {
+    /// Adds a finite logged loss; returns the running mean it is a spike against, if it is one.
+    pub fn observe(&mut self, loss: f64) -> Option<f64> {
+        if !loss.is_finite() {
+            return None;
+        }
+        let spike = match self.mean {
+            Some(mean) if self.seen >= SPIKE_WARM_UP && loss > SPIKE_RATIO * mean => Some(mean),
+            _ => None,
+        };
+        self.seen += 1;
+        self.mean = Some(match self.mean {
+            // A spike enters the mean damped, so one spike does not hide the next.
+            Some(mean) => mean + SPIKE_DECAY * (loss.min(2.0 * mean) - mean),
+            None => loss,
+        });
+        spike
+    }
+}
+
+/// Counts each parameter's non-finite values, keeping the parameter's path.
+struct CountNonFinite {
+    path: Vec<String>,
+    counts: Vec<(String, Tensor<1>)>,
+}
+
+impl ModuleVisitor for CountNonFinite {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let value = param.val();
+        let bad = value
+            .is_finite()
+            .bool_not()
+            .float()
+            .sum()
+            .without_autodiff();
+        self.counts.push((self.path.join("."), bad));
+    }
+}
+
+/// The parameters of `model` that hold NaN or infinite values: `(path, count)` of each, in the
+/// model's order (one synchronisation).
+pub fn non_finite_parameters<M: Module>(model: &M) -> Vec<(String, usize)> {
+    let mut visitor = CountNonFinite {
+        path: Vec::new(),
+        counts: Vec::new(),
+    };
+    model.visit(&mut visitor);
+    let mut transaction = Transaction::default();
+    for (_, count) in &visitor.counts {
+        transaction = transaction.register(count.clone());
+    }
+    let data = transaction.execute();
+    visitor
+        .counts
+        .into_iter()
+        .zip(data)
+        .filter_map(|((path, _), data)| {
+            let count = data.iter::<f64>().next().unwrap_or(0.0) as usize;
+            (count > 0).then_some((path, count))
+        })
+        .collect()
+}

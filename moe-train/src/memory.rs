@@ -1,0 +1,129 @@
+//! How much memory a training run needs, estimated before anything is allocated.
+//!
+//! A model with a million experts or a batch of a million sequences does not fail politely
+//! once allocation starts: the allocator aborts the process. So the trainer estimates what a
+//! run holds at its peak and refuses, with the figures, a run that cannot fit in the memory
+//! the machine has available. The estimate counts, in f32:
+//!
+//! - per parameter: the weight, its gradient, AdamW's two moments and the update's temporary
+//!   (`5 P`), plus the accumulated gradient with gradient accumulation (`6 P`);
+//! - per block, what the backward pass keeps for `N = batch x context` tokens: about `8 N d`
+//!   around attention, the attention scores and probabilities (`2 B h T^2`), and the feed-forward
+//!   activations (`2 N d_ff`, or `N k (2 h_e + 2 d)` plus the gate's `2 N E` in an MoE block);
+//! - the logits, their softmax and its gradient (`3 N V`).
+//!
+//! It is an estimate (within a factor of about two of what the CPU backends peak at), meant to
+//! catch the runs that are off by orders of magnitude. The GPU's own memory is not known to
+//! burn-moe: on wgpu the check compares with the host's memory, a bound that catches the
+//! absurd but not every run too big for a small GPU.
+
+use moe_models::MoeTransformerConfig;
+
+use crate::backend::Backend;
+use crate::config::TrainConfig;
+use crate::error::{Result, TrainError};
+
+/// What a training run is estimated to need.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Estimate {
+    /// Parameters of the model.
+    pub parameters: f64,
+    /// Bytes of weights, gradients and optimizer state.
+    pub state_bytes: f64,
+    /// Bytes of activations kept for the backward pass of one micro-batch.
+    pub activation_bytes: f64,
+}
+
+impl Estimate {
+    /// Everything together.
+    pub fn total_bytes(&self) -> f64 {
+        self.state_bytes + self.activation_bytes
+    }
+}
+
+/// Estimates the peak memory of training `model` as `config` says.
+pub fn estimate(config: &TrainConfig, model: &MoeTransformerConfig) -> Estimate {
+    const F32: f64 = 4.0;
+    let parameters = model.parameter_count().total as f64;
+    let copies = if config.optim.grad_accum > 1 {
+        6.0
+    } else {
+        5.0
+    };
+    let m = &config.model;
+    let batch = config.optim.batch_size as f64;
+    let context = m.context_length as f64;
+    let tokens = batch * context;
+    let d = m.d_model as f64;
+    let attention = 8.0 * tokens * d + 2.0 * batch * m.num_heads as f64 * context * context;
+    let dense_ffn = 2.0 * tokens * m.d_ff as f64;
+    let moe_ffn = tokens * m.top_k as f64 * (2.0 * m.expert_hidden as f64 + 2.0 * d)
+        + 2.0 * tokens * m.experts as f64;
+    let moe_layers = model.num_moe_layers() as f64;
+    let dense_layers = m.num_layers as f64 - moe_layers;
+    let blocks = m.num_layers as f64 * attention + dense_layers * dense_ffn + moe_layers * moe_ffn;
+    let logits = 3.0 * tokens * model.vocab_size as f64;
+    Estimate {
+        parameters,
+        state_bytes: copies * parameters * F32,
+        activation_bytes: (blocks + logits) * F32,
+    }
+}
+
+/// Memory this machine has available now (Linux: `MemAvailable`); `None` where unknown.
+pub fn available_bytes() -> Option<f64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info
+        .lines()
+        .find(|line| line.starts_with("MemAvailable:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024.0)
+}
+
+/// Refuses a run estimated to need more memory than is available, naming both figures.
+pub fn check(config: &TrainConfig, model: &MoeTransformerConfig, backend: Backend) -> Result<()> {
+    let Some(available) = available_bytes() else {
+        return Ok(());
+    };
+    check_against(config, model, backend, available)
+}
+
+/// [`check`] against `available` bytes.
+pub fn check_against(
+    config: &TrainConfig,
+    model: &MoeTransformerConfig,
+    backend: Backend,
+    available: f64,
+) -> Result<()> {
+    let estimate = estimate(config, model);
+    if estimate.total_bytes() <= available {
+        return Ok(());
+    }
+    let host = if backend == Backend::Wgpu {
+        " (the GPU's own memory is not known; this is the host's)"
+    } else {
+        ""
+    };
+    Err(TrainError::Memory(format!(
+        "the model ({:.3e} parameters) and a micro-batch of {} x {} tokens need about {} ({} for weights, gradients and AdamW state, {} for activations), but {} is available{host}; lower `--experts`, `--batch-size` or `--context`, or the model's width",
+        estimate.parameters,
+        config.optim.batch_size,
+        config.model.context_length,
+        bytes(estimate.total_bytes()),
+        bytes(estimate.state_bytes),
+        bytes(estimate.activation_bytes),
+        bytes(available),
+    )))
+}
+
+/// `1.5 GB` and the like (powers of 1000).
+pub fn bytes(value: f64) -> String {
+    let units = ["B", "kB", "MB", "GB", "TB", "PB", "EB"];
+    let mut value = value;
+    let mut unit = 0;
+    while value >= 1000.0 && unit + 1 < units.len() {
+        value /= 1000.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", units[unit])
+}

@@ -358,10 +358,7 @@ pub fn load_model<M: Module>(folder: &Path, model: M) -> Result<M> {
     if !path.exists() {
         return Err(incomplete(folder, MODEL_FILE));
     }
-    // A damaged record may make the reader panic rather than fail: report it as damage.
-    let loaded =
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.try_load_file(&path)));
-    match loaded {
+    match catch_reader_panic(|| model.try_load_file(&path)) {
         Ok(Ok(model)) => Ok(model),
         Ok(Err(error)) => Err(TrainError::Checkpoint {
             path,
@@ -370,22 +367,56 @@ pub fn load_model<M: Module>(folder: &Path, model: M) -> Result<M> {
                 alternatives_of(folder)
             ),
         }),
-        Err(_) => Err(TrainError::Checkpoint {
+        Err(message) => Err(TrainError::Checkpoint {
             path,
-            reason: format!("damaged (its reader failed){}", alternatives_of(folder)),
+            reason: format!("damaged ({message}){}", alternatives_of(folder)),
         }),
     }
+}
+
+/// Runs a record reader that may panic on damaged input instead of failing (Burn's readers do
+/// for some damage), turning the panic into its message, without printing it.
+fn catch_reader_panic<T>(read: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    let message = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let slot = message.clone();
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let text = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "the reader failed".into());
+        *slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = text;
+    }));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(read));
+    std::panic::set_hook(previous);
+    result.map_err(|_| {
+        let text = message
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        format!("its reader failed: {text}")
+    })
 }
 
 /// Loads the optimizer state of a checkpoint into `optimizer`.
 pub fn load_optimizer(folder: &Path, optimizer: ModuleOptimizer) -> Result<ModuleOptimizer> {
     let path = folder.join(OPTIMIZER_FILE);
-    optimizer
-        .load(&path)
-        .map_err(|error| TrainError::Checkpoint {
+    match catch_reader_panic(|| optimizer.load(&path)) {
+        Ok(Ok(optimizer)) => Ok(optimizer),
+        Ok(Err(error)) => Err(TrainError::Checkpoint {
             path,
-            reason: format!("broken optimizer state: {error}"),
-        })
+            reason: format!("broken optimizer state: {error}{}", alternatives_of(folder)),
+        }),
+        Err(message) => Err(TrainError::Checkpoint {
+            path,
+            reason: format!(
+                "damaged optimizer state ({message}){}",
+                alternatives_of(folder)
+            ),
+        }),
+    }
 }
 
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {

@@ -422,7 +422,14 @@ impl TrainConfig {
         self.validate_data()?;
         self.validate_model()?;
         self.validate_optim()?;
-        self.validate_run()
+        self.validate_run()?;
+        if self.optim.warmup_steps > self.run.steps {
+            return bad(format!(
+                "`optim.warmup_steps` {} is more than `run.steps` {}: the learning rate would never reach `lr`",
+                self.optim.warmup_steps, self.run.steps
+            ));
+        }
+        Ok(())
     }
 
     fn validate_data(&self) -> Result<()> {
@@ -521,12 +528,6 @@ impl TrainConfig {
             return bad(format!(
                 "`optim.grad_clip` must be a finite number >= 0 (0: no clipping), got {}",
                 o.grad_clip
-            ));
-        }
-        if o.warmup_steps > self.run.steps {
-            return bad(format!(
-                "`optim.warmup_steps` {} is more than `run.steps` {}: the learning rate would never reach `lr`",
-                o.warmup_steps, self.run.steps
             ));
         }
         in_range("optim.batch_size", o.batch_size, 1, 1 << 20)?;

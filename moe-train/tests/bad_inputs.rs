@@ -1,0 +1,374 @@
+//! A table of bad inputs to the `burn-moe` program: command lines, config files, corpora,
+//! checkpoint folders and prompts. Each runs the real binary and must exit with the status
+//! given (1: an error of ours, 2: the command line's parser, 3: training diverged) and a
+//! message holding every fragment given, which names the problem; none may panic.
+
+#[path = "train/common.rs"]
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::write_generated_corpus;
+
+/// The program under test.
+const PROGRAM: &str = env!("CARGO_BIN_EXE_burn-moe");
+
+/// The shape the fixture's runs train: small enough that a run of a few steps takes well under a
+/// second on the CPU.
+const TINY_TOML: &str = "[model]\nd_model = 32\nnum_layers = 2\nnum_heads = 2\ncontext_length = 16\nd_ff = 64\nexpert_hidden = 32\n\n[optim]\nbatch_size = 8\nwarmup_steps = 2\n\n[run]\nsteps = 4\nlog_every = 1\neval_every = 4\neval_batches = 2\ncheckpoint_every = 2\nsamples = 0\n";
+
+/// One bad input.
+struct Case {
+    name: &'static str,
+    /// Arguments; `{dir}` is the case's own folder, `{fix}` the shared fixture folder.
+    args: Vec<&'static str>,
+    /// What to set up in the case's folder first.
+    prepare: Option<fn(&Path, &Path)>,
+    code: i32,
+    expect: Vec<&'static str>,
+}
+
+fn case(name: &'static str, args: &[&'static str], code: i32, expect: &[&'static str]) -> Case {
+    Case {
+        name,
+        args: args.to_vec(),
+        prepare: None,
+        code,
+        expect: expect.to_vec(),
+    }
+}
+
+impl Case {
+    fn prepared(mut self, prepare: fn(&Path, &Path)) -> Self {
+        self.prepare = Some(prepare);
+        self
+    }
+}
+
+/// `train` on the fixture's corpus and shape, into the case's folder, plus `extra`.
+fn train(extra: &[&'static str]) -> Vec<&'static str> {
+    let mut args = vec![
+        "train",
+        "--text",
+        "{fix}/corpus.txt",
+        "--config",
+        "{fix}/tiny.toml",
+        "--backend",
+        "flex",
+        "--out",
+        "{dir}/run",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// A config file `{dir}/bad.toml` with `body` (over the fixture's shape).
+fn config_case(name: &'static str, prepare: fn(&Path, &Path), expect: &[&'static str]) -> Case {
+    let args = [
+        "train",
+        "--text",
+        "{fix}/corpus.txt",
+        "--config",
+        "{dir}/bad.toml",
+        "--backend",
+        "flex",
+        "--out",
+        "{dir}/run",
+    ];
+    case(name, &args, 1, expect).prepared(prepare)
+}
+
+fn write_config(dir: &Path, extra: &str) {
+    std::fs::write(dir.join("bad.toml"), format!("{TINY_TOML}\n{extra}")).unwrap();
+}
+
+/// A copy of the fixture's trained run in `{dir}/run`.
+fn copy_run(dir: &Path, fixture: &Path) {
+    copy_dir(&fixture.join("run"), &dir.join("run"));
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// The newest checkpoint folder of the copied run.
+fn newest(dir: &Path) -> PathBuf {
+    let latest = std::fs::read_to_string(dir.join("run/latest")).unwrap();
+    dir.join("run").join(latest.trim())
+}
+
+fn flip_a_byte(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn cases() -> Vec<Case> {
+    let eval = |extra: &'static str| -> Vec<&'static str> {
+        vec!["eval", "--checkpoint", extra, "--backend", "flex"]
+    };
+    let generate = |extra: &[&'static str]| -> Vec<&'static str> {
+        let mut args = vec!["generate", "--checkpoint", "{fix}/run", "--backend", "flex"];
+        args.extend_from_slice(extra);
+        args
+    };
+    vec![
+        // Flags out of range.
+        case("zero steps", &train(&["--steps", "0"]), 1, &["run.steps", "got 0"]),
+        case("zero batch", &train(&["--batch-size", "0"]), 1, &["optim.batch_size"]),
+        case("zero accumulation", &train(&["--grad-accum", "0"]), 1, &["optim.grad_accum"]),
+        case("zero lr", &train(&["--lr", "0"]), 1, &["optim.lr", "got 0"]),
+        case("negative lr", &train(&["--lr=-1"]), 1, &["optim.lr", "-1"]),
+        case("NaN lr", &train(&["--lr", "NaN"]), 1, &["optim.lr", "NaN"]),
+        case("infinite lr", &train(&["--lr", "inf"]), 1, &["optim.lr", "inf"]),
+        case("negative clipping", &train(&["--grad-clip=-1"]), 1, &["optim.grad_clip"]),
+        case("no experts", &train(&["--experts", "0"]), 1, &["model.experts", "got 0"]),
+        case("top-k zero", &train(&["--top-k", "0"]), 1, &["model.top_k"]),
+        case("top-k above experts", &train(&["--experts", "4", "--top-k", "5"]), 1, &["model.top_k", "[1, 4]", "got 5"]),
+        case("zero context", &train(&["--context", "0"]), 1, &["model.context_length"]),
+        case("huge context", &train(&["--context", "5000000"]), 1, &["model.context_length", "5000000"]),
+        case("negative balance weight", &train(&["--aux-loss-weight=-1"]), 1, &["model.aux_loss_weight"]),
+        case("NaN balance weight", &train(&["--aux-loss-weight", "nan"]), 1, &["model.aux_loss_weight"]),
+        case("min-freq zero", &train(&["--min-freq", "0"]), 1, &["data.min_freq"]),
+        case("min-freq leaves only unk", &train(&["--min-freq", "100000"]), 1, &["min_freq", "<unk>", "--min-freq"]),
+        case("eval every zero", &train(&["--eval-every", "0"]), 1, &["run.eval_every"]),
+        case("checkpoint every zero", &train(&["--checkpoint-every", "0"]), 1, &["run.checkpoint_every"]),
+        case("keep zero", &train(&["--keep", "0"]), 1, &["run.keep_checkpoints"]),
+        case("too many samples", &train(&["--samples", "5000"]), 1, &["run.samples", "5000"]),
+        case("warm-up longer than the run", &train(&["--steps", "1"]), 1, &["warmup_steps", "run.steps"]),
+        case("a million experts", &train(&["--experts", "1000000"]), 1, &["not enough memory", "parameters", "available"]),
+        case("a million sequences", &train(&["--batch-size", "1000000"]), 1, &["not enough memory", "activations", "--batch-size"]),
+        // The parser's own refusals.
+        case("steps not a number", &train(&["--steps", "many"]), 2, &["--steps", "many"]),
+        case("unknown backend", &["train", "--backend", "cuda"], 2, &["cuda"]),
+        case("unknown precision", &train(&["--precision", "f64"]), 2, &["f64"]),
+        case("unknown flag", &train(&["--learning-rate", "1"]), 2, &["--learning-rate"]),
+        case("corpus beside text", &train(&["--corpus", "tang"]), 2, &["--corpus", "--text"]),
+        case("field beside text", &train(&["--field", "body"]), 2, &["--field"]),
+        case("resume and overwrite", &["train", "--resume", "--overwrite", "--out", "{dir}/run"], 2, &["--resume", "--overwrite"]),
+        case("jsonl without field", &["train", "--jsonl", "{fix}/ok.jsonl", "--out", "{dir}/run"], 2, &["--field"]),
+        case("generate without checkpoint", &["generate", "--prompt", "春"], 2, &["--checkpoint"]),
+        // Flags that would have no effect.
+        case("task beside text", &train(&["--task", "caption"]), 1, &["--text", "caption"]),
+        case("preset on resume", &["train", "--resume", "--preset", "small", "--out", "{dir}/run"], 1, &["--preset small", "no effect"]).prepared(copy_run),
+        case("config on resume", &["train", "--resume", "--config", "{fix}/tiny.toml", "--out", "{dir}/run"], 1, &["--config", "--resume"]).prepared(copy_run),
+        case("model change on resume", &["train", "--resume", "--experts", "8", "--steps", "8", "--backend", "flex", "--out", "{dir}/run"], 1, &["`model`", "--resume"]).prepared(copy_run),
+        case("steps below the resumed step", &["train", "--resume", "--steps", "2", "--backend", "flex", "--out", "{dir}/run"], 1, &["already at step 4", "--steps"]).prepared(copy_run),
+        case("steps equal to the resumed step", &["train", "--resume", "--steps", "4", "--backend", "flex", "--out", "{dir}/run"], 1, &["already at step 4"]).prepared(copy_run),
+        // Run folders.
+        case("train into an existing run", &train(&[]), 1, &["already holds a run", "--resume", "--overwrite"]).prepared(copy_run),
+        case("out is a file", &["train", "--text", "{fix}/corpus.txt", "--out", "{fix}/corpus.txt"], 1, &["corpus.txt", "is a file"]),
+        case("resume into a checkpoint folder", &["train", "--resume", "--steps", "8", "--out", "{dir}/run/checkpoints/step-00000004"], 1, &["checkpoint folder", "--out"]).prepared(copy_run),
+        case("resume an empty folder", &["train", "--resume", "--steps", "8", "--out", "{dir}"], 1, &["no checkpoint"]),
+        case("resume a locked run", &["train", "--resume", "--steps", "8", "--backend", "flex", "--out", "{dir}/run"], 1, &["another burn-moe process", "pid 4242"]).prepared(lock_run),
+        // Corpora.
+        case("missing corpus", &["train", "--text", "{dir}/missing.txt", "--out", "{dir}/run"], 1, &["missing.txt", "No such file"]),
+        case("empty corpus", &["train", "--text", "{dir}/empty.txt", "--backend", "flex", "--out", "{dir}/run"], 1, &["empty.txt", "empty"]).prepared(|dir, _| std::fs::write(dir.join("empty.txt"), "\n\n").unwrap()),
+        case("corpus too short", &["train", "--text", "{dir}/short.txt", "--backend", "flex", "--out", "{dir}/run"], 1, &["short.txt", "too short"]).prepared(|dir, _| std::fs::write(dir.join("short.txt"), "春风\n\n明月\n").unwrap()),
+        case("one long document", &["train", "--text", "{dir}/one.txt", "--backend", "flex", "--out", "{dir}/run"], 1, &["one.txt", "1 document", "blank line"]).prepared(|dir, _| std::fs::write(dir.join("one.txt"), "春山月水风花雨云夜江".repeat(2000)).unwrap()),
+        case("corpus not UTF-8", &["train", "--text", "{dir}/latin1.txt", "--backend", "flex", "--out", "{dir}/run"], 1, &["latin1.txt", "UTF-8"]).prepared(|dir, _| std::fs::write(dir.join("latin1.txt"), b"caf\xe9\n\nna\xefve\n").unwrap()),
+        case("JSON lines cut short", &["train", "--jsonl", "{dir}/cut.jsonl", "--field", "text", "--backend", "flex", "--out", "{dir}/run"], 1, &["cut.jsonl:2", "JSON"]).prepared(|dir, _| std::fs::write(dir.join("cut.jsonl"), "{\"text\": \"春山\"}\n{\"text\": \n").unwrap()),
+        case("JSON lines without the field", &["train", "--jsonl", "{fix}/ok.jsonl", "--field", "body", "--backend", "flex", "--out", "{dir}/run"], 1, &["ok.jsonl:1", "body"]),
+        // Config files.
+        config_case("config typo", |dir, _| write_config(dir, "[data]\nmin_frq = 3\n"), &["bad.toml", "min_frq"]),
+        config_case("config wrong type", |dir, _| write_config(dir, "[data]\nmin_freq = \"often\"\n"), &["bad.toml", "often"]),
+        config_case("config broken TOML", |dir, _| std::fs::write(dir.join("bad.toml"), "[run\nsteps = 3\n").unwrap(), &["bad.toml"]),
+        config_case("moe_every above the layers", |dir, _| std::fs::write(dir.join("bad.toml"), TINY_TOML.replace("num_layers = 2", "num_layers = 2\nmoe_every = 3")).unwrap(), &["model.moe_every", "3", "no MoE layer"]),
+        config_case("moe_every zero", |dir, _| std::fs::write(dir.join("bad.toml"), TINY_TOML.replace("num_layers = 2", "num_layers = 2\nmoe_every = 0")).unwrap(), &["model.moe_every", "--dense"]),
+        config_case("min_lr above lr", |dir, _| std::fs::write(dir.join("bad.toml"), TINY_TOML.replace("warmup_steps = 2", "warmup_steps = 2\nlr = 0.001\nmin_lr = 0.01")).unwrap(), &["optim.min_lr", "0.01"]),
+        config_case("warm-up above steps", |dir, _| std::fs::write(dir.join("bad.toml"), TINY_TOML.replace("warmup_steps = 2", "warmup_steps = 50")).unwrap(), &["optim.warmup_steps", "50"]),
+        config_case("dropout of 1.5", |dir, _| std::fs::write(dir.join("bad.toml"), TINY_TOML.replace("num_layers = 2", "num_layers = 2\ndropout = 1.5")).unwrap(), &["model.dropout", "1.5"]),
+        config_case("validation share 0.7", |dir, _| write_config(dir, "[data]\nval_fraction = 0.7\n"), &["data.val_fraction", "0.7"]),
+        config_case("validation share 0", |dir, _| write_config(dir, "[data]\nval_fraction = 0.0\n"), &["data.val_fraction"]),
+        config_case("capacity factor 0", |dir, _| std::fs::write(dir.join("bad.toml"), TINY_TOML.replace("num_layers = 2", "num_layers = 2\ncapacity_factor = 0.0")).unwrap(), &["model.capacity_factor"]),
+        config_case("weight decay 5", |dir, _| std::fs::write(dir.join("bad.toml"), TINY_TOML.replace("warmup_steps = 2", "warmup_steps = 2\nweight_decay = 5.0")).unwrap(), &["optim.weight_decay"]),
+        config_case("heads that do not divide", |dir, _| std::fs::write(dir.join("bad.toml"), TINY_TOML.replace("num_heads = 2", "num_heads = 3")).unwrap(), &["num_heads"]),
+        config_case("one image level", |dir, _| write_config(dir, "[data]\nimage_levels = 1\n"), &["data.image_levels"]),
+        config_case("unknown section", |dir, _| write_config(dir, "[trainer]\nsteps = 3\n"), &["bad.toml", "trainer"]),
+        case("missing config file", &["train", "--config", "{dir}/none.toml", "--out", "{dir}/run"], 1, &["none.toml", "No such file"]),
+        // Checkpoint folders.
+        case("eval of nothing", &eval("{dir}"), 1, &["no checkpoint here"]),
+        case("eval without state.json", &eval("{dir}/run"), 1, &["state.json is missing", "Intact checkpoints", "step-00000002"]).prepared(|dir, fix| {
+            copy_run(dir, fix);
+            std::fs::remove_file(newest(dir).join("state.json")).unwrap();
+        }),
+        case("eval with latest naming nothing", &eval("{dir}/run"), 1, &["not there", "step-00000004"]).prepared(|dir, fix| {
+            copy_run(dir, fix);
+            std::fs::write(dir.join("run/latest"), "checkpoints/step-00000099\n").unwrap();
+        }),
+        case("eval of a damaged model", &eval("{dir}/run"), 1, &["model.bpk", "changed or damaged", "step-00000002"]).prepared(|dir, fix| {
+            copy_run(dir, fix);
+            flip_a_byte(&newest(dir).join("model.bpk"));
+        }),
+        case("eval of a truncated optimizer", &eval("{dir}/run"), 1, &["optimizer.bpk", "changed or damaged"]).prepared(|dir, fix| {
+            copy_run(dir, fix);
+            let path = newest(dir).join("optimizer.bpk");
+            let bytes = std::fs::read(&path).unwrap();
+            std::fs::write(&path, &bytes[..bytes.len() / 3]).unwrap();
+        }),
+        case("eval with a swapped tokenizer", &eval("{dir}/run"), 1, &["tokenizer.json", "changed or damaged"]).prepared(|dir, fix| {
+            copy_run(dir, fix);
+            std::fs::write(newest(dir).join("tokenizer.json"), "{\"kind\": \"char\", \"tokens\": [\"<pad>\", \"<unk>\", \"<bos>\", \"<eos>\", \"a\"]}").unwrap();
+        }),
+        case("eval with a swapped config", &eval("{dir}/run"), 1, &["config.json", "changed or damaged"]).prepared(|dir, fix| {
+            copy_run(dir, fix);
+            let path = newest(dir).join("config.json");
+            let text = std::fs::read_to_string(&path).unwrap().replace("\"experts\": 4", "\"experts\": 8");
+            std::fs::write(&path, text).unwrap();
+        }),
+        case("eval with a broken manifest", &eval("{dir}/run"), 1, &["manifest.json", "broken"]).prepared(|dir, fix| {
+            copy_run(dir, fix);
+            std::fs::write(newest(dir).join("manifest.json"), "{\"files\": ").unwrap();
+        }),
+        case("eval without the model file", &eval("{dir}/run"), 1, &["model.bpk", "missing"]).prepared(|dir, fix| {
+            copy_run(dir, fix);
+            std::fs::remove_file(newest(dir).join("model.bpk")).unwrap();
+        }),
+        case("eval of a checkpoint of an old layout", &eval("{dir}/run"), 1, &["model.bpk", "does not fit"]).prepared(|dir, fix| {
+            copy_run(dir, fix);
+            // Without a manifest nothing vouches for the files: the model must still not load.
+            let folder = newest(dir);
+            std::fs::remove_file(folder.join("manifest.json")).unwrap();
+            let path = folder.join("config.json");
+            let text = std::fs::read_to_string(&path).unwrap().replace("\"expert_hidden\": 32", "\"expert_hidden\": 48");
+            std::fs::write(&path, text).unwrap();
+        }),
+        case("eval with zero batches", &["eval", "--checkpoint", "{fix}/run", "--batches", "0", "--backend", "flex"], 1, &["--batches", "got 0"]),
+        case("eval after the corpus changed", &eval("{dir}/run"), 1, &["corpus changed", "corpus.txt"]).prepared(changed_corpus_run),
+        case("resume after the corpus changed", &["train", "--resume", "--steps", "8", "--backend", "flex", "--out", "{dir}/run"], 1, &["corpus changed", "corpus.txt"]).prepared(changed_corpus_run),
+        case("resume after the corpus was deleted", &["train", "--resume", "--steps", "8", "--backend", "flex", "--out", "{dir}/run"], 1, &["corpus.txt", "No such file"]).prepared(|dir, fix| {
+            changed_corpus_run(dir, fix);
+            std::fs::remove_file(dir.join("corpus.txt")).unwrap();
+        }),
+        // Prompts and sampling.
+        case("temperature NaN", &generate(&["--temperature", "NaN"]), 1, &["--temperature", "NaN"]),
+        case("temperature infinite", &generate(&["--temperature", "inf"]), 1, &["--temperature", "inf"]),
+        case("temperature negative", &generate(&["--temperature=-0.5"]), 1, &["--temperature", "-0.5"]),
+        case("top-p zero", &generate(&["--top-p", "0"]), 1, &["--top-p", "got 0"]),
+        case("top-p above one", &generate(&["--top-p", "1.5"]), 1, &["--top-p", "1.5"]),
+        case("no tokens to generate", &generate(&["--max-tokens", "0"]), 1, &["--max-tokens"]),
+        case("generate from a damaged run", &["generate", "--checkpoint", "{dir}/run", "--backend", "flex"], 1, &["model.bpk", "changed or damaged"]).prepared(|dir, fix| {
+            copy_run(dir, fix);
+            flip_a_byte(&newest(dir).join("model.bpk"));
+        }),
+        // Divergence.
+        case("diverging from the first step", &train(&["--lr", "1e6", "--grad-clip", "0", "--steps", "40", "--checkpoint-every", "40"]), 3, &["diverged at step", "NaN", "No checkpoint was written"]),
+    ]
+}
+
+/// A run trained on a corpus in the case's folder, which is then edited.
+fn changed_corpus_run(dir: &Path, fix: &Path) {
+    let corpus = dir.join("corpus.txt");
+    std::fs::copy(fix.join("corpus.txt"), &corpus).unwrap();
+    let status = Command::new(PROGRAM)
+        .args(["train", "--text"])
+        .arg(&corpus)
+        .args(["--config"])
+        .arg(fix.join("tiny.toml"))
+        .args(["--backend", "flex", "--out"])
+        .arg(dir.join("run"))
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{status:?}");
+    let mut text = std::fs::read_to_string(&corpus).unwrap();
+    text.push_str("\n\n新添的一首诗，\n");
+    std::fs::write(&corpus, text).unwrap();
+}
+
+/// A copy of the run whose lock another process (here: this test, as pid 4242) holds.
+fn lock_run(dir: &Path, fix: &Path) {
+    copy_run(dir, fix);
+    let path = dir.join("run/.lock");
+    std::fs::write(&path, "4242").unwrap();
+    let file = std::fs::OpenOptions::new().read(true).open(&path).unwrap();
+    file.lock().unwrap();
+    // Held until the test process ends.
+    std::mem::forget(file);
+}
+
+/// The shared fixture: the corpus, the tiny shape, a JSON-lines file and a trained run.
+fn fixture(root: &Path) -> PathBuf {
+    let fix = root.join("fixture");
+    std::fs::create_dir_all(&fix).unwrap();
+    write_generated_corpus(&fix.join("corpus.txt"));
+    std::fs::write(fix.join("tiny.toml"), TINY_TOML).unwrap();
+    std::fs::write(fix.join("ok.jsonl"), "{\"text\": \"春山月水\"}\n").unwrap();
+    let output = Command::new(PROGRAM)
+        .args(["train", "--text"])
+        .arg(fix.join("corpus.txt"))
+        .arg("--config")
+        .arg(fix.join("tiny.toml"))
+        .args(["--backend", "flex", "--out"])
+        .arg(fix.join("run"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "the fixture run failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    fix
+}
+
+#[test]
+fn every_bad_input_is_refused_by_name() {
+    let root = common::temp_dir("bad-inputs");
+    let fix = fixture(&root);
+    let cases = cases();
+    assert!(cases.len() >= 60, "the table has {} cases", cases.len());
+    let mut failures = Vec::new();
+    for (index, case) in cases.iter().enumerate() {
+        let dir = root.join(format!("case-{index:02}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        if let Some(prepare) = case.prepare {
+            prepare(&dir, &fix);
+        }
+        let args: Vec<String> = case
+            .args
+            .iter()
+            .map(|arg| {
+                arg.replace("{dir}", &dir.display().to_string())
+                    .replace("{fix}", &fix.display().to_string())
+            })
+            .collect();
+        let output = Command::new(PROGRAM)
+            .args(&args)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let code = output.status.code().unwrap_or(-1);
+        let missing: Vec<&&str> = case
+            .expect
+            .iter()
+            .filter(|fragment| !stderr.contains(**fragment))
+            .collect();
+        if code != case.code || !missing.is_empty() || stderr.contains("panicked") {
+            failures.push(format!(
+                "{}: exit {code} (want {}), missing {missing:?}\n  args: {}\n  stderr: {}",
+                case.name,
+                case.code,
+                args.join(" "),
+                stderr.trim()
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}

@@ -167,17 +167,7 @@ pub fn save<M: Module>(
     std::fs::rename(&staging, &target).map_err(io(&target))?;
     sync(&folder)?;
 
-    let latest = run_dir.join("latest");
-    let latest_staging = run_dir.join(".latest.partial");
-    {
-        let mut file = File::create(&latest_staging).map_err(io(&latest_staging))?;
-        file.write_all(format!("checkpoints/{name}\n").as_bytes())
-            .map_err(io(&latest_staging))?;
-        file.sync_all().map_err(io(&latest_staging))?;
-    }
-    std::fs::rename(&latest_staging, &latest).map_err(io(&latest))?;
-    sync(run_dir)?;
-
+    write_latest(run_dir, &name)?;
     prune(&folder, keep.max(1), &name)?;
     Ok(target)
 }
@@ -473,13 +463,7 @@ fn sync(path: &Path) -> Result<()> {
 
 /// Removes old `step-*` folders, keeping the newest `keep` and `current`.
 fn prune(folder: &Path, keep: usize, current: &str) -> Result<()> {
-    let mut names: Vec<String> = std::fs::read_dir(folder)
-        .map_err(io(folder))?
-        .filter_map(|entry| entry.ok())
-        .map(|entry| entry.file_name().to_string_lossy().to_string())
-        .filter(|name| name.starts_with("step-"))
-        .collect();
-    names.sort();
+    let names = checkpoint_names(folder)?;
     let excess = names.len().saturating_sub(keep);
     for name in names.into_iter().take(excess) {
         if name != current {
@@ -488,4 +472,71 @@ fn prune(folder: &Path, keep: usize, current: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Removes all but the newest `keep` checkpoints of `run_dir`.
+pub fn prune_run(run_dir: &Path, keep: usize) -> Result<()> {
+    let folder = run_dir.join("checkpoints");
+    prune(&folder, keep.max(1), "")
+}
+
+/// The `step-*` folder names in `folder`, oldest first.
+fn checkpoint_names(folder: &Path) -> Result<Vec<String>> {
+    let mut names: Vec<String> = std::fs::read_dir(folder)
+        .map_err(io(folder))?
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.file_name().to_string_lossy().to_string())
+        .filter(|name| name.starts_with("step-"))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// The step a `step-00000500` folder name stands for.
+fn step_of(name: &str) -> Option<usize> {
+    name.strip_prefix("step-")?.parse().ok()
+}
+
+/// After a divergence whose first non-finite step is `bad_step`: the checkpoints of steps
+/// `bad_step - 1` and later hold the weights that gave the non-finite values, so they are moved
+/// to `checkpoints/diverged-step-N` and `latest` points again at the newest one before them.
+/// Nothing moves when no older checkpoint is left. Returns the folders moved.
+pub fn set_aside_from(run_dir: &Path, bad_step: usize) -> Result<Vec<PathBuf>> {
+    let folder = run_dir.join("checkpoints");
+    let Ok(names) = checkpoint_names(&folder) else {
+        return Ok(Vec::new());
+    };
+    let (older, suspect): (Vec<String>, Vec<String>) = names
+        .into_iter()
+        .partition(|name| step_of(name).is_some_and(|step| step + 1 < bad_step));
+    let Some(newest_older) = older.last() else {
+        return Ok(Vec::new());
+    };
+    write_latest(run_dir, newest_older)?;
+    let mut moved = Vec::new();
+    for name in suspect {
+        let from = folder.join(&name);
+        let to = folder.join(format!("diverged-{name}"));
+        if to.exists() {
+            std::fs::remove_dir_all(&to).map_err(io(&to))?;
+        }
+        std::fs::rename(&from, &to).map_err(io(&to))?;
+        moved.push(to);
+    }
+    sync(&folder)?;
+    Ok(moved)
+}
+
+/// Points `latest` at `checkpoints/name`, by writing a staging file renamed over it.
+fn write_latest(run_dir: &Path, name: &str) -> Result<()> {
+    let latest = run_dir.join("latest");
+    let latest_staging = run_dir.join(".latest.partial");
+    {
+        let mut file = File::create(&latest_staging).map_err(io(&latest_staging))?;
+        file.write_all(format!("checkpoints/{name}\n").as_bytes())
+            .map_err(io(&latest_staging))?;
+        file.sync_all().map_err(io(&latest_staging))?;
+    }
+    std::fs::rename(&latest_staging, &latest).map_err(io(&latest))?;
+    sync(run_dir)
 }

@@ -333,7 +333,9 @@ pub fn run<T: Task>(
     let tokens_before = state.tokens_seen;
     let (mut interval_start, mut interval_tokens) = (Instant::now(), 0usize);
     let mut saved_at = resume.as_ref().map(|r| r.state.step);
-    let mut last_checkpoint = resume.as_ref().map(|r| r.folder.clone());
+    // The newest checkpoint is kept beside the `keep` older ones until a later step shows its
+    // weights give finite values: after a divergence the one before it is still there.
+    let mut unconfirmed: Option<usize> = None;
     let inner = device.clone().without_autodiff();
     let mut watch = NonFiniteWatch::new(&device);
     let mut guard = DivergenceGuard::new(on_nonfinite);
@@ -404,10 +406,11 @@ pub fn run<T: Task>(
             let scaler = mixed.as_ref().map(|mixed| &mixed.scaler);
             let readout = StepReadout::read(&output, grad_norm.as_ref(), scaler, Some(&watch));
             checked = true;
-            if let Some(error) = guard.check(readout.non_finite, &last_checkpoint, &say) {
-                diverged = Some(error);
+            if let Some(found) = readout.non_finite.and_then(|r| guard.check(r, step, &say)) {
+                diverged = Some(found);
                 break;
             }
+            confirm(out, &mut unconfirmed, step, config.run.keep_checkpoints)?;
             let row = train_row(&readout, step, lr, interval_tokens as f64 / seconds);
             let mut message = format!(
                 "loss {:.3} | {:.0} tok/s | lr {:.1e}",
@@ -438,19 +441,21 @@ pub fn run<T: Task>(
         let evaluate = step % config.run.eval_every == 0 || step == steps;
         let save_now = step % config.run.checkpoint_every == 0 || step == steps;
         if (evaluate || save_now) && !checked {
-            if let Some(error) = guard.check(Some(watch.read()), &last_checkpoint, &say) {
-                diverged = Some(error);
+            if let Some(found) = guard.check(watch.read(), step, &say) {
+                diverged = Some(found);
                 break;
             }
+            confirm(out, &mut unconfirmed, step, config.run.keep_checkpoints)?;
         }
         if evaluate {
             let evaluation = task.evaluate(&model.valid(), &inner);
             if !evaluation.loss.is_finite() {
-                diverged = Some(diverged_error(
+                // This step's weights are bad; those of earlier checkpoints are not known to be.
+                diverged = Some(Divergence {
                     step,
-                    format!("the validation loss is {}", evaluation.loss),
-                    &last_checkpoint,
-                ));
+                    bad_from: step + 1,
+                    what: format!("the validation loss is {}", evaluation.loss),
+                });
                 break;
             }
             let row = EvalRow {
@@ -478,7 +483,7 @@ pub fn run<T: Task>(
                 &config,
                 (task.tokenizer(), task.data_record()),
             )?;
-            last_checkpoint = Some(summary.checkpoint.clone());
+            unconfirmed = Some(step);
             saved_at = Some(step);
         }
         bar.inc(1);
@@ -490,8 +495,8 @@ pub fn run<T: Task>(
 
     if diverged.is_none() && saved_at != Some(state.step) {
         // Stopped early (interrupt, `stop_after`): save where it stopped, if that is finite.
-        match guard.check(Some(watch.read()), &last_checkpoint, &say) {
-            Some(error) => diverged = Some(error),
+        match guard.check(watch.read(), state.step, &say) {
+            Some(found) => diverged = Some(found),
             None => {
                 summary.checkpoint = save(
                     out,
@@ -505,10 +510,11 @@ pub fn run<T: Task>(
             }
         }
     }
-    if let Some(error) = diverged {
+    if let Some(found) = diverged {
         plots::draw(out, &metrics::read(log.path())?);
-        return Err(error);
+        return Err(divergence_error(out, found)?);
     }
+    checkpoint::prune_run(out, config.run.keep_checkpoints)?;
     let trained = state.tokens_seen - tokens_before;
     summary.tokens_per_second = trained as f64 / started.elapsed().as_secs_f64().max(1e-9);
     summary.plots = plots::draw(out, &metrics::read(log.path())?);
@@ -592,8 +598,18 @@ fn apply_gradients<M: Module>(
     (model, norms.map(|norms| norms.norm))
 }
 
+/// A divergence found: where, and from which step on the weights are suspect.
+struct Divergence {
+    /// The first step whose values were not finite (or whose evaluation was not).
+    step: usize,
+    /// Checkpoints of this step minus one and later hold the weights that gave them.
+    bad_from: usize,
+    /// What was not finite, with its value.
+    what: String,
+}
+
 /// Turns what [`NonFiniteWatch`] reports into a decision: go on, warn about skipped steps, or
-/// stop with [`TrainError::Diverged`].
+/// stop.
 struct DivergenceGuard {
     mode: OnNonFinite,
     skipped_reported: u64,
@@ -607,30 +623,37 @@ impl DivergenceGuard {
         }
     }
 
-    /// `None` to go on; the error to stop with otherwise.
+    /// `None` to go on; the divergence to stop for otherwise. `step` is the step the report was
+    /// read at.
     fn check(
         &mut self,
-        report: Option<NonFiniteReport>,
-        last_checkpoint: &Option<PathBuf>,
+        report: NonFiniteReport,
+        step: usize,
         say: &impl Fn(String),
-    ) -> Option<TrainError> {
-        let report = report?;
-        let (step, loss, norm) = report.first?;
+    ) -> Option<Divergence> {
+        let (first, loss, norm) = report.first?;
         let what = describe(loss, norm);
         match self.mode {
-            OnNonFinite::Stop => Some(diverged_error(step, what, last_checkpoint)),
-            OnNonFinite::Skip if report.streak >= MAX_SKIPS_IN_A_ROW => Some(diverged_error(
-                step,
-                format!(
-                    "{what}, and the last {} steps were all skipped for non-finite values",
-                    report.streak
-                ),
-                last_checkpoint,
-            )),
+            OnNonFinite::Stop => Some(Divergence {
+                step: first,
+                bad_from: first,
+                what,
+            }),
+            OnNonFinite::Skip if report.streak >= MAX_SKIPS_IN_A_ROW => {
+                let streak_start = (step + 1).saturating_sub(report.streak as usize);
+                Some(Divergence {
+                    step: streak_start,
+                    bad_from: streak_start,
+                    what: format!(
+                        "{what}, and the {} steps from step {streak_start} on were all skipped for non-finite values",
+                        report.streak
+                    ),
+                })
+            }
             OnNonFinite::Skip => {
                 if report.skipped > self.skipped_reported {
                     say(format!(
-                        "warning: {} step(s) skipped so far for a non-finite loss or gradient (the first at step {step}: {what})",
+                        "warning: {} step(s) skipped so far for a non-finite loss or gradient (the first at step {first}: {what})",
                         report.skipped
                     ));
                     self.skipped_reported = report.skipped;
@@ -641,16 +664,38 @@ impl DivergenceGuard {
     }
 }
 
-/// [`TrainError::Diverged`] at `step`, naming the last finite checkpoint.
-fn diverged_error(step: usize, what: String, last_checkpoint: &Option<PathBuf>) -> TrainError {
-    TrainError::Diverged {
-        step,
-        what,
-        checkpoint: match last_checkpoint {
-            Some(folder) => format!("The last finite checkpoint is {}", folder.display()),
-            None => "No checkpoint was written before it".into(),
-        },
+/// Prunes to `keep` checkpoints once a step after the newest one was found finite.
+fn confirm(out: &Path, unconfirmed: &mut Option<usize>, step: usize, keep: usize) -> Result<()> {
+    if unconfirmed.is_some_and(|saved| step > saved) {
+        checkpoint::prune_run(out, keep)?;
+        *unconfirmed = None;
     }
+    Ok(())
+}
+
+/// [`TrainError::Diverged`] for `found`, after moving aside the checkpoints written with the
+/// weights that diverged; names the checkpoint `latest` now points at.
+fn divergence_error(out: &Path, found: Divergence) -> Result<TrainError> {
+    let moved = checkpoint::set_aside_from(out, found.bad_from)?;
+    let mut checkpoint = match checkpoint::resolve(out) {
+        Ok(folder) => format!(
+            "The last finite checkpoint is {} (`latest` points at it)",
+            folder.display()
+        ),
+        Err(_) => "No checkpoint was written before it".into(),
+    };
+    if !moved.is_empty() {
+        let names: Vec<String> = moved.iter().map(|p| p.display().to_string()).collect();
+        checkpoint += &format!(
+            "; the checkpoints written with the weights that diverged were moved to {}",
+            names.join(", ")
+        );
+    }
+    Ok(TrainError::Diverged {
+        step: found.step,
+        what: found.what,
+        checkpoint,
+    })
 }
 
 /// "the loss is NaN (gradient norm 3.2)" and the like.
@@ -730,7 +775,8 @@ fn save<M: Module>(
             tokenizer,
             data,
         },
-        config.run.keep_checkpoints,
+        // One more than asked: the newest is kept until a later step confirms it.
+        config.run.keep_checkpoints + 1,
     )
 }
 

@@ -372,3 +372,21 @@ fn every_bad_input_is_refused_by_name() {
         failures.join("\n")
     );
 }
+
+/// Without a desktop session (no `XDG_RUNTIME_DIR`), probing for a GPU must not print the
+/// Vulkan drivers' complaints about it.
+#[test]
+fn no_display_noise_without_a_desktop_session() {
+    let root = common::temp_dir("bad-inputs-quiet");
+    let fix = fixture(&root);
+    let output = Command::new(PROGRAM)
+        .args(["eval", "--checkpoint"])
+        .arg(fix.join("run"))
+        .args(["--backend", "auto"])
+        .env_remove("XDG_RUNTIME_DIR")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(!stderr.contains("XDG_RUNTIME_DIR"), "{stderr}");
+}

@@ -9,6 +9,8 @@ mod checkpoints;
 mod config;
 #[path = "train/corpus.rs"]
 mod corpus;
+#[path = "train/guards.rs"]
+mod guards;
 #[path = "train/runs.rs"]
 mod runs;
 #[path = "train/tokenizer.rs"]

@@ -108,24 +108,31 @@ impl NonFiniteWatch {
         keep
     }
 
-    /// Adds the watch's tensors to `transaction` (read them back with [`Self::report_from`]).
+    /// Adds the watch's values to `transaction`, as one `[5]` tensor (one read on wgpu); read
+    /// them back with [`Self::report_from`].
     pub fn register(&self, transaction: Transaction) -> Transaction {
-        transaction
-            .register(self.first_step.clone())
-            .register(self.first_loss.clone())
-            .register(self.first_norm.clone())
-            .register(self.skipped.clone())
-            .register(self.streak.clone())
+        let values = Tensor::cat(
+            vec![
+                self.first_step.clone(),
+                self.first_loss.clone(),
+                self.first_norm.clone(),
+                self.skipped.clone(),
+                self.streak.clone(),
+            ],
+            0,
+        );
+        transaction.register(values)
     }
 
-    /// The report from the values [`Self::register`] added, taken from `data` in order.
+    /// The report from the values [`Self::register`] added, the next item of `data`.
     pub fn report_from(data: &mut impl Iterator<Item = TensorData>) -> NonFiniteReport {
-        let mut next = || {
-            data.next()
-                .and_then(|data| data.iter::<f64>().next())
-                .unwrap_or(f64::NAN)
-        };
-        let (step, loss, norm, skipped, streak) = (next(), next(), next(), next(), next());
+        let values: Vec<f64> = data
+            .next()
+            .map(|data| data.iter::<f64>().collect())
+            .unwrap_or_default();
+        let value = |i: usize| values.get(i).copied().unwrap_or(f64::NAN);
+        let (step, loss, norm, skipped, streak) =
+            (value(0), value(1), value(2), value(3), value(4));
         NonFiniteReport {
             first: (step > 0.0).then_some((step as usize, loss, norm)),
             skipped: skipped.max(0.0) as u64,
@@ -202,25 +209,30 @@ impl ModuleVisitor for CountNonFinite {
 }
 
 /// The parameters of `model` that hold NaN or infinite values: `(path, count)` of each, in the
-/// model's order (one synchronisation).
+/// model's order (one read).
 pub fn non_finite_parameters<M: Module>(model: &M) -> Vec<(String, usize)> {
     let mut visitor = CountNonFinite {
         path: Vec::new(),
         counts: Vec::new(),
     };
     model.visit(&mut visitor);
-    let mut transaction = Transaction::default();
-    for (_, count) in &visitor.counts {
-        transaction = transaction.register(count.clone());
+    if visitor.counts.is_empty() {
+        return Vec::new();
     }
-    let data = transaction.execute();
+    // One tensor of all the counts: one read.
+    let counts = Tensor::cat(
+        visitor
+            .counts
+            .iter()
+            .map(|(_, count)| count.clone())
+            .collect(),
+        0,
+    );
+    let values: Vec<f64> = counts.into_data().iter::<f64>().collect();
     visitor
         .counts
         .into_iter()
-        .zip(data)
-        .filter_map(|((path, _), data)| {
-            let count = data.iter::<f64>().next().unwrap_or(0.0) as usize;
-            (count > 0).then_some((path, count))
-        })
+        .zip(values)
+        .filter_map(|((path, _), count)| (count > 0.0).then_some((path, count as usize)))
         .collect()
 }

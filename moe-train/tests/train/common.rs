@@ -84,3 +84,12 @@ pub fn tiny_config(text: PathBuf, steps: usize) -> TrainConfig {
     config.run.backend = Backend::Ndarray;
     config
 }
+
+/// A fresh folder holding the generated corpus, and the tiny config training on it.
+pub fn tiny_run(name: &str, steps: usize) -> (TempDir, TrainConfig) {
+    let dir = temp_dir(name);
+    let corpus = dir.join("corpus.txt");
+    write_generated_corpus(&corpus);
+    let config = tiny_config(corpus, steps);
+    (dir, config)
+}

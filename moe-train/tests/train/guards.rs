@@ -13,7 +13,7 @@ use moe_train::metrics::{read, MetricsLog, Row};
 use moe_train::run_dir::{Claim, RunDir};
 use moe_train::trainer::{train, RunOptions};
 
-use crate::common::{temp_dir, tiny_config, write_generated_corpus};
+use crate::common::{temp_dir, tiny_run};
 
 #[allow(deprecated)]
 fn cpu() -> Device {
@@ -28,13 +28,17 @@ fn eval_args(checkpoint: std::path::PathBuf) -> EvalArgs {
     }
 }
 
+/// A learning rate that blows the tiny model up within a few steps, without clipping.
+fn blow_up(config: &mut moe_train::config::TrainConfig) {
+    config.optim.lr = 1e6;
+    config.optim.min_lr = 1e5;
+    config.optim.grad_clip = 0.0;
+}
+
 #[test]
 fn a_diverging_resume_stops_and_keeps_the_finite_checkpoint() {
     let _serial = crate::common::serial();
-    let dir = temp_dir("guard-diverge");
-    let corpus = dir.join("corpus.txt");
-    write_generated_corpus(&corpus);
-    let mut config = tiny_config(corpus, 4);
+    let (dir, mut config) = tiny_run("guard-diverge", 4);
     config.run.keep_checkpoints = 1;
     config.run.checkpoint_every = 2;
     let out = dir.join("run");
@@ -42,9 +46,7 @@ fn a_diverging_resume_stops_and_keeps_the_finite_checkpoint() {
 
     // The same run continued with a learning rate that blows up, without clipping.
     config.run.steps = 40;
-    config.optim.lr = 1e6;
-    config.optim.min_lr = 1e5;
-    config.optim.grad_clip = 0.0;
+    blow_up(&mut config);
     let error = train(
         config,
         RunOptions {
@@ -87,13 +89,8 @@ fn a_diverging_resume_stops_and_keeps_the_finite_checkpoint() {
 #[test]
 fn skipped_steps_leave_the_weights_finite() {
     let _serial = crate::common::serial();
-    let dir = temp_dir("guard-skip");
-    let corpus = dir.join("corpus.txt");
-    write_generated_corpus(&corpus);
-    let mut config = tiny_config(corpus, 30);
-    config.optim.lr = 1e6;
-    config.optim.min_lr = 1e5;
-    config.optim.grad_clip = 0.0;
+    let (dir, mut config) = tiny_run("guard-skip", 30);
+    blow_up(&mut config);
     config.run.checkpoint_every = 1;
     config.run.on_nonfinite = OnNonFinite::Skip;
     let out = dir.join("run");
@@ -129,10 +126,7 @@ impl ModuleMapper for Poison {
 #[test]
 fn eval_and_generate_refuse_non_finite_weights() {
     let _serial = crate::common::serial();
-    let dir = temp_dir("guard-nan-weights");
-    let corpus = dir.join("corpus.txt");
-    write_generated_corpus(&corpus);
-    let config = tiny_config(corpus, 2);
+    let (dir, config) = tiny_run("guard-nan-weights", 2);
     let out = dir.join("run");
     train(config.clone(), RunOptions::new(out.clone())).unwrap();
     let folder = checkpoint::resolve(&out).unwrap();

@@ -120,7 +120,7 @@ pub enum TrainError {
         reason: String,
     },
     /// The loss or the gradient norm stopped being a finite number.
-    #[error("training diverged at step {step}: {what}; stopped without saving the diverged model. {checkpoint}. Start again with a lower `--lr` or with clipping (`--grad-clip 1`), or resume with `--resume --lr ...`; `--on-nonfinite skip` skips such steps instead")]
+    #[error("training diverged at step {step}: {what}; stopped without saving the diverged model. {checkpoint}. Lower `--lr` or clip (`--grad-clip 1`); `--on-nonfinite skip` skips such steps instead")]
     Diverged {
         /// The first non-finite step.
         step: usize,

@@ -512,7 +512,7 @@ pub fn run<T: Task>(
     }
     if let Some(found) = diverged {
         plots::draw(out, &metrics::read(log.path())?);
-        return Err(divergence_error(out, found)?);
+        return Err(divergence_error(out, found, config.run.keep_checkpoints)?);
     }
     checkpoint::prune_run(out, config.run.keep_checkpoints)?;
     let trained = state.tokens_seen - tokens_before;
@@ -674,15 +674,18 @@ fn confirm(out: &Path, unconfirmed: &mut Option<usize>, step: usize, keep: usize
 }
 
 /// [`TrainError::Diverged`] for `found`, after moving aside the checkpoints written with the
-/// weights that diverged; names the checkpoint `latest` now points at.
-fn divergence_error(out: &Path, found: Divergence) -> Result<TrainError> {
+/// weights that diverged and pruning to `keep`; names the checkpoint `latest` now points at.
+fn divergence_error(out: &Path, found: Divergence, keep: usize) -> Result<TrainError> {
     let moved = checkpoint::set_aside_from(out, found.bad_from)?;
+    if out.join("checkpoints").is_dir() {
+        checkpoint::prune_run(out, keep)?;
+    }
     let mut checkpoint = match checkpoint::resolve(out) {
         Ok(folder) => format!(
-            "The last finite checkpoint is {} (`latest` points at it)",
+            "The last finite checkpoint is {} (`latest` points at it; continue from it with `--resume` and the changes below)",
             folder.display()
         ),
-        Err(_) => "No checkpoint was written before it".into(),
+        Err(_) => "No checkpoint was written before it: start again with the changes below".into(),
     };
     if !moved.is_empty() {
         let names: Vec<String> = moved.iter().map(|p| p.display().to_string()).collect();

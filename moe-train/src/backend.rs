@@ -42,6 +42,26 @@ pub fn quiet_display_probes() {
     }
 }
 
+/// Makes Burn's default device the CPU backend a command will run on, when it names one and
+/// `BURN_DEVICE` is not set.
+///
+/// Burn materialises some state on its default device before moving it where it belongs: an
+/// optimizer record loaded for `--resume` goes there first. With the wgpu feature compiled in,
+/// the default device is wgpu's, so a run on the CPU would start wgpu (and, on a machine with a
+/// GPU, put the optimizer state there and copy it back) only to load a checkpoint. Call it
+/// before other threads start: it sets an environment variable.
+pub fn prefer_default_device(backend: Option<Backend>) {
+    if std::env::var_os("BURN_DEVICE").is_some() {
+        return;
+    }
+    let name = match backend {
+        Some(Backend::Flex) => "flex",
+        Some(Backend::Ndarray) => "ndarray",
+        _ => return,
+    };
+    std::env::set_var("BURN_DEVICE", name);
+}
+
 /// Which backend to run on.
 #[derive(
     Debug,

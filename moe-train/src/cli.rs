@@ -30,6 +30,23 @@ pub enum Command {
     Eval(EvalArgs),
 }
 
+impl Command {
+    /// The backend the command will run on, as far as its flags (or, for `train --resume`
+    /// without `--backend`, the saved run's config) say; `None` when not known before the
+    /// device is chosen.
+    pub fn backend_hint(&self) -> Option<Backend> {
+        match self {
+            Command::Train(args) => args.backend.or_else(|| {
+                let folder = checkpoint::resolve(&args.out_dir()).ok()?;
+                let (_, config) = checkpoint::read_state(&folder).ok()?;
+                args.resume.then_some(config.run.backend)
+            }),
+            Command::Generate(args) => Some(args.backend),
+            Command::Eval(args) => Some(args.backend),
+        }
+    }
+}
+
 /// `burn-moe train`.
 #[derive(Debug, Args)]
 pub struct TrainArgs {

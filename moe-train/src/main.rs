@@ -15,6 +15,7 @@ fn main() -> ExitCode {
     // Before any thread starts: Vulkan drivers probing for a display complain without it.
     moe_train::backend::quiet_display_probes();
     let cli = Cli::parse();
+    moe_train::backend::prefer_default_device(cli.command.backend_hint());
     // The CPU backends' parallel operations then split from inside their thread pool.
     match moe_train::threads::run_on_compute_threads(|| run(cli)) {
         Ok(()) => ExitCode::SUCCESS,

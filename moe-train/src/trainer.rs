@@ -337,6 +337,13 @@ pub fn run<T: Task>(
     // weights give finite values: after a divergence the one before it is still there.
     let mut unconfirmed: Option<usize> = None;
     let inner = device.clone().without_autodiff();
+    let save_checkpoint = |model: &T::Model,
+                           optimizer: &burn::optim::ModuleOptimizer,
+                           state: &TrainingState,
+                           mixed: Option<&MixedPrecision>| {
+        let saved = (task.tokenizer(), task.data_record());
+        save(out, model, optimizer, state, mixed, &config, saved)
+    };
     let mut watch = NonFiniteWatch::new(&device);
     let mut guard = DivergenceGuard::new(on_nonfinite);
     let mut spikes = SpikeDetector::default();
@@ -474,15 +481,7 @@ pub fn run<T: Task>(
             log.write(&Row::Eval(row))?;
         }
         if save_now {
-            summary.checkpoint = save(
-                out,
-                &model,
-                &optimizer,
-                &state,
-                mixed.as_ref(),
-                &config,
-                (task.tokenizer(), task.data_record()),
-            )?;
+            summary.checkpoint = save_checkpoint(&model, &optimizer, &state, mixed.as_ref())?;
             unconfirmed = Some(step);
             saved_at = Some(step);
         }
@@ -498,15 +497,7 @@ pub fn run<T: Task>(
         match guard.check(watch.read(), state.step, &say) {
             Some(found) => diverged = Some(found),
             None => {
-                summary.checkpoint = save(
-                    out,
-                    &model,
-                    &optimizer,
-                    &state,
-                    mixed.as_ref(),
-                    &config,
-                    (task.tokenizer(), task.data_record()),
-                )?;
+                summary.checkpoint = save_checkpoint(&model, &optimizer, &state, mixed.as_ref())?;
             }
         }
     }

@@ -28,6 +28,26 @@ fn eval_args(checkpoint: std::path::PathBuf) -> EvalArgs {
     }
 }
 
+/// The latest checkpoint of the run in `out`: its folder, tokenizer and model (on ndarray).
+fn latest_model(
+    out: &std::path::Path,
+    config: &moe_train::config::TrainConfig,
+) -> (
+    std::path::PathBuf,
+    moe_train::tokenizer::Tokenizer,
+    moe_models::MoeTransformer,
+) {
+    let folder = checkpoint::resolve(out).unwrap();
+    let tokenizer =
+        moe_train::tokenizer::Tokenizer::load(&folder.join(checkpoint::TOKENIZER_FILE)).unwrap();
+    let model = config
+        .text_model_config(tokenizer.vocab_size())
+        .init(&cpu())
+        .unwrap();
+    let model = checkpoint::load_model(&folder, model).unwrap();
+    (folder, tokenizer, model)
+}
+
 /// A learning rate that blows the tiny model up within a few steps, without clipping.
 fn blow_up(config: &mut moe_train::config::TrainConfig) {
     config.optim.lr = 1e6;
@@ -97,14 +117,7 @@ fn skipped_steps_leave_the_weights_finite() {
     // Such a learning rate leaves nothing worth training: the run gives up or ends, but every
     // checkpoint it wrote holds finite weights (the skipped updates were not applied).
     let _ = train(config.clone(), RunOptions::new(out.clone()));
-    let folder = checkpoint::resolve(&out).unwrap();
-    let tokenizer =
-        moe_train::tokenizer::Tokenizer::load(&folder.join(checkpoint::TOKENIZER_FILE)).unwrap();
-    let model = config
-        .text_model_config(tokenizer.vocab_size())
-        .init(&cpu())
-        .unwrap();
-    let model = checkpoint::load_model(&folder, model).unwrap();
+    let (_, _, model) = latest_model(&out, &config);
     assert_eq!(non_finite_parameters(&model), Vec::new());
 }
 
@@ -129,14 +142,7 @@ fn eval_and_generate_refuse_non_finite_weights() {
     let (dir, config) = tiny_run("guard-nan-weights", 2);
     let out = dir.join("run");
     train(config.clone(), RunOptions::new(out.clone())).unwrap();
-    let folder = checkpoint::resolve(&out).unwrap();
-    let tokenizer =
-        moe_train::tokenizer::Tokenizer::load(&folder.join(checkpoint::TOKENIZER_FILE)).unwrap();
-    let model = config
-        .text_model_config(tokenizer.vocab_size())
-        .init(&cpu())
-        .unwrap();
-    let model = checkpoint::load_model(&folder, model).unwrap();
+    let (folder, tokenizer, model) = latest_model(&out, &config);
     let poisoned = model.map(&mut Poison { done: false });
     let bad = non_finite_parameters(&poisoned);
     assert_eq!(bad.len(), 1, "{bad:?}");

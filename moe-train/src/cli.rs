@@ -28,6 +28,9 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Validation loss, perplexity and expert load of a checkpoint.
     Eval(EvalArgs),
+    /// Train the MoE config and its dense twin (equal work per token) with the same seed and
+    /// data order, and plot both validation curves against steps and time.
+    Compare(Box<TrainArgs>),
 }
 
 impl Command {
@@ -41,6 +44,7 @@ impl Command {
                 let (_, config) = checkpoint::read_state(&folder).ok()?;
                 args.resume.then_some(config.run.backend)
             }),
+            Command::Compare(args) => args.backend,
             Command::Generate(args) => Some(args.backend),
             Command::Eval(args) => Some(args.backend),
         }
@@ -274,6 +278,15 @@ impl TrainArgs {
 }
 
 impl TrainArgs {
+    /// The folder `compare` writes its two runs and its plot into (default
+    /// `runs/<preset>-compare`).
+    pub fn compare_dir(&self) -> PathBuf {
+        self.out.clone().unwrap_or_else(|| {
+            let preset = self.preset.unwrap_or(Preset::Tiny);
+            PathBuf::from("runs").join(format!("{}-compare", preset.name()))
+        })
+    }
+
     /// Flags given that have no effect with the others, each as a warning naming it.
     pub fn warnings(&self, config: &TrainConfig) -> Vec<String> {
         let mut warnings = Vec::new();
@@ -375,6 +388,13 @@ pub struct EvalArgs {
     /// Validation batches (default: the run's `eval_batches`).
     #[arg(long)]
     pub batches: Option<usize>,
+    /// Also sample poems from the first lines (5 and 7 characters) of validation poems and
+    /// report the share of generated lines that keep the prompt's length (text runs).
+    #[arg(long)]
+    pub form: bool,
+    /// Samples per line length for `--form`.
+    #[arg(long, default_value_t = 100)]
+    pub form_samples: usize,
     /// Where to run.
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
     pub backend: Backend,

@@ -10,6 +10,10 @@ use crate::checkpoint;
 use crate::cli::{EvalArgs, GenerateArgs};
 use crate::config::Task as TaskKind;
 use crate::divergence::non_finite_parameters;
+use crate::form::{self, FormShare};
+
+/// Longest sample `eval --form` draws: room for a poem of eight seven-character lines.
+const FORM_MAX_TOKENS: usize = 64;
 use crate::error::{Result, TrainError};
 use crate::tasks::digits::{caption_digit, draw_numeral, DigitsTask};
 use crate::tasks::text::TextTask;
@@ -90,6 +94,8 @@ pub struct EvalReport {
     pub step: usize,
     /// Validation loss and expert load.
     pub evaluation: Evaluation,
+    /// With `--form`: how well samples keep their prompt's line length.
+    pub form: Vec<FormShare>,
 }
 
 /// Evaluates a checkpoint on its run's validation data.
@@ -104,7 +110,13 @@ pub fn evaluate(args: &EvalArgs) -> Result<EvalReport> {
     if let Some(batches) = args.batches {
         config.run.eval_batches = batches;
     }
+    if args.form && config.task != TaskKind::Text {
+        return Err(TrainError::Argument(
+            "`--form` measures generated poems: it needs a text run".into(),
+        ));
+    }
     let device = backend::select_and_report(args.backend, Precision::F32)?.device;
+    let mut form = Vec::new();
     let evaluation = match config.task {
         TaskKind::Text => {
             let tokenizer = Tokenizer::load(&folder.join(checkpoint::TOKENIZER_FILE))?;
@@ -116,6 +128,16 @@ pub fn evaluate(args: &EvalArgs) -> Result<EvalReport> {
                 true,
             )?;
             let model = load_finite(&folder, task.build_model(&device)?)?;
+            if args.form {
+                form = form::measure(
+                    &model,
+                    task.tokenizer().expect("a text task has a tokenizer"),
+                    task.validation_documents(),
+                    args.form_samples,
+                    FORM_MAX_TOKENS,
+                    config.run.seed,
+                );
+            }
             task.evaluate(&model, &device)
         }
         TaskKind::Caption | TaskKind::TextToImage => {
@@ -134,6 +156,7 @@ pub fn evaluate(args: &EvalArgs) -> Result<EvalReport> {
     Ok(EvalReport {
         step: state.step,
         evaluation,
+        form,
     })
 }
 

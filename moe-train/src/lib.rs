@@ -19,7 +19,8 @@
 //!   replaces a finite checkpoint), [`memory`] (a model that cannot fit is refused before it
 //!   is allocated);
 //! - [`tasks`]: text and digits;
-//! - [`commands`]: generation and evaluation.
+//! - [`commands`]: generation and evaluation; [`compare`]: an MoE config against its dense
+//!   twin.
 
 #![warn(missing_docs)]
 
@@ -29,11 +30,13 @@ pub mod checkpoint;
 pub mod cli;
 pub mod clip;
 pub mod commands;
+pub mod compare;
 pub mod config;
 pub mod corpus;
 pub mod data;
 pub mod divergence;
 pub mod error;
+pub mod form;
 pub mod loss_scale;
 pub mod memory;
 pub mod metrics;

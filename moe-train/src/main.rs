@@ -7,6 +7,7 @@ use std::sync::Arc;
 use clap::Parser;
 use moe_train::cli::{Cli, Command};
 use moe_train::commands::{self, load_summary};
+use moe_train::compare;
 use moe_train::trainer::{self, RunOptions};
 
 fn main() -> ExitCode {
@@ -34,20 +35,7 @@ fn run(cli: Cli) -> moe_train::Result<()> {
                 eprintln!("warning: {warning}");
             }
             let out = args.out_dir();
-            let interrupt = Arc::new(AtomicBool::new(false));
-            let flag = interrupt.clone();
-            let installed = ctrlc::set_handler(move || {
-                if flag.swap(true, Ordering::SeqCst) {
-                    eprintln!("\nsecond Ctrl-C: stopping now, without a checkpoint");
-                    std::process::exit(130);
-                }
-                eprintln!(
-                    "\nCtrl-C: saving a checkpoint and stopping (Ctrl-C again to stop at once)"
-                );
-            });
-            if let Err(error) = installed {
-                eprintln!("warning: Ctrl-C will not save a checkpoint ({error})");
-            }
+            let interrupt = ctrl_c_interrupts();
             let summary = trainer::train(
                 config,
                 RunOptions {
@@ -94,6 +82,41 @@ fn run(cli: Cli) -> moe_train::Result<()> {
             }
             Ok(())
         }
+        Command::Compare(args) => {
+            if args.resume || args.dense {
+                return Err(moe_train::TrainError::Config(
+                    "`compare` trains two new runs, the MoE config and its dense twin: `--resume` and `--dense` do not apply".into(),
+                ));
+            }
+            let config = args.resolve()?;
+            for warning in args.warnings(&config) {
+                eprintln!("warning: {warning}");
+            }
+            let out = args.compare_dir();
+            let options = RunOptions {
+                overwrite: args.overwrite,
+                show_progress: true,
+                interrupt: Some(ctrl_c_interrupts()),
+                ..RunOptions::new(out.clone())
+            };
+            let comparison = compare::compare(&config, &out, options)?;
+            for (name, run) in [("MoE", &comparison.moe), ("dense", &comparison.dense)] {
+                let last = run
+                    .val_losses
+                    .last()
+                    .map(|(_, loss)| *loss)
+                    .unwrap_or(f64::NAN);
+                println!(
+                    "{name}: {} parameters, {} active per token; validation loss {last:.4}; {:.0} tokens/s",
+                    run.parameters.0, run.parameters.1, run.tokens_per_second
+                );
+            }
+            println!("{}", comparison.verdict());
+            if let Some(plot) = &comparison.plot {
+                println!("plot: {}", plot.display());
+            }
+            Ok(())
+        }
         Command::Generate(args) => commands::generate(&args).map(|_| ()),
         Command::Eval(args) => {
             let report = commands::evaluate(&args)?;
@@ -104,7 +127,35 @@ fn run(cli: Cli) -> moe_train::Result<()> {
                 trainer::perplexity(report.evaluation.loss)
             );
             println!("{}", load_summary(&report.evaluation.expert_load));
+            for share in &report.form {
+                println!(
+                    "form: {}-character prompts: {:.0} % of {} generated lines keep {} characters ({} samples)",
+                    share.length,
+                    100.0 * share.share(),
+                    share.lines,
+                    share.length,
+                    share.samples
+                );
+            }
             Ok(())
         }
     }
+}
+
+/// A flag that the first Ctrl-C sets (the trainer then saves a checkpoint and stops); a second
+/// Ctrl-C exits at once.
+fn ctrl_c_interrupts() -> Arc<AtomicBool> {
+    let interrupt = Arc::new(AtomicBool::new(false));
+    let flag = interrupt.clone();
+    let installed = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond Ctrl-C: stopping now, without a checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!("\nCtrl-C: saving a checkpoint and stopping (Ctrl-C again to stop at once)");
+    });
+    if let Err(error) = installed {
+        eprintln!("warning: Ctrl-C will not save a checkpoint ({error})");
+    }
+    interrupt
 }

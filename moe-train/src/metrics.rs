@@ -56,6 +56,9 @@ pub struct EvalRow {
     pub val_loss: f64,
     /// `exp(val_loss)`.
     pub val_perplexity: f64,
+    /// Training seconds up to this step (evaluations left out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_seconds: Option<f64>,
 }
 
 /// One line of the log.

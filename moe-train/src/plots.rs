@@ -19,7 +19,7 @@ const FONT_PATHS: [&str; 6] = [
 ];
 
 /// Registers a label font once; false when none was found (plots are then drawn unlabelled).
-fn fonts() -> bool {
+pub(crate) fn fonts() -> bool {
     static FOUND: OnceLock<bool> = OnceLock::new();
     *FOUND.get_or_init(|| {
         let custom = std::env::var("BURN_MOE_FONT").ok();

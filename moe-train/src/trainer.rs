@@ -344,6 +344,7 @@ pub fn run<T: Task>(
         let saved = (task.tokenizer(), task.data_record());
         save(out, model, optimizer, state, mixed, &config, saved)
     };
+    let mut evaluation_seconds = 0.0;
     let mut watch = NonFiniteWatch::new(&device);
     let mut guard = DivergenceGuard::new(on_nonfinite);
     let mut spikes = SpikeDetector::default();
@@ -403,7 +404,10 @@ pub fn run<T: Task>(
         );
         state.step = step;
         state.data_rng = rng.0;
-        state.elapsed_seconds = elapsed_before + started.elapsed().as_secs_f64();
+        // Training time: evaluations are left out, so runs with other evaluation settings
+        // compare by the time their training took.
+        state.elapsed_seconds =
+            elapsed_before + started.elapsed().as_secs_f64() - evaluation_seconds;
         summary.last_step = step;
 
         let output = last.expect("at least one micro-batch");
@@ -455,7 +459,9 @@ pub fn run<T: Task>(
             confirm(out, &mut unconfirmed, step, config.run.keep_checkpoints)?;
         }
         if evaluate {
+            let evaluation_started = Instant::now();
             let evaluation = task.evaluate(&model.valid(), &inner);
+            evaluation_seconds += evaluation_started.elapsed().as_secs_f64();
             if !evaluation.loss.is_finite() {
                 // This step's weights are bad; those of earlier checkpoints are not known to be.
                 diverged = Some(Divergence {
@@ -469,6 +475,7 @@ pub fn run<T: Task>(
                 step,
                 val_loss: evaluation.loss,
                 val_perplexity: evaluation.loss.exp(),
+                train_seconds: Some(state.elapsed_seconds),
             };
             if options.show_progress {
                 say(format!(

@@ -246,6 +246,8 @@ fn the_checkpoint_readers_refuse_damage_without_panicking() {
             let result = moe_train::commands::evaluate(&EvalArgs {
                 checkpoint: work.clone(),
                 batches: Some(1),
+                form: false,
+                form_samples: 0,
                 backend: moe_train::backend::Backend::Ndarray,
             });
             let optimizer = checkpoint::open(&work).and_then(|opened| {

@@ -5,6 +5,8 @@ mod common;
 
 #[path = "train/checkpoints.rs"]
 mod checkpoints;
+#[path = "train/compare.rs"]
+mod compare;
 #[path = "train/config.rs"]
 mod config;
 #[path = "train/corpus.rs"]

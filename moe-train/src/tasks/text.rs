@@ -25,6 +25,7 @@ pub struct TextTask {
     train: TokenStream,
     validation: TokenStream,
     description: String,
+    validation_documents: Vec<String>,
     record: DataRecord,
     device: Device,
 }
@@ -116,6 +117,7 @@ impl TextTask {
             train,
             validation,
             description,
+            validation_documents: parts.validation.into_iter().map(|d| d.text).collect(),
             record: DataRecord {
                 source,
                 documents,
@@ -129,6 +131,11 @@ impl TextTask {
     /// Size of the tokenizer's vocabulary.
     pub fn vocab_size(&self) -> usize {
         self.tokenizer.vocab_size()
+    }
+
+    /// The validation documents' texts, in source order.
+    pub fn validation_documents(&self) -> &[String] {
+        &self.validation_documents
     }
 
     /// The validation stream.

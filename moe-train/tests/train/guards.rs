@@ -24,6 +24,8 @@ fn eval_args(checkpoint: std::path::PathBuf) -> EvalArgs {
     EvalArgs {
         checkpoint,
         batches: None,
+        form: false,
+        form_samples: 0,
         backend: moe_train::backend::Backend::Ndarray,
     }
 }

@@ -48,6 +48,8 @@ fn a_short_run_lowers_the_loss_and_leaves_its_files() {
     let report = commands::evaluate(&EvalArgs {
         checkpoint: out.clone(),
         batches: None,
+        form: false,
+        form_samples: 0,
         backend: moe_train::backend::Backend::Ndarray,
     })
     .unwrap();

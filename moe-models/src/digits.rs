@@ -115,6 +115,18 @@ pub fn batch(
     for &digit in &digits {
         pixels.extend(draw(digit, rng));
     }
+    batch_of(digits, pixels, levels, device)
+}
+
+/// The batch of the images `pixels` (`8 x 8` each, in `[0, 1]`, one after the other) showing
+/// `digits`, pixels quantised to `levels` tokens.
+pub fn batch_of(
+    digits: Vec<usize>,
+    pixels: Vec<f32>,
+    levels: usize,
+    device: &Device,
+) -> DigitBatch {
+    let batch_size = digits.len();
     let tokens: Vec<i64> = pixels.iter().map(|&p| quantize(p, levels) as i64).collect();
     let captions: Vec<i64> = digits
         .iter()

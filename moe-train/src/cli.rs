@@ -6,7 +6,9 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::backend::{Backend, Precision};
 use crate::checkpoint;
-use crate::config::{CorpusChoice, GateChoice, Preset, Task, TokenizerKind, TrainConfig};
+use crate::config::{
+    CorpusChoice, DigitSource, GateChoice, Preset, Task, TokenizerKind, TrainConfig,
+};
 use crate::divergence::OnNonFinite;
 use crate::error::{Result, TrainError};
 
@@ -91,6 +93,9 @@ pub struct TrainArgs {
     /// What to train.
     #[arg(long, value_enum)]
     pub task: Option<Task>,
+    /// Where the digits tasks' images come from.
+    #[arg(long, value_enum)]
+    pub digits: Option<DigitSource>,
     /// Part of the chinese-poetry corpus.
     #[arg(long, value_enum, conflicts_with_all = ["text", "jsonl"])]
     pub corpus: Option<CorpusChoice>,
@@ -229,6 +234,9 @@ impl TrainArgs {
         if let Some(corpus) = self.corpus {
             config.data.corpus = corpus;
         }
+        if let Some(digits) = self.digits {
+            config.data.digits = digits;
+        }
         if self.text.is_some() {
             config.data.text = self.text.clone();
         }
@@ -316,6 +324,10 @@ impl TrainArgs {
             config.model.dense
                 && (self.experts.is_some() || self.gate.is_some() || self.aux_loss_weight.is_some()),
             "`--experts`, `--gate` and `--aux-loss-weight` have no effect with `--dense` (the dense model has no router; only `--top-k` and the expert size set its width)",
+        );
+        warn(
+            self.digits.is_some() && config.task == Task::Text,
+            "`--digits` has no effect on the text task (it picks the digits tasks' images)",
         );
         warn(
             self.stop_after.is_some_and(|last| last >= config.run.steps),

@@ -141,7 +141,7 @@ pub fn evaluate(args: &EvalArgs) -> Result<EvalReport> {
             task.evaluate(&model, &device)
         }
         TaskKind::Caption | TaskKind::TextToImage => {
-            let task = DigitsTask::new(&config, &device);
+            let task = DigitsTask::new(&config, &device, true)?;
             let model = load_finite(&folder, task.build_model(&device)?)?;
             task.evaluate(&model, &device)
         }

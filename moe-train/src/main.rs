@@ -101,6 +101,12 @@ fn run(cli: Cli) -> moe_train::Result<()> {
             };
             let comparison = compare::compare(&config, &out, options)?;
             for (name, run) in [("MoE", &comparison.moe), ("dense", &comparison.dense)] {
+                if let Some(accuracy) = run.accuracy {
+                    println!(
+                        "{name}: captions right {:.1} % of the validation images (chance: 10 %)",
+                        100.0 * accuracy
+                    );
+                }
                 let last = run
                     .val_losses
                     .last()
@@ -126,6 +132,12 @@ fn run(cli: Cli) -> moe_train::Result<()> {
                 report.evaluation.loss,
                 trainer::perplexity(report.evaluation.loss)
             );
+            if let Some(accuracy) = report.evaluation.accuracy {
+                println!(
+                    "captions right: {:.1} % of the validation images (chance: 10 %)",
+                    100.0 * accuracy
+                );
+            }
             println!("{}", load_summary(&report.evaluation.expert_load));
             for share in &report.form {
                 println!(

@@ -59,6 +59,9 @@ pub struct EvalRow {
     /// Training seconds up to this step (evaluations left out).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train_seconds: Option<f64>,
+    /// Share of validation images captioned right (captioning).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<f64>,
 }
 
 /// One line of the log.

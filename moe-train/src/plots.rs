@@ -252,6 +252,43 @@ fn heatmap(
 }
 
 /// White at the fair share, towards blue when idle, towards red when overloaded (2x = red).
+/// Draws generated digit images as a grid, a row per numeral: `images` holds `(digit, pixel
+/// levels)` pairs, 8x8 each, in `[0, levels)`; each pixel a 6x6 grey square, bright on dark.
+pub fn digit_grid(
+    path: &Path,
+    images: &[(usize, Vec<usize>)],
+    levels: usize,
+) -> Result<(), String> {
+    const CELL: usize = 6;
+    const SIDE: usize = moe_models::digits::IMAGE_SIZE;
+    const GAP: usize = 8;
+    let columns = (0..10)
+        .map(|digit| images.iter().filter(|(d, _)| *d == digit).count())
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let tile = SIDE * CELL + GAP;
+    let (width, height) = (GAP + columns * tile, GAP + 10 * tile);
+    let root = BitMapBackend::new(path, (width as u32, height as u32)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let mut next_column = [0usize; 10];
+    for (digit, pixels) in images {
+        let digit = digit % 10;
+        let (x0, y0) = (GAP + next_column[digit] * tile, GAP + digit * tile);
+        next_column[digit] += 1;
+        for (index, &level) in pixels.iter().enumerate().take(SIDE * SIDE) {
+            let grey = (255 * level.min(levels - 1) / (levels - 1).max(1)) as u8;
+            let (x, y) = (x0 + (index % SIDE) * CELL, y0 + (index / SIDE) * CELL);
+            root.draw(&Rectangle::new(
+                [(x as i32, y as i32), ((x + CELL) as i32, (y + CELL) as i32)],
+                RGBColor(grey, grey, grey).filled(),
+            ))
+            .map_err(|e| e.to_string())?;
+        }
+    }
+    root.present().map_err(|e| e.to_string())
+}
+
 fn load_colour(relative: f64) -> RGBColor {
     if relative < 1.0 {
         let t = (1.0 - relative).clamp(0.0, 1.0);

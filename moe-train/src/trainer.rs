@@ -107,6 +107,8 @@ pub struct RunSummary {
     pub train_losses: Vec<(usize, f64)>,
     /// `(step, validation loss)` of every evaluation of this invocation.
     pub val_losses: Vec<(usize, f64)>,
+    /// Share of validation images captioned right at the last evaluation (captioning).
+    pub accuracy: Option<f64>,
     /// The last checkpoint written.
     pub checkpoint: PathBuf,
     /// Stopped by the interrupt flag.
@@ -196,7 +198,7 @@ pub fn train(mut config: TrainConfig, options: RunOptions) -> Result<RunSummary>
             // The text model of the same shape stands in for the multimodal one's estimate.
             let vocab = moe_models::digits::TEXT_VOCAB.len() + config.data.image_levels;
             memory::check(&config, &config.text_model_config(vocab), selected.backend)?;
-            let task = DigitsTask::new(&config, &device);
+            let task = DigitsTask::new(&config, &device, options.show_progress)?;
             run(task, config, selected, device, options, resumed, run_dir)
         }
     }
@@ -321,6 +323,7 @@ pub fn run<T: Task>(
         last_step: state.step,
         train_losses: Vec::new(),
         val_losses: Vec::new(),
+        accuracy: None,
         checkpoint: PathBuf::new(),
         interrupted: false,
         samples: Vec::new(),
@@ -476,15 +479,21 @@ pub fn run<T: Task>(
                 val_loss: evaluation.loss,
                 val_perplexity: evaluation.loss.exp(),
                 train_seconds: Some(state.elapsed_seconds),
+                accuracy: evaluation.accuracy,
             };
             if options.show_progress {
+                let accuracy = row
+                    .accuracy
+                    .map(|a| format!(", captions right {:.1} %", 100.0 * a))
+                    .unwrap_or_default();
                 say(format!(
-                    "step {step:>6}: validation loss {:.4}, perplexity {}",
+                    "step {step:>6}: validation loss {:.4}, perplexity {}{accuracy}",
                     row.val_loss,
                     perplexity(row.val_loss)
                 ));
             }
             summary.val_losses.push((step, row.val_loss));
+            summary.accuracy = row.accuracy;
             log.write(&Row::Eval(row))?;
         }
         if save_now {
@@ -523,6 +532,14 @@ pub fn run<T: Task>(
             config.run.sample_tokens,
             seed,
         );
+        let images = task.sample_images(&model.valid(), seed);
+        if !images.is_empty() {
+            let path = out.join("samples.png");
+            match plots::digit_grid(&path, &images, config.data.image_levels) {
+                Ok(()) => summary.plots.push(path),
+                Err(error) => eprintln!("warning: could not draw {}: {error}", path.display()),
+            }
+        }
     }
     Ok(summary)
 }

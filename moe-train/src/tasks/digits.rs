@@ -1,30 +1,100 @@
 //! The multimodal digits task: captioning 8x8 digit images, or drawing them from their numeral.
+//!
+//! The images are drawn by code (unlimited, easy) or real handwritten MNIST digits
+//! ([`super::mnist`]: 9,000 to train on, 1,000 held out).
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use moe_core::rng::SplitMix64;
 use moe_models::digits::{self, DigitBatch, IMAGE_SIZE, NUMERALS, TEXT_VOCAB};
 use moe_models::{Modality, MultimodalMoeTransformer, SamplingConfig, Segment};
 
+use super::mnist::{self, MnistDigits};
 use super::{expert_shares, Evaluation, StepOutput, Task};
-use crate::config::{Task as TaskKind, TrainConfig};
+use crate::config::{DigitSource, Task as TaskKind, TrainConfig};
 use crate::error::Result;
 use crate::tokenizer::Tokenizer;
 
 /// Keeps the validation images apart from the training stream.
 const VALIDATION_STREAM: u64 = 0x00d1_c175;
+/// Keeps the MNIST split apart from other uses of the seed.
+const MNIST_SPLIT_STREAM: u64 = 0x0d15_0001;
+/// Images per numeral in the text-to-image sample grid.
+const SAMPLES_PER_DIGIT: usize = 8;
+/// MNIST images held out for validation.
+pub const MNIST_HELD_OUT: usize = 1000;
+/// Validation images per forward pass.
+const EVAL_CHUNK: usize = 250;
+
+/// Real digits split for training and validation.
+struct RealDigits {
+    digits: MnistDigits,
+    train: Vec<usize>,
+    validation: Vec<usize>,
+}
 
 /// Captioning (`Caption`) or drawing (`TextToImage`) digits.
 pub struct DigitsTask {
     config: TrainConfig,
     device: Device,
+    real: Option<RealDigits>,
 }
 
 impl DigitsTask {
-    /// The task `config.task` names (a multimodal one).
-    pub fn new(config: &TrainConfig, device: &Device) -> Self {
-        Self {
+    /// The task `config.task` names (a multimodal one), on the images `config.data.digits`
+    /// names (MNIST is fetched into the cache folder on first use).
+    pub fn new(config: &TrainConfig, device: &Device, show_progress: bool) -> Result<Self> {
+        let real = match config.data.digits {
+            DigitSource::Drawn => None,
+            DigitSource::Mnist => {
+                let digits = mnist::load(&config.cache_dir(), show_progress)?;
+                let mut order: Vec<usize> = (0..digits.len()).collect();
+                SplitMix64(config.run.seed ^ MNIST_SPLIT_STREAM).shuffle(&mut order);
+                let held_out = MNIST_HELD_OUT.min(digits.len() / 2);
+                let validation = order[..held_out].to_vec();
+                let train = order[held_out..].to_vec();
+                Some(RealDigits {
+                    digits,
+                    train,
+                    validation,
+                })
+            }
+        };
+        Ok(Self {
             config: config.clone(),
             device: device.clone(),
+            real,
+        })
+    }
+
+    /// The batch of the real images at `indices`.
+    fn real_batch(
+        real: &RealDigits,
+        indices: &[usize],
+        levels: usize,
+        device: &Device,
+    ) -> DigitBatch {
+        let labels = indices.iter().map(|&i| real.digits.labels[i]).collect();
+        let pixels = indices
+            .iter()
+            .flat_map(|&i| real.digits.image(i).iter().copied())
+            .collect();
+        digits::batch_of(labels, pixels, levels, device)
+    }
+
+    /// The validation batches: the held-out MNIST images, or a fixed set of drawn ones.
+    fn validation_batches(&self, device: &Device) -> Vec<DigitBatch> {
+        let levels = self.config.data.image_levels;
+        match &self.real {
+            Some(real) => real
+                .validation
+                .chunks(EVAL_CHUNK)
+                .map(|chunk| Self::real_batch(real, chunk, levels, device))
+                .collect(),
+            None => {
+                let count = self.config.optim.batch_size * self.config.run.eval_batches;
+                let mut rng = SplitMix64(self.config.run.seed ^ VALIDATION_STREAM);
+                vec![digits::batch(count, levels, &mut rng, device)]
+            }
         }
     }
 
@@ -69,7 +139,16 @@ impl Task for DigitsTask {
 
     fn step(&self, model: &MultimodalMoeTransformer, rng: &mut SplitMix64) -> StepOutput {
         let batch_size = self.config.optim.batch_size;
-        let batch = digits::batch(batch_size, self.config.data.image_levels, rng, &self.device);
+        let levels = self.config.data.image_levels;
+        let batch = match &self.real {
+            Some(real) => {
+                let indices: Vec<usize> = (0..batch_size)
+                    .map(|_| real.train[rng.below(real.train.len())])
+                    .collect();
+                Self::real_batch(real, &indices, levels, &self.device)
+            }
+            None => digits::batch(batch_size, levels, rng, &self.device),
+        };
         let (prefix, target) = self.segments(&batch);
         let (loss, out) = model.loss(&prefix, &target);
         let positions = match self.config.task {
@@ -87,15 +166,38 @@ impl Task for DigitsTask {
     }
 
     fn evaluate(&self, model: &MultimodalMoeTransformer, device: &Device) -> Evaluation {
-        let count = self.config.optim.batch_size * self.config.run.eval_batches;
-        let mut rng = SplitMix64(self.config.run.seed ^ VALIDATION_STREAM);
-        let batch = digits::batch(count, self.config.data.image_levels, &mut rng, device);
-        let (prefix, target) = self.segments(&batch);
-        let (loss, out) = model.loss(&prefix, &target);
-        let cross_entropy = (loss - out.aux_loss).into_scalar::<f64>();
+        let (mut loss_sum, mut images, mut right) = (0.0, 0usize, 0usize);
+        let mut load: Vec<Vec<f64>> = Vec::new();
+        for batch in self.validation_batches(device) {
+            let count = batch.digits.len();
+            let (prefix, target) = self.segments(&batch);
+            let (loss, out) = model.loss(&prefix, &target);
+            loss_sum += (loss - out.aux_loss.clone()).into_scalar::<f64>() * count as f64;
+            images += count;
+            if self.config.task == TaskKind::Caption {
+                right += count_right_numerals(&out.logits, &batch.digits);
+            }
+            let shares = expert_shares(&out.layer_stats);
+            if load.is_empty() {
+                load = shares
+                    .iter()
+                    .map(|l| l.iter().map(|v| v * count as f64).collect())
+                    .collect();
+            } else {
+                for (sum, layer) in load.iter_mut().zip(shares) {
+                    sum.iter_mut()
+                        .zip(layer)
+                        .for_each(|(a, b)| *a += b * count as f64);
+                }
+            }
+        }
+        let images_f = images.max(1) as f64;
+        load.iter_mut()
+            .for_each(|layer| layer.iter_mut().for_each(|v| *v /= images_f));
         Evaluation {
-            loss: cross_entropy,
-            expert_load: expert_shares(&out.layer_stats),
+            loss: loss_sum / images_f,
+            expert_load: load,
+            accuracy: (self.config.task == TaskKind::Caption).then(|| right as f64 / images_f),
         }
     }
 
@@ -133,13 +235,45 @@ impl Task for DigitsTask {
         None
     }
 
+    fn sample_images(
+        &self,
+        model: &MultimodalMoeTransformer,
+        seed: u64,
+    ) -> Vec<(usize, Vec<usize>)> {
+        if self.config.task != TaskKind::TextToImage {
+            return Vec::new();
+        }
+        (0..10 * SAMPLES_PER_DIGIT)
+            .map(|i| {
+                let digit = i / SAMPLES_PER_DIGIT;
+                // Sampled at temperature 1: the grid shows the variety the model learned.
+                let sampling = SamplingConfig {
+                    temperature: 1.0,
+                    top_k: None,
+                    top_p: None,
+                    seed: seed.wrapping_add(i as u64),
+                };
+                (digit, numeral_pixels(model, digit, sampling))
+            })
+            .collect()
+    }
+
     fn describe(&self) -> String {
         let what = match self.config.task {
             TaskKind::TextToImage => "text-to-image",
             _ => "captioning",
         };
+        let images = match &self.real {
+            Some(real) => format!(
+                "{} real MNIST digits shrunk to 8x8 ({} training, {} held out)",
+                real.digits.len(),
+                real.train.len(),
+                real.validation.len()
+            ),
+            None => "8x8 images of 0-9 drawn by code".into(),
+        };
         format!(
-            "digits {what}: 8x8 images of 0-9 drawn by code, {} pixel levels, numerals 零-九",
+            "digits {what}: {images}, {} pixel levels, numerals 零-九",
             self.config.data.image_levels
         )
     }
@@ -152,6 +286,15 @@ pub fn draw_numeral(
     levels: usize,
     sampling: SamplingConfig,
 ) -> String {
+    ascii_image(&numeral_pixels(model, digit, sampling), levels)
+}
+
+/// Asks a text-to-image model to draw `digit`; the 64 pixel levels.
+pub fn numeral_pixels(
+    model: &MultimodalMoeTransformer,
+    digit: usize,
+    sampling: SamplingConfig,
+) -> Vec<usize> {
     let device = model.text_head.weight.val().device();
     let ids = Tensor::<2, Int>::from_data(
         TensorData::new(
@@ -160,15 +303,14 @@ pub fn draw_numeral(
         ),
         &device,
     );
-    let pixels = model
+    model
         .generate(
             &Segment::Text(ids),
             Modality::Image,
             IMAGE_SIZE * IMAGE_SIZE,
             sampling,
         )
-        .unwrap_or_default();
-    ascii_image(&pixels, levels)
+        .unwrap_or_default()
 }
 
 /// Draws `digit` (seeded by `seed`) and asks a captioning model what it is; the image and
@@ -203,4 +345,25 @@ pub fn caption_digit(
         ascii_image(&quantized, levels),
         NUMERALS[digit]
     )
+}
+
+/// How many of the captions' first tokens (the numeral) the logits `[batch, 2, vocab]` get
+/// right for `digits`, choosing among the ten numerals.
+fn count_right_numerals(logits: &Tensor<3>, digits: &[usize]) -> usize {
+    let [batch, _, _] = logits.dims();
+    let first = digits::numeral_token(0);
+    let numerals = logits
+        .clone()
+        .slice([0..batch, 0..1, first..first + 10])
+        .reshape([batch, 10]);
+    let predicted: Vec<i64> = numerals
+        .argmax(1)
+        .reshape([batch])
+        .try_into_vec_as()
+        .unwrap_or_default();
+    predicted
+        .iter()
+        .zip(digits)
+        .filter(|&(&p, &d)| p as usize == d)
+        .count()
 }

@@ -1,6 +1,7 @@
 //! What is trained: a language model on text, or the multimodal model on the digits task.
 
 pub mod digits;
+pub mod mnist;
 pub mod text;
 
 use burn::module::Module;
@@ -36,6 +37,8 @@ pub struct Evaluation {
     pub loss: f64,
     /// Share of each expert's load per MoE layer on the validation data.
     pub expert_load: Vec<Vec<f64>>,
+    /// Share of validation images captioned with the right numeral (captioning).
+    pub accuracy: Option<f64>,
 }
 
 /// A training task: how to build the model, draw batches, validate and show samples.
@@ -59,6 +62,10 @@ pub trait Task {
     ) -> Vec<String>;
     /// The tokenizer to save with checkpoints (text tasks).
     fn tokenizer(&self) -> Option<&Tokenizer>;
+    /// Images drawn by the model, `(digit, pixel levels)` (text-to-image), for a sample grid.
+    fn sample_images(&self, _model: &Self::Model, _seed: u64) -> Vec<(usize, Vec<usize>)> {
+        Vec::new()
+    }
     /// What the run trains on, saved with checkpoints (text tasks).
     fn data_record(&self) -> Option<&DataRecord> {
         None

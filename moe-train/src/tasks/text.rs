@@ -204,6 +204,7 @@ impl Task for TextTask {
         Evaluation {
             loss: total / count,
             expert_load: load,
+            accuracy: None,
         }
     }
 

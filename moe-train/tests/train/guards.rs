@@ -236,6 +236,10 @@ fn a_spike_is_reported_against_the_running_mean() {
         .filter_map(|(i, &loss)| spikes.observe(loss).map(|_| i))
         .collect();
     assert_eq!(reported, [6]);
+    // Small losses jumping by 1.5x but by less than a nat are noise, not spikes.
+    let mut spikes = SpikeDetector::default();
+    let small = [0.4, 0.35, 0.3, 0.3, 0.3, 0.3, 0.55, 0.3];
+    assert!(small.iter().all(|&loss| spikes.observe(loss).is_none()));
 }
 
 #[test]

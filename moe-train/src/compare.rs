@@ -130,6 +130,9 @@ pub fn first_reach(curve: &[(usize, f64, f64)], target: f64) -> Option<(usize, f
         .map(|point| (point.0, point.1))
 }
 
+/// What a plot panel puts on its x axis, from a curve's point.
+type Axis = fn(&(usize, f64, f64)) -> f64;
+
 /// Both validation curves against steps (left) and training seconds (right), with the dense
 /// model's final loss as a dashed line.
 fn plot(path: &Path, moe: &Curve, dense: &Curve) -> std::result::Result<(), String> {
@@ -143,8 +146,7 @@ fn plot(path: &Path, moe: &Curve, dense: &Curve) -> std::result::Result<(), Stri
     let margin = ((high - low) * 0.05).max(1e-3);
     let losses = (low - margin)..(high + margin);
     let target = dense.last().map(|p| p.2);
-    let axes: [(&str, fn(&(usize, f64, f64)) -> f64); 2] =
-        [("step", |p| p.0 as f64), ("training seconds", |p| p.1)];
+    let axes: [(&str, Axis); 2] = [("step", |p| p.0 as f64), ("training seconds", |p| p.1)];
     for (panel, (name, x)) in panels.iter().zip(axes) {
         let end = all().map(x).fold(0.0, f64::max).max(1e-6);
         let mut builder = ChartBuilder::on(panel);

@@ -92,7 +92,7 @@ pub fn read_tarball(tarball: &Path) -> Result<MnistDigits> {
         let parsed: DigitFile =
             serde_json::from_reader(entry).map_err(|e| broken(format!("{name}: {e}")))?;
         let area = SOURCE_SIZE * SOURCE_SIZE;
-        if parsed.data.len() % area != 0 {
+        if !parsed.data.len().is_multiple_of(area) {
             return Err(broken(format!(
                 "{name}: {} values, not a whole number of 28x28 images",
                 parsed.data.len()

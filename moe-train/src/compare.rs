@@ -192,12 +192,7 @@ fn plot(path: &Path, moe: &Curve, dense: &Curve) -> std::result::Result<(), Stri
                 .map_err(|e| e.to_string())?;
         }
         if labels {
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()
-                .map_err(|e| e.to_string())?;
+            crate::plots::draw_legend(&mut chart)?;
         }
     }
     root.present().map_err(|e| e.to_string())

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use crate::metrics::{Row, TrainRow};
@@ -171,14 +172,23 @@ fn loss_plot(
             .map_err(|e| e.to_string())?;
     }
     if labels {
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| e.to_string())?;
+        draw_legend(&mut chart)?;
     }
     root.present().map_err(|e| e.to_string())
+}
+
+/// A line chart with `f64` axes on a PNG.
+pub(crate) type LineChart<'a, 'b> =
+    ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// The legend of the series labelled so far, on a white box.
+pub(crate) fn draw_legend<'a, 'b: 'a>(chart: &mut LineChart<'a, 'b>) -> Result<(), String> {
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| e.to_string())
 }
 
 /// Rows: one per (layer, expert); columns: one per logged step; colour: load relative to a

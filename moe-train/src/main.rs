@@ -83,9 +83,9 @@ fn run(cli: Cli) -> moe_train::Result<()> {
             Ok(())
         }
         Command::Compare(args) => {
-            if args.resume || args.dense {
+            if args.resume || args.dense || args.stop_after.is_some() {
                 return Err(moe_train::TrainError::Config(
-                    "`compare` trains two new runs, the MoE config and its dense twin: `--resume` and `--dense` do not apply".into(),
+                    "`compare` trains two whole new runs, the MoE config and its dense twin: `--resume`, `--dense` and `--stop-after` do not apply".into(),
                 ));
             }
             let config = args.resolve()?;

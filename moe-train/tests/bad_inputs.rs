@@ -262,6 +262,9 @@ fn cases() -> Vec<Case> {
             copy_run(dir, fix);
             flip_a_byte(&newest(dir).join("model.bpk"));
         }),
+        case("compare with --dense", &["compare", "--dense", "--out", "{dir}/cmp"], 1, &["compare", "--dense"]),
+        case("compare with --resume", &["compare", "--resume", "--out", "{dir}/cmp"], 1, &["compare", "--resume"]),
+        case("compare into a compare that exists", &["compare", "--text", "{fix}/corpus.txt", "--config", "{fix}/tiny.toml", "--backend", "flex", "--out", "{dir}/cmp"], 1, &["moe", "already holds a run", "--overwrite"]).prepared(|dir, fix| copy_dir(&fix.join("run"), &dir.join("cmp/moe"))),
         // Divergence.
         case("diverging from the first step", &train(&["--lr", "1e6", "--grad-clip", "0", "--steps", "40", "--checkpoint-every", "40"]), 3, &["diverged at step", "NaN", "No checkpoint was written"]),
     ]

@@ -248,6 +248,14 @@ pub fn open(path: &Path) -> Result<Opened> {
     })
 }
 
+/// The run config of the checkpoint `path` resolves to, read without checking the files
+/// against the manifest (what `train --resume` reads before the trainer opens the checkpoint
+/// with [`open`], which checks them: hashing a large model once is enough).
+pub fn read_config(path: &Path) -> Result<TrainConfig> {
+    let folder = resolve(path)?;
+    read_json(&folder.join(CONFIG_FILE)).map_err(|error| with_alternatives(error, &folder))
+}
+
 /// Checks every file the manifest lists against its size and checksum. A checkpoint written
 /// before manifests existed passes.
 pub fn verify(folder: &Path) -> Result<()> {
@@ -451,7 +459,7 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 /// The first 12 hex digits of a checksum, enough to tell two apart in a message.
-fn short(sha: &str) -> &str {
+pub fn short(sha: &str) -> &str {
     &sha[..sha.len().min(12)]
 }
 

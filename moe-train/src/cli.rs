@@ -42,9 +42,10 @@ impl Command {
     pub fn backend_hint(&self) -> Option<Backend> {
         match self {
             Command::Train(args) => args.backend.or_else(|| {
-                let folder = checkpoint::resolve(&args.out_dir()).ok()?;
-                let (_, config) = checkpoint::read_state(&folder).ok()?;
-                args.resume.then_some(config.run.backend)
+                let resume = args
+                    .resume
+                    .then(|| checkpoint::read_config(&args.out_dir()));
+                resume?.ok().map(|config| config.run.backend)
             }),
             Command::Compare(args) => args.backend,
             Command::Generate(args) => Some(args.backend),
@@ -201,7 +202,7 @@ impl TrainArgs {
         let mut config = if self.resume {
             let out = self.out_dir();
             crate::run_dir::check_is_folder(&out)?;
-            checkpoint::open(&out)?.config
+            checkpoint::read_config(&out)?
         } else {
             let preset = self.preset.unwrap_or(Preset::Tiny);
             TrainConfig::from_preset_and_file(preset, self.config.as_deref())?

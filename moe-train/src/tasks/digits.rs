@@ -9,7 +9,7 @@ use moe_models::digits::{self, DigitBatch, IMAGE_SIZE, NUMERALS, TEXT_VOCAB};
 use moe_models::{Modality, MultimodalMoeTransformer, SamplingConfig, Segment};
 
 use super::mnist::{self, MnistDigits};
-use super::{expert_shares, Evaluation, StepOutput, Task};
+use super::{Evaluation, LoadMean, StepOutput, Task};
 use crate::config::{DigitSource, Task as TaskKind, TrainConfig};
 use crate::error::Result;
 use crate::tokenizer::Tokenizer;
@@ -167,7 +167,7 @@ impl Task for DigitsTask {
 
     fn evaluate(&self, model: &MultimodalMoeTransformer, device: &Device) -> Evaluation {
         let (mut loss_sum, mut images, mut right) = (0.0, 0usize, 0usize);
-        let mut load: Vec<Vec<f64>> = Vec::new();
+        let mut load = LoadMean::default();
         for batch in self.validation_batches(device) {
             let count = batch.digits.len();
             let (prefix, target) = self.segments(&batch);
@@ -177,26 +177,12 @@ impl Task for DigitsTask {
             if self.config.task == TaskKind::Caption {
                 right += count_right_numerals(&out.logits, &batch.digits);
             }
-            let shares = expert_shares(&out.layer_stats);
-            if load.is_empty() {
-                load = shares
-                    .iter()
-                    .map(|l| l.iter().map(|v| v * count as f64).collect())
-                    .collect();
-            } else {
-                for (sum, layer) in load.iter_mut().zip(shares) {
-                    sum.iter_mut()
-                        .zip(layer)
-                        .for_each(|(a, b)| *a += b * count as f64);
-                }
-            }
+            load.add(&out.layer_stats, count as f64);
         }
         let images_f = images.max(1) as f64;
-        load.iter_mut()
-            .for_each(|layer| layer.iter_mut().for_each(|v| *v /= images_f));
         Evaluation {
             loss: loss_sum / images_f,
-            expert_load: load,
+            expert_load: load.mean(),
             accuracy: (self.config.task == TaskKind::Caption).then(|| right as f64 / images_f),
         }
     }

@@ -89,6 +89,42 @@ pub fn expert_shares(stats: &[RoutingStats]) -> Vec<Vec<f64>> {
         .collect()
 }
 
+/// The mean of the expert shares of several validation batches, each weighted (by its
+/// images, say).
+#[derive(Debug, Clone, Default)]
+pub struct LoadMean {
+    sum: Vec<Vec<f64>>,
+    weight: f64,
+}
+
+impl LoadMean {
+    /// Adds one batch's routing statistics with `weight`.
+    pub fn add(&mut self, stats: &[RoutingStats], weight: f64) {
+        let shares = expert_shares(stats);
+        if self.sum.is_empty() {
+            self.sum = vec![Vec::new(); shares.len()];
+        }
+        for (sum, layer) in self.sum.iter_mut().zip(shares) {
+            if sum.is_empty() {
+                *sum = vec![0.0; layer.len()];
+            }
+            sum.iter_mut()
+                .zip(layer)
+                .for_each(|(a, b)| *a += b * weight);
+        }
+        self.weight += weight;
+    }
+
+    /// The weighted mean, `[layer][expert]`.
+    pub fn mean(mut self) -> Vec<Vec<f64>> {
+        let weight = if self.weight > 0.0 { self.weight } else { 1.0 };
+        self.sum
+            .iter_mut()
+            .for_each(|layer| layer.iter_mut().for_each(|v| *v /= weight));
+        self.sum
+    }
+}
+
 /// Normalises counts to shares.
 pub fn shares(counts: &[i64]) -> Vec<f64> {
     let total: i64 = counts.iter().sum();

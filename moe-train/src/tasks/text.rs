@@ -4,7 +4,7 @@ use burn::tensor::Device;
 use moe_core::rng::SplitMix64;
 use moe_models::{GenerationConfig, MoeTransformer, SamplingConfig};
 
-use super::{expert_shares, Evaluation, StepOutput, Task};
+use super::{Evaluation, LoadMean, StepOutput, Task};
 use crate::backend::Precision;
 use crate::checkpoint::DataRecord;
 use crate::config::{TokenizerKind, TrainConfig};
@@ -184,26 +184,17 @@ impl Task for TextTask {
             device,
         );
         let mut total = 0.0;
-        let mut load: Vec<Vec<f64>> = Vec::new();
+        let mut load = LoadMean::default();
         for batch in &batches {
             let mask = batch.targets.clone().not_equal_elem(PAD as i64);
             let out = model.loss(batch.inputs.clone(), batch.targets.clone(), mask);
             total += out.cross_entropy.into_scalar::<f64>();
-            let shares = expert_shares(&out.layer_stats);
-            if load.is_empty() {
-                load = shares;
-            } else {
-                for (sum, layer) in load.iter_mut().zip(shares) {
-                    sum.iter_mut().zip(layer).for_each(|(a, b)| *a += b);
-                }
-            }
+            load.add(&out.layer_stats, 1.0);
         }
         let count = batches.len().max(1) as f64;
-        load.iter_mut()
-            .for_each(|layer| layer.iter_mut().for_each(|v| *v /= count));
         Evaluation {
             loss: total / count,
-            expert_load: load,
+            expert_load: load.mean(),
             accuracy: None,
         }
     }
@@ -259,9 +250,9 @@ fn check_unchanged(
         path: source.to_path_buf(),
         detail: format!(
             "now {documents} documents, sha256 {}; the run trained on {} documents, sha256 {}",
-            &checksum[..12.min(checksum.len())],
+            crate::checkpoint::short(checksum),
             record.documents,
-            &record.sha256[..12.min(record.sha256.len())]
+            crate::checkpoint::short(&record.sha256)
         ),
     })
 }

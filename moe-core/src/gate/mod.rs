@@ -28,9 +28,10 @@ pub use softmax_top_k::SoftmaxTopKGate;
 pub use switch::SwitchGate;
 
 use burn::config::Config;
-use burn::tensor::{Bool, Int, Tensor};
+use burn::tensor::{Bool, IndexingUpdateOp, Int, Tensor};
 
 use crate::error::MoeError;
+use crate::precision::to_dtype;
 use crate::{Router, RoutingMode};
 
 /// Which gate the layer uses, with that gate's settings.
@@ -199,21 +200,34 @@ pub(crate) fn one_hot(indices: Tensor<2, Int>, num_experts: usize) -> Tensor<3> 
 
 /// Spreads the `k` chosen weights of each token onto a `[tokens, experts]` matrix:
 /// `(weights, mask)` with `weights[n, indices[n, j]] = values[n, j]`.
+///
+/// Two scatters along the expert axis, `O(tokens * k)` work: a one-hot product would cost
+/// `O(tokens * k * experts)` forward and backward, which fine-grained layers (64 experts,
+/// top-16) paid in every step. The indices of a row are distinct (a top-k), so the
+/// scatter-add writes each element at most once and its backward is a plain gather.
 pub(crate) fn to_expert_matrix(
     indices: Tensor<2, Int>,
     values: Tensor<2>,
     num_experts: usize,
 ) -> (Tensor<2>, Tensor<2, Bool>) {
-    let one_hot = one_hot(indices, num_experts);
-    let mask = one_hot
-        .clone()
-        .sum_dim(1)
-        .squeeze_dim::<2>(1)
+    let [rows, _] = indices.dims();
+    let device = values.device();
+    let empty = || {
+        to_dtype(
+            Tensor::<2>::zeros([rows, num_experts], &device),
+            values.dtype(),
+        )
+    };
+    let chosen = empty()
+        .scatter(
+            1,
+            indices.clone(),
+            values.ones_like(),
+            IndexingUpdateOp::Add,
+        )
         .greater_elem(0.5);
-    let weights = (one_hot * values.unsqueeze_dim::<3>(2))
-        .sum_dim(1)
-        .squeeze_dim::<2>(1);
-    (weights, mask)
+    let weights = empty().scatter(1, indices, values, IndexingUpdateOp::Add);
+    (weights, chosen)
 }
 
 /// Fraction of assignments each expert received: `f_e = count_e / (tokens * k)`, `[experts]`.

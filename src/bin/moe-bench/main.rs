@@ -7,11 +7,13 @@
 //! Workloads (see BENCHMARKS.md): W1 the MoE layer forward + backward against the dense FFN
 //! with the same active FLOPs; W2 a training step of the `tiny` and `small` presets with peak
 //! memory; W3 the backend's matmul at the expert GEMM shapes; W4 the same in PyTorch eager
-//! (`bench/torch_moe.py`); W5 the layer's cost as tokens and experts grow (`--only w2` and
-//! `--only w5` run those alone). Every figure is the median of repeated runs after warm-up; W1's
+//! (`bench/torch_moe.py`); W5 the layer's cost as tokens and experts grow; W6 what finer
+//! experts cost at equal active width (`--only w2`, `--only w5` and `--only w6` run those
+//! alone). Every figure is the median of repeated runs after warm-up; W1's
 //! configurations are timed in interleaved rounds, so that the ratios between them (P1, P2)
 //! compare runs made at the same time.
 
+mod granularity;
 mod layer;
 mod scaling;
 mod step;
@@ -65,8 +67,9 @@ struct Args {
     /// measure what that gives.
     #[arg(long)]
     main_thread: bool,
-    /// Run only this workload: `w2` (training steps) or `w5` (scaling: the layer at T, 4T and
-    /// 16T tokens and 4, 16 and 64 experts).
+    /// Run only this workload: `w2` (training steps), `w5` (scaling: the layer at T, 4T and
+    /// 16T tokens and 4, 16 and 64 experts) or `w6` (granularity: 4 to 64 experts at equal
+    /// active width).
     #[arg(long, value_enum)]
     only: Option<Only>,
     /// W5's smallest token count T.
@@ -84,6 +87,8 @@ enum Only {
     W2,
     /// W5: the layer's cost as tokens and experts grow.
     W5,
+    /// W6: the layer's cost as experts get finer at equal active width.
+    W6,
 }
 
 fn main() {
@@ -129,6 +134,11 @@ fn bench(args: &Args, heap_reuse: bool) {
         Some(Only::W5) => {
             let w5 = w5(&device, args, warmup, repeats);
             write_json(args, json!({ "backend": selected.to_string(), "w5": w5 }));
+            return;
+        }
+        Some(Only::W6) => {
+            let w6 = w6(&device, warmup, repeats);
+            write_json(args, json!({ "backend": selected.to_string(), "w6": w6 }));
             return;
         }
         Some(Only::W2) => {
@@ -301,6 +311,7 @@ fn bench(args: &Args, heap_reuse: bool) {
     }
 
     let w5 = w5(&device, args, warmup, repeats);
+    let w6 = w6(&device, warmup, repeats);
 
     let report = ratios(&w1, &w2, &w3, torch.as_ref().ok());
     println!("\nratios (targets: P1 >= 0.90 at E=8 top-2, P2 <= 1.10, P3 >= 1.0, P4 >= 0.80, memory <= 1.5)");
@@ -327,6 +338,7 @@ fn bench(args: &Args, heap_reuse: bool) {
         Err(reason) => json!({ "not_measured": reason }),
     };
     output["w5"] = w5;
+    output["w6"] = json!(w6);
     write_json(args, output);
 }
 
@@ -387,6 +399,36 @@ fn w2(
     }
 
     (w2, torch_w2)
+}
+
+/// W6: prints and returns its rows.
+fn w6(
+    device: &burn::tensor::Device,
+    warmup: usize,
+    repeats: usize,
+) -> Vec<granularity::GranularityRow> {
+    println!(
+        "\nW6: granularity, MoE layer forward + backward at {} tokens, d_model {}, dropless, top-k x hidden = {} (interleaved rounds)",
+        granularity::TOKENS,
+        granularity::D_MODEL,
+        granularity::ACTIVE_HIDDEN
+    );
+    let rows = granularity::measure(device, warmup, repeats);
+    println!(
+        "{:>4} {:>6} {:>7} {:>9} {:>11}",
+        "E", "top-k", "hidden", "ms", "over dense"
+    );
+    for row in &rows {
+        println!(
+            "{:>4} {:>6} {:>7} {:>9.2} {:>11.2}",
+            row.experts,
+            row.top_k,
+            row.hidden,
+            row.seconds * 1e3,
+            row.over_dense
+        );
+    }
+    rows
 }
 
 /// W5: prints and returns its rows and ratios.

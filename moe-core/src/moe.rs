@@ -6,7 +6,7 @@ use burn::tensor::{Bool, Device, Tensor};
 
 use crate::balancing::{updated_bias, BiasBalancingConfig};
 use crate::dispatch::DispatchPlan;
-use crate::error::{check_nonzero, MoeError};
+use crate::error::{check_nonzero, check_positive, MoeError};
 use crate::gate::{GateConfig, GateInput};
 use crate::losses::{router_z_loss, LossConfig, LossKind};
 use crate::precision::to_dtype;
@@ -52,6 +52,14 @@ pub struct MoeConfig {
     pub shared_experts: usize,
     /// Auxiliary-loss-free balancing (DeepSeek-V3); `None` for off.
     pub balance_bias: Option<BiasBalancingConfig>,
+    /// Factor `s` on the routed experts' weighted sum, `y = s * sum_j g_j E_j(x)` (DeepSeek-V2
+    /// and V3's `routed_scaling_factor`); 1 for none. With `k` experts per token and weights
+    /// that sum to one, each expert's output reaches the layer's output scaled by about
+    /// `1/k`, so under Adam (whose steps do not grow with the gradient) the experts' function
+    /// changes `k` times slower than a dense FFN's at the same learning rate; `s = k` gives a
+    /// fine-grained layer the dense layer's pace.
+    #[config(default = 1.0)]
+    pub routed_scale: f64,
 }
 
 impl PartialEq for MoeConfig {
@@ -65,6 +73,7 @@ impl PartialEq for MoeConfig {
             && self.losses == other.losses
             && self.shared_experts == other.shared_experts
             && self.balance_bias == other.balance_bias
+            && self.routed_scale == other.routed_scale
     }
 }
 
@@ -84,6 +93,7 @@ impl MoeConfig {
         self.gate.validate(self.top_k)?;
         self.capacity.validate()?;
         self.losses.validate()?;
+        check_positive("routed_scale", self.routed_scale)?;
         if let Some(balance_bias) = &self.balance_bias {
             balance_bias.validate()?;
         }
@@ -260,6 +270,9 @@ impl Moe {
             .experts
             .forward_grouped(plan.dispatch(tokens.clone()), plan.offsets.clone());
         let mut output = plan.combine(expert_output, num_tokens);
+        if self.config.routed_scale != 1.0 {
+            output = output.mul_scalar(self.config.routed_scale);
+        }
         if let Some(shared) = &self.shared_experts {
             let shared_output = shared.forward(tokens.unsqueeze_dim(0)).squeeze_dim::<2>(0);
             output = output + shared_output;

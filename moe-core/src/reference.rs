@@ -19,6 +19,7 @@ pub struct ReferenceMoe {
     top_k: usize,
     gate: GateConfig,
     capacity: CapacityConfig,
+    routed_scale: f64,
     router: Vec<f64>,
     selection_bias: Option<Vec<f64>>,
     experts: Vec<ReferenceExpert>,
@@ -61,6 +62,7 @@ impl ReferenceMoe {
             top_k: config.top_k,
             gate: config.gate.clone(),
             capacity: config.capacity.clone(),
+            routed_scale: config.routed_scale,
             router: host(moe.router.weight.val()),
             selection_bias: moe.router.selection_bias.as_ref().map(|b| host(b.val())),
             experts,
@@ -135,7 +137,7 @@ impl ReferenceMoe {
         for &(n, e, w) in &kept {
             let y = self.experts[e].forward(&x[n * d..(n + 1) * d]);
             for i in 0..d {
-                output[n * d + i] += w * y[i];
+                output[n * d + i] += self.routed_scale * w * y[i];
             }
         }
         if let Some(shared) = &self.shared {

@@ -112,6 +112,8 @@ fn bad_numbers_name_their_field() {
             valid().with_balance_bias(Some(BiasBalancingConfig::new().with_update_rate(0.0))),
             "balance_bias.update_rate",
         ),
+        (valid().with_routed_scale(0.0), "routed_scale"),
+        (valid().with_routed_scale(f64::INFINITY), "routed_scale"),
     ];
     for (config, field) in cases {
         assert_eq!(out_of_range_field(config), field);

@@ -16,7 +16,7 @@ const PROGRAM: &str = env!("CARGO_BIN_EXE_burn-moe");
 
 /// The shape the fixture's runs train: small enough that a run of a few steps takes well under a
 /// second on the CPU.
-const TINY_TOML: &str = "[model]\nd_model = 32\nnum_layers = 2\nnum_heads = 2\ncontext_length = 16\nd_ff = 64\nexpert_hidden = 32\n\n[optim]\nbatch_size = 8\nwarmup_steps = 2\n\n[run]\nsteps = 4\nlog_every = 1\neval_every = 4\neval_batches = 2\ncheckpoint_every = 2\nsamples = 0\n";
+const TINY_TOML: &str = "[model]\nd_model = 32\nnum_layers = 2\nnum_heads = 2\ncontext_length = 16\nd_ff = 64\nexpert_hidden = 32\nexperts = 4\ntop_k = 2\nmoe_every = 2\ndropless = false\n\n[optim]\nbatch_size = 8\nwarmup_steps = 2\n\n[run]\nsteps = 4\nlog_every = 1\neval_every = 4\neval_batches = 2\ncheckpoint_every = 2\nsamples = 0\n";
 
 /// One bad input.
 struct Case {

@@ -70,6 +70,9 @@ pub fn tiny_config(text: PathBuf, steps: usize) -> TrainConfig {
     config.model.d_ff = 64;
     config.model.expert_hidden = 32;
     config.model.experts = 4;
+    config.model.top_k = 2;
+    config.model.moe_every = 2;
+    config.model.dropless = false;
     config.model.dropout = 0.0;
     config.optim.batch_size = 8;
     config.optim.warmup_steps = 5.min(steps);

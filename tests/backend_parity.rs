@@ -93,6 +93,21 @@ fn cases() -> Vec<Case> {
             }
         }
     }
+    // The tiny preset's design at this scale: many fine experts, several per token.
+    cases.push(Case {
+        name: "softmax-top-k gate, 16 experts, top-4, dropless".into(),
+        config: MoeConfig::new(D_MODEL, 16, ExpertConfig::new(D_HIDDEN))
+            .with_top_k(4)
+            .with_gate(GateConfig::softmax_top_k())
+            .with_capacity(CapacityConfig::dropless())
+            .with_losses(
+                LossConfig::new()
+                    .with_balance_weight(0.1)
+                    .with_z_loss_weight(0.01),
+            ),
+        zero_router: false,
+        identical_tokens: false,
+    });
     // Ties: a zero router gives every expert the same score; identical tokens give every token
     // the same score. The chosen experts and kept tokens must not depend on the backend.
     for (gate, top_k) in [

@@ -201,33 +201,54 @@ pub(crate) fn one_hot(indices: Tensor<2, Int>, num_experts: usize) -> Tensor<3> 
 /// Spreads the `k` chosen weights of each token onto a `[tokens, experts]` matrix:
 /// `(weights, mask)` with `weights[n, indices[n, j]] = values[n, j]`.
 ///
-/// Two scatters along the expert axis, `O(tokens * k)` work: a one-hot product would cost
-/// `O(tokens * k * experts)` forward and backward, which fine-grained layers (64 experts,
-/// top-16) paid in every step. The indices of a row are distinct (a top-k), so the
-/// scatter-add writes each element at most once and its backward is a plain gather.
+/// Two scatters along the expert axis, `O(tokens * k)` work: the one-hot product
+/// ([`one_hot_expert_matrix`]) costs `O(tokens * k * experts)` forward and backward, which
+/// fine-grained layers (64 experts, top-16) paid in every step. The indices of a row are
+/// distinct (a top-k), so the scatter-add writes each element at most once and its backward
+/// is a plain gather.
+///
+/// With one expert per token the one-hot product is used (it costs `O(tokens * experts)`
+/// then): on wgpu, Burn 0.22.1's fusion scatters a `[tokens, 1]` operand that comes from a
+/// `gather` into the wrong places when the expert count is even (found by
+/// `tests/backend_parity.rs`; `k >= 2` and odd counts are right).
 pub(crate) fn to_expert_matrix(
     indices: Tensor<2, Int>,
     values: Tensor<2>,
     num_experts: usize,
 ) -> (Tensor<2>, Tensor<2, Bool>) {
-    let [rows, _] = indices.dims();
+    let [rows, k] = indices.dims();
+    if k == 1 {
+        return one_hot_expert_matrix(indices, values, num_experts);
+    }
     let device = values.device();
-    let empty = || {
-        to_dtype(
-            Tensor::<2>::zeros([rows, num_experts], &device),
-            values.dtype(),
-        )
-    };
-    let chosen = empty()
-        .scatter(
-            1,
-            indices.clone(),
-            values.ones_like(),
-            IndexingUpdateOp::Add,
-        )
+    let dtype = values.dtype();
+    let filled =
+        |shape: [usize; 2], value: f64| to_dtype(Tensor::<2>::full(shape, value, &device), dtype);
+    let weights =
+        filled([rows, num_experts], 0.0).scatter(1, indices.clone(), values, IndexingUpdateOp::Add);
+    let chosen = filled([rows, num_experts], 0.0)
+        .scatter(1, indices, filled([rows, k], 1.0), IndexingUpdateOp::Add)
         .greater_elem(0.5);
-    let weights = empty().scatter(1, indices, values, IndexingUpdateOp::Add);
     (weights, chosen)
+}
+
+/// [`to_expert_matrix`] as a one-hot product: `weights = sum_j one_hot(indices[:, j]) *
+/// values[:, j]`.
+fn one_hot_expert_matrix(
+    indices: Tensor<2, Int>,
+    values: Tensor<2>,
+    num_experts: usize,
+) -> (Tensor<2>, Tensor<2, Bool>) {
+    let one_hot = one_hot(indices, num_experts);
+    let mask = one_hot
+        .clone()
+        .sum_dim(1)
+        .squeeze_dim::<2>(1)
+        .greater_elem(0.5);
+    let weights = (one_hot * values.unsqueeze_dim::<3>(2))
+        .sum_dim(1)
+        .squeeze_dim::<2>(1);
+    (weights, mask)
 }
 
 /// Fraction of assignments each expert received: `f_e = count_e / (tokens * k)`, `[experts]`.

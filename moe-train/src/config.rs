@@ -269,7 +269,7 @@ pub struct TrainConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Preset {
-    /// Trains on a 2-core CPU in about ten minutes (全唐诗).
+    /// Trains on a 2-core CPU in a few minutes (全唐诗; budget: ten).
     Tiny,
     /// For a laptop GPU (全唐诗).
     Small,

@@ -82,11 +82,7 @@ fn cases() -> Vec<Case> {
                     .with_top_k(*top_k)
                     .with_gate(gate.clone())
                     .with_capacity(capacity.clone())
-                    .with_losses(
-                        LossConfig::new()
-                            .with_balance_weight(0.1)
-                            .with_z_loss_weight(0.01),
-                    ),
+                    .with_losses(weighted_losses()),
                     zero_router: false,
                     identical_tokens: false,
                 });
@@ -100,11 +96,7 @@ fn cases() -> Vec<Case> {
             .with_top_k(4)
             .with_gate(GateConfig::softmax_top_k())
             .with_capacity(CapacityConfig::dropless())
-            .with_losses(
-                LossConfig::new()
-                    .with_balance_weight(0.1)
-                    .with_z_loss_weight(0.01),
-            ),
+            .with_losses(weighted_losses()),
         zero_router: false,
         identical_tokens: false,
     });
@@ -140,6 +132,13 @@ fn cases() -> Vec<Case> {
         }
     }
     cases
+}
+
+/// Both auxiliary losses with weights large enough that a wrong loss shows in the gradients.
+fn weighted_losses() -> LossConfig {
+    LossConfig::new()
+        .with_balance_weight(0.1)
+        .with_z_loss_weight(0.01)
 }
 
 /// Everything compared between two backends, read back to the host.

@@ -56,8 +56,9 @@ pub struct MoeConfig {
     /// and V3's `routed_scaling_factor`); 1 for none. With `k` experts per token and weights
     /// that sum to one, each expert's output reaches the layer's output scaled by about
     /// `1/k`, so under Adam (whose steps do not grow with the gradient) the experts' function
-    /// changes `k` times slower than a dense FFN's at the same learning rate; `s = k` gives a
-    /// fine-grained layer the dense layer's pace.
+    /// changes about `k` times slower than a dense FFN's at the same learning rate; `s > 1`
+    /// speeds it up. On the `tiny` preset (64 experts, top-16) `s` = 4 and 16 trained worse
+    /// than 1 (BENCHMARKS.md), so the presets leave it at 1.
     #[config(default = 1.0)]
     pub routed_scale: f64,
 }

@@ -10,15 +10,15 @@ use crate::checkpoint;
 use crate::cli::{EvalArgs, GenerateArgs};
 use crate::config::Task as TaskKind;
 use crate::divergence::non_finite_parameters;
-use crate::form::{self, FormShare};
-
-/// Longest sample `eval --form` draws: room for a poem of eight seven-character lines.
-const FORM_MAX_TOKENS: usize = 64;
 use crate::error::{Result, TrainError};
+use crate::form::{self, FormShare};
 use crate::tasks::digits::{caption_digit, draw_numeral, DigitsTask};
 use crate::tasks::text::TextTask;
 use crate::tasks::{Evaluation, Task};
 use crate::tokenizer::{Tokenizer, BOS, EOS, PAD};
+
+/// Longest sample `eval --form` draws: room for a poem of eight seven-character lines.
+const FORM_MAX_TOKENS: usize = 64;
 
 /// Streams generated text to standard output as it is produced; returns the generated text.
 pub fn generate(args: &GenerateArgs) -> Result<String> {

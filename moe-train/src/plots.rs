@@ -261,7 +261,6 @@ fn heatmap(
     root.present().map_err(|e| e.to_string())
 }
 
-/// White at the fair share, towards blue when idle, towards red when overloaded (2x = red).
 /// Draws generated digit images as a grid, a row per numeral: `images` holds `(digit, pixel
 /// levels)` pairs, 8x8 each, in `[0, levels)`; each pixel a 6x6 grey square, bright on dark.
 pub fn digit_grid(
@@ -299,6 +298,7 @@ pub fn digit_grid(
     root.present().map_err(|e| e.to_string())
 }
 
+/// White at the fair share, towards blue when idle, towards red when overloaded (2x = red).
 fn load_colour(relative: f64) -> RGBColor {
     if relative < 1.0 {
         let t = (1.0 - relative).clamp(0.0, 1.0);

@@ -265,7 +265,7 @@ fn compare(case: &Case, device: &Device) {
 /// A whole small MoE text model: logits, auxiliary loss, every layer's routing and the
 /// gradients of the embedding and of the first MoE layer's router and experts.
 fn compare_text_model(device: &Device) {
-    use burn_moe::models::{MoeTransformerConfig, PositionKind};
+    use burn_moe::models::{DecoderConfig, MoeTransformerConfig, PositionKind};
     let reference = reference_device();
     reference.seed(23);
     let moe = MoeConfig::new(16, 4, ExpertConfig::new(24).with_kind(ExpertKind::SwiGlu))
@@ -276,8 +276,8 @@ fn compare_text_model(device: &Device) {
                 .with_min_capacity(1),
         )
         .with_losses(LossConfig::new().with_z_loss_weight(0.01));
-    let config =
-        MoeTransformerConfig::new(31, 12, 16, 2, 4, 48, moe).with_positions(PositionKind::Learned);
+    let decoder = DecoderConfig::new(12, 16, 2, 4, 48, moe).with_positions(PositionKind::Learned);
+    let config = MoeTransformerConfig::new(31, decoder);
     let model = config.init(&reference).unwrap();
     let ids: Vec<i64> = (0..24).map(|i| (i * 7 % 31) as i64).collect();
 

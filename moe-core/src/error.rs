@@ -54,6 +54,12 @@ pub enum MoeError {
         /// Why the combination makes no sense.
         reason: &'static str,
     },
+    /// A shared-expert setting was given to a layer without shared experts.
+    #[error("`{field}` is set but `shared_experts` is 0; it only applies to shared experts")]
+    NeedsSharedExperts {
+        /// Path of the field in the config.
+        field: &'static str,
+    },
 }
 
 /// Checks that a size is not zero.

@@ -2,14 +2,16 @@
 
 use burn::config::Config;
 use burn::module::{Module, Param};
+use burn::tensor::activation::sigmoid;
 use burn::tensor::{Bool, Device, Tensor};
 
 use crate::balancing::{updated_bias, BiasBalancingConfig};
 use crate::dispatch::DispatchPlan;
 use crate::error::{check_nonzero, check_positive, MoeError};
 use crate::gate::{GateConfig, GateInput};
+use crate::init::uniform;
 use crate::losses::{router_z_loss, LossConfig, LossKind};
-use crate::precision::to_dtype;
+use crate::precision::{param_for, to_dtype};
 use crate::stats::RoutingRecord;
 use crate::token_order::TokenOrder;
 use crate::{CapacityConfig, DropPolicy, ExpertConfig, Experts, Router, RoutingMode, RoutingStats};
@@ -61,6 +63,15 @@ pub struct MoeConfig {
     /// than 1 (BENCHMARKS.md), so the presets leave it at 1.
     #[config(default = 1.0)]
     pub routed_scale: f64,
+    /// Hidden width of the shared-expert block when it is not `shared_experts *
+    /// expert.d_hidden` (Qwen2-MoE's `shared_expert_intermediate_size`); `None` for that
+    /// product.
+    pub shared_d_hidden: Option<usize>,
+    /// Scale the shared experts' output by a learned sigmoid gate, `sigmoid(x w_s) * shared(x)`
+    /// with `w_s: [d_model, 1]` (Qwen2-MoE's `shared_expert_gate`), so that each token decides
+    /// how much of the always-on block it takes.
+    #[config(default = false)]
+    pub shared_gate: bool,
 }
 
 impl PartialEq for MoeConfig {
@@ -75,6 +86,8 @@ impl PartialEq for MoeConfig {
             && self.shared_experts == other.shared_experts
             && self.balance_bias == other.balance_bias
             && self.routed_scale == other.routed_scale
+            && self.shared_d_hidden == other.shared_d_hidden
+            && self.shared_gate == other.shared_gate
     }
 }
 
@@ -95,6 +108,18 @@ impl MoeConfig {
         self.capacity.validate()?;
         self.losses.validate()?;
         check_positive("routed_scale", self.routed_scale)?;
+        if self.shared_experts == 0 && (self.shared_d_hidden.is_some() || self.shared_gate) {
+            return Err(MoeError::NeedsSharedExperts {
+                field: if self.shared_gate {
+                    "shared_gate"
+                } else {
+                    "shared_d_hidden"
+                },
+            });
+        }
+        if let Some(width) = self.shared_d_hidden {
+            check_nonzero("shared_d_hidden", width)?;
+        }
         if let Some(balance_bias) = &self.balance_bias {
             balance_bias.validate()?;
         }
@@ -127,16 +152,38 @@ impl MoeConfig {
         );
         let experts = self.expert.init(self.num_experts, self.d_model, device);
         let shared_experts = (self.shared_experts > 0).then(|| {
-            ExpertConfig::new(self.shared_experts * self.expert.d_hidden)
+            ExpertConfig::new(self.shared_width())
                 .with_kind(self.expert.kind)
                 .init(1, self.d_model, device)
         });
+        let shared_gate = self
+            .shared_gate
+            .then(|| uniform([self.d_model, 1], self.d_model, device));
         Ok(Moe {
             router,
             experts,
             shared_experts,
+            shared_gate,
             config: self.clone(),
         })
+    }
+
+    /// Hidden width of the shared-expert block: `shared_d_hidden`, or `shared_experts *
+    /// expert.d_hidden` (0 without shared experts).
+    pub fn shared_width(&self) -> usize {
+        if self.shared_experts == 0 {
+            return 0;
+        }
+        self.shared_d_hidden
+            .unwrap_or(self.shared_experts * self.expert.d_hidden)
+    }
+
+    /// Expert hidden units one token passes through: `top_k * expert.d_hidden` routed (for
+    /// expert choice, the average `capacity.train_factor` experts, rounded up) plus the shared
+    /// block's width. The width of the dense FFN with the same active parameters.
+    pub fn active_width(&self) -> usize {
+        let routed = self.active_experts_per_token() - self.shared_experts;
+        routed * self.expert.d_hidden + self.shared_width()
     }
 
     /// Experts each token visits: `top_k` routed plus the shared ones (for expert choice, the
@@ -154,15 +201,26 @@ impl MoeConfig {
     /// present), all experts and the shared experts. Equals Burn's `Module::num_params`.
     pub fn num_params(&self) -> usize {
         let per_expert = self.expert.params_per_expert(self.d_model);
-        self.router_params() + (self.num_experts + self.shared_experts) * per_expert
-            - self.shared_bias_overlap()
+        self.router_params() + self.num_experts * per_expert + self.shared_params()
     }
 
     /// Parameters one token uses: the router, its `top_k` experts and the shared experts.
     pub fn num_active_params(&self) -> usize {
         let per_expert = self.expert.params_per_expert(self.d_model);
-        self.router_params() + self.active_experts_per_token() * per_expert
-            - self.shared_bias_overlap()
+        let routed = self.active_experts_per_token() - self.shared_experts;
+        self.router_params() + routed * per_expert + self.shared_params()
+    }
+
+    /// The shared-expert block (one expert of [`MoeConfig::shared_width`]) and its gate.
+    fn shared_params(&self) -> usize {
+        if self.shared_experts == 0 {
+            return 0;
+        }
+        let block = ExpertConfig::new(self.shared_width())
+            .with_kind(self.expert.kind)
+            .params_per_expert(self.d_model);
+        let gate = if self.shared_gate { self.d_model } else { 0 };
+        block + gate
     }
 
     fn router_params(&self) -> usize {
@@ -177,17 +235,6 @@ impl MoeConfig {
             0
         };
         weights * self.d_model * self.num_experts + bias
-    }
-
-    /// The shared experts are stored as one wide expert with one output bias instead of
-    /// `shared_experts` of them.
-    fn shared_bias_overlap(&self) -> usize {
-        match self.expert.kind {
-            crate::ExpertKind::Ffn(_) if self.shared_experts > 1 => {
-                (self.shared_experts - 1) * self.d_model
-            }
-            _ => 0,
-        }
     }
 }
 
@@ -205,6 +252,8 @@ pub struct Moe {
     pub experts: Experts,
     /// The shared experts (one wide expert), if any.
     pub shared_experts: Option<Experts>,
+    /// The shared experts' sigmoid gate `w_s`, `[d_model, 1]` (see [`MoeConfig::shared_gate`]).
+    pub shared_gate: Option<Param<Tensor<2>>>,
     #[module(skip)]
     config: MoeConfig,
 }
@@ -275,7 +324,13 @@ impl Moe {
             output = output.mul_scalar(self.config.routed_scale);
         }
         if let Some(shared) = &self.shared_experts {
-            let shared_output = shared.forward(tokens.unsqueeze_dim(0)).squeeze_dim::<2>(0);
+            let mut shared_output = shared
+                .forward(tokens.clone().unsqueeze_dim(0))
+                .squeeze_dim::<2>(0);
+            if let Some(gate) = &self.shared_gate {
+                let weight = param_for(gate, &tokens);
+                shared_output = shared_output * sigmoid(tokens.matmul(weight));
+            }
             output = output + shared_output;
         }
 

@@ -24,6 +24,8 @@ pub struct ReferenceMoe {
     selection_bias: Option<Vec<f64>>,
     experts: Vec<ReferenceExpert>,
     shared: Option<ReferenceExpert>,
+    /// The shared experts' sigmoid gate weight, `[d_model]`.
+    shared_gate: Option<Vec<f64>>,
 }
 
 /// Output of [`ReferenceMoe::forward`].
@@ -70,6 +72,7 @@ impl ReferenceMoe {
                 .shared_experts
                 .as_ref()
                 .map(|shared| ReferenceExpert::from_stack(shared, 0)),
+            shared_gate: moe.shared_gate.as_ref().map(|gate| host(gate.val())),
         }
     }
 
@@ -142,9 +145,15 @@ impl ReferenceMoe {
         }
         if let Some(shared) = &self.shared {
             for n in 0..num_tokens {
-                let y = shared.forward(&x[n * d..(n + 1) * d]);
+                let token = &x[n * d..(n + 1) * d];
+                let y = shared.forward(token);
+                // sigmoid(x . w_s), a plain loop.
+                let scale = self.shared_gate.as_ref().map_or(1.0, |w| {
+                    let z: f64 = token.iter().zip(w).map(|(a, b)| a * b).sum();
+                    1.0 / (1.0 + (-z).exp())
+                });
                 for i in 0..d {
-                    output[n * d + i] += y[i];
+                    output[n * d + i] += scale * y[i];
                 }
             }
         }

@@ -1,16 +1,18 @@
 //! Causal multi-head self-attention with an optional key/value cache.
 
 use burn::module::Module;
-use burn::nn::{Dropout, DropoutConfig, Linear, RotaryEncoding, RotaryEncodingConfig};
+use burn::nn::{Dropout, DropoutConfig, Linear};
 use burn::tensor::{Device, Int, Tensor};
 use moe_kernels::{causal_softmax, multi_head_matmul, rotary, HeadLayout};
 
+use crate::decoder::{DecoderConfig, PositionKind, RotaryPairing};
 use crate::dropout::apply_dropout;
 use crate::init::linear;
+use crate::norm::Norm;
 use crate::projection;
 
-/// Keys and values of the positions seen so far, for one layer: `[batch, heads, positions,
-/// head_dim]` each.
+/// Keys and values of the positions seen so far, for one layer: `[batch, kv_heads,
+/// positions, head_dim]` each.
 #[derive(Debug, Clone)]
 pub struct LayerCache {
     /// Cached keys.
@@ -23,50 +25,68 @@ pub struct LayerCache {
 /// "RoFormer", 2021) when enabled:
 ///
 /// `softmax(Q K^T / sqrt(d_head) + causal_mask) V`, heads concatenated, then `W_o`.
+///
+/// With fewer key/value heads than query heads (grouped-query attention, Ainslie et al. 2023)
+/// each key/value head serves `num_heads / num_kv_heads` consecutive query heads, and the cache
+/// holds only the key/value heads. OLMoE's options: `Q = norm_q(x W_q)`, `K = norm_k(x W_k)`
+/// (RMSNorm over the whole projection), and `Q`, `K`, `V` clamped to `[-c, c]`.
 #[derive(Module, Debug)]
 pub struct CausalSelfAttention {
-    /// Query projection.
+    /// Query projection, `[d_model, num_heads * head_dim]`.
     pub query: Linear,
-    /// Key projection.
+    /// Key projection, `[d_model, num_kv_heads * head_dim]`.
     pub key: Linear,
-    /// Value projection.
+    /// Value projection, `[d_model, num_kv_heads * head_dim]`.
     pub value: Linear,
     /// Output projection.
     pub output: Linear,
-    /// Rotary position encoding, if the model uses rotary positions.
-    pub rotary: Option<RotaryEncoding>,
+    /// Norm of the query projection (OLMoE's `q_norm`).
+    pub query_norm: Option<Norm>,
+    /// Norm of the key projection (OLMoE's `k_norm`).
+    pub key_norm: Option<Norm>,
     /// Dropout on the attention weights.
     pub dropout: Dropout,
-    /// Number of heads.
+    /// Number of query heads.
     pub num_heads: usize,
+    /// Number of key/value heads (a divisor of `num_heads`).
+    pub num_kv_heads: usize,
+    /// Rotary positions, if the model uses them.
+    #[module(skip)]
+    rotary: Option<RotarySettings>,
+    /// The clamp of the projections, if any.
+    #[module(skip)]
+    qkv_clip: Option<f64>,
+}
+
+/// Base and pairing of rotary positions.
+#[derive(Debug, Clone, Copy)]
+struct RotarySettings {
+    theta: f64,
+    pairing: RotaryPairing,
 }
 
 impl CausalSelfAttention {
-    /// Attention over `d_model` with `num_heads` heads; `rotary_positions` is the longest
-    /// sequence to precompute rotations for, or `None` for no rotary encoding.
-    pub fn init(
-        d_model: usize,
-        num_heads: usize,
-        rotary_positions: Option<usize>,
-        dropout: f64,
-        device: &Device,
-    ) -> Self {
-        let head_dim = d_model / num_heads;
+    /// The attention of a block of `config`.
+    pub fn init(config: &DecoderConfig, device: &Device) -> Self {
+        let d_model = config.d_model;
+        let kv_width = config.kv_heads() * config.head_dim();
+        let norm = |width| config.norm.init(width, config.norm_epsilon, device);
         Self {
-            query: linear(d_model, d_model, true, device),
-            key: linear(d_model, d_model, true, device),
-            value: linear(d_model, d_model, true, device),
-            output: linear(d_model, d_model, true, device),
-            rotary: rotary_positions
-                .map(|positions| RotaryEncodingConfig::new(positions, head_dim).init(device)),
-            dropout: DropoutConfig::new(dropout).init(),
-            num_heads,
+            query: linear(d_model, d_model, config.qkv_bias, device),
+            key: linear(d_model, kv_width, config.qkv_bias, device),
+            value: linear(d_model, kv_width, config.qkv_bias, device),
+            output: linear(d_model, d_model, config.output_bias, device),
+            query_norm: config.qk_norm.then(|| norm(d_model)),
+            key_norm: config.qk_norm.then(|| norm(kv_width)),
+            dropout: DropoutConfig::new(config.dropout).init(),
+            num_heads: config.num_heads,
+            num_kv_heads: config.kv_heads(),
+            rotary: (config.positions == PositionKind::Rotary).then_some(RotarySettings {
+                theta: config.rope_theta,
+                pairing: config.rotary_pairing,
+            }),
+            qkv_clip: config.qkv_clip,
         }
-    }
-
-    /// Parameters of the attention of a `d_model`-wide model.
-    pub fn num_params(d_model: usize) -> usize {
-        4 * (d_model * d_model + d_model)
     }
 
     /// Attends `x: [batch, length, d_model]` whose first position is position `start` of the
@@ -81,23 +101,33 @@ impl CausalSelfAttention {
         let [batch, length, d_model] = x.dims();
         let heads = self.num_heads;
         let head_dim = d_model / heads;
-        let split = |t: Tensor<3>| -> Tensor<4> {
+        let split = |t: Tensor<3>, heads: usize| -> Tensor<4> {
             t.reshape([batch, length, heads, head_dim]).swap_dims(1, 2)
         };
         let mut query = projection::apply(&self.query, x.clone());
         let mut key = projection::apply(&self.key, x.clone());
-        let mut value = split(projection::apply(&self.value, x));
-        if let Some(encoding) = &self.rotary {
+        let mut value = projection::apply(&self.value, x);
+        if let Some(norm) = &self.query_norm {
+            query = norm.forward(query);
+        }
+        if let Some(norm) = &self.key_norm {
+            key = norm.forward(key);
+        }
+        if let Some(clip) = self.qkv_clip {
+            query = query.clamp(-clip, clip);
+            key = key.clamp(-clip, clip);
+            value = value.clamp(-clip, clip);
+        }
+        let mut value = split(value, self.num_kv_heads);
+        if let Some(settings) = self.rotary {
             // Rotated before the heads are split, while the rows are still contiguous.
-            let (cos, sin) = rotation_tables(encoding, start, length, heads);
-            let (cos, sin) = (cos.cast(query.dtype()), sin.cast(query.dtype()));
-            query = rotary(query, cos.clone(), sin.clone());
-            key = rotary(key, cos, sin);
+            query = rotate(query, settings, start, heads, head_dim);
+            key = rotate(key, settings, start, self.num_kv_heads, head_dim);
         }
         // Scaling the queries rather than the scores: the same product, on a tensor
         // `keys / head_dim` times smaller, and while its rows are contiguous.
-        let query = split(query.div_scalar((head_dim as f64).sqrt()));
-        let mut key = split(key);
+        let query = split(query.div_scalar((head_dim as f64).sqrt()), heads);
+        let mut key = split(key, self.num_kv_heads);
         if let Some(cache) = cache {
             if let Some(past) = cache.take() {
                 key = Tensor::cat(vec![past.key, key], 2);
@@ -108,6 +138,8 @@ impl CausalSelfAttention {
                 value: value.clone(),
             });
         }
+        let groups = heads / self.num_kv_heads;
+        let (key, value) = (repeat_heads(key, groups), repeat_heads(value, groups));
 
         // The heads stay views of the `[batch, length, d_model]` projections: the products read
         // them through their strides, the context comes out with each position's heads side
@@ -123,21 +155,69 @@ impl CausalSelfAttention {
     }
 }
 
+/// `x: [batch, kv_heads, positions, head_dim]` with each head repeated `groups` times in
+/// place, `[batch, kv_heads * groups, positions, head_dim]` (query head `j` reads key/value
+/// head `j / groups`, as Hugging Face's `repeat_kv` orders them).
+fn repeat_heads(x: Tensor<4>, groups: usize) -> Tensor<4> {
+    if groups == 1 {
+        return x;
+    }
+    let [batch, kv_heads, positions, head_dim] = x.dims();
+    x.unsqueeze_dim::<5>(2).repeat_dim(2, groups).reshape([
+        batch,
+        kv_heads * groups,
+        positions,
+        head_dim,
+    ])
+}
+
+/// Rotary positions on `x: [batch, length, heads * head_dim]` whose first row is position
+/// `start`. The half-split pairing is brought to the adjacent one by reordering each head's
+/// coordinates `(x_0 .. x_{d/2-1}, x_{d/2} .. x_{d-1})` into `(x_0, x_{d/2}, x_1, ...)`;
+/// queries and keys are reordered alike, so their dot products, and so attention, are those of
+/// the half-split rotation.
+fn rotate(
+    x: Tensor<3>,
+    settings: RotarySettings,
+    start: usize,
+    heads: usize,
+    head_dim: usize,
+) -> Tensor<3> {
+    let [batch, length, width] = x.dims();
+    let x = match settings.pairing {
+        RotaryPairing::Adjacent => x,
+        RotaryPairing::HalfSplit => x
+            .reshape([batch, length, heads, 2, head_dim / 2])
+            .swap_dims(3, 4)
+            .reshape([batch, length, width]),
+    };
+    let (cos, sin) = rotation_tables(settings.theta, head_dim, start, length, heads, &x.device());
+    let (cos, sin) = (cos.cast(x.dtype()), sin.cast(x.dtype()));
+    rotary(x, cos, sin)
+}
+
 /// The cosines and sines of the rotary angles `θ_i p` at positions `p` in `start..start +
-/// length`, `[length, heads * head_dim / 2]`: the `head_dim / 2` angles of one head repeated for
-/// every head, so that they rotate a `[batch, length, d_model]` tensor whose heads are not yet
-/// split.
+/// length`, with `θ_i = base^(-2i / head_dim)`, `[length, heads * head_dim / 2]`: the
+/// `head_dim / 2` angles of one head repeated for every head, so that they rotate a
+/// `[batch, length, heads * head_dim]` tensor whose heads are not yet split. Computed in f32 on
+/// the device, as the reference implementations compute them.
 fn rotation_tables(
-    encoding: &RotaryEncoding,
+    base: f64,
+    head_dim: usize,
     start: usize,
     length: usize,
     heads: usize,
+    device: &Device,
 ) -> (Tensor<2>, Tensor<2>) {
-    let device = encoding.theta.device();
-    let positions = Tensor::<1, Int>::arange(start as i64..(start + length) as i64, &device)
+    let pairs = head_dim / 2;
+    let frequencies = Tensor::<1, Int>::arange(0..pairs as i64, device)
+        .float()
+        .mul_scalar(-2.0 * base.ln() / head_dim as f64)
+        .exp();
+    let positions = Tensor::<1, Int>::arange(start as i64..(start + length) as i64, device)
         .float()
         .unsqueeze_dim::<2>(1);
-    let angles = positions * encoding.theta.clone().unsqueeze_dim::<2>(0);
+    let angles = positions * frequencies.unsqueeze_dim::<2>(0);
     (
         angles.clone().cos().repeat_dim(1, heads),
         angles.sin().repeat_dim(1, heads),

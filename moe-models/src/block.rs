@@ -6,11 +6,13 @@ use burn::tensor::{Device, Int, Tensor};
 use moe_core::precision::to_dtype;
 use moe_core::{ExpertConfig, Experts, Moe, MoeConfig, RoutingStats};
 
+use crate::decoder::{DecoderConfig, PositionKind};
+
 use crate::attention::{CausalSelfAttention, LayerCache};
 use crate::dropout::apply_dropout;
 use crate::error::ModelError;
 use crate::init::embedding;
-use crate::norm::{Norm, NormKind};
+use crate::norm::Norm;
 
 /// The feed-forward half of a block: a dense FFN or an MoE layer.
 ///
@@ -91,46 +93,6 @@ pub struct Block {
     pub dropout: Dropout,
 }
 
-/// Settings shared by every block of a stack.
-#[derive(Debug, Clone)]
-pub struct StackSettings {
-    /// Model width.
-    pub d_model: usize,
-    /// Layers.
-    pub num_layers: usize,
-    /// Attention heads.
-    pub num_heads: usize,
-    /// Longest sequence (for rotary tables).
-    pub context_length: usize,
-    /// Rotary positions (otherwise the model adds learned positions itself).
-    pub rotary: bool,
-    /// Norm kind.
-    pub norm: NormKind,
-    /// Dropout probability.
-    pub dropout: f64,
-    /// The FFN of dense layers.
-    pub dense_ffn: ExpertConfig,
-    /// The MoE layer config.
-    pub moe: MoeConfig,
-    /// MoE in every `moe_every`-th layer (0: none).
-    pub moe_every: usize,
-}
-
-impl StackSettings {
-    /// Whether layer `index` (from 0) is an MoE layer: layers `moe_every - 1`,
-    /// `2 * moe_every - 1`, ... (every layer for 1, every other layer for 2, as in GShard).
-    pub fn is_moe_layer(&self, index: usize) -> bool {
-        self.moe_every > 0 && (index + 1).is_multiple_of(self.moe_every)
-    }
-
-    /// Number of MoE layers.
-    pub fn num_moe_layers(&self) -> usize {
-        (0..self.num_layers)
-            .filter(|&i| self.is_moe_layer(i))
-            .count()
-    }
-}
-
 /// The decoder both models share: learned positions (if used), the blocks, the final norm.
 #[derive(Module, Debug)]
 pub struct DecoderStack {
@@ -170,36 +132,34 @@ impl KvCache {
 }
 
 impl DecoderStack {
-    /// Builds the stack.
-    pub fn init(settings: &StackSettings, device: &Device) -> Result<Self, ModelError> {
-        let rotary = settings.rotary.then_some(settings.context_length);
-        let blocks = (0..settings.num_layers)
+    /// Builds the stack of `config` (validated by the caller).
+    pub fn init(config: &DecoderConfig, device: &Device) -> Result<Self, ModelError> {
+        let norm = || {
+            config
+                .norm
+                .init(config.d_model, config.norm_epsilon, device)
+        };
+        let blocks = (0..config.num_layers)
             .map(|index| {
-                let ffn = if settings.is_moe_layer(index) {
-                    FeedForward::moe(&settings.moe, device)?
+                let ffn = if config.is_moe_layer(index) {
+                    FeedForward::moe(&config.moe, device)?
                 } else {
-                    FeedForward::dense(&settings.dense_ffn, settings.d_model, device)
+                    FeedForward::dense(&config.dense_ffn(), config.d_model, device)
                 };
                 Ok(Block {
-                    attention_norm: settings.norm.init(settings.d_model, device),
-                    attention: CausalSelfAttention::init(
-                        settings.d_model,
-                        settings.num_heads,
-                        rotary,
-                        settings.dropout,
-                        device,
-                    ),
-                    ffn_norm: settings.norm.init(settings.d_model, device),
+                    attention_norm: norm(),
+                    attention: CausalSelfAttention::init(config, device),
+                    ffn_norm: norm(),
                     ffn,
-                    dropout: DropoutConfig::new(settings.dropout).init(),
+                    dropout: DropoutConfig::new(config.dropout).init(),
                 })
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
         Ok(Self {
-            position_embedding: (!settings.rotary)
-                .then(|| embedding(settings.context_length, settings.d_model, device)),
+            position_embedding: (config.positions == PositionKind::Learned)
+                .then(|| embedding(config.context_length, config.d_model, device)),
             blocks,
-            final_norm: settings.norm.init(settings.d_model, device),
+            final_norm: norm(),
         })
     }
 

@@ -20,6 +20,26 @@ pub enum ModelError {
         /// Number of heads.
         num_heads: usize,
     },
+    /// The key/value heads do not split the query heads into equal groups.
+    #[error(
+        "`num_kv_heads` ({num_kv_heads}) must be at least 1 and divide `num_heads` ({num_heads})"
+    )]
+    KvHeadsDoNotDivide {
+        /// Query heads.
+        num_heads: usize,
+        /// Key/value heads.
+        num_kv_heads: usize,
+    },
+    /// A list of layers names a layer the model does not have.
+    #[error("`{field}` lists layer {layer}, but the model has {num_layers} (numbered from 0)")]
+    NoSuchLayer {
+        /// Path of the field in the config.
+        field: &'static str,
+        /// The layer named.
+        layer: usize,
+        /// Layers of the model.
+        num_layers: usize,
+    },
     /// Rotary positions rotate pairs of coordinates, so a head needs an even width.
     #[error("rotary positions need an even head width, got d_model / num_heads = {head_dim}")]
     OddHeadDim {

@@ -42,7 +42,7 @@ impl MoeTransformer {
         mut on_token: impl FnMut(usize),
     ) -> Result<Vec<usize>, ModelError> {
         let vocab_size = self.config().vocab_size;
-        let context = self.config().context_length;
+        let context = self.config().decoder.context_length;
         if prompt.is_empty() {
             return Err(ModelError::Zero {
                 field: "prompt length",

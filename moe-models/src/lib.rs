@@ -13,6 +13,7 @@
 
 mod attention;
 mod block;
+mod decoder;
 pub mod digits;
 mod dropout;
 mod error;
@@ -27,6 +28,7 @@ mod upcycle;
 
 pub use attention::{CausalSelfAttention, LayerCache};
 pub use block::{Block, DecoderStack, FeedForward, KvCache};
+pub use decoder::{DecoderConfig, PositionKind, RotaryPairing};
 pub use error::ModelError;
 pub use generate::GenerationConfig;
 pub use multimodal::{
@@ -37,6 +39,6 @@ pub use norm::{Norm, NormKind};
 pub use sampling::{Sampler, SamplingConfig};
 pub use transformer::{
     masked_cross_entropy, LossOutput, ModelOutput, MoeTransformer, MoeTransformerConfig,
-    ParameterCount, PositionKind,
+    ParameterCount,
 };
 pub use upcycle::UPCYCLED_ROUTER_STD;

@@ -11,15 +11,15 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Embedding, Linear};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use moe_core::{MoeConfig, RoutingStats};
+use moe_core::RoutingStats;
 
-use crate::block::{DecoderStack, KvCache, StackSettings};
-use crate::error::{check_nonzero, check_probability, ModelError};
+use crate::block::{DecoderStack, KvCache};
+use crate::decoder::DecoderConfig;
+use crate::error::{check_nonzero, ModelError};
 use crate::init::{embedding, linear};
-use crate::norm::NormKind;
 use crate::projection;
 use crate::sampling::{Sampler, SamplingConfig};
-use crate::transformer::{masked_cross_entropy, validate_stack, PositionKind};
+use crate::transformer::masked_cross_entropy;
 
 /// Configuration of a [`MultimodalMoeTransformer`].
 #[derive(Config, Debug)]
@@ -32,33 +32,11 @@ pub struct MultimodalMoeTransformerConfig {
     pub image_size: usize,
     /// Side of a patch, in pixels (must divide `image_size`).
     pub patch_size: usize,
-    /// Longest sequence the model sees.
-    pub context_length: usize,
-    /// Model width.
-    pub d_model: usize,
-    /// Number of blocks.
-    pub num_layers: usize,
-    /// Attention heads.
-    pub num_heads: usize,
-    /// Hidden size of the dense FFN layers.
-    pub d_ff: usize,
-    /// The MoE layer of the MoE blocks.
-    pub moe: MoeConfig,
+    /// The decoder stack, the text model's form.
+    pub decoder: DecoderConfig,
     /// Image channels.
     #[config(default = 1)]
     pub image_channels: usize,
-    /// MoE FFN in every `moe_every`-th block; 0: dense.
-    #[config(default = 1)]
-    pub moe_every: usize,
-    /// Normalisation.
-    #[config(default = "NormKind::RmsNorm")]
-    pub norm: NormKind,
-    /// Position encoding.
-    #[config(default = "PositionKind::Rotary")]
-    pub positions: PositionKind,
-    /// Dropout probability.
-    #[config(default = 0.0)]
-    pub dropout: f64,
 }
 
 /// One part of the input sequence.
@@ -158,11 +136,6 @@ impl MultimodalMoeTransformerConfig {
             ("image_size", self.image_size),
             ("patch_size", self.patch_size),
             ("image_channels", self.image_channels),
-            ("context_length", self.context_length),
-            ("d_model", self.d_model),
-            ("num_layers", self.num_layers),
-            ("num_heads", self.num_heads),
-            ("d_ff", self.d_ff),
         ] {
             check_nonzero(field, value)?;
         }
@@ -172,40 +145,31 @@ impl MultimodalMoeTransformerConfig {
                 patch_size: self.patch_size,
             });
         }
-        check_probability("dropout", self.dropout)?;
-        validate_stack(
-            self.d_model,
-            self.num_heads,
-            self.positions,
-            self.moe_every,
-            &self.moe,
-        )
+        self.decoder.validate()
+    }
+
+    /// The dense baseline with the same active parameters (see
+    /// [`DecoderConfig::dense_equivalent`]).
+    pub fn dense_equivalent(&self) -> Self {
+        Self {
+            decoder: self.decoder.dense_equivalent(),
+            ..self.clone()
+        }
     }
 
     /// Validates and builds the model.
     pub fn init(&self, device: &Device) -> Result<MultimodalMoeTransformer, ModelError> {
         self.validate()?;
-        let settings = StackSettings {
-            d_model: self.d_model,
-            num_layers: self.num_layers,
-            num_heads: self.num_heads,
-            context_length: self.context_length,
-            rotary: self.positions == PositionKind::Rotary,
-            norm: self.norm,
-            dropout: self.dropout,
-            dense_ffn: moe_core::ExpertConfig::new(self.d_ff).with_kind(self.moe.expert.kind),
-            moe: self.moe.clone(),
-            moe_every: self.moe_every,
-        };
+        let d_model = self.decoder.d_model;
         let patch_dim = self.image_channels * self.patch_size * self.patch_size;
         Ok(MultimodalMoeTransformer {
-            text_embedding: embedding(self.text_vocab_size, self.d_model, device),
-            image_token_embedding: embedding(self.image_vocab_size, self.d_model, device),
-            patch_embedding: linear(patch_dim, self.d_model, true, device),
-            modality_embedding: embedding(2, self.d_model, device),
-            stack: DecoderStack::init(&settings, device)?,
-            text_head: linear(self.d_model, self.text_vocab_size, false, device),
-            image_head: linear(self.d_model, self.image_vocab_size, false, device),
+            text_embedding: embedding(self.text_vocab_size, d_model, device),
+            image_token_embedding: embedding(self.image_vocab_size, d_model, device),
+            patch_embedding: linear(patch_dim, d_model, true, device),
+            modality_embedding: embedding(2, d_model, device),
+            stack: DecoderStack::init(&self.decoder, device)?,
+            text_head: linear(d_model, self.text_vocab_size, false, device),
+            image_head: linear(d_model, self.image_vocab_size, false, device),
             config: self.clone(),
         })
     }
@@ -337,10 +301,10 @@ impl MultimodalMoeTransformer {
     ) -> Result<Vec<usize>, ModelError> {
         let x = self.embed(prefix);
         let prefix_length = x.dims()[1];
-        if prefix_length + length > self.config.context_length + 1 {
+        if prefix_length + length > self.config.decoder.context_length + 1 {
             return Err(ModelError::TooLong {
                 length: prefix_length + length - 1,
-                context_length: self.config.context_length,
+                context_length: self.config.decoder.context_length,
             });
         }
         let device = x.device();
@@ -375,7 +339,8 @@ impl MultimodalMoeTransformer {
     }
 
     fn run(&self, x: Tensor<3>, cache: Option<&mut KvCache>) -> crate::block::StackOutput {
-        self.stack.forward(x, cache, self.config.context_length)
+        self.stack
+            .forward(x, cache, self.config.decoder.context_length)
     }
 
     fn head(&self, modality: Modality, hidden: Tensor<3>) -> Tensor<3> {

@@ -26,16 +26,25 @@ pub struct Norm {
 }
 
 impl NormKind {
-    /// A norm over `d_model` features.
-    pub fn init(self, d_model: usize, device: &Device) -> Norm {
+    /// A norm over `d_model` features that adds `epsilon` to the variance (LayerNorm) or
+    /// the mean square (RMSNorm) before the square root.
+    pub fn init(self, d_model: usize, epsilon: f64, device: &Device) -> Norm {
         match self {
             NormKind::LayerNorm => Norm {
-                layer: Some(LayerNormConfig::new(d_model).init(device)),
+                layer: Some(
+                    LayerNormConfig::new(d_model)
+                        .with_epsilon(epsilon)
+                        .init(device),
+                ),
                 rms: None,
             },
             NormKind::RmsNorm => Norm {
                 layer: None,
-                rms: Some(RmsNormConfig::new(d_model).init(device)),
+                rms: Some(
+                    RmsNormConfig::new(d_model)
+                        .with_epsilon(epsilon)
+                        .init(device),
+                ),
             },
         }
     }

@@ -5,63 +5,34 @@ use burn::module::Module;
 use burn::nn::{Embedding, Linear};
 use burn::tensor::{Bool, Device, FloatDType, Int, Tensor};
 use moe_core::precision::{param_for, to_dtype};
-use moe_core::{DropPolicy, ExpertConfig, MoeConfig, RoutingStats};
+use moe_core::RoutingStats;
 use moe_kernels::cross_entropy;
 
-use crate::attention::CausalSelfAttention;
-use crate::block::{DecoderStack, KvCache, StackSettings};
-use crate::error::{check_nonzero, check_probability, ModelError};
+use crate::block::{DecoderStack, KvCache};
+use crate::decoder::{DecoderConfig, PositionKind};
+use crate::error::{check_nonzero, ModelError};
 use crate::init::{embedding, linear};
-use crate::norm::NormKind;
 use crate::projection;
 
-/// How the model knows where a token is.
-#[derive(Config, Debug, Copy, PartialEq, Eq)]
-pub enum PositionKind {
-    /// A learned vector per position, added to the token embedding (GPT-2).
-    Learned,
-    /// Rotary position embedding applied to queries and keys (RoFormer; LLaMA).
-    Rotary,
-}
-
-/// Configuration of a [`MoeTransformer`].
+/// Configuration of a [`MoeTransformer`]: a token embedding, the decoder stack
+/// ([`DecoderConfig`]) and an output head, tied to the embedding or not.
 ///
 /// ```
 /// use moe_core::{ExpertConfig, MoeConfig};
-/// use moe_models::MoeTransformerConfig;
+/// use moe_models::{DecoderConfig, MoeTransformerConfig};
 ///
 /// let moe = MoeConfig::new(128, 8, ExpertConfig::new(256)).with_top_k(2);
-/// let config = MoeTransformerConfig::new(5000, 64, 128, 4, 4, 512, moe).with_moe_every(2);
+/// let decoder = DecoderConfig::new(64, 128, 4, 4, 512, moe).with_moe_every(2);
+/// let config = MoeTransformerConfig::new(5000, decoder);
 /// assert!(config.validate().is_ok());
+/// assert_eq!(config.num_moe_layers(), 2);
 /// ```
 #[derive(Config, Debug)]
 pub struct MoeTransformerConfig {
     /// Vocabulary size.
     pub vocab_size: usize,
-    /// Longest sequence the model sees.
-    pub context_length: usize,
-    /// Model width.
-    pub d_model: usize,
-    /// Number of blocks.
-    pub num_layers: usize,
-    /// Attention heads per block.
-    pub num_heads: usize,
-    /// Hidden size of the dense FFN layers (same form as the experts).
-    pub d_ff: usize,
-    /// The MoE layer of the MoE blocks (`moe.d_model` must equal `d_model`).
-    pub moe: MoeConfig,
-    /// MoE FFN in every `moe_every`-th block (1: all, 2: every other); 0: a dense model.
-    #[config(default = 1)]
-    pub moe_every: usize,
-    /// Normalisation.
-    #[config(default = "NormKind::RmsNorm")]
-    pub norm: NormKind,
-    /// Position encoding.
-    #[config(default = "PositionKind::Rotary")]
-    pub positions: PositionKind,
-    /// Dropout probability (residual and attention).
-    #[config(default = 0.0)]
-    pub dropout: f64,
+    /// The decoder stack.
+    pub decoder: DecoderConfig,
     /// Share the input embedding with the output projection.
     #[config(default = true)]
     pub tie_embeddings: bool,
@@ -89,80 +60,44 @@ impl MoeTransformerConfig {
     /// Checks every field; the error names the first bad one.
     pub fn validate(&self) -> Result<(), ModelError> {
         check_nonzero("vocab_size", self.vocab_size)?;
-        check_nonzero("context_length", self.context_length)?;
-        check_nonzero("d_model", self.d_model)?;
-        check_nonzero("num_layers", self.num_layers)?;
-        check_nonzero("num_heads", self.num_heads)?;
-        check_nonzero("d_ff", self.d_ff)?;
-        check_probability("dropout", self.dropout)?;
-        validate_stack(
-            self.d_model,
-            self.num_heads,
-            self.positions,
-            self.moe_every,
-            &self.moe,
-        )
+        self.decoder.validate()
     }
 
     /// Validates and builds the model on `device`.
     pub fn init(&self, device: &Device) -> Result<MoeTransformer, ModelError> {
         self.validate()?;
-        let stack = DecoderStack::init(&self.stack_settings(), device)?;
+        let d_model = self.decoder.d_model;
+        let stack = DecoderStack::init(&self.decoder, device)?;
         Ok(MoeTransformer {
-            token_embedding: embedding(self.vocab_size, self.d_model, device),
+            token_embedding: embedding(self.vocab_size, d_model, device),
             stack,
             lm_head: (!self.tie_embeddings)
-                .then(|| linear(self.d_model, self.vocab_size, false, device)),
+                .then(|| linear(d_model, self.vocab_size, false, device)),
             config: self.clone(),
             compute_dtype: None,
         })
     }
 
-    pub(crate) fn stack_settings(&self) -> StackSettings {
-        StackSettings {
-            d_model: self.d_model,
-            num_layers: self.num_layers,
-            num_heads: self.num_heads,
-            context_length: self.context_length,
-            rotary: self.positions == PositionKind::Rotary,
-            norm: self.norm,
-            dropout: self.dropout,
-            dense_ffn: self.dense_ffn(),
-            moe: self.moe.clone(),
-            moe_every: self.moe_every,
-        }
-    }
-
-    /// The FFN of the dense layers: the experts' form with `d_ff` hidden units.
-    pub fn dense_ffn(&self) -> ExpertConfig {
-        ExpertConfig::new(self.d_ff).with_kind(self.moe.expert.kind)
-    }
-
-    /// The dense baseline with the same active parameters: every block dense, with
-    /// `d_ff = (top_k + shared_experts) * expert d_hidden`. Its active parameter count is this
-    /// model's minus the routers and, for FFN experts (which have biases), minus
-    /// `(top_k + shared_experts - 1) * d_model` output biases per MoE layer (one wide FFN has one
-    /// output bias where `k` experts have `k`) -- provided this model's own dense layers already
-    /// use that width, as the presets do; otherwise they change width too.
+    /// The dense baseline with the same active parameters (see
+    /// [`DecoderConfig::dense_equivalent`]).
     pub fn dense_equivalent(&self) -> Self {
-        let width = self.moe.active_experts_per_token() * self.moe.expert.d_hidden;
-        let mut dense = self.clone().with_moe_every(0);
-        dense.d_ff = width;
-        dense
+        Self {
+            decoder: self.decoder.dense_equivalent(),
+            ..self.clone()
+        }
     }
 
     /// Number of MoE blocks.
     pub fn num_moe_layers(&self) -> usize {
-        self.stack_settings().num_moe_layers()
+        self.decoder.num_moe_layers()
     }
 
     /// Total, active and embedding parameters.
     pub fn parameter_count(&self) -> ParameterCount {
-        let d = self.d_model;
-        let norm = self.norm.num_params(d);
+        let d = self.decoder.d_model;
         let token_embedding = self.vocab_size * d;
-        let positions = match self.positions {
-            PositionKind::Learned => self.context_length * d,
+        let positions = match self.decoder.positions {
+            PositionKind::Learned => self.decoder.context_length * d,
             PositionKind::Rotary => 0,
         };
         let head = if self.tie_embeddings {
@@ -170,57 +105,13 @@ impl MoeTransformerConfig {
         } else {
             d * self.vocab_size
         };
-        let block_common = 2 * norm + CausalSelfAttention::num_params(d);
-        let dense_ffn = self.dense_ffn().params_per_expert(d);
-        let moe_layers = self.num_moe_layers();
-        let dense_layers = self.num_layers - moe_layers;
-        let embedding = token_embedding + positions + head;
-        let shared = embedding + norm + self.num_layers * block_common + dense_layers * dense_ffn;
+        let (stack_total, stack_active) = self.decoder.stack_params();
         ParameterCount {
-            total: shared + moe_layers * self.moe.num_params(),
-            active: shared + moe_layers * self.moe.num_active_params(),
-            embedding,
+            total: token_embedding + head + stack_total,
+            active: token_embedding + head + stack_active,
+            embedding: token_embedding + positions + head,
         }
     }
-}
-
-/// Checks shared by the text and the multimodal model.
-pub(crate) fn validate_stack(
-    d_model: usize,
-    num_heads: usize,
-    positions: PositionKind,
-    moe_every: usize,
-    moe: &MoeConfig,
-) -> Result<(), ModelError> {
-    if !d_model.is_multiple_of(num_heads) {
-        return Err(ModelError::HeadsDoNotDivide { d_model, num_heads });
-    }
-    let head_dim = d_model / num_heads;
-    if positions == PositionKind::Rotary && !head_dim.is_multiple_of(2) {
-        return Err(ModelError::OddHeadDim { head_dim });
-    }
-    if moe_every > 0 {
-        if moe.d_model != d_model {
-            return Err(ModelError::MoeWidth {
-                model: d_model,
-                moe: moe.d_model,
-            });
-        }
-        if moe.gate.is_expert_choice() {
-            return Err(ModelError::NotCausal {
-                what: "the expert-choice gate",
-                why: "each expert compares all tokens of the batch, so a later token can push an earlier one out of an expert",
-            });
-        }
-        if moe.capacity.drop_policy == DropPolicy::Probability && !moe.capacity.dropless {
-            return Err(ModelError::NotCausal {
-                what: "`moe.capacity.drop_policy = Probability`",
-                why: "a later token with a larger gate weight can take an earlier token's slot; use Position or dropless",
-            });
-        }
-        moe.validate()?;
-    }
-    Ok(())
 }
 
 /// A decoder-only transformer whose feed-forward layers are (some of them) MoE layers.
@@ -314,7 +205,9 @@ impl MoeTransformer {
             Some(dtype) => x.cast(dtype),
             None => x,
         };
-        let out = self.stack.forward(x, cache, self.config.context_length);
+        let out = self
+            .stack
+            .forward(x, cache, self.config.decoder.context_length);
         ModelOutput {
             logits: self.project(out.hidden),
             aux_loss: out.aux_loss,

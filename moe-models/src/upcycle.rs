@@ -27,17 +27,18 @@ use crate::transformer::MoeTransformer;
 pub const UPCYCLED_ROUTER_STD: f64 = 0.01;
 
 impl MoeTransformer {
-    /// Builds an MoE model from the dense model `dense` (`moe_every = 0`): the blocks chosen by
-    /// `moe_every` get the MoE layer `moe`, whose experts copy that block's FFN.
+    /// Builds an MoE model from the dense model `dense` (no MoE layer): the blocks chosen by
+    /// `moe_every` (and not listed in its `dense_layers`) get the MoE layer `moe`, whose experts
+    /// copy that block's FFN.
     pub fn upcycle(
         dense: &MoeTransformer,
         moe: MoeConfig,
         moe_every: usize,
         device: &Device,
     ) -> Result<MoeTransformer, ModelError> {
-        let dense_config = dense.config();
+        let dense_config = &dense.config().decoder;
         let upcycle_error = |message: String| Err(ModelError::Upcycle(message));
-        if dense_config.moe_every != 0 {
+        if dense_config.num_moe_layers() != 0 {
             return upcycle_error(
                 "the source model already has MoE layers (moe_every != 0)".into(),
             );
@@ -56,14 +57,14 @@ impl MoeTransformer {
                 dense_config.d_ff
             ));
         }
-        let mut config = dense_config.clone().with_moe_every(moe_every);
-        config.moe = moe.clone();
+        let mut config = dense.config().clone();
+        config.decoder = dense_config.clone().with_moe_every(moe_every);
+        config.decoder.moe = moe.clone();
         config.validate()?;
 
         let mut model = dense.clone();
-        let settings = config.stack_settings();
         for (index, block) in model.stack.blocks.iter_mut().enumerate() {
-            if !settings.is_moe_layer(index) {
+            if !config.decoder.is_moe_layer(index) {
                 continue;
             }
             let ffn = block
@@ -85,7 +86,7 @@ impl MoeTransformer {
             moe_layer.experts.b_in = ffn.b_in.as_ref().map(copy_bias);
             moe_layer.experts.b_out = ffn.b_out.as_ref().map(copy_bias);
             moe_layer.router.weight = normal(
-                [config.d_model, moe.num_experts],
+                [config.decoder.d_model, moe.num_experts],
                 UPCYCLED_ROUTER_STD,
                 device,
             );

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use moe_core::{
     Activation, CapacityConfig, ExpertConfig, ExpertKind, GateConfig, LossConfig, MoeConfig,
 };
-use moe_models::{MoeTransformerConfig, MultimodalMoeTransformerConfig, NormKind, PositionKind};
+use moe_models::{
+    DecoderConfig, MoeTransformerConfig, MultimodalMoeTransformerConfig, NormKind, PositionKind,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, Precision};
@@ -614,12 +616,11 @@ impl TrainConfig {
         )
     }
 
-    /// The text model config for a vocabulary of `vocab_size` (the dense equivalent with
-    /// `model.dense`).
-    pub fn text_model_config(&self, vocab_size: usize) -> MoeTransformerConfig {
+    /// The decoder stack both models embed: the one place the trainer's `model` section is
+    /// mapped onto the models' config.
+    pub fn decoder_config(&self) -> DecoderConfig {
         let m = &self.model;
-        let config = MoeTransformerConfig::new(
-            vocab_size,
+        DecoderConfig::new(
             m.context_length,
             m.d_model,
             m.num_layers,
@@ -630,49 +631,44 @@ impl TrainConfig {
         .with_moe_every(m.moe_every)
         .with_norm(NormKind::RmsNorm)
         .with_positions(PositionKind::Rotary)
-        .with_dropout(m.dropout);
-        if m.dense {
+        .with_dropout(m.dropout)
+    }
+
+    /// The text model config for a vocabulary of `vocab_size` (the dense equivalent with
+    /// `model.dense`).
+    pub fn text_model_config(&self, vocab_size: usize) -> MoeTransformerConfig {
+        let config = MoeTransformerConfig::new(vocab_size, self.decoder_config());
+        if self.model.dense {
             config.dense_equivalent()
         } else {
             config
         }
     }
 
-    /// The multimodal model config for the digits task.
+    /// The multimodal model config for the digits task (the dense equivalent with
+    /// `model.dense`).
     pub fn multimodal_model_config(
         &self,
         text_vocab_size: usize,
     ) -> MultimodalMoeTransformerConfig {
-        let m = &self.model;
-        let mut moe_every = m.moe_every;
-        let mut d_ff = m.d_ff;
-        if m.dense {
-            d_ff = self.moe_config().active_experts_per_token() * m.expert_hidden;
-            moe_every = 0;
-        }
-        let config = MultimodalMoeTransformerConfig::new(
+        let mut config = MultimodalMoeTransformerConfig::new(
             text_vocab_size,
             self.data.image_levels,
             moe_models::digits::IMAGE_SIZE,
             PATCH_SIZE,
-            m.context_length,
-            m.d_model,
-            m.num_layers,
-            m.num_heads,
-            d_ff,
-            self.moe_config(),
-        )
-        .with_moe_every(moe_every)
-        .with_dropout(m.dropout);
+            self.decoder_config(),
+        );
         // The task fixes the sequence: image patches then a two-token caption, or a two-token
         // prompt then one token per pixel. A shorter context would not hold it.
         let positions = match self.task {
             Task::TextToImage => 2 + config.tokens_per_image() - 1,
             _ => config.patches_per_image() + 2 - 1,
         };
-        MultimodalMoeTransformerConfig {
-            context_length: m.context_length.max(positions),
-            ..config
+        config.decoder.context_length = config.decoder.context_length.max(positions);
+        if self.model.dense {
+            config.dense_equivalent()
+        } else {
+            config
         }
     }
 

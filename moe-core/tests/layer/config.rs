@@ -158,6 +158,10 @@ fn configs_survive_a_serde_round_trip() {
             .with_balance_bias(Some(BiasBalancingConfig::new().with_update_rate(0.01))),
         valid().with_gate(GateConfig::expert_choice()),
         valid()
+            .with_shared_experts(1)
+            .with_shared_d_hidden(Some(24))
+            .with_shared_gate(true),
+        valid()
             .with_gate(GateConfig::gshard())
             .with_capacity(CapacityConfig::dropless()),
     ];
@@ -180,6 +184,10 @@ fn parameter_counts_match_burn() {
             .with_shared_experts(2)
             .with_gate(GateConfig::noisy()),
         valid().with_balance_bias(Some(BiasBalancingConfig::new())),
+        swiglu()
+            .with_shared_experts(1)
+            .with_shared_d_hidden(Some(40))
+            .with_shared_gate(true),
     ];
     for config in configs {
         let moe = config.init(&cpu()).unwrap();
@@ -188,4 +196,24 @@ fn parameter_counts_match_burn() {
     // Hand count: d 16, 4 FFN experts of 32: router 64, expert 2*16*32 + 32 + 16 = 1072.
     assert_eq!(valid().num_params(), 64 + 4 * 1072);
     assert_eq!(valid().num_active_params(), 64 + 2 * 1072);
+}
+
+#[test]
+fn shared_settings_without_shared_experts_are_refused() {
+    for (config, field) in [
+        (valid().with_shared_gate(true), "shared_gate"),
+        (valid().with_shared_d_hidden(Some(8)), "shared_d_hidden"),
+    ] {
+        let message = config.validate().unwrap_err().to_string();
+        assert!(message.contains(field), "{message}");
+        assert!(message.contains("shared_experts"), "{message}");
+    }
+    // A hand count of Qwen2-MoE's shared block: SwiGLU 3 * 16 * 40, plus the gate's 16.
+    let qwen = swiglu()
+        .with_shared_experts(1)
+        .with_shared_d_hidden(Some(40))
+        .with_shared_gate(true);
+    let without = swiglu();
+    assert_eq!(qwen.num_params() - without.num_params(), 3 * 16 * 40 + 16);
+    assert_eq!(qwen.active_width(), 2 * without.expert.d_hidden + 40);
 }

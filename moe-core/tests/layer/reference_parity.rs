@@ -102,7 +102,10 @@ fn fast_dispatch_matches_reference_for_every_gate_kind_and_shape() {
                 .with_top_k(top_k)
                 .with_gate(gate.clone())
                 .with_capacity(shape.capacity.clone())
-                .with_shared_experts(usize::from(s == 1))
+                .with_shared_experts(usize::from(s == 1 || s == 3))
+                // Qwen2-MoE's shared block: its own width, behind a sigmoid gate.
+                .with_shared_d_hidden((s == 3).then_some(7))
+                .with_shared_gate(s == 3)
                 // DeepSeek's factor on the routed sum, on one shape of each gate and kind.
                 .with_routed_scale(if s == 2 { 2.5 } else { 1.0 });
                 let seed = (g * 100 + k * 10 + s) as u64;

@@ -3,7 +3,7 @@
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use moe_core::{CapacityConfig, ExpertConfig, GateConfig, MoeConfig};
-use moe_models::{MoeTransformerConfig, NormKind, PositionKind};
+use moe_models::{DecoderConfig, MoeTransformerConfig, NormKind, PositionKind};
 
 #[allow(deprecated)]
 pub fn cpu() -> Device {
@@ -18,9 +18,16 @@ pub fn tiny(positions: PositionKind, capacity: CapacityConfig) -> MoeTransformer
         .with_top_k(2)
         .with_gate(GateConfig::softmax_top_k())
         .with_capacity(capacity);
-    MoeTransformerConfig::new(VOCAB, 12, 16, 2, 4, 48, moe)
+    let decoder = DecoderConfig::new(12, 16, 2, 4, 48, moe)
         .with_positions(positions)
-        .with_norm(NormKind::LayerNorm)
+        .with_norm(NormKind::LayerNorm);
+    MoeTransformerConfig::new(VOCAB, decoder)
+}
+
+/// `config` with MoE in every `moe_every`-th block.
+pub fn with_moe_every(mut config: MoeTransformerConfig, moe_every: usize) -> MoeTransformerConfig {
+    config.decoder.moe_every = moe_every;
+    config
 }
 
 pub fn tokens(ids: &[usize], batch: usize, device: &Device) -> Tensor<2, Int> {

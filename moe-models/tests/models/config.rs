@@ -2,9 +2,11 @@
 
 use burn::config::Config;
 use moe_core::{CapacityConfig, DropPolicy, ExpertConfig, GateConfig, MoeConfig};
-use moe_models::{ModelError, MoeTransformerConfig, MultimodalMoeTransformerConfig, PositionKind};
+use moe_models::{
+    DecoderConfig, ModelError, MoeTransformerConfig, MultimodalMoeTransformerConfig, PositionKind,
+};
 
-use crate::common::{cpu, tiny};
+use crate::common::{cpu, tiny, with_moe_every};
 
 fn error(config: MoeTransformerConfig) -> ModelError {
     config.init(&cpu()).expect_err("config should be refused")
@@ -13,7 +15,7 @@ fn error(config: MoeTransformerConfig) -> ModelError {
 #[test]
 fn heads_must_divide_the_width() {
     let mut config = tiny(PositionKind::Rotary, CapacityConfig::new());
-    config.num_heads = 3;
+    config.decoder.num_heads = 3;
     assert_eq!(
         error(config),
         ModelError::HeadsDoNotDivide {
@@ -26,7 +28,7 @@ fn heads_must_divide_the_width() {
 #[test]
 fn context_and_sizes_must_not_be_zero() {
     let mut config = tiny(PositionKind::Learned, CapacityConfig::new());
-    config.context_length = 0;
+    config.decoder.context_length = 0;
     assert_eq!(
         error(config),
         ModelError::Zero {
@@ -47,21 +49,21 @@ fn context_and_sizes_must_not_be_zero() {
 fn rotary_needs_an_even_head_width() {
     // d_model 12, 4 heads: head width 3.
     let moe = MoeConfig::new(12, 4, ExpertConfig::new(8));
-    let config = MoeTransformerConfig::new(10, 8, 12, 1, 4, 16, moe);
+    let config = MoeTransformerConfig::new(10, DecoderConfig::new(8, 12, 1, 4, 16, moe));
     assert_eq!(error(config), ModelError::OddHeadDim { head_dim: 3 });
 }
 
 #[test]
 fn the_moe_width_must_match() {
     let mut config = tiny(PositionKind::Rotary, CapacityConfig::new());
-    config.moe.d_model = 8;
+    config.decoder.moe.d_model = 8;
     assert_eq!(error(config), ModelError::MoeWidth { model: 16, moe: 8 });
 }
 
 #[test]
 fn decoders_refuse_routing_that_is_not_causal() {
     let mut config = tiny(PositionKind::Rotary, CapacityConfig::new());
-    config.moe.gate = GateConfig::expert_choice();
+    config.decoder.moe.gate = GateConfig::expert_choice();
     let message = error(config).to_string();
     assert!(
         message.contains("expert-choice") && message.contains("not causal"),
@@ -84,18 +86,19 @@ fn decoders_refuse_routing_that_is_not_causal() {
 #[test]
 fn moe_errors_are_passed_on() {
     let mut config = tiny(PositionKind::Rotary, CapacityConfig::new());
-    config.moe.top_k = 9;
+    config.decoder.moe.top_k = 9;
     assert!(matches!(error(config), ModelError::Moe(_)));
     // A dense model does not care about the MoE layer's settings.
-    let mut config = tiny(PositionKind::Rotary, CapacityConfig::new()).with_moe_every(0);
-    config.moe.top_k = 9;
+    let mut config = with_moe_every(tiny(PositionKind::Rotary, CapacityConfig::new()), 0);
+    config.decoder.moe.top_k = 9;
     assert!(config.init(&cpu()).is_ok());
 }
 
 #[test]
 fn patch_size_must_divide_the_image() {
     let moe = MoeConfig::new(16, 4, ExpertConfig::new(24));
-    let config = MultimodalMoeTransformerConfig::new(13, 4, 8, 3, 80, 16, 2, 4, 32, moe);
+    let decoder = DecoderConfig::new(80, 16, 2, 4, 32, moe);
+    let config = MultimodalMoeTransformerConfig::new(13, 4, 8, 3, decoder);
     assert_eq!(
         config.init(&cpu()).err().unwrap(),
         ModelError::PatchDoesNotDivide {
@@ -107,7 +110,8 @@ fn patch_size_must_divide_the_image() {
 
 #[test]
 fn dropout_must_be_a_probability() {
-    let config = tiny(PositionKind::Rotary, CapacityConfig::new()).with_dropout(1.5);
+    let mut config = tiny(PositionKind::Rotary, CapacityConfig::new());
+    config.decoder.dropout = 1.5;
     assert!(matches!(
         error(config),
         ModelError::OutOfRange {
@@ -120,7 +124,7 @@ fn dropout_must_be_a_probability() {
 #[test]
 fn configs_survive_a_save_load_round_trip() {
     let path = std::env::temp_dir().join(format!("model-config-{}.json", std::process::id()));
-    let config = tiny(PositionKind::Learned, CapacityConfig::dropless()).with_moe_every(2);
+    let config = with_moe_every(tiny(PositionKind::Learned, CapacityConfig::dropless()), 2);
     config.save(&path).unwrap();
     assert_eq!(MoeTransformerConfig::load(&path).unwrap(), config);
     std::fs::remove_file(path).unwrap();

@@ -3,9 +3,9 @@
 
 use burn::module::Module;
 use moe_core::{CapacityConfig, ExpertConfig, GateConfig, MoeConfig};
-use moe_models::{MoeTransformerConfig, PositionKind};
+use moe_models::{DecoderConfig, MoeTransformerConfig, PositionKind};
 
-use crate::common::{cpu, random_ids, tokens, values, VOCAB};
+use crate::common::{cpu, random_ids, tokens, values, with_moe_every, VOCAB};
 
 #[test]
 fn dense_and_single_expert_models_agree() {
@@ -14,10 +14,10 @@ fn dense_and_single_expert_models_agree() {
         .with_top_k(1)
         .with_gate(GateConfig::softmax_top_k())
         .with_capacity(CapacityConfig::dropless());
-    let config = MoeTransformerConfig::new(VOCAB, 10, 16, 3, 2, 32, moe)
-        .with_positions(PositionKind::Learned);
+    let decoder = DecoderConfig::new(10, 16, 3, 2, 32, moe).with_positions(PositionKind::Learned);
+    let config = MoeTransformerConfig::new(VOCAB, decoder);
     let moe_model = config.clone().init(&device).unwrap();
-    let mut dense_model = config.with_moe_every(0).init(&device).unwrap();
+    let mut dense_model = with_moe_every(config, 0).init(&device).unwrap();
 
     // Everything but the FFNs through the record (the router has no place in the dense model),
     // then the single expert as the dense FFN.

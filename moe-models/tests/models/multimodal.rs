@@ -3,7 +3,9 @@
 use moe_core::rng::SplitMix64;
 use moe_core::{CapacityConfig, ExpertConfig, GateConfig, MoeConfig};
 use moe_models::digits::{self, TEXT_VOCAB};
-use moe_models::{Modality, MultimodalMoeTransformerConfig, SamplingConfig, Segment};
+use moe_models::{
+    DecoderConfig, Modality, MultimodalMoeTransformerConfig, SamplingConfig, Segment,
+};
 
 use crate::common::cpu;
 
@@ -13,7 +15,8 @@ pub fn config(levels: usize) -> MultimodalMoeTransformerConfig {
         .with_gate(GateConfig::softmax_top_k())
         .with_capacity(CapacityConfig::dropless());
     // 8x8 images: 16 patches of 2x2, or 64 pixel tokens.
-    MultimodalMoeTransformerConfig::new(TEXT_VOCAB.len(), levels, 8, 2, 80, 32, 2, 4, 64, moe)
+    let decoder = DecoderConfig::new(80, 32, 2, 4, 64, moe);
+    MultimodalMoeTransformerConfig::new(TEXT_VOCAB.len(), levels, 8, 2, decoder)
 }
 
 #[test]

@@ -4,7 +4,7 @@ use burn::module::Module;
 use moe_core::CapacityConfig;
 use moe_models::PositionKind;
 
-use crate::common::{cpu, tiny};
+use crate::common::{cpu, tiny, with_moe_every};
 
 #[test]
 fn counts_match_a_hand_count_and_burn() {
@@ -28,7 +28,7 @@ fn counts_match_a_hand_count_and_burn() {
     assert_eq!(config.init(&cpu()).unwrap().num_params(), total);
 
     // Every other layer MoE: layer 0 is a dense FFN of 48 hidden units.
-    let mixed = config.clone().with_moe_every(2);
+    let mixed = with_moe_every(config.clone(), 2);
     let dense_ffn = 2 * 16 * 48 + 48 + 16; // 1600
     let mixed_total = embedding + (2 * norm + attention + dense_ffn) + moe_block + norm;
     assert_eq!(mixed.parameter_count().total, mixed_total);
@@ -39,8 +39,8 @@ fn counts_match_a_hand_count_and_burn() {
 fn the_dense_equivalent_has_the_same_active_parameters_but_routers_and_biases() {
     let config = tiny(PositionKind::Rotary, CapacityConfig::new());
     let dense = config.dense_equivalent();
-    assert_eq!(dense.moe_every, 0);
-    assert_eq!(dense.d_ff, 2 * 24);
+    assert_eq!(dense.num_moe_layers(), 0);
+    assert_eq!(dense.decoder.d_ff, 2 * 24);
     let count = dense.parameter_count();
     assert_eq!(count.total, count.active);
     // Two MoE layers: routers 2 * 64, and top_k - 1 = 1 extra output bias of 16 each.

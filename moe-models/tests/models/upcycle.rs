@@ -5,15 +5,16 @@ use burn::module::Param;
 use burn::tensor::Tensor;
 use moe_core::gate::SoftmaxTopKGate;
 use moe_core::{CapacityConfig, ExpertConfig, GateConfig, MoeConfig};
-use moe_models::{ModelError, MoeTransformer, MoeTransformerConfig, PositionKind};
+use moe_models::{DecoderConfig, ModelError, MoeTransformer, MoeTransformerConfig, PositionKind};
 
 use crate::common::{cpu, random_ids, tokens, values, VOCAB};
 
 fn dense() -> MoeTransformer {
     let moe = MoeConfig::new(16, 1, ExpertConfig::new(32));
-    MoeTransformerConfig::new(VOCAB, 12, 16, 2, 4, 32, moe)
+    let decoder = DecoderConfig::new(12, 16, 2, 4, 32, moe)
         .with_moe_every(0)
-        .with_positions(PositionKind::Rotary)
+        .with_positions(PositionKind::Rotary);
+    MoeTransformerConfig::new(VOCAB, decoder)
         .init(&cpu())
         .unwrap()
 }

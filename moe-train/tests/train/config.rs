@@ -95,7 +95,7 @@ fn every_preset_builds_a_valid_model() {
         config.text_model_config(5000).validate().unwrap();
         config.multimodal_model_config(13).validate().unwrap();
         let dense = config.text_model_config(5000).dense_equivalent();
-        assert_eq!(dense.moe_every, 0);
+        assert_eq!(dense.num_moe_layers(), 0);
     }
 }
 

@@ -65,6 +65,8 @@ pub fn preset_config(preset: Preset) -> (TrainConfig, MoeTransformerConfig) {
 ///   log-probabilities).
 pub fn estimate_bytes(train: &TrainConfig, model: &MoeTransformerConfig) -> u64 {
     let parameters = model.parameter_count().total as u64;
+    let vocab_size = model.vocab_size as u64;
+    let model = &model.decoder;
     let n = (train.optim.batch_size * model.context_length) as u64;
     let t = model.context_length as u64;
     let d = model.d_model as u64;
@@ -92,7 +94,7 @@ pub fn estimate_bytes(train: &TrainConfig, model: &MoeTransformerConfig) -> u64 
     let activations = layers * attention
         + (layers - moe_layers) * dense
         + moe_layers * moe_layer
-        + 2 * n * model.vocab_size as u64;
+        + 2 * n * vocab_size;
     4 * (4 * parameters + activations)
 }
 
@@ -102,7 +104,7 @@ fn batch(
     model: &MoeTransformerConfig,
     device: &Device,
 ) -> (Tensor<2, Int>, Tensor<2, Int>) {
-    let shape = [train.optim.batch_size, model.context_length];
+    let shape = [train.optim.batch_size, model.decoder.context_length];
     let ids = Tensor::<2>::random(shape, Distribution::Uniform(0.0, VOCAB as f64), device).int();
     let targets =
         Tensor::<2>::random(shape, Distribution::Uniform(0.0, VOCAB as f64), device).int();
@@ -140,7 +142,7 @@ pub fn step_row(
         (None, None)
     };
     let count = config.parameter_count();
-    let tokens = train.optim.batch_size * config.context_length;
+    let tokens = train.optim.batch_size * config.decoder.context_length;
     let _ = model.map(|m| m.num_params());
     StepRow {
         preset: name.into(),

@@ -11,6 +11,8 @@ mod config;
 mod dense;
 #[path = "models/generation.rs"]
 mod generation;
+#[path = "models/hf.rs"]
+mod hf;
 #[path = "models/loss.rs"]
 mod loss;
 #[path = "models/multimodal.rs"]

@@ -1,0 +1,129 @@
+//! Hugging Face MoE language models in burn-moe's own modules.
+//!
+//! A model folder as the hub ships it (`config.json`, `model.safetensors` or sharded
+//! `model-0000N-of-0000M.safetensors` with `model.safetensors.index.json`) loads into a
+//! [`MoeTransformer`] on any device: Mixtral, Qwen2-MoE and OLMoE ([`HfArchitecture`]). The
+//! config maps onto [`crate::DecoderConfig`]'s options ([`from_hf_config`]); the weights are
+//! read with Burn's `burn-store` from memory-mapped files, one parameter at a time
+//! ([`weights`](self)), so loading never holds a second copy of the model. The model's logits
+//! match transformers' within 1e-4 on the fixtures in `tests/fixtures/hf`.
+//!
+//! ```no_run
+//! use burn::tensor::Device;
+//! use moe_models::hf;
+//!
+//! let loaded = hf::load(std::path::Path::new("OLMoE-1B-7B-0924"), &Device::flex()).unwrap();
+//! println!("{} with {} parameters", loaded.architecture.class_name(),
+//!     loaded.model.config().parameter_count().total);
+//! ```
+
+mod config;
+mod weights;
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use thiserror::Error;
+
+pub use config::{fitting_architecture, from_hf_config, to_hf_config, HfArchitecture};
+
+use crate::{ModelError, MoeTransformer};
+
+/// Why a Hugging Face model folder could not be read or written.
+#[derive(Debug, Error)]
+pub enum HfError {
+    /// A file could not be read or written.
+    #[error("{path}: {reason}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The folder lacks a file the model needs.
+    #[error("{path} has no {what}")]
+    Missing {
+        /// The folder.
+        path: PathBuf,
+        /// The file(s) looked for.
+        what: String,
+    },
+    /// `config.json` is malformed.
+    #[error("config.json: {0}")]
+    Config(String),
+    /// The model uses something burn-moe does not implement.
+    #[error("not supported: {0}")]
+    Unsupported(String),
+    /// The weights are missing, damaged or do not fit the config.
+    #[error("weights: {0}")]
+    Weights(String),
+    /// The mapped config was refused.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+impl HfError {
+    pub(crate) fn io(path: &Path, error: impl std::fmt::Display) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            reason: error.to_string(),
+        }
+    }
+}
+
+/// A Hugging Face model loaded into our modules.
+#[derive(Debug)]
+pub struct HfModel {
+    /// The model, in evaluation form (no autodiff) on the device it was loaded on.
+    pub model: MoeTransformer,
+    /// Its architecture.
+    pub architecture: HfArchitecture,
+    /// Its `config.json`, as read.
+    pub config_json: serde_json::Value,
+}
+
+/// Reads `dir/config.json` into the architecture and our model config.
+pub fn read_config(
+    dir: &Path,
+) -> Result<
+    (
+        HfArchitecture,
+        crate::MoeTransformerConfig,
+        serde_json::Value,
+    ),
+    HfError,
+> {
+    let path = dir.join("config.json");
+    if !path.exists() {
+        return Err(HfError::Missing {
+            path: dir.to_path_buf(),
+            what: "config.json".into(),
+        });
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| HfError::io(&path, e))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| HfError::Config(e.to_string()))?;
+    let (arch, config) = from_hf_config(&json)?;
+    Ok((arch, config, json))
+}
+
+/// Loads the model of the folder `dir` on `device`.
+pub fn load(dir: &Path, device: &Device) -> Result<HfModel, HfError> {
+    let (architecture, config, config_json) = read_config(dir)?;
+    let mut model = config.init(device)?;
+    weights::load_weights(&mut model, architecture, dir)?;
+    Ok(HfModel {
+        model,
+        architecture,
+        config_json,
+    })
+}
+
+/// Our parameters under `arch`'s tensor names and layout, ready to be written as safetensors.
+pub fn hf_tensors(
+    model: &MoeTransformer,
+    arch: HfArchitecture,
+) -> Result<std::collections::BTreeMap<String, burn::tensor::TensorData>, HfError> {
+    to_hf_config(model.config(), arch)?;
+    weights::hf_tensors(model, arch)
+}

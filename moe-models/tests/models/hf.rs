@@ -1,0 +1,192 @@
+//! Hugging Face fixtures (`tests/fixtures/hf`, written by `make_fixtures.py` with transformers'
+//! own classes): our logits for the fixture's tokens against the logits transformers computed.
+
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn_store::{bridge, ModuleStore, SafetensorsStore};
+use moe_core::GateConfig;
+use moe_models::hf::{self, HfArchitecture};
+use moe_models::{KvCache, MoeTransformer};
+
+use crate::common::cpu;
+
+/// The fixture folder of `arch`.
+pub fn fixture(arch: HfArchitecture) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/hf")
+        .join(arch.model_type())
+}
+
+/// The fixture's token ids and transformers' logits, `[1, T, vocab]`.
+pub fn expected(arch: HfArchitecture) -> (Vec<i64>, Vec<f32>) {
+    let mut store = SafetensorsStore::from_file(fixture(arch).join("expected.safetensors"));
+    let mut read = |name: &str| {
+        let tensor = store.get_tensor(name).unwrap().unwrap();
+        bridge::to_data(tensor).unwrap()
+    };
+    let ids = read("input_ids")
+        .convert::<i64>()
+        .try_to_vec::<i64>()
+        .unwrap();
+    let logits = read("logits").try_to_vec::<f32>().unwrap();
+    (ids, logits)
+}
+
+fn logits(model: &MoeTransformer, ids: &[i64], device: &Device) -> Vec<f32> {
+    let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), device);
+    model
+        .forward(tokens)
+        .logits
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap()
+}
+
+fn max_difference(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn devices() -> Vec<Device> {
+    vec![
+        cpu(),
+        #[cfg(feature = "flex")]
+        Device::flex(),
+    ]
+}
+
+#[test]
+fn logits_match_transformers_on_every_architecture() {
+    for arch in HfArchitecture::ALL {
+        let (ids, expected) = expected(arch);
+        for device in devices() {
+            let loaded = hf::load(&fixture(arch), &device).unwrap();
+            assert_eq!(loaded.architecture, arch);
+            let ours = logits(&loaded.model, &ids, &device);
+            let diff = max_difference(&ours, &expected);
+            eprintln!("{arch:?} on {device:?}: largest logit difference {diff:.2e}");
+            assert!(
+                diff < 1e-4,
+                "{arch:?} on {device:?}: logits differ by {diff}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_fixtures_cover_what_the_architectures_differ_in() {
+    let config = |arch| hf::read_config(&fixture(arch)).unwrap().1.decoder;
+    let (mixtral, qwen, olmoe) = (
+        config(HfArchitecture::Mixtral),
+        config(HfArchitecture::Qwen2Moe),
+        config(HfArchitecture::Olmoe),
+    );
+    // Grouped and full key/value heads.
+    assert!(mixtral.kv_heads() < mixtral.num_heads && qwen.kv_heads() == qwen.num_heads);
+    // Renormalised and plain top-k.
+    let renormalised = |d: &moe_models::DecoderConfig| match &d.moe.gate {
+        GateConfig::SoftmaxTopK(gate) => gate.renormalize,
+        _ => panic!("the Hugging Face routers are softmax top-k"),
+    };
+    assert!(renormalised(&mixtral) && !renormalised(&qwen) && !renormalised(&olmoe));
+    // The shared expert with its gate and its own width; a dense layer among MoE layers.
+    assert!(qwen.moe.shared_gate && qwen.moe.shared_d_hidden == Some(40));
+    assert_eq!(qwen.moe_layers(), vec![0, 2]);
+    // OLMoE's q/k norms and clipping; Qwen2's q/k/v biases without an output bias.
+    assert!(olmoe.qk_norm && olmoe.qkv_clip == Some(0.5));
+    assert!(qwen.qkv_bias && !qwen.output_bias);
+}
+
+#[test]
+fn a_wrong_routing_rule_shows_in_the_logits() {
+    // The fixtures' smallest top-k gaps are about 1e-3 (make_fixtures.py prints them), so
+    // renormalising where the model does not, or the reverse, moves the logits far beyond the
+    // tolerance: the comparison above would catch a loader that got the rule wrong.
+    let device = cpu();
+    for arch in HfArchitecture::ALL {
+        let (ids, expected) = expected(arch);
+        let (_, mut config, _) = hf::read_config(&fixture(arch)).unwrap();
+        if let GateConfig::SoftmaxTopK(gate) = &mut config.decoder.moe.gate {
+            gate.renormalize = !gate.renormalize;
+        }
+        let mut loaded = hf::load(&fixture(arch), &device).unwrap();
+        let model = config.init(&device).unwrap();
+        // The loaded weights under the wrong rule.
+        loaded.model = model.load_record(loaded.model.into_record());
+        let diff = max_difference(&logits(&loaded.model, &ids, &device), &expected);
+        assert!(
+            diff > 1e-2,
+            "{arch:?}: flipping the renormalisation moved logits only {diff}"
+        );
+    }
+}
+
+#[test]
+fn cached_decoding_matches_the_full_pass() {
+    // Grouped key/value heads are cached un-repeated and rotated in half-split order; decoding
+    // the second half against the cache of the first must give the full pass's rows.
+    let device = cpu();
+    for arch in HfArchitecture::ALL {
+        let (ids, expected) = expected(arch);
+        let model = hf::load(&fixture(arch), &device).unwrap().model;
+        let split = ids.len() / 2;
+        let mut cache = KvCache::new();
+        let tokens = |ids: &[i64]| {
+            Tensor::<2, Int>::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), &device)
+        };
+        let _ = model.forward_cached(tokens(&ids[..split]), &mut cache);
+        let rest = model
+            .forward_cached(tokens(&ids[split..]), &mut cache)
+            .logits
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let vocab = expected.len() / ids.len();
+        let diff = max_difference(&rest, &expected[split * vocab..]);
+        assert!(diff < 1e-4, "{arch:?}: cached rows differ by {diff}");
+    }
+}
+
+#[test]
+fn bad_folders_get_errors_that_name_the_problem() {
+    let dir = std::env::temp_dir().join(format!("hf-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let message = |dir: &Path| hf::load(dir, &cpu()).unwrap_err().to_string();
+    assert!(message(&dir).contains("config.json"), "{}", message(&dir));
+
+    let source = fixture(HfArchitecture::Olmoe);
+    let config = std::fs::read_to_string(source.join("config.json")).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        config.replace("\"olmoe\"", "\"gpt2\""),
+    )
+    .unwrap();
+    assert!(message(&dir).contains("gpt2"), "{}", message(&dir));
+
+    std::fs::write(dir.join("config.json"), &config).unwrap();
+    assert!(
+        message(&dir).contains("model.safetensors"),
+        "{}",
+        message(&dir)
+    );
+
+    // Weights of another architecture: the missing tensors are named.
+    std::fs::copy(
+        fixture(HfArchitecture::Mixtral).join("model.safetensors"),
+        dir.join("model.safetensors"),
+    )
+    .unwrap();
+    let text = message(&dir);
+    assert!(text.contains("lacks") && text.contains("q_norm"), "{text}");
+
+    let scaled = config.replace("\"rope_type\": \"default\"", "\"rope_type\": \"yarn\"");
+    std::fs::write(dir.join("config.json"), scaled).unwrap();
+    assert!(message(&dir).contains("yarn"), "{}", message(&dir));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

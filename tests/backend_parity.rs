@@ -321,6 +321,36 @@ fn compare_text_model(device: &Device) {
     }
 }
 
+/// A Hugging Face fixture (`tests/fixtures/hf`) loaded on `device`: its logits against those
+/// transformers computed for the same tokens, within 1e-4 (the CPU backends are checked in
+/// moe-models' tests).
+fn compare_hf_fixture(arch: burn_moe::models::hf::HfArchitecture, device: &Device) {
+    use burn_store::{bridge, ModuleStore, SafetensorsStore};
+    let folder = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hf")
+        .join(arch.model_type());
+    let mut store = SafetensorsStore::from_file(folder.join("expected.safetensors"));
+    let mut read = |name: &str| bridge::to_data(store.get_tensor(name).unwrap().unwrap()).unwrap();
+    let ids = read("input_ids").convert::<i64>();
+    let expected = read("logits").try_to_vec::<f32>().unwrap();
+    let model = burn_moe::models::hf::load(&folder, device).unwrap().model;
+    let length = ids.shape()[1];
+    let tokens = Tensor::<2, burn::tensor::Int>::from_data(ids, device);
+    let logits = model.forward(tokens).logits;
+    assert_eq!(logits.dims()[1], length);
+    let ours = logits
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap();
+    let diff = ours
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff < 1e-4, "logits differ from transformers' by {diff}");
+}
+
 fn main() {
     let require_wgpu = std::env::var("BURN_MOE_REQUIRE_WGPU").is_ok_and(|v| v == "1");
     let mut backends: Vec<(&str, Result<Device, String>)> = vec![("flex", Ok(Device::flex()))];
@@ -363,6 +393,15 @@ fn main() {
             "whole MoE text model, training mode".into(),
             Box::new(move || compare_text_model(device)),
         ));
+        for arch in burn_moe::models::hf::HfArchitecture::ALL {
+            runs.push((
+                format!(
+                    "{} fixture, logits against transformers'",
+                    arch.class_name()
+                ),
+                Box::new(move || compare_hf_fixture(arch, device)),
+            ));
+        }
         for (name, run) in &runs {
             let result = catch_unwind(AssertUnwindSafe(run));
             match result {

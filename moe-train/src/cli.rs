@@ -342,8 +342,12 @@ impl TrainArgs {
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
     /// A run folder (its latest checkpoint) or a checkpoint folder.
+    #[arg(long, required_unless_present = "hf", conflicts_with = "hf")]
+    pub checkpoint: Option<PathBuf>,
+    /// A Hugging Face model folder (Mixtral, Qwen2-MoE or OLMoE: `config.json`, safetensors,
+    /// `tokenizer.json`) instead of a checkpoint.
     #[arg(long)]
-    pub checkpoint: PathBuf,
+    pub hf: Option<PathBuf>,
     /// Text to continue (a numeral such as 七 for the digits tasks).
     #[arg(long, default_value = "")]
     pub prompt: String,
@@ -396,8 +400,18 @@ impl GenerateArgs {
 #[derive(Debug, Args)]
 pub struct EvalArgs {
     /// A run folder (its latest checkpoint) or a checkpoint folder.
-    #[arg(long)]
-    pub checkpoint: PathBuf,
+    #[arg(long, required_unless_present = "hf", conflicts_with = "hf")]
+    pub checkpoint: Option<PathBuf>,
+    /// A Hugging Face model folder (Mixtral, Qwen2-MoE or OLMoE) instead of a checkpoint: its
+    /// perplexity on `--text`.
+    #[arg(long, requires = "text")]
+    pub hf: Option<PathBuf>,
+    /// The text file `--hf` is evaluated on.
+    #[arg(long, requires = "hf")]
+    pub text: Option<PathBuf>,
+    /// Tokens per evaluation window with `--hf` (default: the model's context, at most 1,024).
+    #[arg(long, requires = "hf")]
+    pub window: Option<usize>,
     /// Validation batches (default: the run's `eval_batches`).
     #[arg(long)]
     pub batches: Option<usize>,

@@ -12,6 +12,7 @@ use crate::config::Task as TaskKind;
 use crate::divergence::non_finite_parameters;
 use crate::error::{Result, TrainError};
 use crate::form::{self, FormShare};
+use crate::hf;
 use crate::tasks::digits::{caption_digit, draw_numeral, DigitsTask};
 use crate::tasks::text::TextTask;
 use crate::tasks::{Evaluation, Task};
@@ -23,15 +24,26 @@ const FORM_MAX_TOKENS: usize = 64;
 /// Streams generated text to standard output as it is produced; returns the generated text.
 pub fn generate(args: &GenerateArgs) -> Result<String> {
     args.validate()?;
-    let opened = checkpoint::open(&args.checkpoint)?;
-    let (folder, config) = (opened.folder, opened.config);
-    let device = backend::select_and_report(args.backend, Precision::F32)?.device;
     let sampling = SamplingConfig {
         temperature: args.temperature,
         top_k: (args.top_k > 0).then_some(args.top_k),
         top_p: (args.top_p < 1.0).then_some(args.top_p),
         seed: args.seed,
     };
+    let checkpoint = match (&args.hf, &args.checkpoint) {
+        (Some(dir), _) => {
+            let settings = hf::GenerationSettings {
+                max_tokens: args.max_tokens,
+                sampling,
+            };
+            return hf::generate(dir, &args.prompt, settings, args.backend);
+        }
+        (None, Some(checkpoint)) => checkpoint,
+        (None, None) => return Err(no_model()),
+    };
+    let opened = checkpoint::open(checkpoint)?;
+    let (folder, config) = (opened.folder, opened.config);
+    let device = backend::select_and_report(args.backend, Precision::F32)?.device;
     match config.task {
         TaskKind::Text => {
             let tokenizer = Tokenizer::load(&folder.join(checkpoint::TOKENIZER_FILE))?;
@@ -105,7 +117,8 @@ pub fn evaluate(args: &EvalArgs) -> Result<EvalReport> {
             "`--batches` must be at least 1, got 0".into(),
         ));
     }
-    let opened = checkpoint::open(&args.checkpoint)?;
+    let checkpoint = args.checkpoint.as_ref().ok_or_else(no_model)?;
+    let opened = checkpoint::open(checkpoint)?;
     let (folder, state, mut config) = (opened.folder, opened.state, opened.config);
     if let Some(batches) = args.batches {
         config.run.eval_batches = batches;
@@ -158,6 +171,12 @@ pub fn evaluate(args: &EvalArgs) -> Result<EvalReport> {
         evaluation,
         form,
     })
+}
+
+/// The error for a command given neither `--checkpoint` nor `--hf` (clap normally refuses it
+/// first).
+fn no_model() -> TrainError {
+    TrainError::Argument("give `--checkpoint DIR` or `--hf DIR`".into())
 }
 
 /// Loads a checkpoint's model and refuses it if any weight is NaN or infinite: such a model

@@ -105,6 +105,9 @@ pub enum TrainError {
     /// No device could be set up.
     #[error(transparent)]
     Backend(#[from] BackendError),
+    /// A Hugging Face model folder could not be read or written.
+    #[error("Hugging Face model: {0}")]
+    Hf(#[from] moe_models::hf::HfError),
     /// A checkpoint is missing or unreadable.
     #[error("{path}: {reason}")]
     Checkpoint {

@@ -37,6 +37,7 @@ pub mod data;
 pub mod divergence;
 pub mod error;
 pub mod form;
+pub mod hf;
 pub mod loss_scale;
 pub mod memory;
 pub mod metrics;

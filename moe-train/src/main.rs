@@ -7,8 +7,8 @@ use std::sync::Arc;
 use clap::Parser;
 use moe_train::cli::{Cli, Command};
 use moe_train::commands::{self, load_summary};
-use moe_train::compare;
 use moe_train::trainer::{self, RunOptions};
+use moe_train::{compare, hf};
 
 fn main() -> ExitCode {
     // Large temporary tensors are reused from the heap instead of mmapped afresh each time.
@@ -124,6 +124,21 @@ fn run(cli: Cli) -> moe_train::Result<()> {
             Ok(())
         }
         Command::Generate(args) => commands::generate(&args).map(|_| ()),
+        Command::Eval(args) if args.hf.is_some() => {
+            let (dir, text) = (args.hf.as_deref(), args.text.as_deref());
+            let (Some(dir), Some(text)) = (dir, text) else {
+                unreachable!("clap requires --text with --hf")
+            };
+            let report = hf::evaluate_text(dir, text, args.window, args.backend)?;
+            println!(
+                "{}: {} tokens, loss {:.4}, perplexity {}",
+                text.display(),
+                report.tokens,
+                report.loss,
+                trainer::perplexity(report.loss)
+            );
+            Ok(())
+        }
         Command::Eval(args) => {
             let report = commands::evaluate(&args)?;
             println!(

@@ -244,7 +244,10 @@ fn the_checkpoint_readers_refuse_damage_without_panicking() {
         }
         let ok = no_panic(&messages, || {
             let result = moe_train::commands::evaluate(&EvalArgs {
-                checkpoint: work.clone(),
+                checkpoint: Some(work.clone()),
+                hf: None,
+                text: None,
+                window: None,
                 batches: Some(1),
                 form: false,
                 form_samples: 0,

@@ -22,7 +22,10 @@ fn cpu() -> Device {
 
 fn eval_args(checkpoint: std::path::PathBuf) -> EvalArgs {
     EvalArgs {
-        checkpoint,
+        checkpoint: Some(checkpoint),
+        hf: None,
+        text: None,
+        window: None,
         batches: None,
         form: false,
         form_samples: 0,
@@ -183,7 +186,8 @@ fn eval_and_generate_refuse_non_finite_weights() {
         "names the intact one: {message}"
     );
     let message = commands::generate(&GenerateArgs {
-        checkpoint: out,
+        checkpoint: Some(out),
+        hf: None,
         prompt: "春".into(),
         max_tokens: 5,
         temperature: 0.0,

@@ -46,7 +46,10 @@ fn a_short_run_lowers_the_loss_and_leaves_its_files() {
 
     // eval and generate read the checkpoint back.
     let report = commands::evaluate(&EvalArgs {
-        checkpoint: out.clone(),
+        checkpoint: Some(out.clone()),
+        hf: None,
+        text: None,
+        window: None,
         batches: None,
         form: false,
         form_samples: 0,
@@ -55,7 +58,8 @@ fn a_short_run_lowers_the_loss_and_leaves_its_files() {
     .unwrap();
     assert!((report.evaluation.loss - summary.val_losses.last().unwrap().1).abs() < 1e-4);
     let text = commands::generate(&GenerateArgs {
-        checkpoint: out,
+        checkpoint: Some(out),
+        hf: None,
         prompt: "春".into(),
         max_tokens: 10,
         temperature: 0.0,

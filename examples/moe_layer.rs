@@ -8,11 +8,9 @@
 //! cargo run --release --example moe_layer -- --backend auto --steps 1000
 //! ```
 
-use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams};
-use burn::tensor::{Device, Tensor, TensorData};
 use burn_moe::core::rng::SplitMix64;
-use burn_moe::core::{CapacityConfig, ExpertConfig, GateConfig, Moe, MoeConfig};
+use burn_moe::core::{CapacityConfig, ExpertConfig, GateConfig, MoeConfig};
 use burn_moe::train::backend::{select_and_report, Backend, Precision};
 use clap::Parser;
 
@@ -27,31 +25,9 @@ struct Args {
     steps: usize,
 }
 
-const D: usize = 8;
-const BATCH: usize = 256;
-
-/// A user's model that contains the MoE layer.
-#[derive(Module, Debug)]
-struct Regressor {
-    moe: Moe,
-}
-
-/// A batch of the toy task: `y = A_q x` with `q` the quadrant of `(x0, x1)`.
-fn batch(rng: &mut SplitMix64, maps: &[Vec<f32>], device: &Device) -> (Tensor<2>, Tensor<2>) {
-    let mut x = Vec::with_capacity(BATCH * D);
-    let mut y = Vec::with_capacity(BATCH * D);
-    for _ in 0..BATCH {
-        let row: Vec<f32> = (0..D).map(|_| rng.uniform() as f32).collect();
-        let quadrant = usize::from(row[0] > 0.0) * 2 + usize::from(row[1] > 0.0);
-        let map = &maps[quadrant];
-        for i in 0..D {
-            y.push((0..D).map(|j| map[i * D + j] * row[j]).sum());
-        }
-        x.extend(row);
-    }
-    let tensor = |v: Vec<f32>| Tensor::<2>::from_data(TensorData::new(v, [BATCH, D]), device);
-    (tensor(x), tensor(y))
-}
+#[path = "common/quadrants.rs"]
+mod quadrants;
+use quadrants::{batch, maps, Regressor, D};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
@@ -60,9 +36,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     device.seed(0);
 
     let mut rng = SplitMix64(42);
-    let maps: Vec<Vec<f32>> = (0..4)
-        .map(|_| (0..D * D).map(|_| rng.uniform() as f32).collect())
-        .collect();
+    let maps = maps(&mut rng);
     let mut model = Regressor {
         moe: MoeConfig::new(D, 4, ExpertConfig::new(32))
             .with_top_k(1)

@@ -8,7 +8,7 @@ use burn::tensor::{Bool, Device, Tensor};
 use crate::balancing::{updated_bias, BiasBalancingConfig};
 use crate::dispatch::DispatchPlan;
 use crate::error::{check_nonzero, check_positive, MoeError};
-use crate::gate::{GateConfig, GateInput};
+use crate::gate::{CustomGate, Gate, GateConfig, GateInput};
 use crate::init::uniform;
 use crate::losses::{router_z_loss, LossConfig, LossKind};
 use crate::precision::{param_for, to_dtype};
@@ -164,6 +164,7 @@ impl MoeConfig {
             experts,
             shared_experts,
             shared_gate,
+            custom_gate: None,
             config: self.clone(),
         })
     }
@@ -254,6 +255,9 @@ pub struct Moe {
     pub shared_experts: Option<Experts>,
     /// The shared experts' sigmoid gate `w_s`, `[d_model, 1]` (see [`MoeConfig::shared_gate`]).
     pub shared_gate: Option<Param<Tensor<2>>>,
+    /// A routing function of the user's own that replaces `config.gate` ([`Moe::with_gate`]).
+    #[module(skip)]
+    custom_gate: Option<CustomGate>,
     #[module(skip)]
     config: MoeConfig,
 }
@@ -274,6 +278,20 @@ impl Moe {
     /// The config the layer was built from.
     pub fn config(&self) -> &MoeConfig {
         &self.config
+    }
+
+    /// The layer routing with `gate`, a routing function of the user's own ([`Gate`]),
+    /// instead of `config.gate`; dispatch, capacity (with `config.top_k` as the experts per
+    /// token), the losses and the statistics stay the layer's. The gate is not part of the
+    /// record: a loaded model routes with its config's gate until it is set again.
+    pub fn with_gate(mut self, gate: impl Gate + 'static) -> Self {
+        self.custom_gate = Some(CustomGate(std::sync::Arc::new(gate)));
+        self
+    }
+
+    /// The user's gate, if one replaced the config's ([`Moe::with_gate`]).
+    pub fn custom_gate(&self) -> Option<&dyn Gate> {
+        self.custom_gate.as_ref().map(|gate| gate.0.as_ref())
     }
 
     /// Applies the layer to `x: [batch, seq, d_model]` or `[tokens, d_model]` (any rank >= 2;
@@ -308,12 +326,16 @@ impl Moe {
         // The router computes in its weights' precision (f32 under mixed precision), as
         // Switch Transformer does: its softmax and top-k decide the routing, so round-off there
         // changes which experts a token visits.
-        let gate = self.config.gate.route(GateInput {
+        let input = GateInput {
             x: to_dtype(tokens.clone(), self.router.weight.val().dtype()),
             router: &self.router,
             top_k: self.config.top_k,
             mode,
-        });
+        };
+        let gate = match &self.custom_gate {
+            Some(custom) => custom.0.route(input),
+            None => self.config.gate.route(input),
+        };
 
         let (plan, capacity) = self.plan(&gate.candidates, gate.weights, num_tokens, mode);
         let expert_output = self

@@ -8,6 +8,8 @@ mod balancing;
 mod capacity;
 #[path = "layer/config.rs"]
 mod config;
+#[path = "layer/custom_gate.rs"]
+mod custom_gate;
 #[path = "layer/dense.rs"]
 mod dense;
 #[path = "layer/losses.rs"]

@@ -3,6 +3,9 @@
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Embedding};
 use burn::tensor::{Device, Int, Tensor};
+use std::sync::Arc;
+
+use moe_core::gate::Gate;
 use moe_core::precision::to_dtype;
 use moe_core::{ExpertConfig, Experts, Moe, MoeConfig, RoutingStats};
 
@@ -161,6 +164,24 @@ impl DecoderStack {
             blocks,
             final_norm: norm(),
         })
+    }
+
+    /// Every MoE layer routing with `gate`, a routing function of the user's own (see
+    /// [`moe_core::gate::Gate`]); refused when the gate says it is not causal, which a decoder
+    /// cannot use.
+    pub fn set_gate(&mut self, gate: Arc<dyn Gate>) -> Result<(), ModelError> {
+        if !gate.is_causal() {
+            return Err(ModelError::NotCausal {
+                what: "the given gate",
+                why: "it says a token's routing depends on other tokens, so a later token could change an earlier output",
+            });
+        }
+        for block in &mut self.blocks {
+            if let Some(moe) = block.ffn.moe.take() {
+                block.ffn.moe = Some(moe.with_gate(gate.clone()));
+            }
+        }
+        Ok(())
     }
 
     /// Runs the decoder on the embedded sequence `x: [batch, length, d_model]`, which continues

@@ -193,6 +193,17 @@ impl MoeTransformer {
         self
     }
 
+    /// The model with every MoE layer routing with `gate`, a routing function of the user's
+    /// own ([`moe_core::gate::Gate`]), instead of its config's gate. The gate is not saved with
+    /// the weights: set it again after loading.
+    pub fn with_gate(
+        mut self,
+        gate: std::sync::Arc<dyn moe_core::gate::Gate>,
+    ) -> Result<Self, ModelError> {
+        self.stack.set_gate(gate)?;
+        Ok(self)
+    }
+
     /// The type activations are computed in, when it is not the parameters' (see
     /// [`MoeTransformer::with_compute_dtype`]).
     pub fn compute_dtype(&self) -> Option<FloatDType> {
@@ -250,7 +261,7 @@ impl MoeTransformer {
 
 /// Mean of `-log p(target)` over the positions where `mask` is true, for `logits:
 /// [batch, length, vocab]` and `targets`, `mask: [batch, length]` (one fused
-/// [`moe_kernels::cross_entropy`] over all positions, then the masked mean).
+/// [`moe_kernels::cross_entropy()`] over all positions, then the masked mean).
 pub fn masked_cross_entropy(
     logits: Tensor<3>,
     targets: Tensor<2, Int>,

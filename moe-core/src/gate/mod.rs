@@ -13,6 +13,7 @@
 //! | [`SwitchGate`] | top-1, jittered input | the top probability | `E * sum f_e P_e` |
 //! | [`ExpertChoiceGate`] | each expert picks tokens | the picked probabilities | none needed |
 
+mod custom;
 mod expert_choice;
 mod gshard;
 mod naive;
@@ -20,6 +21,7 @@ mod noisy;
 mod softmax_top_k;
 mod switch;
 
+pub use custom::{CustomGate, Gate};
 pub use expert_choice::ExpertChoiceGate;
 pub use gshard::GShardGate;
 pub use naive::NaiveGate;
@@ -143,7 +145,7 @@ impl GateConfig {
 }
 
 /// What a gate routes.
-pub(crate) struct GateInput<'a> {
+pub struct GateInput<'a> {
     /// Tokens, `[tokens, d_model]`.
     pub x: Tensor<2>,
     /// The router parameters.
@@ -173,7 +175,7 @@ pub struct GateOutput {
 /// Indices of the `k` largest scores of each row, `[rows, k]`. `k == columns` is allowed (all
 /// experts, in column order). [`moe_kernels::top_k_indices`] stays on the device on every
 /// backend, and on flex selects instead of sorting each row.
-pub(crate) fn top_k_indices(scores: Tensor<2>, k: usize) -> Tensor<2, Int> {
+pub fn top_k_indices(scores: Tensor<2>, k: usize) -> Tensor<2, Int> {
     let [rows, columns] = scores.dims();
     if k >= columns {
         Tensor::<1, Int>::arange(0..columns as i64, &scores.device())
@@ -202,7 +204,7 @@ pub(crate) fn one_hot(indices: Tensor<2, Int>, num_experts: usize) -> Tensor<3> 
 /// `(weights, mask)` with `weights[n, indices[n, j]] = values[n, j]`.
 ///
 /// Two scatters along the expert axis, `O(tokens * k)` work: the one-hot product
-/// ([`one_hot_expert_matrix`]) costs `O(tokens * k * experts)` forward and backward, which
+/// (`one_hot_expert_matrix`) costs `O(tokens * k * experts)` forward and backward, which
 /// fine-grained layers (64 experts, top-16) paid in every step. The indices of a row are
 /// distinct (a top-k), so the scatter-add writes each element at most once and its backward
 /// is a plain gather.
@@ -211,7 +213,7 @@ pub(crate) fn one_hot(indices: Tensor<2, Int>, num_experts: usize) -> Tensor<3> 
 /// then): on wgpu, Burn 0.22.1's fusion scatters a `[tokens, 1]` operand that comes from a
 /// `gather` into the wrong places when the expert count is even (found by
 /// `tests/backend_parity.rs`; `k >= 2` and odd counts are right).
-pub(crate) fn to_expert_matrix(
+pub fn to_expert_matrix(
     indices: Tensor<2, Int>,
     values: Tensor<2>,
     num_experts: usize,
@@ -252,10 +254,7 @@ fn one_hot_expert_matrix(
 }
 
 /// Fraction of assignments each expert received: `f_e = count_e / (tokens * k)`, `[experts]`.
-pub(crate) fn assignment_fraction(
-    mask: Tensor<2, Bool>,
-    assignments_per_token: usize,
-) -> Tensor<1> {
+pub fn assignment_fraction(mask: Tensor<2, Bool>, assignments_per_token: usize) -> Tensor<1> {
     let [tokens, _] = mask.dims();
     mask.float()
         .sum_dim(0)

@@ -129,3 +129,41 @@ fn configs_survive_a_save_load_round_trip() {
     assert_eq!(MoeTransformerConfig::load(&path).unwrap(), config);
     std::fs::remove_file(path).unwrap();
 }
+
+/// A gate that asks for the softmax top-k of its config but says it compares tokens.
+#[derive(Debug)]
+struct BatchWideGate;
+
+impl moe_core::gate::Gate for BatchWideGate {
+    fn route(&self, input: moe_core::gate::GateInput<'_>) -> moe_core::gate::GateOutput {
+        let logits = input.router.logits(input.x);
+        let probs = burn::tensor::activation::softmax(logits.clone(), 1);
+        let indices = moe_core::gate::top_k_indices(probs.clone(), input.top_k);
+        let chosen = probs.clone().gather(1, indices.clone());
+        let (weights, candidates) =
+            moe_core::gate::to_expert_matrix(indices, chosen, input.router.num_experts());
+        moe_core::gate::GateOutput {
+            logits,
+            probs,
+            candidates,
+            weights,
+            balance_loss: None,
+        }
+    }
+
+    fn is_causal(&self) -> bool {
+        false
+    }
+}
+
+#[test]
+fn decoders_refuse_a_users_gate_that_is_not_causal() {
+    let model = tiny(PositionKind::Rotary, CapacityConfig::dropless())
+        .init(&cpu())
+        .unwrap();
+    let error = model
+        .clone()
+        .with_gate(std::sync::Arc::new(BatchWideGate))
+        .unwrap_err();
+    assert!(matches!(error, ModelError::NotCausal { .. }), "{error}");
+}

@@ -139,7 +139,7 @@ impl Experts {
 
     /// Runs expert `e` on rows `offsets[e]..offsets[e + 1]` of the ragged buffer
     /// `x: [S, d_model]` (see [`crate::dispatch`]), giving `[S, d_model]`: each product is a
-    /// [`moe_kernels::grouped_matmul`] over the experts' own rows, so no expert pays for
+    /// [`moe_kernels::grouped_matmul()`] over the experts' own rows, so no expert pays for
     /// another's load. The rows after `offsets[E]` are padding: their output is zero (no bias
     /// is added there) and no gradient flows back through them.
     pub fn forward_grouped(&self, x: Tensor<2>, offsets: Tensor<1, Int>) -> Tensor<2> {

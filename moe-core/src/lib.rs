@@ -31,7 +31,7 @@
 //! - [`dispatch`]: capacity, the expert buffer layout, gather and scatter-add;
 //! - [`losses`]: balancing and z-loss;
 //! - [`balancing`]: auxiliary-loss-free balancing by a per-expert bias;
-//! - [`reference`]: a deliberately simple loop implementation that the tests compare against;
+//! - [`reference`](mod@reference): a deliberately simple loop implementation that the tests compare against;
 //! - [`init`] and [`rng`]: eager parameter initialisation and a small seeded generator.
 
 #![warn(missing_docs)]

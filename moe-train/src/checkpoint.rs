@@ -321,7 +321,8 @@ fn alternatives(run_dir: &Path, except: Option<&Path>) -> String {
     )
 }
 
-/// [`alternatives`] for the run a checkpoint folder (`RUN/checkpoints/step-N`) belongs to.
+/// The intact checkpoints of the run a checkpoint folder (`RUN/checkpoints/step-N`) belongs to,
+/// as a sentence that names them for `--checkpoint` (empty when there are none).
 pub fn alternatives_of(checkpoint: &Path) -> String {
     match checkpoint.parent().and_then(Path::parent) {
         Some(run_dir) if run_dir.join("checkpoints").is_dir() => {

@@ -30,6 +30,9 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Validation loss, perplexity and expert load of a checkpoint.
     Eval(EvalArgs),
+    /// Write a checkpoint's text model as a Hugging Face folder (when its options fit Mixtral,
+    /// Qwen2-MoE or OLMoE) or under burn-moe's own documented names.
+    Export(ExportArgs),
     /// Train the MoE config and its dense twin (equal work per token) with the same seed and
     /// data order, and plot both validation curves against steps and time.
     Compare(Box<TrainArgs>),
@@ -50,6 +53,7 @@ impl Command {
             Command::Compare(args) => args.backend,
             Command::Generate(args) => Some(args.backend),
             Command::Eval(args) => Some(args.backend),
+            Command::Export(args) => Some(args.backend),
         }
     }
 }
@@ -425,4 +429,43 @@ pub struct EvalArgs {
     /// Where to run.
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
     pub backend: Backend,
+}
+
+/// `burn-moe export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// A run folder (its latest checkpoint) or a checkpoint folder, of a text run.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// The folder to write (empty or new).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The Hugging Face layout to write (default: the first whose options the model fits;
+    /// burn-moe's own names when none does).
+    #[arg(long, value_enum)]
+    pub arch: Option<HfArch>,
+    /// Where to load the model.
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
+    pub backend: Backend,
+}
+
+/// A Hugging Face MoE architecture, as `--arch` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum HfArch {
+    /// `MixtralForCausalLM`.
+    Mixtral,
+    /// `Qwen2MoeForCausalLM`.
+    Qwen2Moe,
+    /// `OlmoeForCausalLM`.
+    Olmoe,
+}
+
+impl From<HfArch> for moe_models::hf::HfArchitecture {
+    fn from(arch: HfArch) -> Self {
+        match arch {
+            HfArch::Mixtral => Self::Mixtral,
+            HfArch::Qwen2Moe => Self::Qwen2Moe,
+            HfArch::Olmoe => Self::Olmoe,
+        }
+    }
 }

@@ -3,7 +3,7 @@
 use std::io::Write;
 
 use moe_models::digits::{NUMERALS, TEXT_VOCAB};
-use moe_models::{GenerationConfig, SamplingConfig};
+use moe_models::{GenerationConfig, MoeTransformer, SamplingConfig};
 
 use crate::backend::{self, Precision};
 use crate::checkpoint;
@@ -59,23 +59,9 @@ pub fn generate(args: &GenerateArgs) -> Result<String> {
                 stop_tokens: vec![EOS],
                 banned_tokens: vec![PAD, BOS],
             };
-            let mut stdout = std::io::stdout();
-            let _ = write!(stdout, "{}", args.prompt);
-            let mut generated = Vec::new();
-            let mut shown = String::new();
-            model.generate(&prompt, &generation, |token| {
-                generated.push(token);
-                // Decode everything so far and print what is new (BPE tokens may complete a
-                // character only together).
-                let text = tokenizer.decode(&generated);
-                if let Some(new) = text.strip_prefix(shown.as_str()) {
-                    let _ = write!(stdout, "{new}");
-                    let _ = stdout.flush();
-                }
-                shown = text;
-            })?;
-            let _ = writeln!(stdout);
-            Ok(format!("{}{}", args.prompt, shown))
+            stream(&model, &args.prompt, &prompt, &generation, |ids| {
+                tokenizer.decode(ids)
+            })
         }
         TaskKind::Caption | TaskKind::TextToImage => {
             let digit = NUMERALS
@@ -97,6 +83,34 @@ pub fn generate(args: &GenerateArgs) -> Result<String> {
             Ok(text)
         }
     }
+}
+
+/// Generates from `ids` (the tokens of `prompt`), printing `prompt` and then the text as it
+/// grows; returns the prompt and the continuation.
+pub fn stream(
+    model: &MoeTransformer,
+    prompt: &str,
+    ids: &[usize],
+    generation: &GenerationConfig,
+    decode: impl Fn(&[usize]) -> String,
+) -> Result<String> {
+    let mut stdout = std::io::stdout();
+    let _ = write!(stdout, "{prompt}");
+    let mut generated = Vec::new();
+    let mut shown = String::new();
+    model.generate(ids, generation, |token| {
+        generated.push(token);
+        // Decode everything so far and print what is new (byte-level BPE tokens may complete
+        // a character only together).
+        let text = decode(&generated);
+        if let Some(new) = text.strip_prefix(shown.as_str()) {
+            let _ = write!(stdout, "{new}");
+            let _ = stdout.flush();
+        }
+        shown = text;
+    })?;
+    let _ = writeln!(stdout);
+    Ok(format!("{prompt}{shown}"))
 }
 
 /// What `burn-moe eval` reports.

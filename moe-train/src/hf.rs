@@ -2,7 +2,6 @@
 //! `burn-moe generate` and `burn-moe eval`. The model loads through [`moe_models::hf`]; the
 //! folder's own tokenizer is read with the `tokenizers` crate (pure Rust, no C build).
 
-use std::io::Write;
 use std::path::Path;
 
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
@@ -110,23 +109,9 @@ pub fn generate(
         stop_tokens: tokenizer.eos.clone(),
         banned_tokens: Vec::new(),
     };
-    let mut stdout = std::io::stdout();
-    let _ = write!(stdout, "{prompt}");
-    let mut generated = Vec::new();
-    let mut shown = String::new();
-    loaded.model.generate(&ids, &config, |token| {
-        generated.push(token);
-        // Decode everything so far and print what is new (byte-level tokens may complete a
-        // character only together).
-        let text = tokenizer.decode(&generated);
-        if let Some(new) = text.strip_prefix(shown.as_str()) {
-            let _ = write!(stdout, "{new}");
-            let _ = stdout.flush();
-        }
-        shown = text;
-    })?;
-    let _ = writeln!(stdout);
-    Ok(format!("{prompt}{shown}"))
+    crate::commands::stream(&loaded.model, prompt, &ids, &config, |ids| {
+        tokenizer.decode(ids)
+    })
 }
 
 /// How `generate --hf` samples.

@@ -36,6 +36,7 @@ pub mod corpus;
 pub mod data;
 pub mod divergence;
 pub mod error;
+pub mod export;
 pub mod form;
 pub mod hf;
 pub mod loss_scale;

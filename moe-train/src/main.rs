@@ -8,7 +8,7 @@ use clap::Parser;
 use moe_train::cli::{Cli, Command};
 use moe_train::commands::{self, load_summary};
 use moe_train::trainer::{self, RunOptions};
-use moe_train::{compare, hf};
+use moe_train::{compare, export, hf};
 
 fn main() -> ExitCode {
     // Large temporary tensors are reused from the heap instead of mmapped afresh each time.
@@ -124,6 +124,19 @@ fn run(cli: Cli) -> moe_train::Result<()> {
             Ok(())
         }
         Command::Generate(args) => commands::generate(&args).map(|_| ()),
+        Command::Export(args) => {
+            let layout = export::export(&args)?;
+            let what = match layout {
+                export::ExportLayout::HuggingFace(arch) => {
+                    format!("a Hugging Face {} folder", arch.class_name())
+                }
+                export::ExportLayout::BurnMoe => {
+                    "burn-moe's own names (the model fits no Hugging Face architecture)".into()
+                }
+            };
+            println!("wrote {} as {what}", args.out.display());
+            Ok(())
+        }
         Command::Eval(args) if args.hf.is_some() => {
             let (dir, text) = (args.hf.as_deref(), args.text.as_deref());
             let (Some(dir), Some(text)) = (dir, text) else {

@@ -11,6 +11,8 @@ mod compare;
 mod config;
 #[path = "train/corpus.rs"]
 mod corpus;
+#[path = "train/export.rs"]
+mod export;
 #[path = "train/guards.rs"]
 mod guards;
 #[path = "train/mnist.rs"]

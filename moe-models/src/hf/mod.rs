@@ -119,11 +119,67 @@ pub fn load(dir: &Path, device: &Device) -> Result<HfModel, HfError> {
     })
 }
 
-/// Our parameters under `arch`'s tensor names and layout, ready to be written as safetensors.
+/// Our parameters under `arch`'s tensor names and layout (`[out, in]` linears, one tensor per
+/// expert), in f32.
 pub fn hf_tensors(
     model: &MoeTransformer,
     arch: HfArchitecture,
 ) -> Result<std::collections::BTreeMap<String, burn::tensor::TensorData>, HfError> {
     to_hf_config(model.config(), arch)?;
     weights::hf_tensors(model, arch)
+}
+
+/// Writes `model` into `dir` as a Hugging Face `arch` folder: `config.json` and
+/// `model.safetensors` (f32), which transformers' `AutoModelForCausalLM.from_pretrained`
+/// loads. Fields of `base` (the `config.json` the model was loaded from, if any: token ids,
+/// names) are kept unless ours replace them. The tokenizer is the caller's to write.
+///
+/// The tensors are gathered on the host before the file is written: exporting holds the
+/// model and one more copy of its weights.
+pub fn save(
+    model: &MoeTransformer,
+    arch: HfArchitecture,
+    dir: &Path,
+    base: Option<&serde_json::Value>,
+) -> Result<(), HfError> {
+    let ours = to_hf_config(model.config(), arch)?;
+    let mut config = match base.and_then(|b| b.as_object()) {
+        Some(fields) => fields.clone(),
+        None => serde_json::Map::new(),
+    };
+    for (key, value) in ours.as_object().expect("a JSON object") {
+        config.insert(key.clone(), value.clone());
+    }
+    // transformers 5 reads the rotary base from `rope_parameters` when it is present.
+    if let Some(parameters) = config
+        .get_mut("rope_parameters")
+        .and_then(|p| p.as_object_mut())
+    {
+        parameters.insert(
+            "rope_theta".into(),
+            model.config().decoder.rope_theta.into(),
+        );
+    }
+    config.remove("dtype");
+    let tensors = weights::hf_tensors(model, arch)?;
+    std::fs::create_dir_all(dir).map_err(|e| HfError::io(dir, e))?;
+    let config_path = dir.join("config.json");
+    let text = serde_json::to_string_pretty(&serde_json::Value::Object(config))
+        .expect("a config serialises");
+    std::fs::write(&config_path, text).map_err(|e| HfError::io(&config_path, e))?;
+    let views = tensors
+        .iter()
+        .map(|(name, data)| {
+            safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                data.shape().to_vec(),
+                data.as_bytes(),
+            )
+            .map(|view| (name.clone(), view))
+            .map_err(|e| HfError::Weights(format!("{name}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let path = dir.join("model.safetensors");
+    let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(views, Some(metadata), &path).map_err(|e| HfError::io(&path, e))
 }

@@ -190,3 +190,48 @@ fn bad_folders_get_errors_that_name_the_problem() {
     assert!(message(&dir).contains("yarn"), "{}", message(&dir));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_saved_folder_loads_back_to_the_same_logits() {
+    // Load transformers' model, write it back in its own layout, load that: the logits must
+    // still be transformers'. (make_fixtures.py --check-export loads such a folder with
+    // transformers itself.)
+    let device = cpu();
+    for arch in HfArchitecture::ALL {
+        let (ids, expected) = expected(arch);
+        let loaded = hf::load(&fixture(arch), &device).unwrap();
+        let dir = std::env::temp_dir().join(format!(
+            "hf-save-{}-{}",
+            arch.model_type(),
+            std::process::id()
+        ));
+        hf::save(&loaded.model, arch, &dir, Some(&loaded.config_json)).unwrap();
+        let again = hf::load(&dir, &device).unwrap();
+        assert_eq!(again.model.config(), loaded.model.config());
+        let diff = max_difference(&logits(&again.model, &ids, &device), &expected);
+        assert!(
+            diff < 1e-4,
+            "{arch:?}: the saved folder's logits differ by {diff}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[test]
+fn configs_that_do_not_fit_an_architecture_are_named() {
+    let mixtral = hf::read_config(&fixture(HfArchitecture::Mixtral))
+        .unwrap()
+        .1;
+    assert_eq!(
+        hf::fitting_architecture(&mixtral),
+        Some(HfArchitecture::Mixtral)
+    );
+    let mut adjacent = mixtral.clone();
+    adjacent.decoder.rotary_pairing = moe_models::RotaryPairing::Adjacent;
+    assert_eq!(hf::fitting_architecture(&adjacent), None);
+    let error = hf::to_hf_config(&adjacent, HfArchitecture::Mixtral).unwrap_err();
+    assert!(error.to_string().contains("adjacent rotary"), "{error}");
+    // Mixtral's config read as OLMoE: it has no q/k norms.
+    let error = hf::to_hf_config(&mixtral, HfArchitecture::Olmoe).unwrap_err();
+    assert!(error.to_string().contains("OlmoeForCausalLM"), "{error}");
+}

@@ -1,0 +1,83 @@
+//! `burn-moe export`: a checkpoint's text model as a folder other programs read.
+//!
+//! When the model's options fit one of the Hugging Face MoE architectures
+//! ([`moe_models::hf::fitting_architecture`]), the folder is that architecture's:
+//! `config.json` and `model.safetensors` under its tensor names, which transformers loads.
+//! Otherwise it is ours, documented here:
+//!
+//! - `config.json`: the [`moe_models::MoeTransformerConfig`] (Burn's config JSON);
+//! - `model.safetensors` (f32), one tensor per parameter, named by its module path, with
+//!   linear weights stored `[in, out]` (Burn's layout), e.g. `token_embedding.weight`
+//!   `[vocab, d]`, `stack.blocks.{i}.attention.{query,key,value,output}.{weight,bias}`,
+//!   `stack.blocks.{i}.{attention_norm,ffn_norm}.{rms.gamma | layer.gamma, layer.beta}`,
+//!   `stack.blocks.{i}.ffn.moe.router.weight` `[d, E]`,
+//!   `stack.blocks.{i}.ffn.moe.experts.{w_in,w_gate}` `[E, d, h]`, `.w_out` `[E, h, d]`,
+//!   `.b_in` `[E, h]`, `.b_out` `[E, d]`, `stack.blocks.{i}.ffn.dense.*` (one expert),
+//!   `stack.final_norm.*`, and `lm_head.weight` `[d, vocab]` when it is not tied;
+//! - the tokenizer as the checkpoint holds it (`tokenizer.json`, burn-moe's format).
+
+use burn_store::{ModuleSnapshot, SafetensorsStore};
+use moe_models::hf::{self, HfArchitecture};
+
+use crate::backend::{self, Precision};
+use crate::checkpoint;
+use crate::cli::ExportArgs;
+use crate::commands::load_finite;
+use crate::config::Task;
+use crate::error::{io, Result, TrainError};
+use crate::tokenizer::Tokenizer;
+
+/// The layout `export` wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportLayout {
+    /// A Hugging Face folder of this architecture.
+    HuggingFace(HfArchitecture),
+    /// burn-moe's own names (see the module documentation).
+    BurnMoe,
+}
+
+/// Writes the checkpoint's model into `args.out`, which must be empty or absent; returns the
+/// layout used.
+pub fn export(args: &ExportArgs) -> Result<ExportLayout> {
+    let out = &args.out;
+    if out.exists() && std::fs::read_dir(out).map_err(io(out))?.next().is_some() {
+        return Err(TrainError::Argument(format!(
+            "{} is not empty; export writes into an empty or new folder so that nothing is overwritten",
+            out.display()
+        )));
+    }
+    let opened = checkpoint::open(&args.checkpoint)?;
+    if opened.config.task != Task::Text {
+        return Err(TrainError::Argument(
+            "export writes text models; this checkpoint is of a digits task".into(),
+        ));
+    }
+    let tokenizer_path = opened.folder.join(checkpoint::TOKENIZER_FILE);
+    let tokenizer = Tokenizer::load(&tokenizer_path)?;
+    let config = opened.config.text_model_config(tokenizer.vocab_size());
+    let layout = match args.arch {
+        Some(arch) => {
+            hf::to_hf_config(&config, arch.into())?;
+            ExportLayout::HuggingFace(arch.into())
+        }
+        None => hf::fitting_architecture(&config)
+            .map_or(ExportLayout::BurnMoe, ExportLayout::HuggingFace),
+    };
+    let device = backend::select_and_report(args.backend, Precision::F32)?.device;
+    let model = load_finite(&opened.folder, config.init(&device)?)?;
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    match layout {
+        ExportLayout::HuggingFace(arch) => hf::save(&model, arch, out, None)?,
+        ExportLayout::BurnMoe => {
+            let config_path = out.join("config.json");
+            let json = burn::config::config_to_json(model.config());
+            std::fs::write(&config_path, json).map_err(io(&config_path))?;
+            let weights = out.join("model.safetensors");
+            model
+                .save_into(&mut SafetensorsStore::from_file(&weights))
+                .map_err(|e| TrainError::Argument(format!("{}: {e}", weights.display())))?;
+        }
+    }
+    tokenizer.save(&out.join("tokenizer.json"))?;
+    Ok(layout)
+}

@@ -9,6 +9,9 @@
 //! - [`hf`]: Mixtral, Qwen2-MoE and OLMoE checkpoints from the Hugging Face hub, loaded into
 //!   these modules.
 //!
+//! - With the `learner` feature (on by default), both models are burn-train models
+//!   ([`TextBatch`], [`MultimodalBatch`]): they train with burn-train's `Learner`.
+//!
 //! No backend is named here: the device passed to `init` decides.
 
 #![warn(missing_docs)]
@@ -22,6 +25,8 @@ mod error;
 mod generate;
 pub mod hf;
 mod init;
+#[cfg(feature = "learner")]
+mod learner;
 mod multimodal;
 mod norm;
 mod projection;
@@ -34,6 +39,8 @@ pub use block::{Block, DecoderStack, FeedForward, KvCache};
 pub use decoder::{DecoderConfig, PositionKind, RotaryPairing};
 pub use error::ModelError;
 pub use generate::GenerationConfig;
+#[cfg(feature = "learner")]
+pub use learner::{MultimodalBatch, TextBatch};
 pub use multimodal::{
     Modality, ModalityRouting, MultimodalMoeTransformer, MultimodalMoeTransformerConfig,
     MultimodalOutput, Segment,

@@ -13,6 +13,9 @@ mod dense;
 mod generation;
 #[path = "models/hf.rs"]
 mod hf;
+#[cfg(feature = "learner")]
+#[path = "models/learner.rs"]
+mod learner;
 #[path = "models/loss.rs"]
 mod loss;
 #[path = "models/multimodal.rs"]

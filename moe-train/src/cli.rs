@@ -75,6 +75,11 @@ pub struct TrainArgs {
     /// Continue the run in `--out` from its latest checkpoint.
     #[arg(long, conflicts_with = "overwrite")]
     pub resume: bool,
+    /// Fine-tune a Hugging Face MoE model (Mixtral, Qwen2-MoE or OLMoE folder: `config.json`,
+    /// safetensors, `tokenizer.json`) on the corpus instead of training the preset's model
+    /// from scratch; its tokenizer replaces the corpus-built one.
+    #[arg(long, conflicts_with = "resume")]
+    pub init_hf: Option<PathBuf>,
     /// Start a new run in an `--out` that holds one, deleting its checkpoints, metrics and
     /// plots.
     #[arg(long)]
@@ -258,6 +263,9 @@ impl TrainArgs {
         if self.dense {
             config.model.dense = true;
         }
+        if let Some(dir) = &self.init_hf {
+            config.model.hf = Some(crate::config::HfInit::read(dir)?);
+        }
         if let Some(gate) = self.gate {
             config.model.gate = gate;
             match gate {
@@ -376,6 +384,22 @@ pub struct GenerateArgs {
 }
 
 impl GenerateArgs {
+    /// Greedy generation of at most `max_tokens` after `prompt` from `checkpoint` (a run or
+    /// checkpoint folder), the other settings at their defaults.
+    pub fn greedy(checkpoint: PathBuf, prompt: &str, max_tokens: usize, backend: Backend) -> Self {
+        Self {
+            checkpoint: Some(checkpoint),
+            hf: None,
+            prompt: prompt.into(),
+            max_tokens,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+            backend,
+        }
+    }
+
     /// Checks the sampling settings.
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature.is_finite() && (0.0..=100.0).contains(&self.temperature)) {
@@ -397,6 +421,23 @@ impl GenerateArgs {
             )));
         }
         Ok(())
+    }
+}
+
+impl EvalArgs {
+    /// Evaluation of `checkpoint` (a run or checkpoint folder) on its run's validation data,
+    /// the other settings at their defaults.
+    pub fn checkpoint(checkpoint: PathBuf, backend: Backend) -> Self {
+        Self {
+            checkpoint: Some(checkpoint),
+            hf: None,
+            text: None,
+            window: None,
+            batches: None,
+            form: false,
+            form_samples: 100,
+            backend,
+        }
     }
 }
 

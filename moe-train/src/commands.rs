@@ -16,7 +16,7 @@ use crate::hf;
 use crate::tasks::digits::{caption_digit, draw_numeral, DigitsTask};
 use crate::tasks::text::TextTask;
 use crate::tasks::{Evaluation, Task};
-use crate::tokenizer::{Tokenizer, BOS, EOS, PAD};
+use crate::tokenizer::Tokenizer;
 
 /// Longest sample `eval --form` draws: room for a poem of eight seven-character lines.
 const FORM_MAX_TOKENS: usize = 64;
@@ -51,13 +51,14 @@ pub fn generate(args: &GenerateArgs) -> Result<String> {
                 .text_model_config(tokenizer.vocab_size())
                 .init(&device)?;
             let model = load_finite(&folder, model)?;
-            let mut prompt = vec![BOS];
+            let specials = tokenizer.specials();
+            let mut prompt = vec![specials.bos];
             prompt.extend(tokenizer.encode(&args.prompt));
             let generation = GenerationConfig {
                 max_new_tokens: args.max_tokens,
                 sampling,
-                stop_tokens: vec![EOS],
-                banned_tokens: vec![PAD, BOS],
+                stop_tokens: vec![specials.eos],
+                banned_tokens: specials.banned(),
             };
             stream(&model, &args.prompt, &prompt, &generation, |ids| {
                 tokenizer.decode(ids)

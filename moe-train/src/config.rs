@@ -198,6 +198,35 @@ pub struct ModelConfig {
     pub dropout: f64,
     /// Train the dense model with the same active parameters instead.
     pub dense: bool,
+    /// Start from a Hugging Face model (`train --init-hf DIR`): its architecture and weights
+    /// replace the shape fields above, its tokenizer the corpus-built one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hf: Option<HfInit>,
+}
+
+/// The Hugging Face model a run starts from (`train --init-hf DIR`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HfInit {
+    /// The folder its weights and tokenizer are read from at the start of the run.
+    pub dir: PathBuf,
+    /// Its `model_type` (`mixtral`, `qwen2_moe`, `olmoe`).
+    pub model_type: String,
+    /// Its config mapped onto ours, kept here so that the run's checkpoints open without the
+    /// folder.
+    pub config: MoeTransformerConfig,
+}
+
+impl HfInit {
+    /// Reads the folder's `config.json`.
+    pub fn read(dir: &std::path::Path) -> Result<Self> {
+        let (arch, config, _) = moe_models::hf::read_config(dir)?;
+        Ok(Self {
+            dir: std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf()),
+            model_type: arch.model_type().into(),
+            config,
+        })
+    }
 }
 
 /// Optimiser and batches.
@@ -330,6 +359,7 @@ impl Preset {
                 routed_scale: 1.0,
                 dropout: 0.0,
                 dense: false,
+                hf: None,
             },
             optim: OptimConfig {
                 lr: 3e-3,
@@ -491,6 +521,18 @@ impl TrainConfig {
 
     fn validate_model(&self) -> Result<()> {
         let m = &self.model;
+        if let Some(hf) = &m.hf {
+            if self.task != Task::Text || m.dense {
+                return bad("`--init-hf` fine-tunes a Hugging Face text model: it needs `--task text` and no `--dense`".into());
+            }
+            let context = hf.config.decoder.context_length;
+            if m.context_length > context {
+                return bad(format!(
+                    "`model.context_length` {} is longer than the Hugging Face model's context ({context})",
+                    m.context_length
+                ));
+            }
+        }
         in_range("model.d_model", m.d_model, 1, 1 << 16)?;
         in_range("model.num_layers", m.num_layers, 1, 1024)?;
         in_range("model.num_heads", m.num_heads, 1, m.d_model)?;
@@ -637,6 +679,9 @@ impl TrainConfig {
     /// The text model config for a vocabulary of `vocab_size` (the dense equivalent with
     /// `model.dense`).
     pub fn text_model_config(&self, vocab_size: usize) -> MoeTransformerConfig {
+        if let Some(hf) = &self.model.hf {
+            return hf.config.clone();
+        }
         let config = MoeTransformerConfig::new(vocab_size, self.decoder_config());
         if self.model.dense {
             config.dense_equivalent()

@@ -15,6 +15,9 @@
 //!   `.b_in` `[E, h]`, `.b_out` `[E, d]`, `stack.blocks.{i}.ffn.dense.*` (one expert),
 //!   `stack.final_norm.*`, and `lm_head.weight` `[d, vocab]` when it is not tied;
 //! - the tokenizer as the checkpoint holds it (`tokenizer.json`, burn-moe's format).
+//!
+//! A run fine-tuned from a Hugging Face model (`train --init-hf`) exports to its own
+//! architecture, with its own `tokenizer.json`.
 
 use burn_store::{ModuleSnapshot, SafetensorsStore};
 use moe_models::hf::{self, HfArchitecture};
@@ -67,7 +70,19 @@ pub fn export(args: &ExportArgs) -> Result<ExportLayout> {
     let model = load_finite(&opened.folder, config.init(&device)?)?;
     std::fs::create_dir_all(out).map_err(io(out))?;
     match layout {
-        ExportLayout::HuggingFace(arch) => hf::save(&model, arch, out, None)?,
+        ExportLayout::HuggingFace(arch) => {
+            // The special ids of a fine-tuned Hugging Face model's tokenizer go back into its
+            // config, where transformers' generation reads them.
+            let base = matches!(tokenizer, Tokenizer::Hf(_)).then(|| {
+                let specials = tokenizer.specials();
+                serde_json::json!({
+                    "bos_token_id": specials.bos,
+                    "eos_token_id": specials.eos,
+                    "pad_token_id": specials.pad,
+                })
+            });
+            hf::save(&model, arch, out, base.as_ref())?
+        }
         ExportLayout::BurnMoe => {
             let config_path = out.join("config.json");
             let json = burn::config::config_to_json(model.config());
@@ -78,6 +93,13 @@ pub fn export(args: &ExportArgs) -> Result<ExportLayout> {
                 .map_err(|e| TrainError::Argument(format!("{}: {e}", weights.display())))?;
         }
     }
-    tokenizer.save(&out.join("tokenizer.json"))?;
+    let tokenizer_path = out.join("tokenizer.json");
+    match (layout, tokenizer.hf_json()) {
+        // A fine-tuned Hugging Face model keeps its own tokenizer, which transformers reads.
+        (ExportLayout::HuggingFace(_), Some(json)) => {
+            std::fs::write(&tokenizer_path, json).map_err(io(&tokenizer_path))?
+        }
+        _ => tokenizer.save(&tokenizer_path)?,
+    }
     Ok(layout)
 }

@@ -9,7 +9,7 @@
 
 use moe_models::{GenerationConfig, MoeTransformer, SamplingConfig};
 
-use crate::tokenizer::{Tokenizer, BOS, EOS, PAD};
+use crate::tokenizer::Tokenizer;
 
 /// Punctuation that ends a line of verse.
 const LINE_ENDS: [char; 6] = ['，', '。', '？', '！', '；', '\n'];
@@ -93,7 +93,8 @@ pub fn measure(
         };
         for i in 0..samples_per_length {
             let prompt = &prompts[i % prompts.len()];
-            let mut ids = vec![BOS];
+            let specials = tokenizer.specials();
+            let mut ids = vec![specials.bos];
             ids.extend(tokenizer.encode(prompt));
             let config = GenerationConfig {
                 max_new_tokens: max_tokens,
@@ -101,8 +102,8 @@ pub fn measure(
                     seed: seed.wrapping_add((length * 100_000 + i) as u64),
                     ..SamplingConfig::default()
                 },
-                stop_tokens: vec![EOS],
-                banned_tokens: vec![PAD, BOS],
+                stop_tokens: vec![specials.eos],
+                banned_tokens: specials.banned(),
             };
             let Ok(generated) = model.generate(&ids, &config, |_| {}) else {
                 continue;

@@ -67,20 +67,69 @@ impl CharTokenizer {
     }
 }
 
-/// A tokenizer of either kind.
+/// A tokenizer of one of three kinds.
 #[derive(Debug, Clone)]
 pub enum Tokenizer {
     /// One token per character.
     Char(CharTokenizer),
-    /// Byte-level BPE.
+    /// Byte-level BPE trained here (ids 0-3 are the specials).
     Bpe(Box<HfTokenizer>),
+    /// The tokenizer of a Hugging Face model folder (`train --init-hf`), with its own
+    /// special ids.
+    Hf(Box<HfText>),
+}
+
+/// A Hugging Face folder's `tokenizer.json` and the special ids its `config.json` names.
+#[derive(Debug, Clone)]
+pub struct HfText {
+    /// The tokenizer.
+    pub inner: HfTokenizer,
+    /// Its special tokens.
+    pub specials: Specials,
+}
+
+/// The ids a tokenizer marks documents and padding with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Specials {
+    /// Start of a document.
+    pub bos: usize,
+    /// End of a document.
+    pub eos: usize,
+    /// Padding, whose targets do not count; `None` when the tokenizer has none.
+    pub pad: Option<usize>,
+}
+
+impl Specials {
+    /// burn-moe's own: `<bos>` 2, `<eos>` 3, `<pad>` 0.
+    pub const OURS: Specials = Specials {
+        bos: BOS,
+        eos: EOS,
+        pad: Some(PAD),
+    };
+
+    /// Tokens generation must not produce: padding and the start of a document.
+    pub fn banned(&self) -> Vec<usize> {
+        self.pad
+            .into_iter()
+            .chain([self.bos])
+            .filter(|&id| id != self.eos)
+            .collect()
+    }
 }
 
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 enum Saved {
-    Char { tokens: Vec<String> },
-    Bpe { tokenizer: serde_json::Value },
+    Char {
+        tokens: Vec<String>,
+    },
+    Bpe {
+        tokenizer: serde_json::Value,
+    },
+    Hf {
+        tokenizer: serde_json::Value,
+        specials: Specials,
+    },
 }
 
 impl Tokenizer {
@@ -116,11 +165,69 @@ impl Tokenizer {
         Ok(Self::Bpe(Box::new(tokenizer)))
     }
 
+    /// Reads a Hugging Face folder's `tokenizer.json`; the special ids come from its
+    /// `config.json` (`bos_token_id`, else the end of sequence; `eos_token_id`, the first when
+    /// it lists several, else the tokenizer's first special token; `pad_token_id` when it
+    /// differs from the end of sequence).
+    pub fn load_hf(dir: &Path, config: &serde_json::Value) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        let inner = HfTokenizer::from_file(&path)
+            .map_err(|e| TrainError::Tokenizer(format!("{}: {e}", path.display())))?;
+        let id = |key: &str| match config.get(key) {
+            Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| v as usize),
+            Some(serde_json::Value::Array(ids)) => {
+                ids.first().and_then(|v| v.as_u64()).map(|v| v as usize)
+            }
+            _ => None,
+        };
+        // Without `eos_token_id`, the tokenizer's first special token (`<|endoftext|>` of the
+        // GPT-2-style tokenizers) ends documents.
+        let first_special = || {
+            let mut specials: Vec<u32> = inner
+                .get_added_tokens_decoder()
+                .iter()
+                .filter(|(_, token)| token.special)
+                .map(|(&id, _)| id)
+                .collect();
+            specials.sort_unstable();
+            specials.first().map(|&id| id as usize)
+        };
+        let eos = id("eos_token_id").or_else(first_special).ok_or_else(|| {
+            TrainError::Tokenizer(format!(
+                "{}: no `eos_token_id` and no special token in tokenizer.json; fine-tuning marks the end of each document with one",
+                dir.join("config.json").display()
+            ))
+        })?;
+        let specials = Specials {
+            bos: id("bos_token_id").unwrap_or(eos),
+            eos,
+            pad: id("pad_token_id").filter(|&pad| pad != eos),
+        };
+        Ok(Self::Hf(Box::new(HfText { inner, specials })))
+    }
+
+    /// The ids it marks documents and padding with.
+    pub fn specials(&self) -> Specials {
+        match self {
+            Tokenizer::Hf(t) => t.specials,
+            _ => Specials::OURS,
+        }
+    }
+
+    /// The `tokenizer.json` of a Hugging Face tokenizer (for `export`), `None` for ours.
+    pub fn hf_json(&self) -> Option<String> {
+        match self {
+            Tokenizer::Hf(t) => t.inner.to_string(true).ok(),
+            _ => None,
+        }
+    }
+
     /// Vocabulary size.
     pub fn vocab_size(&self) -> usize {
         match self {
             Tokenizer::Char(t) => t.tokens.len(),
             Tokenizer::Bpe(t) => t.get_vocab_size(true),
+            Tokenizer::Hf(t) => t.inner.get_vocab_size(true),
         }
     }
 
@@ -135,14 +242,20 @@ impl Tokenizer {
                 .encode(text, false)
                 .map(|e| e.get_ids().iter().map(|&id| id as usize).collect())
                 .unwrap_or_default(),
+            Tokenizer::Hf(t) => t
+                .inner
+                .encode(text, false)
+                .map(|e| e.get_ids().iter().map(|&id| id as usize).collect())
+                .unwrap_or_default(),
         }
     }
 
-    /// `<bos> text <eos>`.
+    /// `<bos> text <eos>`, with the tokenizer's own special ids.
     pub fn encode_document(&self, text: &str) -> Vec<usize> {
-        let mut ids = vec![BOS];
+        let specials = self.specials();
+        let mut ids = vec![specials.bos];
         ids.extend(self.encode(text));
-        ids.push(EOS);
+        ids.push(specials.eos);
         ids
     }
 
@@ -161,6 +274,10 @@ impl Tokenizer {
                 let ids: Vec<u32> = ids.iter().map(|&id| id as u32).collect();
                 t.decode(&ids, true).unwrap_or_default()
             }
+            Tokenizer::Hf(t) => {
+                let ids: Vec<u32> = ids.iter().map(|&id| id as u32).collect();
+                t.inner.decode(&ids, true).unwrap_or_default()
+            }
         }
     }
 
@@ -171,11 +288,11 @@ impl Tokenizer {
                 tokens: t.tokens.clone(),
             },
             Tokenizer::Bpe(t) => Saved::Bpe {
-                tokenizer: serde_json::from_str(
-                    &t.to_string(false)
-                        .map_err(|e| TrainError::Tokenizer(e.to_string()))?,
-                )
-                .map_err(|e| TrainError::Tokenizer(e.to_string()))?,
+                tokenizer: tokenizer_json(t)?,
+            },
+            Tokenizer::Hf(t) => Saved::Hf {
+                tokenizer: tokenizer_json(&t.inner)?,
+                specials: t.specials,
             },
         };
         let json = serde_json::to_string(&saved).expect("a tokenizer serialises");
@@ -207,6 +324,24 @@ impl Tokenizer {
                     .map_err(|e: tokenizers::Error| broken(e.to_string()))?;
                 Ok(Tokenizer::Bpe(Box::new(tokenizer)))
             }
+            Saved::Hf {
+                tokenizer,
+                specials,
+            } => {
+                let inner: HfTokenizer = tokenizer
+                    .to_string()
+                    .parse()
+                    .map_err(|e: tokenizers::Error| broken(e.to_string()))?;
+                Ok(Tokenizer::Hf(Box::new(HfText { inner, specials })))
+            }
         }
     }
+}
+
+/// A `tokenizers` tokenizer as JSON.
+fn tokenizer_json(tokenizer: &HfTokenizer) -> Result<serde_json::Value> {
+    let text = tokenizer
+        .to_string(false)
+        .map_err(|e| TrainError::Tokenizer(e.to_string()))?;
+    serde_json::from_str(&text).map_err(|e| TrainError::Tokenizer(e.to_string()))
 }

@@ -167,22 +167,29 @@ pub fn train(mut config: TrainConfig, options: RunOptions) -> Result<RunSummary>
     });
     match config.task {
         TaskKind::Text => {
-            let (tokenizer, record) = match &opened {
-                Some(opened) => (
+            let (tokenizer, record) = match (&opened, &config.model.hf) {
+                (Some(opened), _) => (
                     Some(Tokenizer::load(
                         &opened.folder.join(checkpoint::TOKENIZER_FILE),
                     )?),
                     opened.data.clone(),
                 ),
-                None => (None, None),
+                (None, Some(hf)) => {
+                    let (_, _, json) = moe_models::hf::read_config(&hf.dir)?;
+                    (Some(Tokenizer::load_hf(&hf.dir, &json)?), None)
+                }
+                (None, None) => (None, None),
             };
+            // A new run from a Hugging Face model starts from its weights; a resumed one
+            // from its checkpoint's.
             let task = TextTask::new(
                 &config,
                 tokenizer,
                 record.as_ref(),
                 &device,
                 options.show_progress,
-            )?;
+            )?
+            .with_hf_weights(opened.is_none());
             let model = config.text_model_config(task.vocab_size());
             memory::check(&config, &model, selected.backend)?;
             run(task, config, selected, device, options, resumed, run_dir)

@@ -244,14 +244,8 @@ fn the_checkpoint_readers_refuse_damage_without_panicking() {
         }
         let ok = no_panic(&messages, || {
             let result = moe_train::commands::evaluate(&EvalArgs {
-                checkpoint: Some(work.clone()),
-                hf: None,
-                text: None,
-                window: None,
                 batches: Some(1),
-                form: false,
-                form_samples: 0,
-                backend: moe_train::backend::Backend::Ndarray,
+                ..EvalArgs::checkpoint(work.clone(), moe_train::backend::Backend::Ndarray)
             });
             let optimizer = checkpoint::open(&work).and_then(|opened| {
                 let optimizer = moe_train::optimizer::FusedAdamW::new(0.1).init();

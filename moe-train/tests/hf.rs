@@ -113,3 +113,91 @@ fn bad_arguments_are_named() {
         .unwrap();
     assert!(error.to_string().contains("tokenizer.json"), "{error}");
 }
+
+#[path = "train/common.rs"]
+#[allow(dead_code)]
+mod common;
+
+#[test]
+fn fine_tuning_a_hub_model_trains_saves_and_exports_it_back() {
+    use burn::tensor::{Int, Tensor, TensorData};
+    use moe_train::cli::{EvalArgs, ExportArgs, GenerateArgs};
+    use moe_train::config::HfInit;
+    use moe_train::export::{export, ExportLayout};
+    use moe_train::trainer::{train, RunOptions};
+
+    let _serial = common::serial();
+    let dir = common::temp_dir("init-hf");
+    let corpus = dir.join("corpus.txt");
+    common::write_generated_corpus(&corpus);
+    let arch = HfArchitecture::Qwen2Moe;
+    let mut config = common::tiny_config(corpus, 30);
+    config.model.hf = Some(HfInit::read(&fixture(arch)).unwrap());
+    config.optim.lr = 3e-3;
+    config.optim.min_lr = 3e-4;
+    let run = dir.join("run");
+    let summary = train(config, RunOptions::new(run.clone())).unwrap();
+    let first = summary.train_losses[0].1;
+    let last = summary.train_losses.last().unwrap().1;
+    assert!(
+        last < 0.7 * first,
+        "fine-tuning moved the loss from {first} to {last}"
+    );
+
+    // The checkpoint opens in eval and generate without the Hugging Face folder's help.
+    let report =
+        moe_train::commands::evaluate(&EvalArgs::checkpoint(run.clone(), Backend::Ndarray))
+            .unwrap();
+    assert!((report.evaluation.loss - summary.val_losses.last().unwrap().1).abs() < 1e-4);
+    let text = moe_train::commands::generate(&GenerateArgs::greedy(
+        run.clone(),
+        "春",
+        4,
+        Backend::Ndarray,
+    ))
+    .unwrap();
+    assert!(text.starts_with('春'), "{text}");
+
+    // Exported, it is a Qwen2-MoE folder again, with the fine-tuned weights and the tokenizer.
+    let out = dir.join("export");
+    let layout = export(&ExportArgs {
+        checkpoint: run.clone(),
+        out: out.clone(),
+        arch: None,
+        backend: Backend::Ndarray,
+    })
+    .unwrap();
+    assert_eq!(layout, ExportLayout::HuggingFace(arch));
+    #[allow(deprecated)] // ndarray, as the run trained on
+    let device = burn::tensor::Device::ndarray();
+    let exported = hf::load(&out, &device).unwrap().model;
+    let opened = moe_train::checkpoint::open(&run).unwrap();
+    let trained = moe_train::commands::load_finite(
+        &opened.folder,
+        opened.config.text_model_config(0).init(&device).unwrap(),
+    )
+    .unwrap();
+    let (ids, _) = expected(arch);
+    let tokens = || {
+        let data: Vec<i64> = ids.iter().map(|&id| id as i64).collect();
+        Tensor::<2, Int>::from_data(TensorData::new(data, [1, ids.len()]), &device)
+    };
+    let values = |model: &moe_models::MoeTransformer| {
+        model
+            .forward(tokens())
+            .logits
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap()
+    };
+    let (a, b) = (values(&exported), values(&trained));
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff < 1e-5, "the exported model's logits differ by {diff}");
+    let (_, _, json) = hf::read_config(&out).unwrap();
+    let tokenizer = HfTokenizer::load(&out, &json).unwrap();
+    assert_eq!(tokenizer.encode(&prompt(arch)).unwrap(), ids);
+}

@@ -111,12 +111,22 @@ pub fn read_config(
 pub fn load(dir: &Path, device: &Device) -> Result<HfModel, HfError> {
     let (architecture, config, config_json) = read_config(dir)?;
     let mut model = config.init(device)?;
-    weights::load_weights(&mut model, architecture, dir)?;
+    load_into(&mut model, architecture, dir)?;
     Ok(HfModel {
         model,
         architecture,
         config_json,
     })
+}
+
+/// Loads the weights of the `arch` folder `dir` into `model`, which must have been built from
+/// that folder's config ([`read_config`]).
+pub fn load_into(
+    model: &mut MoeTransformer,
+    arch: HfArchitecture,
+    dir: &Path,
+) -> Result<(), HfError> {
+    weights::load_weights(model, arch, dir)
 }
 
 /// Our parameters under `arch`'s tensor names and layout (`[out, in]` linears, one tensor per

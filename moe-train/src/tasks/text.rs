@@ -1,6 +1,6 @@
 //! Language modelling on a text corpus (the default: Chinese poetry).
 
-use burn::tensor::Device;
+use burn::tensor::{Bool, Device, Int, Tensor};
 use moe_core::rng::SplitMix64;
 use moe_models::{GenerationConfig, MoeTransformer, SamplingConfig};
 
@@ -12,7 +12,7 @@ use crate::corpus::{self, Corpus};
 use crate::data::TokenStream;
 use crate::error::{Result, TrainError};
 use crate::split::{split, split_at};
-use crate::tokenizer::{CharTokenizer, Tokenizer, BOS, EOS, PAD, UNK};
+use crate::tokenizer::{CharTokenizer, Tokenizer, UNK};
 
 /// Most of the training text a character vocabulary may turn into `<unk>`: beyond it,
 /// `min_freq` has left too few characters for a language model to learn anything.
@@ -28,6 +28,8 @@ pub struct TextTask {
     validation_documents: Vec<String>,
     record: DataRecord,
     device: Device,
+    /// Load the Hugging Face weights `config.model.hf` names into the models it builds.
+    hf_weights: bool,
 }
 
 impl TextTask {
@@ -125,7 +127,15 @@ impl TextTask {
                 validation: parts.validation_indices,
             },
             device: device.clone(),
+            hf_weights: false,
         })
+    }
+
+    /// The task building its models with the weights of the Hugging Face folder
+    /// `config.model.hf` names (a new `--init-hf` run), when `load` is true.
+    pub fn with_hf_weights(mut self, load: bool) -> Self {
+        self.hf_weights = load && self.config.model.hf.is_some();
+        self
     }
 
     /// Size of the tokenizer's vocabulary.
@@ -142,6 +152,14 @@ impl TextTask {
     pub fn validation(&self) -> &TokenStream {
         &self.validation
     }
+
+    /// `true` where a target counts: everywhere but on padding (when the tokenizer has it).
+    fn target_mask(&self, targets: &Tensor<2, Int>) -> Tensor<2, Bool> {
+        match self.tokenizer.specials().pad {
+            Some(pad) => targets.clone().not_equal_elem(pad as i64),
+            None => targets.clone().greater_equal_elem(0),
+        }
+    }
 }
 
 impl Task for TextTask {
@@ -150,11 +168,15 @@ impl Task for TextTask {
     fn build_model(&self, device: &Device) -> Result<MoeTransformer> {
         let precision = self.config.run.precision;
         let compute = (precision != Precision::F32).then(|| precision.compute_dtype());
-        Ok(self
+        let mut model = self
             .config
             .text_model_config(self.tokenizer.vocab_size())
-            .init(device)?
-            .with_compute_dtype(compute))
+            .init(device)?;
+        if let (true, Some(hf)) = (self.hf_weights, &self.config.model.hf) {
+            let arch = moe_models::hf::HfArchitecture::from_model_type(&hf.model_type)?;
+            moe_models::hf::load_into(&mut model, arch, &hf.dir)?;
+        }
+        Ok(model.with_compute_dtype(compute))
     }
 
     fn step(&self, model: &MoeTransformer, rng: &mut SplitMix64) -> StepOutput {
@@ -163,7 +185,7 @@ impl Task for TextTask {
         let batch = self
             .train
             .random_batch(batch_size, context, rng, &self.device);
-        let mask = batch.targets.clone().not_equal_elem(PAD as i64);
+        let mask = self.target_mask(&batch.targets);
         let out = model.loss(batch.inputs, batch.targets, mask);
         StepOutput {
             loss: out.loss,
@@ -186,7 +208,7 @@ impl Task for TextTask {
         let mut total = 0.0;
         let mut load = LoadMean::default();
         for batch in &batches {
-            let mask = batch.targets.clone().not_equal_elem(PAD as i64);
+            let mask = self.target_mask(&batch.targets);
             let out = model.loss(batch.inputs.clone(), batch.targets.clone(), mask);
             total += out.cross_entropy.into_scalar::<f64>();
             load.add(&out.layer_stats, 1.0);
@@ -206,6 +228,7 @@ impl Task for TextTask {
         max_tokens: usize,
         seed: u64,
     ) -> Vec<String> {
+        let specials = self.tokenizer.specials();
         (0..count)
             .map(|i| {
                 let config = GenerationConfig {
@@ -214,10 +237,12 @@ impl Task for TextTask {
                         seed: seed.wrapping_add(i as u64),
                         ..SamplingConfig::default()
                     },
-                    stop_tokens: vec![EOS],
-                    banned_tokens: vec![PAD, BOS],
+                    stop_tokens: vec![specials.eos],
+                    banned_tokens: specials.banned(),
                 };
-                let tokens = model.generate(&[BOS], &config, |_| {}).unwrap_or_default();
+                let tokens = model
+                    .generate(&[specials.bos], &config, |_| {})
+                    .unwrap_or_default();
                 self.tokenizer.decode(&tokens)
             })
             .collect()

@@ -21,16 +21,7 @@ fn cpu() -> Device {
 }
 
 fn eval_args(checkpoint: std::path::PathBuf) -> EvalArgs {
-    EvalArgs {
-        checkpoint: Some(checkpoint),
-        hf: None,
-        text: None,
-        window: None,
-        batches: None,
-        form: false,
-        form_samples: 0,
-        backend: moe_train::backend::Backend::Ndarray,
-    }
+    EvalArgs::checkpoint(checkpoint, moe_train::backend::Backend::Ndarray)
 }
 
 /// The latest checkpoint of the run in `out`: its folder, tokenizer and model (on ndarray).
@@ -185,17 +176,12 @@ fn eval_and_generate_refuse_non_finite_weights() {
         message.contains("step-00000002"),
         "names the intact one: {message}"
     );
-    let message = commands::generate(&GenerateArgs {
-        checkpoint: Some(out),
-        hf: None,
-        prompt: "春".into(),
-        max_tokens: 5,
-        temperature: 0.0,
-        top_k: 0,
-        top_p: 1.0,
-        seed: 0,
-        backend: moe_train::backend::Backend::Ndarray,
-    })
+    let message = commands::generate(&GenerateArgs::greedy(
+        out,
+        "春",
+        5,
+        moe_train::backend::Backend::Ndarray,
+    ))
     .unwrap_err()
     .to_string();
     assert!(message.contains("non-finite weights"), "{message}");

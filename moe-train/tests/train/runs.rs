@@ -45,29 +45,18 @@ fn a_short_run_lowers_the_loss_and_leaves_its_files() {
     assert_eq!(summary.samples.len(), 2);
 
     // eval and generate read the checkpoint back.
-    let report = commands::evaluate(&EvalArgs {
-        checkpoint: Some(out.clone()),
-        hf: None,
-        text: None,
-        window: None,
-        batches: None,
-        form: false,
-        form_samples: 0,
-        backend: moe_train::backend::Backend::Ndarray,
-    })
+    let report = commands::evaluate(&EvalArgs::checkpoint(
+        out.clone(),
+        moe_train::backend::Backend::Ndarray,
+    ))
     .unwrap();
     assert!((report.evaluation.loss - summary.val_losses.last().unwrap().1).abs() < 1e-4);
-    let text = commands::generate(&GenerateArgs {
-        checkpoint: Some(out),
-        hf: None,
-        prompt: "春".into(),
-        max_tokens: 10,
-        temperature: 0.0,
-        top_k: 0,
-        top_p: 1.0,
-        seed: 0,
-        backend: moe_train::backend::Backend::Ndarray,
-    })
+    let text = commands::generate(&GenerateArgs::greedy(
+        out,
+        "春",
+        10,
+        moe_train::backend::Backend::Ndarray,
+    ))
     .unwrap();
     assert!(text.starts_with('春') && text.chars().count() > 1, "{text}");
 }

@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use crate::backend::{self, Backend, Precision};
 use crate::error::{Result, TrainError};
+use crate::tokenizer::{config_token_ids, read_tokenizer_json};
 
 /// A Hugging Face tokenizer with the special tokens its model's config names.
 pub struct HfTokenizer {
@@ -23,25 +24,10 @@ impl HfTokenizer {
     /// Reads `dir/tokenizer.json`; the end-of-sequence ids come from `config` (the folder's
     /// `config.json`).
     pub fn load(dir: &Path, config: &Value) -> Result<Self> {
-        let path = dir.join("tokenizer.json");
-        if !path.exists() {
-            return Err(TrainError::Argument(format!(
-                "{} has no tokenizer.json; burn-moe reads the tokenizer the model was trained with from its folder",
-                dir.display()
-            )));
-        }
-        let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| TrainError::Tokenizer(format!("{}: {e}", path.display())))?;
-        let eos = match config.get("eos_token_id") {
-            Some(Value::Number(id)) => id.as_u64().into_iter().map(|id| id as usize).collect(),
-            Some(Value::Array(ids)) => ids
-                .iter()
-                .filter_map(Value::as_u64)
-                .map(|id| id as usize)
-                .collect(),
-            _ => Vec::new(),
-        };
-        Ok(Self { inner, eos })
+        Ok(Self {
+            inner: read_tokenizer_json(dir)?,
+            eos: config_token_ids(config, "eos_token_id"),
+        })
     }
 
     /// Token ids of `text`, with the special tokens the tokenizer adds itself (a beginning

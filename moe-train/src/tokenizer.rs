@@ -170,16 +170,8 @@ impl Tokenizer {
     /// it lists several, else the tokenizer's first special token; `pad_token_id` when it
     /// differs from the end of sequence).
     pub fn load_hf(dir: &Path, config: &serde_json::Value) -> Result<Self> {
-        let path = dir.join("tokenizer.json");
-        let inner = HfTokenizer::from_file(&path)
-            .map_err(|e| TrainError::Tokenizer(format!("{}: {e}", path.display())))?;
-        let id = |key: &str| match config.get(key) {
-            Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| v as usize),
-            Some(serde_json::Value::Array(ids)) => {
-                ids.first().and_then(|v| v.as_u64()).map(|v| v as usize)
-            }
-            _ => None,
-        };
+        let inner = read_tokenizer_json(dir)?;
+        let id = |key: &str| config_token_ids(config, key).first().copied();
         // Without `eos_token_id`, the tokenizer's first special token (`<|endoftext|>` of the
         // GPT-2-style tokenizers) ends documents.
         let first_special = || {
@@ -344,4 +336,33 @@ fn tokenizer_json(tokenizer: &HfTokenizer) -> Result<serde_json::Value> {
         .to_string(false)
         .map_err(|e| TrainError::Tokenizer(e.to_string()))?;
     serde_json::from_str(&text).map_err(|e| TrainError::Tokenizer(e.to_string()))
+}
+
+/// A Hugging Face model folder's `tokenizer.json`, read with the `tokenizers` crate.
+pub fn read_tokenizer_json(dir: &Path) -> Result<HfTokenizer> {
+    let path = dir.join("tokenizer.json");
+    if !path.exists() {
+        return Err(TrainError::Argument(format!(
+            "{} has no tokenizer.json; burn-moe reads the tokenizer the model was trained with from its folder",
+            dir.display()
+        )));
+    }
+    HfTokenizer::from_file(&path)
+        .map_err(|e| TrainError::Tokenizer(format!("{}: {e}", path.display())))
+}
+
+/// The token ids a Hugging Face `config.json` gives under `key` (`eos_token_id`, ...): one
+/// number or a list; none when it is absent or null.
+pub fn config_token_ids(config: &serde_json::Value, key: &str) -> Vec<usize> {
+    match config.get(key) {
+        Some(serde_json::Value::Number(id)) => {
+            id.as_u64().into_iter().map(|id| id as usize).collect()
+        }
+        Some(serde_json::Value::Array(ids)) => ids
+            .iter()
+            .filter_map(serde_json::Value::as_u64)
+            .map(|id| id as usize)
+            .collect(),
+        _ => Vec::new(),
+    }
 }

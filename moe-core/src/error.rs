@@ -60,6 +60,9 @@ pub enum MoeError {
         /// Path of the field in the config.
         field: &'static str,
     },
+    /// LoRA adapters could not be attached as asked.
+    #[error("LoRA: {0}")]
+    Lora(String),
 }
 
 /// Checks that a size is not zero.

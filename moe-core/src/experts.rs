@@ -9,6 +9,7 @@ use moe_kernels::{batched_matmul, grouped_bias, grouped_matmul};
 
 use crate::error::{check_nonzero, MoeError};
 use crate::init::uniform;
+use crate::lora;
 use crate::precision::param_for;
 
 /// Activation of an [`ExpertKind::Ffn`] expert.
@@ -90,6 +91,16 @@ impl ExpertConfig {
         }
     }
 
+    /// LoRA parameters of one expert's adapters of rank `rank` ([`crate::lora`]): `r (d_in +
+    /// d_out)` for each of its two (FFN) or three (SwiGLU) weights.
+    pub fn lora_params_per_expert(&self, d_model: usize, rank: usize) -> usize {
+        let weights = match self.kind {
+            ExpertKind::Ffn(_) => 2,
+            ExpertKind::SwiGlu => 3,
+        };
+        weights * rank * (d_model + self.d_hidden)
+    }
+
     /// Parameters of one expert.
     pub fn params_per_expert(&self, d_model: usize) -> usize {
         let (d, h) = (d_model, self.d_hidden);
@@ -124,17 +135,10 @@ impl Experts {
     /// Runs expert `e` on slice `e` of `x: [E, C, d_model]`, every row of it (a batched
     /// matmul): the shared experts, which see every token.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.run(
-            x,
-            |x, weight| {
-                let weight = param_for(weight, &x);
-                batched_matmul(x, weight)
-            },
-            |y, bias| {
-                let bias = param_for(bias, &y);
-                y + bias.unsqueeze_dim(1)
-            },
-        )
+        self.run(x, batched_matmul, |y, bias| {
+            let bias = param_for(bias, &y);
+            y + bias.unsqueeze_dim(1)
+        })
     }
 
     /// Runs expert `e` on rows `offsets[e]..offsets[e + 1]` of the ragged buffer
@@ -145,10 +149,7 @@ impl Experts {
     pub fn forward_grouped(&self, x: Tensor<2>, offsets: Tensor<1, Int>) -> Tensor<2> {
         self.run(
             x,
-            |x, weight| {
-                let weight = param_for(weight, &x);
-                grouped_matmul(x, weight, offsets.clone())
-            },
+            |x, weight| grouped_matmul(x, weight, offsets.clone()),
             |y, bias| {
                 let bias = param_for(bias, &y);
                 grouped_bias(y, bias, offsets.clone())
@@ -156,14 +157,17 @@ impl Experts {
         )
     }
 
-    /// The expert formula with the products and bias additions of one layout: `project(x, w)`
-    /// multiplies each expert's rows by its slice of `w`, `add_bias(y, b)` adds its row of `b`.
+    /// The expert formula with the products and bias additions of one layout: `product(x, w)`
+    /// multiplies each expert's rows by its slice of `w` (a weight in the type of `x`),
+    /// `add_bias(y, b)` adds its row of `b`. A weight with a LoRA adapter adds its low-rank
+    /// update ([`lora::project_experts`]).
     fn run<const D: usize>(
         &self,
         x: Tensor<D>,
-        project: impl Fn(Tensor<D>, &Param<Tensor<3>>) -> Tensor<D>,
+        product: impl Fn(Tensor<D>, Tensor<3>) -> Tensor<D>,
         add_bias: impl Fn(Tensor<D>, &Param<Tensor<2>>) -> Tensor<D>,
     ) -> Tensor<D> {
+        let project = |x, weight: &Param<Tensor<3>>| lora::project_experts(x, weight, &product);
         let with_bias = |y: Tensor<D>, bias: &Option<Param<Tensor<2>>>| match bias {
             Some(bias) => add_bias(y, bias),
             None => y,

@@ -30,6 +30,7 @@
 //!   batched matmul;
 //! - [`dispatch`]: capacity, the expert buffer layout, gather and scatter-add;
 //! - [`losses`]: balancing and z-loss;
+//! - [`lora`]: low-rank adapters on the router, the experts and a model's attention;
 //! - [`balancing`]: auxiliary-loss-free balancing by a per-expert bias;
 //! - [`reference`](mod@reference): a deliberately simple loop implementation that the tests compare against;
 //! - [`init`] and [`rng`]: eager parameter initialisation and a small seeded generator.
@@ -43,6 +44,7 @@ mod error;
 mod experts;
 pub mod gate;
 pub mod init;
+pub mod lora;
 pub mod losses;
 mod moe;
 pub mod precision;

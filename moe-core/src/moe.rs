@@ -10,6 +10,7 @@ use crate::dispatch::DispatchPlan;
 use crate::error::{check_nonzero, check_positive, MoeError};
 use crate::gate::{CustomGate, Gate, GateConfig, GateInput};
 use crate::init::uniform;
+use crate::lora::{LoraConfig, LoraTarget};
 use crate::losses::{router_z_loss, LossConfig, LossKind};
 use crate::precision::{param_for, to_dtype};
 use crate::stats::RoutingRecord;
@@ -224,6 +225,36 @@ impl MoeConfig {
         block + gate
     }
 
+    /// Parameters of the LoRA adapters `lora` attaches to the layer ([`crate::lora`]): the
+    /// router's weights and the shared gate (target `Router`), every routed and shared expert
+    /// (target `Experts`).
+    pub fn lora_params(&self, lora: &LoraConfig) -> usize {
+        let (d, r) = (self.d_model, lora.rank);
+        let mut total = 0;
+        if lora.targets.contains(&LoraTarget::Router) {
+            let weights = if matches!(self.gate, GateConfig::Noisy(_)) {
+                2
+            } else {
+                1
+            };
+            let gate = if self.shared_experts > 0 && self.shared_gate {
+                r * (d + 1)
+            } else {
+                0
+            };
+            total += weights * r * (d + self.num_experts) + gate;
+        }
+        if lora.targets.contains(&LoraTarget::Experts) {
+            total += self.num_experts * self.expert.lora_params_per_expert(d, r);
+            if self.shared_experts > 0 {
+                total += ExpertConfig::new(self.shared_width())
+                    .with_kind(self.expert.kind)
+                    .lora_params_per_expert(d, r);
+            }
+        }
+        total
+    }
+
     fn router_params(&self) -> usize {
         let weights = if matches!(self.gate, GateConfig::Noisy(_)) {
             2
@@ -327,7 +358,7 @@ impl Moe {
         // Switch Transformer does: its softmax and top-k decide the routing, so round-off there
         // changes which experts a token visits.
         let input = GateInput {
-            x: to_dtype(tokens.clone(), self.router.weight.val().dtype()),
+            x: to_dtype(tokens.clone(), self.router.weight.base().dtype()),
             router: &self.router,
             top_k: self.config.top_k,
             mode,

@@ -4,6 +4,7 @@ use burn::module::{Module, Param};
 use burn::tensor::{Device, Tensor};
 
 use crate::init::{uniform, zeros};
+use crate::lora;
 
 /// Router parameters shared by every gate: `logits = x W`, `W: [d_model, num_experts]`.
 ///
@@ -42,9 +43,10 @@ impl Router {
         }
     }
 
-    /// Router logits `x W`, `[tokens, num_experts]`.
+    /// Router logits `x W`, `[tokens, num_experts]` (with a LoRA adapter on `W`, its update
+    /// added: [`lora::project`]).
     pub fn logits(&self, x: Tensor<2>) -> Tensor<2> {
-        x.matmul(self.weight.val())
+        lora::project(x, &self.weight, |x, w| x.matmul(w))
     }
 
     /// Scores used to **choose** experts: `logits + bias` when auxiliary-loss-free balancing

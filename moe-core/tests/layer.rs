@@ -12,6 +12,8 @@ mod config;
 mod custom_gate;
 #[path = "layer/dense.rs"]
 mod dense;
+#[path = "layer/lora.rs"]
+mod lora;
 #[path = "layer/losses.rs"]
 mod losses;
 #[path = "layer/reference_parity.rs"]

@@ -9,6 +9,7 @@
 //! index (Qwen2-MoE's `mlp_only_layers`).
 
 use burn::config::Config;
+use moe_core::lora::{LoraConfig, LoraTarget};
 use moe_core::{DropPolicy, ExpertConfig, MoeConfig};
 
 use crate::error::{check_nonzero, check_probability, ModelError};
@@ -236,6 +237,29 @@ impl DecoderConfig {
         let output_bias = if self.output_bias { d } else { 0 };
         let qk_norm = if self.qk_norm { d + kv } else { 0 };
         weights + qkv_bias + output_bias + qk_norm
+    }
+
+    /// Parameters of the LoRA adapters `lora` attaches to the stack
+    /// ([`moe_core::lora::LoraTarget`]): `r (d_in + d_out)` for each adapted weight, the four
+    /// attention projections of every block, the routers and experts of the MoE blocks, the
+    /// feed-forward weights of the dense blocks.
+    pub fn lora_params(&self, lora: &LoraConfig) -> usize {
+        let (d, r) = (self.d_model, lora.rank);
+        let kv = self.kv_heads() * self.head_dim();
+        let attention = if lora.targets.contains(&LoraTarget::Attention) {
+            r * (2 * (d + d) + 2 * (d + kv))
+        } else {
+            0
+        };
+        let dense_ffn = if lora.targets.contains(&LoraTarget::Experts) {
+            self.dense_ffn().lora_params_per_expert(d, r)
+        } else {
+            0
+        };
+        let moe_layers = self.num_moe_layers();
+        self.num_layers * attention
+            + moe_layers * self.moe.lora_params(lora)
+            + (self.num_layers - moe_layers) * dense_ffn
     }
 
     /// Parameters of the stack: learned positions, every block, the final norm. The second

@@ -1,7 +1,8 @@
 //! The forward pass of Burn's `Linear` through [`moe_kernels::matmul`]: the same module, the
 //! same parameters and records, `y = x W + b`, with the product as one operation whose flex
 //! kernel writes its output once. Under mixed precision the parameters meet `x` in its type
-//! ([`moe_core::precision::param_for`]).
+//! ([`moe_core::precision::param_for`]); a weight with a LoRA adapter adds its low-rank update
+//! ([`moe_core::lora::project`]).
 
 use burn::nn::Linear;
 use burn::tensor::Tensor;
@@ -9,8 +10,7 @@ use moe_core::precision::param_for;
 
 /// `x W + b` for `x: [..., d_input]`, as `Linear::forward` computes it.
 pub(crate) fn apply<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<D> {
-    let weight = param_for(&linear.weight, &x);
-    let product = moe_kernels::matmul(x, weight);
+    let product = moe_core::lora::project(x, &linear.weight, moe_kernels::matmul);
     match &linear.bias {
         Some(bias) => {
             let bias = param_for(bias, &product);

@@ -193,6 +193,34 @@ impl MoeTransformer {
         self
     }
 
+    /// The model with every weight frozen and LoRA adapters (Hu et al. 2021) on the weights
+    /// `config` targets: its attention projections, routers, experts
+    /// ([`moe_core::lora::LoraTarget`]). Training then updates the adapters alone; Burn's
+    /// `Module::materialize` merges them into the weights, and
+    /// `into_record_group(moe_core::lora::adapter_group())` saves them on their own.
+    ///
+    /// ```
+    /// use burn::module::Module;
+    /// use moe_core::lora::{LoraConfig, LoraTarget};
+    /// use moe_core::{ExpertConfig, MoeConfig};
+    /// use moe_models::{DecoderConfig, MoeTransformerConfig};
+    ///
+    /// # #[allow(deprecated)]
+    /// let device = burn::tensor::Device::ndarray().autodiff();
+    /// let moe = MoeConfig::new(16, 4, ExpertConfig::new(32)).with_top_k(2);
+    /// let decoder = DecoderConfig::new(8, 16, 2, 2, 32, moe).with_moe_every(1);
+    /// let model = MoeTransformerConfig::new(50, decoder).init(&device)?;
+    /// let lora = LoraConfig::new(4).with_targets(vec![LoraTarget::Attention, LoraTarget::Experts]);
+    /// let model = model.with_lora(&lora)?;
+    /// // Per block: query, key, value, output, and the experts' two weights.
+    /// assert_eq!(moe_core::lora::adapter_count(&model), 2 * (4 + 2));
+    /// let merged = model.materialize(); // for export: plain weights again
+    /// # Ok::<(), moe_models::ModelError>(())
+    /// ```
+    pub fn with_lora(self, config: &moe_core::lora::LoraConfig) -> Result<Self, ModelError> {
+        Ok(moe_core::lora::attach(self, config)?)
+    }
+
     /// The model with every MoE layer routing with `gate`, a routing function of the user's
     /// own ([`moe_core::gate::Gate`]), instead of its config's gate. The gate is not saved with
     /// the weights: set it again after loading.

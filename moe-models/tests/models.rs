@@ -16,6 +16,8 @@ mod hf;
 #[cfg(feature = "learner")]
 #[path = "models/learner.rs"]
 mod learner;
+#[path = "models/lora.rs"]
+mod lora;
 #[path = "models/loss.rs"]
 mod loss;
 #[path = "models/multimodal.rs"]

@@ -19,6 +19,8 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::optim::ModuleOptimizer;
+use burn::store::ModuleRecord;
+use moe_core::lora;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -45,6 +47,9 @@ pub struct TrainingState {
 
 /// File names inside a checkpoint folder.
 pub const MODEL_FILE: &str = "model.bpk";
+/// The LoRA adapters of a LoRA run, in place of [`MODEL_FILE`]: the rest of the model is the
+/// Hugging Face model the run adapts, read from its folder.
+pub const ADAPTERS_FILE: &str = "adapters.bpk";
 /// Optimizer state.
 pub const OPTIMIZER_FILE: &str = "optimizer.bpk";
 /// [`TrainingState`].
@@ -125,11 +130,15 @@ pub fn save<M: Module>(
         path: path.to_path_buf(),
         reason: format!("could not write: {error}"),
     };
-    let model_path = staging.join(MODEL_FILE);
-    parts
-        .model
-        .clone()
-        .save_file(&model_path)
+    // A model with LoRA adapters saves them alone: its frozen weights are its base model's.
+    let (model_path, record) = if lora::adapter_count(parts.model) > 0 {
+        let record = parts.model.clone().into_record_group(lora::adapter_group());
+        (staging.join(ADAPTERS_FILE), record)
+    } else {
+        (staging.join(MODEL_FILE), parts.model.clone().into_record())
+    };
+    record
+        .save(&model_path)
         .map_err(|e| record_error(&model_path, e))?;
     let optimizer_path = staging.join(OPTIMIZER_FILE);
     parts
@@ -178,7 +187,10 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
     if path.join(STATE_FILE).exists() {
         return Ok(path.to_path_buf());
     }
-    if path.join(MODEL_FILE).exists() || path.join(MANIFEST_FILE).exists() {
+    if [MODEL_FILE, ADAPTERS_FILE, MANIFEST_FILE]
+        .iter()
+        .any(|file| path.join(file).exists())
+    {
         return Err(incomplete(path, STATE_FILE));
     }
     let latest = path.join("latest");
@@ -351,13 +363,34 @@ pub fn read_state(folder: &Path) -> Result<(TrainingState, TrainConfig)> {
 }
 
 /// Loads the model weights of a checkpoint into `model` (built from the checkpoint's config
-/// and tokenizer).
+/// and tokenizer). A model with LoRA adapters (its base weights already loaded) takes the
+/// checkpoint's adapters, which must be exactly its own.
 pub fn load_model<M: Module>(folder: &Path, model: M) -> Result<M> {
-    let path = folder.join(MODEL_FILE);
+    let adapters = lora::adapter_count(&model);
+    let file = if adapters > 0 {
+        ADAPTERS_FILE
+    } else {
+        MODEL_FILE
+    };
+    let path = folder.join(file);
     if !path.exists() {
-        return Err(incomplete(folder, MODEL_FILE));
+        return Err(incomplete(folder, file));
     }
-    match catch_reader_panic(|| model.try_load_file(&path)) {
+    let read = || -> std::result::Result<M, burn::store::RecordError> {
+        let record = ModuleRecord::load(&path)?;
+        if adapters == 0 {
+            return model.try_load_record(record);
+        }
+        if record.len() != 2 * adapters {
+            return Err(burn::store::RecordError::Validation(format!(
+                "it holds {} adapter factors; the model's LoRA settings give {}",
+                record.len(),
+                2 * adapters
+            )));
+        }
+        model.try_load_record(record.allow_partial(true))
+    };
+    match catch_reader_panic(read) {
         Ok(Ok(model)) => Ok(model),
         Ok(Err(error)) => Err(TrainError::Checkpoint {
             path,

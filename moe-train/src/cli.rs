@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use moe_core::lora::{LoraConfig, LoraTarget};
 
 use crate::backend::{Backend, Precision};
 use crate::checkpoint;
@@ -11,6 +12,27 @@ use crate::config::{
 };
 use crate::divergence::OnNonFinite;
 use crate::error::{Result, TrainError};
+
+/// The weights `--lora-targets` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LoraTargetChoice {
+    /// The attention projections (query, key, value, output).
+    Attention,
+    /// The routers (and Qwen2-MoE's shared-expert gate).
+    Router,
+    /// The experts' weights (routed and shared, and the dense layers' feed-forward weights).
+    Experts,
+}
+
+impl From<LoraTargetChoice> for LoraTarget {
+    fn from(choice: LoraTargetChoice) -> Self {
+        match choice {
+            LoraTargetChoice::Attention => LoraTarget::Attention,
+            LoraTargetChoice::Router => LoraTarget::Router,
+            LoraTargetChoice::Experts => LoraTarget::Experts,
+        }
+    }
+}
 
 /// burn-moe: train Mixture-of-Experts models on a laptop GPU or the CPU.
 #[derive(Debug, Parser)]
@@ -80,6 +102,17 @@ pub struct TrainArgs {
     /// from scratch; its tokenizer replaces the corpus-built one.
     #[arg(long, conflicts_with = "resume")]
     pub init_hf: Option<PathBuf>,
+    /// Fine-tune the `--init-hf` model with LoRA adapters of this rank instead of every
+    /// weight: its weights stay frozen, checkpoints hold the adapters alone, and `export`
+    /// merges them into the weights.
+    #[arg(long, requires = "init_hf")]
+    pub lora_rank: Option<usize>,
+    /// LoRA's alpha: the adapters' updates are scaled by `alpha / rank` (default: `2 * rank`).
+    #[arg(long, requires = "lora_rank")]
+    pub lora_alpha: Option<f64>,
+    /// The weights that get LoRA adapters, comma-separated (default: attention).
+    #[arg(long, value_enum, value_delimiter = ',', requires = "lora_rank")]
+    pub lora_targets: Vec<LoraTargetChoice>,
     /// Start a new run in an `--out` that holds one, deleting its checkpoints, metrics and
     /// plots.
     #[arg(long)]
@@ -265,6 +298,23 @@ impl TrainArgs {
         }
         if let Some(dir) = &self.init_hf {
             config.model.hf = Some(crate::config::HfInit::read(dir)?);
+        }
+        if let Some(rank) = self.lora_rank {
+            let mut targets: Vec<LoraTarget> = Vec::new();
+            for choice in &self.lora_targets {
+                let target = LoraTarget::from(*choice);
+                if !targets.contains(&target) {
+                    targets.push(target);
+                }
+            }
+            if targets.is_empty() {
+                targets.push(LoraTarget::Attention);
+            }
+            config.model.lora = Some(
+                LoraConfig::new(rank)
+                    .with_alpha(self.lora_alpha)
+                    .with_targets(targets),
+            );
         }
         if let Some(gate) = self.gate {
             config.model.gate = gate;

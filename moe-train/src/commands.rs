@@ -2,6 +2,7 @@
 
 use std::io::Write;
 
+use burn::module::Module;
 use moe_models::digits::{NUMERALS, TEXT_VOCAB};
 use moe_models::{GenerationConfig, MoeTransformer, SamplingConfig};
 
@@ -14,7 +15,7 @@ use crate::error::{Result, TrainError};
 use crate::form::{self, FormShare};
 use crate::hf;
 use crate::tasks::digits::{caption_digit, draw_numeral, DigitsTask};
-use crate::tasks::text::TextTask;
+use crate::tasks::text::{text_model, TextTask};
 use crate::tasks::{Evaluation, Task};
 use crate::tokenizer::Tokenizer;
 
@@ -47,10 +48,9 @@ pub fn generate(args: &GenerateArgs) -> Result<String> {
     match config.task {
         TaskKind::Text => {
             let tokenizer = Tokenizer::load(&folder.join(checkpoint::TOKENIZER_FILE))?;
-            let model = config
-                .text_model_config(tokenizer.vocab_size())
-                .init(&device)?;
-            let model = load_finite(&folder, model)?;
+            let model = text_model(&config, tokenizer.vocab_size(), &device, false)?;
+            // LoRA adapters merged: decoding then runs the plain weights.
+            let model = load_finite(&folder, model)?.materialize();
             let specials = tokenizer.specials();
             let mut prompt = vec![specials.bos];
             prompt.extend(tokenizer.encode(&args.prompt));

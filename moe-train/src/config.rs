@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
+use moe_core::lora::LoraConfig;
 use moe_core::{
     Activation, CapacityConfig, ExpertConfig, ExpertKind, GateConfig, LossConfig, MoeConfig,
 };
@@ -13,6 +14,7 @@ use moe_models::{
     DecoderConfig, MoeTransformerConfig, MultimodalMoeTransformerConfig, NormKind, PositionKind,
 };
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::backend::{Backend, Precision};
 use crate::divergence::OnNonFinite;
@@ -202,6 +204,11 @@ pub struct ModelConfig {
     /// replace the shape fields above, its tokenizer the corpus-built one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hf: Option<HfInit>,
+    /// Fine-tune the Hugging Face model with LoRA adapters instead of every weight
+    /// (`train --lora-rank R [--lora-alpha A] [--lora-targets ...]`): its weights stay frozen
+    /// and checkpoints hold the adapters alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraConfig>,
 }
 
 /// The Hugging Face model a run starts from (`train --init-hf DIR`).
@@ -213,20 +220,63 @@ pub struct HfInit {
     /// Its `model_type` (`mixtral`, `qwen2_moe`, `olmoe`).
     pub model_type: String,
     /// Its config mapped onto ours, kept here so that the run's checkpoints open without the
-    /// folder.
+    /// folder (full fine-tuning; a LoRA run reads its frozen weights from the folder).
     pub config: MoeTransformerConfig,
+    /// SHA-256 of its `config.json` and of the names and sizes of its weight files, to notice
+    /// a folder changed under a LoRA run, whose adapters fit only the weights they were
+    /// trained on. Absent in configs written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
 }
 
 impl HfInit {
     /// Reads the folder's `config.json`.
-    pub fn read(dir: &std::path::Path) -> Result<Self> {
+    pub fn read(dir: &Path) -> Result<Self> {
         let (arch, config, _) = moe_models::hf::read_config(dir)?;
         Ok(Self {
             dir: std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf()),
             model_type: arch.model_type().into(),
             config,
+            fingerprint: Some(fingerprint(dir)?),
         })
     }
+
+    /// Refuses a folder whose config or weight files are not those the run started from.
+    pub fn check_unchanged(&self) -> Result<()> {
+        let Some(expected) = &self.fingerprint else {
+            return Ok(());
+        };
+        if fingerprint(&self.dir)? != *expected {
+            return Err(TrainError::Config(format!(
+                "the Hugging Face model in {} has changed since this LoRA run started (its config.json or weight files differ); the run's adapters fit only the weights they were trained on",
+                self.dir.display()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// SHA-256 of a Hugging Face folder's `config.json` followed by the name and size of each of
+/// its `.safetensors` files, in name order: a change of weights shows in their sizes or their
+/// index far more cheaply than by hashing gigabytes.
+fn fingerprint(dir: &Path) -> Result<String> {
+    let config = dir.join("config.json");
+    let mut hasher = Sha256::new();
+    hasher.update(std::fs::read(&config).map_err(io(&config))?);
+    let mut weights: Vec<(String, u64)> = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        let entry = entry.map_err(io(dir))?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.ends_with(".safetensors") || name.ends_with(".safetensors.index.json") {
+            let size = entry.metadata().map_err(io(&entry.path()))?.len();
+            weights.push((name, size));
+        }
+    }
+    weights.sort();
+    for (name, size) in weights {
+        hasher.update(format!("\n{name} {size}"));
+    }
+    Ok(crate::checkpoint::hex(&hasher.finalize()))
 }
 
 /// Optimiser and batches.
@@ -360,6 +410,7 @@ impl Preset {
                 dropout: 0.0,
                 dense: false,
                 hf: None,
+                lora: None,
             },
             optim: OptimConfig {
                 lr: 3e-3,
@@ -521,6 +572,13 @@ impl TrainConfig {
 
     fn validate_model(&self) -> Result<()> {
         let m = &self.model;
+        if let Some(lora) = &m.lora {
+            if m.hf.is_none() {
+                return bad("LoRA (`--lora-rank`) fine-tunes a Hugging Face model: give it with `--init-hf DIR`".into());
+            }
+            lora.validate()
+                .map_err(|error| TrainError::Config(error.to_string()))?;
+        }
         if let Some(hf) = &m.hf {
             if self.task != Task::Text || m.dense {
                 return bad("`--init-hf` fine-tunes a Hugging Face text model: it needs `--task text` and no `--dense`".into());

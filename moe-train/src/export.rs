@@ -17,8 +17,10 @@
 //! - the tokenizer as the checkpoint holds it (`tokenizer.json`, burn-moe's format).
 //!
 //! A run fine-tuned from a Hugging Face model (`train --init-hf`) exports to its own
-//! architecture, with its own `tokenizer.json`.
+//! architecture, with its own `tokenizer.json`; a LoRA run's adapters are merged into the
+//! weights, `W = W_0 + (alpha / r) A B`.
 
+use burn::module::Module;
 use burn_store::{ModuleSnapshot, SafetensorsStore};
 use moe_models::hf::{self, HfArchitecture};
 
@@ -28,6 +30,7 @@ use crate::cli::ExportArgs;
 use crate::commands::load_finite;
 use crate::config::Task;
 use crate::error::{io, Result, TrainError};
+use crate::tasks::text::text_model;
 use crate::tokenizer::Tokenizer;
 
 /// The layout `export` wrote.
@@ -67,7 +70,9 @@ pub fn export(args: &ExportArgs) -> Result<ExportLayout> {
             .map_or(ExportLayout::BurnMoe, ExportLayout::HuggingFace),
     };
     let device = backend::select_and_report(args.backend, Precision::F32)?.device;
-    let model = load_finite(&opened.folder, config.init(&device)?)?;
+    let model = text_model(&opened.config, tokenizer.vocab_size(), &device, false)?;
+    // A LoRA run's adapters merge into the weights they adapt.
+    let model = load_finite(&opened.folder, model)?.materialize();
     std::fs::create_dir_all(out).map_err(io(out))?;
     match layout {
         ExportLayout::HuggingFace(arch) => {

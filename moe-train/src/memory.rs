@@ -6,7 +6,8 @@
 //! the machine has available. The estimate counts, in f32:
 //!
 //! - per parameter: the weight, its gradient, AdamW's two moments and the update's temporary
-//!   (`5 P`), plus the accumulated gradient with gradient accumulation (`6 P`);
+//!   (`5 P`), plus the accumulated gradient with gradient accumulation (`6 P`); under LoRA the
+//!   frozen weights once and that for the adapters' parameters;
 //! - per block, what the backward pass keeps for `N = batch x context` tokens: about `8 N d`
 //!   around attention, the attention scores and probabilities (`2 B h T^2`), and the feed-forward
 //!   activations (`2 N d_ff`, or `N k (2 h_e + 2 d)` plus the gate's `2 N E` in an MoE block);
@@ -63,9 +64,14 @@ pub fn estimate(config: &TrainConfig, model: &MoeTransformerConfig) -> Estimate 
     let dense_layers = m.num_layers as f64 - moe_layers;
     let blocks = m.num_layers as f64 * attention + dense_layers * dense_ffn + moe_layers * moe_ffn;
     let logits = 3.0 * tokens * model.vocab_size as f64;
+    // LoRA trains the adapters alone: the frozen weights are held once.
+    let state = match &m.lora {
+        Some(lora) => parameters + copies * model.decoder.lora_params(lora) as f64,
+        None => copies * parameters,
+    };
     Estimate {
         parameters,
-        state_bytes: copies * parameters * F32,
+        state_bytes: state * F32,
         activation_bytes: (blocks + logits) * F32,
     }
 }

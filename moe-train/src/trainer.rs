@@ -322,6 +322,19 @@ pub fn run<T: Task>(
              (x {} gradient accumulation)",
             parameters.0, parameters.1, steps, config.optim.batch_size, config.optim.grad_accum
         ));
+        if let Some(lora) = &config.model.lora {
+            let trained = moe_core::lora::adapter_params(&model);
+            let targets: Vec<&str> = lora.targets.iter().map(|t| t.name()).collect();
+            say(format!(
+                "LoRA rank {} (scale {}) on {}: {} weights adapted, {trained} parameters \
+                 trained ({:.2} % of the model), the rest frozen",
+                lora.rank,
+                lora.scale(),
+                targets.join(", "),
+                moe_core::lora::adapter_count(&model),
+                100.0 * trained as f64 / parameters.0.max(1) as f64
+            ));
+        }
     }
     let mut rng = SplitMix64(state.data_rng);
     let mut summary = RunSummary {

@@ -18,6 +18,12 @@ const PROGRAM: &str = env!("CARGO_BIN_EXE_burn-moe");
 /// second on the CPU.
 const TINY_TOML: &str = "[model]\nd_model = 32\nnum_layers = 2\nnum_heads = 2\ncontext_length = 16\nd_ff = 64\nexpert_hidden = 32\nexperts = 4\ntop_k = 2\nmoe_every = 2\ndropless = false\n\n[optim]\nbatch_size = 8\nwarmup_steps = 2\n\n[run]\nsteps = 4\nlog_every = 1\neval_every = 4\neval_batches = 2\ncheckpoint_every = 2\nsamples = 0\n";
 
+/// The Qwen2-MoE fixture folder (a Hugging Face model to fine-tune).
+const QWEN2_MOE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../tests/fixtures/hf/qwen2_moe"
+);
+
 /// One bad input.
 struct Case {
     name: &'static str,
@@ -138,6 +144,11 @@ fn cases() -> Vec<Case> {
         case("top-k above experts", &train(&["--experts", "4", "--top-k", "5"]), 1, &["model.top_k", "[1, 4]", "got 5"]),
         case("zero context", &train(&["--context", "0"]), 1, &["model.context_length"]),
         case("huge context", &train(&["--context", "5000000"]), 1, &["model.context_length", "5000000"]),
+        // LoRA settings.
+        case("LoRA without a base", &train(&["--lora-rank", "4"]), 2, &["--init-hf"]),
+        case("LoRA rank zero", &train(&["--init-hf", QWEN2_MOE, "--lora-rank", "0"]), 1, &["lora.rank", "got 0"]),
+        case("LoRA alpha negative", &train(&["--init-hf", QWEN2_MOE, "--lora-rank", "4", "--lora-alpha=-2"]), 1, &["lora.alpha", "-2"]),
+        case("LoRA unknown target", &train(&["--init-hf", QWEN2_MOE, "--lora-rank", "4", "--lora-targets", "attention,embeddings"]), 2, &["embeddings", "attention, router, experts"]),
         case("negative balance weight", &train(&["--aux-loss-weight=-1"]), 1, &["model.aux_loss_weight"]),
         case("NaN balance weight", &train(&["--aux-loss-weight", "nan"]), 1, &["model.aux_loss_weight"]),
         case("min-freq zero", &train(&["--min-freq", "0"]), 1, &["data.min_freq"]),

@@ -4,11 +4,19 @@
 
 use std::path::{Path, PathBuf};
 
+use burn::module::Module;
+use burn::tensor::Device;
 use burn_store::{bridge, ModuleStore, SafetensorsStore};
+use moe_core::lora::{LoraConfig, LoraTarget};
 use moe_models::hf::{self, HfArchitecture};
-use moe_models::SamplingConfig;
+use moe_models::{MoeTransformer, SamplingConfig};
 use moe_train::backend::Backend;
+use moe_train::cli::{EvalArgs, ExportArgs, GenerateArgs};
+use moe_train::config::{HfInit, TrainConfig};
+use moe_train::export::{export, ExportLayout};
 use moe_train::hf::{evaluate_text, generate, GenerationSettings, HfTokenizer};
+use moe_train::tasks::text::text_model;
+use moe_train::trainer::{train, RunOptions, RunSummary};
 
 fn fixture(arch: HfArchitecture) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -118,86 +126,217 @@ fn bad_arguments_are_named() {
 #[allow(dead_code)]
 mod common;
 
-#[test]
-fn fine_tuning_a_hub_model_trains_saves_and_exports_it_back() {
+/// The logits of `model` for the token ids `ids`, `[1, T, vocab]` flattened.
+fn logits_of(model: &MoeTransformer, ids: &[usize], device: &Device) -> Vec<f32> {
     use burn::tensor::{Int, Tensor, TensorData};
-    use moe_train::cli::{EvalArgs, ExportArgs, GenerateArgs};
-    use moe_train::config::HfInit;
-    use moe_train::export::{export, ExportLayout};
-    use moe_train::trainer::{train, RunOptions};
+    let data: Vec<i64> = ids.iter().map(|&id| id as i64).collect();
+    let tokens = Tensor::<2, Int>::from_data(TensorData::new(data, [1, ids.len()]), device);
+    model
+        .forward(tokens)
+        .logits
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap()
+}
 
-    let _serial = common::serial();
-    let dir = common::temp_dir("init-hf");
+fn max_difference(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Fine-tunes the Hugging Face folder `base` for 30 steps on a generated corpus in `dir`, in
+/// full or with `lora`, at learning rate `lr`; checks that the training loss fell below `fall`
+/// of its start. Returns the config and the run folder.
+fn fine_tune(
+    dir: &Path,
+    base: &Path,
+    lora: Option<LoraConfig>,
+    lr: f64,
+    fall: f64,
+) -> (TrainConfig, PathBuf, RunSummary) {
     let corpus = dir.join("corpus.txt");
     common::write_generated_corpus(&corpus);
-    let arch = HfArchitecture::Qwen2Moe;
     let mut config = common::tiny_config(corpus, 30);
-    config.model.hf = Some(HfInit::read(&fixture(arch)).unwrap());
-    config.optim.lr = 3e-3;
-    config.optim.min_lr = 3e-4;
+    config.model.hf = Some(HfInit::read(base).unwrap());
+    config.model.lora = lora;
+    config.optim.lr = lr;
+    config.optim.min_lr = lr / 10.0;
     let run = dir.join("run");
-    let summary = train(config, RunOptions::new(run.clone())).unwrap();
+    let summary = train(config.clone(), RunOptions::new(run.clone())).unwrap();
     let first = summary.train_losses[0].1;
     let last = summary.train_losses.last().unwrap().1;
     assert!(
-        last < 0.7 * first,
+        last < fall * first,
         "fine-tuning moved the loss from {first} to {last}"
     );
+    (config, run, summary)
+}
 
-    // The checkpoint opens in eval and generate without the Hugging Face folder's help.
+/// `eval` and `generate` open the run's checkpoint: the loss is the run's last validation loss,
+/// the text continues the prompt.
+fn check_eval_and_generate(run: &Path, summary: &RunSummary) {
     let report =
-        moe_train::commands::evaluate(&EvalArgs::checkpoint(run.clone(), Backend::Ndarray))
+        moe_train::commands::evaluate(&EvalArgs::checkpoint(run.to_path_buf(), Backend::Ndarray))
             .unwrap();
     assert!((report.evaluation.loss - summary.val_losses.last().unwrap().1).abs() < 1e-4);
     let text = moe_train::commands::generate(&GenerateArgs::greedy(
-        run.clone(),
+        run.to_path_buf(),
         "春",
         4,
         Backend::Ndarray,
     ))
     .unwrap();
     assert!(text.starts_with('春'), "{text}");
+}
 
-    // Exported, it is a Qwen2-MoE folder again, with the fine-tuned weights and the tokenizer.
-    let out = dir.join("export");
+/// The run's model on ndarray (as the runs train), as eval builds it.
+fn run_model(run: &Path) -> MoeTransformer {
+    #[allow(deprecated)]
+    let device = Device::ndarray();
+    let opened = moe_train::checkpoint::open(run).unwrap();
+    let vocab = opened.config.model.hf.as_ref().unwrap().config.vocab_size;
+    let model = text_model(&opened.config, vocab, &device, false).unwrap();
+    moe_train::commands::load_finite(&opened.folder, model).unwrap()
+}
+
+/// Exports the run into `out`, which must come out as an `arch` folder; the exported model.
+fn export_as(run: &Path, out: &Path, arch: HfArchitecture) -> MoeTransformer {
     let layout = export(&ExportArgs {
-        checkpoint: run.clone(),
-        out: out.clone(),
+        checkpoint: run.to_path_buf(),
+        out: out.to_path_buf(),
         arch: None,
         backend: Backend::Ndarray,
     })
     .unwrap();
     assert_eq!(layout, ExportLayout::HuggingFace(arch));
-    #[allow(deprecated)] // ndarray, as the run trained on
-    let device = burn::tensor::Device::ndarray();
-    let exported = hf::load(&out, &device).unwrap().model;
-    let opened = moe_train::checkpoint::open(&run).unwrap();
-    let trained = moe_train::commands::load_finite(
-        &opened.folder,
-        opened.config.text_model_config(0).init(&device).unwrap(),
-    )
-    .unwrap();
+    #[allow(deprecated)]
+    let device = Device::ndarray();
+    hf::load(out, &device).unwrap().model
+}
+
+#[test]
+fn fine_tuning_a_hub_model_trains_saves_and_exports_it_back() {
+    let _serial = common::serial();
+    let dir = common::temp_dir("init-hf");
+    let arch = HfArchitecture::Qwen2Moe;
+    let (_, run, summary) = fine_tune(&dir, &fixture(arch), None, 3e-3, 0.7);
+    // The checkpoint opens without the Hugging Face folder's help.
+    check_eval_and_generate(&run, &summary);
+
+    // Exported, it is a Qwen2-MoE folder again, with the fine-tuned weights and the tokenizer.
+    let out = dir.join("export");
+    let exported = export_as(&run, &out, arch);
+    #[allow(deprecated)]
+    let device = Device::ndarray();
     let (ids, _) = expected(arch);
-    let tokens = || {
-        let data: Vec<i64> = ids.iter().map(|&id| id as i64).collect();
-        Tensor::<2, Int>::from_data(TensorData::new(data, [1, ids.len()]), &device)
-    };
-    let values = |model: &moe_models::MoeTransformer| {
-        model
-            .forward(tokens())
-            .logits
-            .into_data()
-            .try_to_vec::<f32>()
-            .unwrap()
-    };
-    let (a, b) = (values(&exported), values(&trained));
-    let diff = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f32, f32::max);
+    let diff = max_difference(
+        &logits_of(&exported, &ids, &device),
+        &logits_of(&run_model(&run), &ids, &device),
+    );
     assert!(diff < 1e-5, "the exported model's logits differ by {diff}");
     let (_, _, json) = hf::read_config(&out).unwrap();
     let tokenizer = HfTokenizer::load(&out, &json).unwrap();
     assert_eq!(tokenizer.encode(&prompt(arch)).unwrap(), ids);
+}
+
+#[test]
+fn lora_fine_tuning_trains_adapters_alone_and_merges_them_on_export() {
+    use moe_train::checkpoint::{self, ADAPTERS_FILE, MODEL_FILE};
+
+    let _serial = common::serial();
+    let dir = common::temp_dir("lora");
+    let arch = HfArchitecture::Qwen2Moe;
+    // A copy of the fixture, so that the test can change it under the run.
+    let base = dir.join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    for entry in std::fs::read_dir(fixture(arch)).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, base.join(path.file_name().unwrap())).unwrap();
+    }
+    let lora = LoraConfig::new(4).with_targets(LoraTarget::ALL.to_vec());
+    let (config, run, summary) = fine_tune(&dir, &base, Some(lora.clone()), 1e-2, 0.8);
+
+    // The checkpoint holds the adapters alone: the count the config gives, in f32.
+    let opened = checkpoint::open(&run).unwrap();
+    assert!(!opened.folder.join(MODEL_FILE).exists());
+    let adapters = std::fs::metadata(opened.folder.join(ADAPTERS_FILE))
+        .unwrap()
+        .len();
+    let hf_config = &config.model.hf.as_ref().unwrap().config;
+    let expected_bytes = 4 * hf_config.decoder.lora_params(&lora) as u64;
+    assert!(
+        adapters >= expected_bytes && adapters < expected_bytes + 64 * 1024,
+        "adapters.bpk has {adapters} bytes for {expected_bytes} bytes of adapters"
+    );
+
+    // The run's model: the fixture's weights untouched, the adapters trained.
+    #[allow(deprecated)]
+    let device = Device::ndarray();
+    let trained = run_model(&run);
+    let original = hf::load(&base, &device).unwrap().model;
+    let query = |model: &MoeTransformer| {
+        model.stack.blocks[1]
+            .attention
+            .query
+            .weight
+            .base()
+            .into_data()
+    };
+    assert_eq!(query(&trained), query(&original), "a frozen weight moved");
+
+    // eval and generate open the checkpoint (reading the base from its folder), and a resumed
+    // run continues from the adapters.
+    check_eval_and_generate(&run, &summary);
+    let mut longer = config.clone();
+    longer.run.steps = 34;
+    let resumed = train(
+        longer,
+        RunOptions {
+            resume: true,
+            ..RunOptions::new(run.clone())
+        },
+    )
+    .unwrap();
+    let first = summary.train_losses[0].1;
+    assert!(
+        resumed.train_losses[0].1 < 0.9 * first,
+        "the resumed run started over"
+    );
+
+    // Exported, the adapters are merged: transformers' layout, the adapted model's logits.
+    let exported = export_as(&run, &dir.join("export"), arch);
+    let trained = run_model(&run);
+    let (ids, _) = expected(arch);
+    let ours = logits_of(&trained, &ids, &device);
+    let diff = max_difference(&logits_of(&exported, &ids, &device), &ours);
+    assert!(diff < 1e-4, "the merged export's logits differ by {diff}");
+    let moved = max_difference(&logits_of(&original, &ids, &device), &ours);
+    assert!(
+        moved > 1e-3,
+        "the adapters changed the logits by only {moved}"
+    );
+    assert_eq!(moe_core::lora::adapter_count(&trained.materialize()), 0);
+
+    // A base folder changed or gone under the run is named.
+    let weights = base.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    bytes.extend_from_slice(&[0; 8]);
+    std::fs::write(&weights, bytes).unwrap();
+    let eval_error = || {
+        moe_train::commands::evaluate(&EvalArgs::checkpoint(run.clone(), Backend::Ndarray))
+            .unwrap_err()
+            .to_string()
+    };
+    let error = eval_error();
+    assert!(
+        error.contains("has changed since this LoRA run started"),
+        "{error}"
+    );
+    assert!(error.contains(&base.display().to_string()), "{error}");
+    std::fs::remove_dir_all(&base).unwrap();
+    let error = eval_error();
+    assert!(error.contains(&base.display().to_string()), "{error}");
 }

@@ -162,20 +162,46 @@ impl TextTask {
     }
 }
 
+/// The text model of `config` with a `vocab`-token vocabulary on `device`: freshly drawn; with
+/// the weights of the Hugging Face model `config.model.hf` names when `hf_weights` is set (a new
+/// `--init-hf` run); and for a LoRA run always with those weights, frozen, and fresh adapters
+/// (after checking that the folder is the one the run started from). A checkpoint's weights or
+/// adapters then load over it ([`crate::checkpoint::load_model`]).
+pub fn text_model(
+    config: &TrainConfig,
+    vocab: usize,
+    device: &Device,
+    hf_weights: bool,
+) -> Result<MoeTransformer> {
+    let mut model = config.text_model_config(vocab).init(device)?;
+    let lora = config.model.lora.as_ref();
+    if let Some(hf) = &config.model.hf {
+        if lora.is_some() {
+            hf.check_unchanged()?;
+        }
+        if hf_weights || lora.is_some() {
+            let arch = moe_models::hf::HfArchitecture::from_model_type(&hf.model_type)?;
+            moe_models::hf::load_into(&mut model, arch, &hf.dir)?;
+        }
+    }
+    match lora {
+        Some(lora) => Ok(model.with_lora(lora)?),
+        None => Ok(model),
+    }
+}
+
 impl Task for TextTask {
     type Model = MoeTransformer;
 
     fn build_model(&self, device: &Device) -> Result<MoeTransformer> {
         let precision = self.config.run.precision;
         let compute = (precision != Precision::F32).then(|| precision.compute_dtype());
-        let mut model = self
-            .config
-            .text_model_config(self.tokenizer.vocab_size())
-            .init(device)?;
-        if let (true, Some(hf)) = (self.hf_weights, &self.config.model.hf) {
-            let arch = moe_models::hf::HfArchitecture::from_model_type(&hf.model_type)?;
-            moe_models::hf::load_into(&mut model, arch, &hf.dir)?;
-        }
+        let model = text_model(
+            &self.config,
+            self.tokenizer.vocab_size(),
+            device,
+            self.hf_weights,
+        )?;
         Ok(model.with_compute_dtype(compute))
     }
 

@@ -51,21 +51,22 @@ pub fn estimate(config: &TrainConfig, model: &MoeTransformerConfig) -> Estimate 
     } else {
         5.0
     };
-    let m = &config.model;
+    // The model's own shape (a Hugging Face model's, under `--init-hf`), the run's context.
+    let s = &model.decoder;
     let batch = config.optim.batch_size as f64;
-    let context = m.context_length as f64;
+    let context = config.model.context_length as f64;
     let tokens = batch * context;
-    let d = m.d_model as f64;
-    let attention = 8.0 * tokens * d + 2.0 * batch * m.num_heads as f64 * context * context;
-    let dense_ffn = 2.0 * tokens * m.d_ff as f64;
-    let moe_ffn = tokens * m.top_k as f64 * (2.0 * m.expert_hidden as f64 + 2.0 * d)
-        + 2.0 * tokens * m.experts as f64;
+    let d = s.d_model as f64;
+    let attention = 8.0 * tokens * d + 2.0 * batch * s.num_heads as f64 * context * context;
+    let dense_ffn = 2.0 * tokens * s.d_ff as f64;
+    let moe_ffn = tokens * s.moe.top_k as f64 * (2.0 * s.moe.expert.d_hidden as f64 + 2.0 * d)
+        + 2.0 * tokens * s.moe.num_experts as f64;
     let moe_layers = model.num_moe_layers() as f64;
-    let dense_layers = m.num_layers as f64 - moe_layers;
-    let blocks = m.num_layers as f64 * attention + dense_layers * dense_ffn + moe_layers * moe_ffn;
+    let dense_layers = s.num_layers as f64 - moe_layers;
+    let blocks = s.num_layers as f64 * attention + dense_layers * dense_ffn + moe_layers * moe_ffn;
     let logits = 3.0 * tokens * model.vocab_size as f64;
     // LoRA trains the adapters alone: the frozen weights are held once.
-    let state = match &m.lora {
+    let state = match &config.model.lora {
         Some(lora) => parameters + copies * model.decoder.lora_params(lora) as f64,
         None => copies * parameters,
     };

@@ -824,18 +824,19 @@ fn write_config(out: &Path, config: &TrainConfig) -> Result<()> {
     std::fs::write(&path, json).map_err(io(&path))
 }
 
-/// Active parameters per token: all parameters minus the experts a token does not visit.
+/// Active parameters per token: all parameters minus the experts a token does not visit in
+/// each MoE layer of the model's stack (a Hugging Face model's under `--init-hf`).
 fn count_active<M: Module>(config: &TrainConfig, model: &M) -> usize {
     let total = model.num_params();
-    let m = &config.model;
-    if m.dense || m.moe_every == 0 {
+    if config.model.dense {
         return total;
     }
-    let moe = config.moe_config();
-    let layers = (0..m.num_layers)
-        .filter(|i| (i + 1) % m.moe_every == 0)
-        .count();
-    total - layers * (moe.num_params() - moe.num_active_params())
+    let decoder = match &config.model.hf {
+        Some(hf) => hf.config.decoder.clone(),
+        None => config.decoder_config(),
+    };
+    let moe = &decoder.moe;
+    total - decoder.num_moe_layers() * (moe.num_params() - moe.num_active_params())
 }
 
 fn progress_bar(show: bool, total: u64, position: u64) -> ProgressBar {

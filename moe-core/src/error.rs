@@ -63,6 +63,10 @@ pub enum MoeError {
     /// LoRA adapters could not be attached as asked.
     #[error("LoRA: {0}")]
     Lora(String),
+
+    /// An expert placement that cannot be made ([`crate::placement::ExpertPlacement`]).
+    #[error("expert placement: {0}")]
+    Placement(String),
 }
 
 /// Checks that a size is not zero.

@@ -1,6 +1,8 @@
 //! The experts: feed-forward networks stored stacked, run as grouped matmuls over the ragged
 //! expert buffer (or one batched matmul over a dense one).
 
+use std::ops::Range;
+
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::tensor::activation::relu;
@@ -181,6 +183,38 @@ impl Experts {
         with_bias(project(hidden, &self.w_out), &self.b_out)
     }
 
+    /// The experts `range` of the stack on `device`, as parameters of their own that train:
+    /// one device's share under an expert placement ([`crate::placement`]).
+    pub fn slice_to(&self, range: Range<usize>, device: &Device) -> Experts {
+        let part = |param: &Param<Tensor<3>>| moved(param, range.clone(), device);
+        let part2 = |param: &Param<Tensor<2>>| moved(param, range.clone(), device);
+        Experts {
+            w_in: part(&self.w_in),
+            b_in: self.b_in.as_ref().map(part2),
+            w_gate: self.w_gate.as_ref().map(part),
+            w_out: part(&self.w_out),
+            b_out: self.b_out.as_ref().map(part2),
+            kind: self.kind,
+        }
+    }
+
+    /// The stacks `parts` (of one form, in expert order) as one stack on `device`, with
+    /// parameters of its own: the inverse of [`Experts::slice_to`] over a placement's ranges.
+    ///
+    /// # Panics
+    ///
+    /// If `parts` is empty.
+    pub fn concat(parts: &[Experts], device: &Device) -> Experts {
+        Experts {
+            w_in: joined(parts, |e| Some(&e.w_in), device).expect("a stack has w_in"),
+            b_in: joined(parts, |e| e.b_in.as_ref(), device),
+            w_gate: joined(parts, |e| e.w_gate.as_ref(), device),
+            w_out: joined(parts, |e| Some(&e.w_out), device).expect("a stack has w_out"),
+            b_out: joined(parts, |e| e.b_out.as_ref(), device),
+            kind: parts[0].kind,
+        }
+    }
+
     /// Number of experts in the stack.
     pub fn num_experts(&self) -> usize {
         self.w_in.shape().dims::<3>()[0]
@@ -190,4 +224,41 @@ impl Experts {
     pub fn d_hidden(&self) -> usize {
         self.w_in.shape().dims::<3>()[2]
     }
+}
+
+/// Experts `range` of `param` (detached) on `device`, as a new trainable parameter.
+fn moved<const D: usize>(
+    param: &Param<Tensor<D>>,
+    range: Range<usize>,
+    device: &Device,
+) -> Param<Tensor<D>> {
+    let part = param
+        .val()
+        .without_autodiff()
+        .narrow(0, range.start, range.len());
+    Param::from_tensor(plain_on(part, device))
+}
+
+/// The untracked `value` on `device`, with autodiff when `device` has it.
+fn plain_on<const D: usize>(value: Tensor<D>, device: &Device) -> Tensor<D> {
+    let value = value.without_autodiff().to_device(device);
+    if device.is_autodiff() {
+        value.autodiff()
+    } else {
+        value
+    }
+}
+
+/// The parameter `get` picks from each of `parts`, concatenated along the experts on `device`;
+/// `None` where the stacks have none.
+fn joined<const D: usize>(
+    parts: &[Experts],
+    get: impl Fn(&Experts) -> Option<&Param<Tensor<D>>>,
+    device: &Device,
+) -> Option<Param<Tensor<D>>> {
+    let values: Option<Vec<Tensor<D>>> = parts
+        .iter()
+        .map(|part| get(part).map(|param| plain_on(param.val(), device)))
+        .collect();
+    values.map(|values| Param::from_tensor(Tensor::cat(values, 0)))
 }

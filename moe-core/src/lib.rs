@@ -30,6 +30,7 @@
 //!   batched matmul;
 //! - [`dispatch`]: capacity, the expert buffer layout, gather and scatter-add;
 //! - [`losses`]: balancing and z-loss;
+//! - [`placement`]: the experts of a layer spread over several devices (expert parallelism);
 //! - [`lora`]: low-rank adapters on the router, the experts and a model's attention;
 //! - [`balancing`]: auxiliary-loss-free balancing by a per-expert bias;
 //! - [`reference`](mod@reference): a deliberately simple loop implementation that the tests compare against;
@@ -47,6 +48,7 @@ pub mod init;
 pub mod lora;
 pub mod losses;
 mod moe;
+pub mod placement;
 pub mod precision;
 pub mod reference;
 pub mod rng;

@@ -3,7 +3,7 @@
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::tensor::activation::sigmoid;
-use burn::tensor::{Bool, Device, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 use crate::balancing::{updated_bias, BiasBalancingConfig};
 use crate::dispatch::DispatchPlan;
@@ -12,6 +12,7 @@ use crate::gate::{CustomGate, Gate, GateConfig, GateInput};
 use crate::init::uniform;
 use crate::lora::{LoraConfig, LoraTarget};
 use crate::losses::{router_z_loss, LossConfig, LossKind};
+use crate::placement::ExpertPlacement;
 use crate::precision::{param_for, to_dtype};
 use crate::stats::RoutingRecord;
 use crate::token_order::TokenOrder;
@@ -163,10 +164,12 @@ impl MoeConfig {
         Ok(Moe {
             router,
             experts,
+            placed_experts: Vec::new(),
             shared_experts,
             shared_gate,
             custom_gate: None,
             config: self.clone(),
+            placement: None,
         })
     }
 
@@ -280,8 +283,12 @@ impl MoeConfig {
 pub struct Moe {
     /// Router parameters.
     pub router: Router,
-    /// The routed experts, stacked.
+    /// The routed experts, stacked; under an expert placement ([`Moe::with_placement`]), those
+    /// of its first device.
     pub experts: Experts,
+    /// Under an expert placement, the experts of its other devices, in expert order; empty
+    /// otherwise.
+    pub placed_experts: Vec<Experts>,
     /// The shared experts (one wide expert), if any.
     pub shared_experts: Option<Experts>,
     /// The shared experts' sigmoid gate `w_s`, `[d_model, 1]` (see [`MoeConfig::shared_gate`]).
@@ -291,6 +298,9 @@ pub struct Moe {
     custom_gate: Option<CustomGate>,
     #[module(skip)]
     config: MoeConfig,
+    /// Which device holds which experts, when they are spread over several.
+    #[module(skip)]
+    placement: Option<ExpertPlacement>,
 }
 
 /// Result of [`Moe::forward`].
@@ -318,6 +328,105 @@ impl Moe {
     pub fn with_gate(mut self, gate: impl Gate + 'static) -> Self {
         self.custom_gate = Some(CustomGate(std::sync::Arc::new(gate)));
         self
+    }
+
+    /// The layer with its experts spread over devices as `placement` says (expert
+    /// parallelism, [`crate::placement`]): each device's experts move there, as parameters of
+    /// their own; the router and the shared experts stay. The forward pass sends each device
+    /// the rows of the tokens routed to its experts and brings their outputs back, and the
+    /// gradients flow back the same way; the result is the layer's on one device. Save the
+    /// layer [`Moe::gathered`]: a record does not say where an expert lived.
+    ///
+    /// Refuses a placement of another number of experts, and experts with LoRA adapters.
+    pub fn with_placement(self, placement: ExpertPlacement) -> Result<Self, MoeError> {
+        if placement.num_experts() != self.config.num_experts {
+            return Err(MoeError::Placement(format!(
+                "the placement holds {} experts, the layer has {}",
+                placement.num_experts(),
+                self.config.num_experts
+            )));
+        }
+        let mut layer = self.gathered();
+        if crate::lora::adapter_count(&layer.experts) > 0 {
+            return Err(MoeError::Placement(
+                "experts with LoRA adapters cannot be placed on devices yet: merge the adapters first"
+                    .into(),
+            ));
+        }
+        let mut shards = placement
+            .ranges()
+            .iter()
+            .zip(placement.devices())
+            .map(|(range, device)| layer.experts.slice_to(range.clone(), device));
+        let first = shards.next().expect("a placement has a device");
+        layer.placed_experts = shards.collect();
+        layer.experts = first;
+        layer.placement = Some(placement);
+        Ok(layer)
+    }
+
+    /// The layer with every expert back in one stack on the router's device (itself when no
+    /// placement spreads them): the form to save or to place again.
+    pub fn gathered(mut self) -> Self {
+        if self.placement.take().is_none() {
+            return self;
+        }
+        let home = self.router.weight.device();
+        let mut shards = vec![self.experts];
+        shards.append(&mut self.placed_experts);
+        self.experts = Experts::concat(&shards, &home);
+        self
+    }
+
+    /// Where the experts are, when a placement spreads them over devices.
+    pub fn placement(&self) -> Option<&ExpertPlacement> {
+        self.placement.as_ref()
+    }
+
+    /// The routed experts on the expert buffer `[S, d_model]` (see [`crate::dispatch`]). Under
+    /// a placement, each device's contiguous run of rows travels to it in one transfer, its
+    /// experts run there, and the outputs come back in order, followed by the padding rows'
+    /// zeros. Where the runs start is read from the device once per call (the expert loads;
+    /// FastMoE's all-to-all exchanges the same counts first).
+    fn run_experts(&self, buffer: Tensor<2>, plan: &DispatchPlan) -> Tensor<2> {
+        let Some(placement) = &self.placement else {
+            return self.experts.forward_grouped(buffer, plan.offsets.clone());
+        };
+        let home = buffer.device();
+        let slots = buffer.dims()[0];
+        let offsets: Vec<i64> = plan
+            .offsets
+            .clone()
+            .into_data()
+            .convert::<i64>()
+            .try_into_vec::<i64>()
+            .expect("offsets read back as integers");
+        let shards = std::iter::once(&self.experts).chain(&self.placed_experts);
+        let mut pieces = Vec::new();
+        for ((range, device), shard) in placement
+            .ranges()
+            .iter()
+            .zip(placement.devices())
+            .zip(shards)
+        {
+            let (start, end) = (offsets[range.start] as usize, offsets[range.end] as usize);
+            if start == end {
+                continue;
+            }
+            let rows = buffer.clone().slice(start..end).to_device(device);
+            let local: Vec<i64> = offsets[range.start..=range.end]
+                .iter()
+                .map(|offset| offset - start as i64)
+                .collect();
+            let local =
+                Tensor::<1, Int>::from_data(TensorData::new(local, [range.len() + 1]), device);
+            pieces.push(shard.forward_grouped(rows, local).to_device(&home));
+        }
+        let routed = offsets[offsets.len() - 1] as usize;
+        if routed < slots || pieces.is_empty() {
+            pieces.push(buffer.slice(routed..slots).zeros_like());
+        }
+        Tensor::cat(pieces, 0)
     }
 
     /// The user's gate, if one replaced the config's ([`Moe::with_gate`]).
@@ -369,9 +478,7 @@ impl Moe {
         };
 
         let (plan, capacity) = self.plan(&gate.candidates, gate.weights, num_tokens, mode);
-        let expert_output = self
-            .experts
-            .forward_grouped(plan.dispatch(tokens.clone()), plan.offsets.clone());
+        let expert_output = self.run_experts(plan.dispatch(tokens.clone()), &plan);
         let mut output = plan.combine(expert_output, num_tokens);
         if self.config.routed_scale != 1.0 {
             output = output.mul_scalar(self.config.routed_scale);

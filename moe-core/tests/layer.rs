@@ -16,5 +16,7 @@ mod dense;
 mod lora;
 #[path = "layer/losses.rs"]
 mod losses;
+#[path = "layer/placement.rs"]
+mod placement;
 #[path = "layer/reference_parity.rs"]
 mod reference_parity;

@@ -6,6 +6,7 @@ use burn::tensor::{Device, Int, Tensor};
 use std::sync::Arc;
 
 use moe_core::gate::Gate;
+use moe_core::placement::ExpertPlacement;
 use moe_core::precision::to_dtype;
 use moe_core::{ExpertConfig, Experts, Moe, MoeConfig, RoutingStats};
 
@@ -179,6 +180,23 @@ impl DecoderStack {
         for block in &mut self.blocks {
             if let Some(moe) = block.ffn.moe.take() {
                 block.ffn.moe = Some(moe.with_gate(gate.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every MoE layer's experts spread evenly over `devices` (expert parallelism,
+    /// [`moe_core::placement`]); with no device, every layer gathered back onto its own.
+    pub fn place_experts(&mut self, devices: &[Device]) -> Result<(), ModelError> {
+        for block in &mut self.blocks {
+            if let Some(moe) = block.ffn.moe.take() {
+                block.ffn.moe = Some(if devices.is_empty() {
+                    moe.gathered()
+                } else {
+                    let placement =
+                        ExpertPlacement::even(moe.config().num_experts, devices.to_vec())?;
+                    moe.with_placement(placement)?
+                });
             }
         }
         Ok(())

@@ -26,5 +26,7 @@ mod multimodal;
 mod overfit;
 #[path = "models/parameters.rs"]
 mod parameters;
+#[path = "models/placement.rs"]
+mod placement;
 #[path = "models/upcycle.rs"]
 mod upcycle;

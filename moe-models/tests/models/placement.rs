@@ -1,0 +1,78 @@
+//! The text model with its experts spread over an ndarray and a flex device against the same
+//! model on one device: same loss, same gradients, same cached decoding; gathered back, the
+//! same weights.
+
+#![cfg(feature = "flex")]
+
+use burn::module::Module;
+use burn::tensor::Device;
+use moe_core::CapacityConfig;
+use moe_models::{KvCache, MoeTransformer, PositionKind};
+
+use crate::common::{cpu, random_ids, tiny, tokens, values, VOCAB};
+
+/// Loss, the gradient of the embedding and of the first MoE layer's router, for one batch.
+fn loss_and_gradients(model: &MoeTransformer, device: &Device) -> Vec<Vec<f64>> {
+    let ids = random_ids(2 * 12, VOCAB, 5);
+    let targets = random_ids(2 * 12, VOCAB, 6);
+    let targets = tokens(&targets, 2, device);
+    let mask = targets.clone().greater_equal_elem(0);
+    let out = model.loss(tokens(&ids, 2, device), targets, mask);
+    let grads = out.loss.backward();
+    let router = &model.stack.blocks[0]
+        .ffn
+        .moe
+        .as_ref()
+        .unwrap()
+        .router
+        .weight;
+    vec![
+        values(out.loss),
+        values(model.token_embedding.weight.val().grad(&grads).unwrap()),
+        values(router.val().grad(&grads).unwrap()),
+    ]
+}
+
+#[test]
+fn a_placed_model_trains_and_decodes_as_on_one_device() {
+    let home = cpu().autodiff();
+    let flex = Device::flex().autodiff();
+    for capacity in [CapacityConfig::dropless(), CapacityConfig::new()] {
+        home.seed(4);
+        let single = tiny(PositionKind::Rotary, capacity).init(&home).unwrap();
+        let placed = single
+            .clone()
+            .with_expert_placement(&[flex.clone(), home.clone()])
+            .unwrap();
+        let moe = placed.stack.blocks[1].ffn.moe.as_ref().unwrap();
+        assert_eq!(moe.placement().unwrap().ranges(), &[0..2, 2..4]);
+        for (want, got) in loss_and_gradients(&single, &home)
+            .iter()
+            .zip(loss_and_gradients(&placed, &home))
+        {
+            moe_core::reference::assert_close(&got, want, 1e-5, "placed model");
+        }
+
+        // Decoding with the cache, in evaluation form.
+        let (single, placed) = (single.valid(), placed.valid());
+        let prompt = tokens(&random_ids(7, VOCAB, 8), 1, &cpu());
+        let decode = |model: &MoeTransformer| {
+            let mut cache = KvCache::new();
+            let _ = model.forward_cached(prompt.clone(), &mut cache);
+            values(
+                model
+                    .forward_cached(tokens(&[3], 1, &cpu()), &mut cache)
+                    .logits,
+            )
+        };
+        moe_core::reference::assert_close(&decode(&placed), &decode(&single), 1e-5, "cache");
+
+        let gathered = placed.gathered();
+        let experts = |model: &MoeTransformer| {
+            let moe = model.stack.blocks[1].ffn.moe.as_ref().unwrap();
+            assert!(moe.placed_experts.is_empty() && moe.placement().is_none());
+            values(moe.experts.w_out.val())
+        };
+        assert_eq!(experts(&gathered), experts(&single));
+    }
+}

@@ -41,7 +41,7 @@ use crate::run_dir::{Claim, RunDir};
 use crate::schedule::learning_rate;
 use crate::tasks::digits::DigitsTask;
 use crate::tasks::text::TextTask;
-use crate::tasks::{shares, Task};
+use crate::tasks::{shares, StepOutput, Task};
 use crate::tokenizer::Tokenizer;
 
 /// Keeps the data sampler's stream apart from other uses of the seed.
@@ -262,7 +262,9 @@ fn check_resumable(
     Ok(())
 }
 
-/// Trains `task` (the loop behind [`train`]) in the claimed `run_dir`.
+/// Trains `task` (the loop behind [`train`]) in the claimed `run_dir`: sets up the model,
+/// optimizer and state ([`Session::start`]), runs the steps ([`Session::train_steps`]), then
+/// saves, prunes, plots and samples ([`Session::finish`]).
 pub fn run<T: Task>(
     task: T,
     config: TrainConfig,
@@ -272,129 +274,261 @@ pub fn run<T: Task>(
     resume: Option<Resumed>,
     run_dir: RunDir,
 ) -> Result<RunSummary> {
-    let out = run_dir.path();
-    let seed = config.run.seed;
-    device.seed(seed);
-    let mut model = task.build_model(&device)?;
-    let on_nonfinite = config.run.on_nonfinite;
-    let mut mixed = (selected.precision != Precision::F32).then(|| MixedPrecision::new(&device));
-    let gate = (mixed.is_some() || on_nonfinite == OnNonFinite::Skip).then(UpdateGate::default);
-    let mut adamw = FusedAdamW::new(config.optim.weight_decay as f32);
-    if let Some(gate) = &gate {
-        adamw = adamw.with_gate(gate.clone());
-    }
-    let mut optimizer = adamw.init();
-    let mut state = TrainingState {
-        step: 0,
-        data_rng: seed ^ DATA_STREAM,
-        tokens_seen: 0,
-        elapsed_seconds: 0.0,
-        loss_scale: None,
-    };
-    if let Some(resumed) = &resume {
-        model = checkpoint::load_model(&resumed.folder, model)?;
-        optimizer = checkpoint::load_optimizer(&resumed.folder, optimizer)?;
-        state = resumed.state.clone();
-        if let (Some(mixed), Some(saved_scale)) = (&mut mixed, state.loss_scale) {
-            mixed.scaler = LossScaler::restore(&device, saved_scale, GROWTH_INTERVAL);
-        }
-    }
-    let parameters = (model.num_params(), count_active(&config, &model));
-    write_config(out, &config)?;
-    let mut log = MetricsLog::open(out, resume.as_ref().map(|r| r.state.step))?;
+    let mut session = Session::start(
+        &task,
+        &config,
+        &selected,
+        device,
+        &options,
+        resume.as_ref(),
+        run_dir.path(),
+    )?;
+    let diverged = session.train_steps()?;
+    session.finish(diverged)
+}
 
-    let steps = config.run.steps;
-    let bar = progress_bar(options.show_progress, steps as u64, state.step as u64);
-    // Without a terminal (a log file, CI) the bar is not drawn: print a line now and then.
-    let plain_lines = options.show_progress && !std::io::stderr().is_terminal();
-    let line_every = (steps / 20).max(config.run.log_every);
-    let say = |line: String| {
-        if plain_lines {
-            eprintln!("{line}");
-        } else {
-            bar.println(line);
+/// One invocation of the training loop: what it trains, and the state that runs from step to
+/// step.
+struct Session<'a, T: Task> {
+    task: &'a T,
+    config: &'a TrainConfig,
+    options: &'a RunOptions,
+    out: &'a Path,
+    device: Device,
+    /// The model; out of its place only while the optimizer updates it.
+    model: Option<T::Model>,
+    optimizer: burn::optim::ModuleOptimizer,
+    mixed: Option<MixedPrecision>,
+    /// The flag the optimizer reads (present under mixed precision or skipping).
+    gate: Option<UpdateGate>,
+    state: TrainingState,
+    rng: SplitMix64,
+    log: MetricsLog,
+    summary: RunSummary,
+    bar: ProgressBar,
+    /// Without a terminal (a log file, CI) the bar is not drawn: a line now and then instead.
+    plain_lines: bool,
+    line_every: usize,
+    started: Instant,
+    elapsed_before: f64,
+    tokens_before: u64,
+    /// Training tokens since the last logged step, and when that interval started.
+    interval: (Instant, usize),
+    /// Seconds spent evaluating, left out of the training time.
+    evaluation_seconds: f64,
+    saved_at: Option<usize>,
+    /// The newest checkpoint, kept beside the `keep` older ones until a later step shows its
+    /// weights give finite values: after a divergence the one before it is still there.
+    unconfirmed: Option<usize>,
+    watch: NonFiniteWatch,
+    guard: DivergenceGuard,
+    spikes: SpikeDetector,
+}
+
+impl<'a, T: Task> Session<'a, T> {
+    /// Builds the model and optimizer (loading the checkpoint when resuming), opens the metrics
+    /// log and says what is trained.
+    fn start(
+        task: &'a T,
+        config: &'a TrainConfig,
+        selected: &SelectedDevice,
+        device: Device,
+        options: &'a RunOptions,
+        resume: Option<&Resumed>,
+        out: &'a Path,
+    ) -> Result<Self> {
+        let seed = config.run.seed;
+        device.seed(seed);
+        let mut model = task.build_model(&device)?;
+        let on_nonfinite = config.run.on_nonfinite;
+        let mut mixed =
+            (selected.precision != Precision::F32).then(|| MixedPrecision::new(&device));
+        let gate = (mixed.is_some() || on_nonfinite == OnNonFinite::Skip).then(UpdateGate::default);
+        let mut adamw = FusedAdamW::new(config.optim.weight_decay as f32);
+        if let Some(gate) = &gate {
+            adamw = adamw.with_gate(gate.clone());
         }
-    };
-    if options.show_progress {
-        say(format!("data: {}", task.describe()));
-        say(format!(
+        let mut optimizer = adamw.init();
+        let mut state = TrainingState {
+            step: 0,
+            data_rng: seed ^ DATA_STREAM,
+            tokens_seen: 0,
+            elapsed_seconds: 0.0,
+            loss_scale: None,
+        };
+        if let Some(resumed) = resume {
+            model = checkpoint::load_model(&resumed.folder, model)?;
+            optimizer = checkpoint::load_optimizer(&resumed.folder, optimizer)?;
+            state = resumed.state.clone();
+            if let (Some(mixed), Some(saved_scale)) = (&mut mixed, state.loss_scale) {
+                mixed.scaler = LossScaler::restore(&device, saved_scale, GROWTH_INTERVAL);
+            }
+        }
+        let parameters = (model.num_params(), count_active(config, &model));
+        write_config(out, config)?;
+        let log = MetricsLog::open(out, resume.map(|r| r.state.step))?;
+        let steps = config.run.steps;
+        let summary = RunSummary {
+            device: selected.to_string(),
+            data: task.describe(),
+            last_step: state.step,
+            train_losses: Vec::new(),
+            val_losses: Vec::new(),
+            accuracy: None,
+            checkpoint: PathBuf::new(),
+            interrupted: false,
+            samples: Vec::new(),
+            plots: Vec::new(),
+            tokens_per_second: 0.0,
+            parameters,
+        };
+        let session = Self {
+            task,
+            config,
+            options,
+            out,
+            bar: progress_bar(options.show_progress, steps as u64, state.step as u64),
+            plain_lines: options.show_progress && !std::io::stderr().is_terminal(),
+            line_every: (steps / 20).max(config.run.log_every),
+            rng: SplitMix64(state.data_rng),
+            started: Instant::now(),
+            elapsed_before: state.elapsed_seconds,
+            tokens_before: state.tokens_seen,
+            interval: (Instant::now(), 0),
+            evaluation_seconds: 0.0,
+            saved_at: resume.map(|r| r.state.step),
+            unconfirmed: None,
+            watch: NonFiniteWatch::new(&device),
+            guard: DivergenceGuard::new(on_nonfinite),
+            spikes: SpikeDetector::default(),
+            device,
+            model: Some(model),
+            optimizer,
+            mixed,
+            gate,
+            state,
+            log,
+            summary,
+        };
+        if options.show_progress {
+            session.announce();
+        }
+        Ok(session)
+    }
+
+    /// The model being trained.
+    fn model(&self) -> &T::Model {
+        self.model
+            .as_ref()
+            .expect("the model is away only during an update")
+    }
+
+    /// A line for the user: above the progress bar, or on its own without a terminal.
+    fn say(&self, line: String) {
+        print_line(self.plain_lines, &self.bar, line);
+    }
+
+    /// What is trained: the data, the model's size, the steps (and LoRA's share).
+    fn announce(&self) {
+        let (config, parameters) = (self.config, self.summary.parameters);
+        self.say(format!("data: {}", self.task.describe()));
+        self.say(format!(
             "model: {} parameters, {} active per token; {} steps of {} sequences \
              (x {} gradient accumulation)",
-            parameters.0, parameters.1, steps, config.optim.batch_size, config.optim.grad_accum
+            parameters.0,
+            parameters.1,
+            config.run.steps,
+            config.optim.batch_size,
+            config.optim.grad_accum
         ));
         if let Some(lora) = &config.model.lora {
-            let trained = moe_core::lora::adapter_params(&model);
+            let trained = moe_core::lora::adapter_params(self.model());
             let targets: Vec<&str> = lora.targets.iter().map(|t| t.name()).collect();
-            say(format!(
+            self.say(format!(
                 "LoRA rank {} (scale {}) on {}: {} weights adapted, {trained} parameters \
                  trained ({:.2} % of the model), the rest frozen",
                 lora.rank,
                 lora.scale(),
                 targets.join(", "),
-                moe_core::lora::adapter_count(&model),
+                moe_core::lora::adapter_count(self.model()),
                 100.0 * trained as f64 / parameters.0.max(1) as f64
             ));
         }
     }
-    let mut rng = SplitMix64(state.data_rng);
-    let mut summary = RunSummary {
-        device: selected.to_string(),
-        data: task.describe(),
-        last_step: state.step,
-        train_losses: Vec::new(),
-        val_losses: Vec::new(),
-        accuracy: None,
-        checkpoint: PathBuf::new(),
-        interrupted: false,
-        samples: Vec::new(),
-        plots: Vec::new(),
-        tokens_per_second: 0.0,
-        parameters,
-    };
-    let started = Instant::now();
-    let elapsed_before = state.elapsed_seconds;
-    let tokens_before = state.tokens_seen;
-    let (mut interval_start, mut interval_tokens) = (Instant::now(), 0usize);
-    let mut saved_at = resume.as_ref().map(|r| r.state.step);
-    // The newest checkpoint is kept beside the `keep` older ones until a later step shows its
-    // weights give finite values: after a divergence the one before it is still there.
-    let mut unconfirmed: Option<usize> = None;
-    let inner = device.clone().without_autodiff();
-    let save_checkpoint = |model: &T::Model,
-                           optimizer: &burn::optim::ModuleOptimizer,
-                           state: &TrainingState,
-                           mixed: Option<&MixedPrecision>| {
-        let saved = (task.tokenizer(), task.data_record());
-        save(out, model, optimizer, state, mixed, &config, saved)
-    };
-    let mut evaluation_seconds = 0.0;
-    let mut watch = NonFiniteWatch::new(&device);
-    let mut guard = DivergenceGuard::new(on_nonfinite);
-    let mut spikes = SpikeDetector::default();
-    let mut diverged = None;
 
-    for step in state.step + 1..=steps {
-        let stop_requested = options.stop_after.is_some_and(|last| step > last);
-        if stop_requested
-            || options
+    /// Runs the steps until the last, an interrupt, `stop_after`, or a divergence (returned).
+    fn train_steps(&mut self) -> Result<Option<Divergence>> {
+        let steps = self.config.run.steps;
+        for step in self.state.step + 1..=steps {
+            if self.stop_requested(step) {
+                self.summary.interrupted = true;
+                break;
+            }
+            let (output, grad_norm, lr) = self.train_step(step);
+            let mut checked = false;
+            if step % self.config.run.log_every == 0 || step == steps {
+                checked = true;
+                if let Some(found) = self.log_step(step, &output, grad_norm.as_ref(), lr)? {
+                    return Ok(Some(found));
+                }
+            }
+            let evaluate = step % self.config.run.eval_every == 0 || step == steps;
+            let save_now = step % self.config.run.checkpoint_every == 0 || step == steps;
+            if (evaluate || save_now) && !checked {
+                let report = self.watch.read();
+                if let Some(found) = self.confirm_finite(report, step)? {
+                    return Ok(Some(found));
+                }
+            }
+            if evaluate {
+                if let Some(found) = self.evaluate(step)? {
+                    return Ok(Some(found));
+                }
+            }
+            if save_now {
+                self.save_checkpoint()?;
+                self.unconfirmed = Some(step);
+            }
+            self.bar.inc(1);
+            if let Some(hook) = &self.options.on_step {
+                (hook.0)(step);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether the run is to stop before `step`: past `stop_after`, or interrupted.
+    fn stop_requested(&self, step: usize) -> bool {
+        self.options.stop_after.is_some_and(|last| step > last)
+            || self
+                .options
                 .interrupt
                 .as_ref()
                 .is_some_and(|flag| flag.load(Ordering::SeqCst))
-        {
-            summary.interrupted = true;
-            break;
-        }
-        device.seed(seed ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    }
+
+    /// One optimizer step: the micro-batches' backward passes, accumulated, then the update
+    /// ([`apply_gradients`]). Returns the last micro-batch's output, the gradient norm and the
+    /// learning rate.
+    fn train_step(&mut self, step: usize) -> (StepOutput, Option<Tensor<1>>, f64) {
+        let config = self.config;
+        let seed = config.run.seed;
+        self.device
+            .seed(seed ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let mut accumulator = GradientsAccumulator::new();
         let mut last = None;
         let mut step_loss: Option<Tensor<1>> = None;
         for _ in 0..config.optim.grad_accum {
-            let output = task.step(&model, &mut rng);
+            let model = self
+                .model
+                .as_ref()
+                .expect("the model is in place between steps");
+            let output = self.task.step(model, &mut self.rng);
             let loss = output
                 .loss
                 .clone()
                 .div_scalar(config.optim.grad_accum as f64);
-            let loss = match &mixed {
+            let loss = match &self.mixed {
                 Some(mixed) => mixed.scaler.scale_loss(loss),
                 None => loss,
             };
@@ -403,165 +537,234 @@ pub fn run<T: Task>(
                 Some(sum) => sum + detached,
                 None => detached,
             });
-            accumulator.accumulate(&model, GradientsParams::from_grads(loss.backward(), &model));
-            interval_tokens += output.tokens;
-            state.tokens_seen += output.tokens as u64;
+            let grads = GradientsParams::from_grads(loss.backward(), self.model());
+            accumulator.accumulate(self.model(), grads);
+            self.interval.1 += output.tokens;
+            self.state.tokens_seen += output.tokens as u64;
             last = Some(output);
         }
-        let lr = learning_rate(step, steps, &config.optim);
-        let grad_norm;
-        (model, grad_norm) = apply_gradients(
+        let lr = learning_rate(step, config.run.steps, &config.optim);
+        let model = self
+            .model
+            .take()
+            .expect("the model is in place between steps");
+        let (model, grad_norm) = apply_gradients(
             model,
             accumulator.grads(),
-            &mut optimizer,
+            &mut self.optimizer,
             Gating {
-                mixed: mixed.as_mut(),
-                watch: &mut watch,
-                gate: gate.as_ref(),
-                skip: on_nonfinite == OnNonFinite::Skip,
+                mixed: self.mixed.as_mut(),
+                watch: &mut self.watch,
+                gate: self.gate.as_ref(),
+                skip: config.run.on_nonfinite == OnNonFinite::Skip,
                 step,
                 loss: step_loss.expect("at least one micro-batch"),
             },
             lr,
             config.optim.grad_clip,
         );
-        state.step = step;
-        state.data_rng = rng.0;
+        self.model = Some(model);
+        self.state.step = step;
+        self.state.data_rng = self.rng.0;
         // Training time: evaluations are left out, so runs with other evaluation settings
         // compare by the time their training took.
-        state.elapsed_seconds =
-            elapsed_before + started.elapsed().as_secs_f64() - evaluation_seconds;
-        summary.last_step = step;
+        self.state.elapsed_seconds =
+            self.elapsed_before + self.started.elapsed().as_secs_f64() - self.evaluation_seconds;
+        self.summary.last_step = step;
+        (last.expect("at least one micro-batch"), grad_norm, lr)
+    }
 
-        let output = last.expect("at least one micro-batch");
-        let mut checked = false;
-        if step % config.run.log_every == 0 || step == steps {
-            let seconds = interval_start.elapsed().as_secs_f64().max(1e-9);
-            let scaler = mixed.as_ref().map(|mixed| &mixed.scaler);
-            let readout = StepReadout::read(&output, grad_norm.as_ref(), scaler, Some(&watch));
-            checked = true;
-            if let Some(found) = readout.non_finite.and_then(|r| guard.check(r, step, &say)) {
-                diverged = Some(found);
-                break;
+    /// Reads the step's figures back (one read of the device), stops on a divergence, logs a
+    /// metrics row, updates the bar and warns about a loss spike.
+    fn log_step(
+        &mut self,
+        step: usize,
+        output: &StepOutput,
+        grad_norm: Option<&Tensor<1>>,
+        lr: f64,
+    ) -> Result<Option<Divergence>> {
+        let steps = self.config.run.steps;
+        let seconds = self.interval.0.elapsed().as_secs_f64().max(1e-9);
+        let scaler = self.mixed.as_ref().map(|mixed| &mixed.scaler);
+        let readout = StepReadout::read(output, grad_norm, scaler, Some(&self.watch));
+        if let Some(report) = readout.non_finite {
+            if let Some(found) = self.confirm_finite(report, step)? {
+                return Ok(Some(found));
             }
-            confirm(out, &mut unconfirmed, step, config.run.keep_checkpoints)?;
-            let row = train_row(&readout, step, lr, interval_tokens as f64 / seconds);
-            let mut message = format!(
-                "loss {:.3} | {:.0} tok/s | lr {:.1e}",
-                row.cross_entropy, row.tokens_per_second, lr
-            );
-            if let Some((scale, skipped)) = readout.loss_scale {
-                message += &format!(" | loss scale {scale} ({skipped} steps skipped)");
-            }
-            if plain_lines && (step % line_every == 0 || step == steps) {
-                eprintln!("step {step:>6}/{steps}: {message}");
-            }
-            bar.set_message(message);
-            // A step skipped for a non-finite loss (`--on-nonfinite skip`) logs no row.
-            if row.loss.is_finite() && row.cross_entropy.is_finite() {
-                if let Some(mean) = spikes.observe(row.cross_entropy) {
-                    say(format!(
-                        "warning: step {step}: loss {:.4} is {:.1}x its running mean {mean:.4}: a loss spike (if they repeat or grow, lower `--lr` or enable `--grad-clip`)",
-                        row.cross_entropy,
-                        row.cross_entropy / mean
-                    ));
-                }
-                summary.train_losses.push((step, row.cross_entropy));
-                log.write(&Row::Train(row))?;
-            }
-            interval_start = Instant::now();
-            interval_tokens = 0;
+        } else {
+            self.confirm(step)?;
         }
-        let evaluate = step % config.run.eval_every == 0 || step == steps;
-        let save_now = step % config.run.checkpoint_every == 0 || step == steps;
-        if (evaluate || save_now) && !checked {
-            if let Some(found) = guard.check(watch.read(), step, &say) {
-                diverged = Some(found);
-                break;
-            }
-            confirm(out, &mut unconfirmed, step, config.run.keep_checkpoints)?;
+        let row = train_row(&readout, step, lr, self.interval.1 as f64 / seconds);
+        let mut message = format!(
+            "loss {:.3} | {:.0} tok/s | lr {:.1e}",
+            row.cross_entropy, row.tokens_per_second, lr
+        );
+        if let Some((scale, skipped)) = readout.loss_scale {
+            message += &format!(" | loss scale {scale} ({skipped} steps skipped)");
         }
-        if evaluate {
-            let evaluation_started = Instant::now();
-            let evaluation = task.evaluate(&model.valid(), &inner);
-            evaluation_seconds += evaluation_started.elapsed().as_secs_f64();
-            if !evaluation.loss.is_finite() {
-                // This step's weights are bad; those of earlier checkpoints are not known to be.
-                diverged = Some(Divergence {
-                    step,
-                    bad_from: step + 1,
-                    what: format!("the validation loss is {}", evaluation.loss),
-                });
-                break;
-            }
-            let row = EvalRow {
-                step,
-                val_loss: evaluation.loss,
-                val_perplexity: evaluation.loss.exp(),
-                train_seconds: Some(state.elapsed_seconds),
-                accuracy: evaluation.accuracy,
-            };
-            if options.show_progress {
-                let accuracy = row
-                    .accuracy
-                    .map(|a| format!(", captions right {:.1} %", 100.0 * a))
-                    .unwrap_or_default();
-                say(format!(
-                    "step {step:>6}: validation loss {:.4}, perplexity {}{accuracy}",
-                    row.val_loss,
-                    perplexity(row.val_loss)
+        if self.plain_lines && (step % self.line_every == 0 || step == steps) {
+            eprintln!("step {step:>6}/{steps}: {message}");
+        }
+        self.bar.set_message(message);
+        // A step skipped for a non-finite loss (`--on-nonfinite skip`) logs no row.
+        if row.loss.is_finite() && row.cross_entropy.is_finite() {
+            if let Some(mean) = self.spikes.observe(row.cross_entropy) {
+                self.say(format!(
+                    "warning: step {step}: loss {:.4} is {:.1}x its running mean {mean:.4}: a loss spike (if they repeat or grow, lower `--lr` or enable `--grad-clip`)",
+                    row.cross_entropy,
+                    row.cross_entropy / mean
                 ));
             }
-            summary.val_losses.push((step, row.val_loss));
-            summary.accuracy = row.accuracy;
-            log.write(&Row::Eval(row))?;
+            self.summary.train_losses.push((step, row.cross_entropy));
+            self.log.write(&Row::Train(row))?;
         }
-        if save_now {
-            summary.checkpoint = save_checkpoint(&model, &optimizer, &state, mixed.as_ref())?;
-            unconfirmed = Some(step);
-            saved_at = Some(step);
-        }
-        bar.inc(1);
-        if let Some(hook) = &options.on_step {
-            (hook.0)(step);
-        }
+        self.interval = (Instant::now(), 0);
+        Ok(None)
     }
-    bar.finish_and_clear();
 
-    if diverged.is_none() && saved_at != Some(state.step) {
-        // Stopped early (interrupt, `stop_after`): save where it stopped, if that is finite.
-        match guard.check(watch.read(), state.step, &say) {
-            Some(found) => diverged = Some(found),
-            None => {
-                summary.checkpoint = save_checkpoint(&model, &optimizer, &state, mixed.as_ref())?;
+    /// The divergence `report` (read at `step`) shows, if any ([`DivergenceGuard::check`]).
+    fn diverged(&mut self, report: NonFiniteReport, step: usize) -> Option<Divergence> {
+        let (plain_lines, bar) = (self.plain_lines, &self.bar);
+        self.guard
+            .check(report, step, &|line| print_line(plain_lines, bar, line))
+    }
+
+    /// Stops on the divergence `report` shows, if any; otherwise the newest checkpoint is
+    /// confirmed (the older ones beyond `keep` go).
+    fn confirm_finite(
+        &mut self,
+        report: NonFiniteReport,
+        step: usize,
+    ) -> Result<Option<Divergence>> {
+        if let Some(found) = self.diverged(report, step) {
+            return Ok(Some(found));
+        }
+        self.confirm(step)?;
+        Ok(None)
+    }
+
+    /// Prunes to `keep` checkpoints once a step after the newest one was found finite.
+    fn confirm(&mut self, step: usize) -> Result<()> {
+        if self.unconfirmed.is_some_and(|saved| step > saved) {
+            checkpoint::prune_run(self.out, self.config.run.keep_checkpoints)?;
+            self.unconfirmed = None;
+        }
+        Ok(())
+    }
+
+    /// Validation at `step`: a metrics row and a line; a non-finite loss is a divergence.
+    fn evaluate(&mut self, step: usize) -> Result<Option<Divergence>> {
+        let started = Instant::now();
+        let inner = self.device.clone().without_autodiff();
+        let evaluation = self.task.evaluate(&self.model().valid(), &inner);
+        self.evaluation_seconds += started.elapsed().as_secs_f64();
+        if !evaluation.loss.is_finite() {
+            // This step's weights are bad; those of earlier checkpoints are not known to be.
+            return Ok(Some(Divergence {
+                step,
+                bad_from: step + 1,
+                what: format!("the validation loss is {}", evaluation.loss),
+            }));
+        }
+        let row = EvalRow {
+            step,
+            val_loss: evaluation.loss,
+            val_perplexity: evaluation.loss.exp(),
+            train_seconds: Some(self.state.elapsed_seconds),
+            accuracy: evaluation.accuracy,
+        };
+        if self.options.show_progress {
+            let accuracy = row
+                .accuracy
+                .map(|a| format!(", captions right {:.1} %", 100.0 * a))
+                .unwrap_or_default();
+            self.say(format!(
+                "step {step:>6}: validation loss {:.4}, perplexity {}{accuracy}",
+                row.val_loss,
+                perplexity(row.val_loss)
+            ));
+        }
+        self.summary.val_losses.push((step, row.val_loss));
+        self.summary.accuracy = row.accuracy;
+        self.log.write(&Row::Eval(row))?;
+        Ok(None)
+    }
+
+    /// Writes a checkpoint of the current step.
+    fn save_checkpoint(&mut self) -> Result<()> {
+        let saved = (self.task.tokenizer(), self.task.data_record());
+        self.summary.checkpoint = save(
+            self.out,
+            self.model(),
+            &self.optimizer,
+            &self.state,
+            self.mixed.as_ref(),
+            self.config,
+            saved,
+        )?;
+        self.saved_at = Some(self.state.step);
+        Ok(())
+    }
+
+    /// After the steps: a checkpoint where an early stop left off (if its weights are finite),
+    /// the divergence error, or pruning, plots and samples.
+    fn finish(mut self, mut diverged: Option<Divergence>) -> Result<RunSummary> {
+        self.bar.finish_and_clear();
+        let out = self.out;
+        if diverged.is_none() && self.saved_at != Some(self.state.step) {
+            // Stopped early (interrupt, `stop_after`): save where it stopped, if that is finite.
+            let report = self.watch.read();
+            match self.diverged(report, self.state.step) {
+                Some(found) => diverged = Some(found),
+                None => self.save_checkpoint()?,
             }
         }
-    }
-    if let Some(found) = diverged {
-        plots::draw(out, &metrics::read(log.path())?);
-        return Err(divergence_error(out, found, config.run.keep_checkpoints)?);
-    }
-    checkpoint::prune_run(out, config.run.keep_checkpoints)?;
-    let trained = state.tokens_seen - tokens_before;
-    summary.tokens_per_second = trained as f64 / started.elapsed().as_secs_f64().max(1e-9);
-    summary.plots = plots::draw(out, &metrics::read(log.path())?);
-    if !summary.interrupted && config.run.samples > 0 {
-        summary.samples = task.samples(
-            &model.valid(),
-            config.run.samples,
-            config.run.sample_tokens,
-            seed,
-        );
-        let images = task.sample_images(&model.valid(), seed);
-        if !images.is_empty() {
-            let path = out.join("samples.png");
-            match plots::digit_grid(&path, &images, config.data.image_levels) {
-                Ok(()) => summary.plots.push(path),
-                Err(error) => eprintln!("warning: could not draw {}: {error}", path.display()),
+        if let Some(found) = diverged {
+            plots::draw(out, &metrics::read(self.log.path())?);
+            return Err(divergence_error(
+                out,
+                found,
+                self.config.run.keep_checkpoints,
+            )?);
+        }
+        checkpoint::prune_run(out, self.config.run.keep_checkpoints)?;
+        let trained = self.state.tokens_seen - self.tokens_before;
+        let model = self
+            .model
+            .take()
+            .expect("the model is in place after the steps");
+        let mut summary = self.summary;
+        summary.tokens_per_second = trained as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
+        summary.plots = plots::draw(out, &metrics::read(self.log.path())?);
+        if !summary.interrupted && self.config.run.samples > 0 {
+            let seed = self.config.run.seed;
+            let model = model.valid();
+            summary.samples = self.task.samples(
+                &model,
+                self.config.run.samples,
+                self.config.run.sample_tokens,
+                seed,
+            );
+            let images = self.task.sample_images(&model, seed);
+            if !images.is_empty() {
+                let path = out.join("samples.png");
+                match plots::digit_grid(&path, &images, self.config.data.image_levels) {
+                    Ok(()) => summary.plots.push(path),
+                    Err(error) => eprintln!("warning: could not draw {}: {error}", path.display()),
+                }
             }
         }
+        Ok(summary)
     }
-    Ok(summary)
+}
+
+/// `line` above the progress bar `bar`, or on its own line with `plain_lines` (no terminal).
+fn print_line(plain_lines: bool, bar: &ProgressBar, line: String) {
+    if plain_lines {
+        eprintln!("{line}");
+    } else {
+        bar.println(line);
+    }
 }
 
 /// Mixed precision's training-loop state: the loss scale.
@@ -697,15 +900,6 @@ impl DivergenceGuard {
             }
         }
     }
-}
-
-/// Prunes to `keep` checkpoints once a step after the newest one was found finite.
-fn confirm(out: &Path, unconfirmed: &mut Option<usize>, step: usize, keep: usize) -> Result<()> {
-    if unconfirmed.is_some_and(|saved| step > saved) {
-        checkpoint::prune_run(out, keep)?;
-        *unconfirmed = None;
-    }
-    Ok(())
 }
 
 /// [`TrainError::Diverged`] for `found`, after moving aside the checkpoints written with the

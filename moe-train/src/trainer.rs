@@ -263,8 +263,8 @@ fn check_resumable(
 }
 
 /// Trains `task` (the loop behind [`train`]) in the claimed `run_dir`: sets up the model,
-/// optimizer and state ([`Session::start`]), runs the steps ([`Session::train_steps`]), then
-/// saves, prunes, plots and samples ([`Session::finish`]).
+/// optimizer and state (`Session::start`), runs the steps (`Session::train_steps`), then
+/// saves, prunes, plots and samples (`Session::finish`).
 pub fn run<T: Task>(
     task: T,
     config: TrainConfig,

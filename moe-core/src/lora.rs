@@ -55,11 +55,6 @@ impl LoraTarget {
         }
     }
 
-    /// The target named `name`.
-    pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|target| target.name() == name)
-    }
-
     /// Whether the parameter at `path` with `rank` dimensions is one of this target's weights.
     pub fn matches(self, path: &str, rank: usize) -> bool {
         let parts: Vec<&str> = path.split('.').collect();

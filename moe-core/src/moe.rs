@@ -153,11 +153,9 @@ impl MoeConfig {
             device,
         );
         let experts = self.expert.init(self.num_experts, self.d_model, device);
-        let shared_experts = (self.shared_experts > 0).then(|| {
-            ExpertConfig::new(self.shared_width())
-                .with_kind(self.expert.kind)
-                .init(1, self.d_model, device)
-        });
+        let shared_experts = self
+            .shared_block()
+            .map(|block| block.init(1, self.d_model, device));
         let shared_gate = self
             .shared_gate
             .then(|| uniform([self.d_model, 1], self.d_model, device));
@@ -218,14 +216,27 @@ impl MoeConfig {
 
     /// The shared-expert block (one expert of [`MoeConfig::shared_width`]) and its gate.
     fn shared_params(&self) -> usize {
-        if self.shared_experts == 0 {
+        let Some(block) = self.shared_block() else {
             return 0;
-        }
-        let block = ExpertConfig::new(self.shared_width())
-            .with_kind(self.expert.kind)
-            .params_per_expert(self.d_model);
+        };
         let gate = if self.shared_gate { self.d_model } else { 0 };
-        block + gate
+        block.params_per_expert(self.d_model) + gate
+    }
+
+    /// The shared-expert block: one expert of [`MoeConfig::shared_width`] in the routed
+    /// experts' form; `None` without shared experts.
+    fn shared_block(&self) -> Option<ExpertConfig> {
+        (self.shared_experts > 0)
+            .then(|| ExpertConfig::new(self.shared_width()).with_kind(self.expert.kind))
+    }
+
+    /// Router weight matrices `[d_model, E]`: the router's, and the noisy gate's noise weight.
+    fn router_weights(&self) -> usize {
+        if matches!(self.gate, GateConfig::Noisy(_)) {
+            2
+        } else {
+            1
+        }
     }
 
     /// Parameters of the LoRA adapters `lora` attaches to the layer ([`crate::lora`]): the
@@ -235,41 +246,29 @@ impl MoeConfig {
         let (d, r) = (self.d_model, lora.rank);
         let mut total = 0;
         if lora.targets.contains(&LoraTarget::Router) {
-            let weights = if matches!(self.gate, GateConfig::Noisy(_)) {
-                2
-            } else {
-                1
-            };
             let gate = if self.shared_experts > 0 && self.shared_gate {
                 r * (d + 1)
             } else {
                 0
             };
-            total += weights * r * (d + self.num_experts) + gate;
+            total += self.router_weights() * r * (d + self.num_experts) + gate;
         }
         if lora.targets.contains(&LoraTarget::Experts) {
             total += self.num_experts * self.expert.lora_params_per_expert(d, r);
-            if self.shared_experts > 0 {
-                total += ExpertConfig::new(self.shared_width())
-                    .with_kind(self.expert.kind)
-                    .lora_params_per_expert(d, r);
+            if let Some(block) = self.shared_block() {
+                total += block.lora_params_per_expert(d, r);
             }
         }
         total
     }
 
     fn router_params(&self) -> usize {
-        let weights = if matches!(self.gate, GateConfig::Noisy(_)) {
-            2
-        } else {
-            1
-        };
         let bias = if self.balance_bias.is_some() {
             self.num_experts
         } else {
             0
         };
-        weights * self.d_model * self.num_experts + bias
+        self.router_weights() * self.d_model * self.num_experts + bias
     }
 }
 

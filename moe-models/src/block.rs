@@ -186,20 +186,22 @@ impl DecoderStack {
     }
 
     /// Every MoE layer's experts spread evenly over `devices` (expert parallelism,
-    /// [`moe_core::placement`]); with no device, every layer gathered back onto its own.
+    /// [`moe_core::placement`]).
     pub fn place_experts(&mut self, devices: &[Device]) -> Result<(), ModelError> {
         for block in &mut self.blocks {
             if let Some(moe) = block.ffn.moe.take() {
-                block.ffn.moe = Some(if devices.is_empty() {
-                    moe.gathered()
-                } else {
-                    let placement =
-                        ExpertPlacement::even(moe.config().num_experts, devices.to_vec())?;
-                    moe.with_placement(placement)?
-                });
+                let placement = ExpertPlacement::even(moe.config().num_experts, devices.to_vec())?;
+                block.ffn.moe = Some(moe.with_placement(placement)?);
             }
         }
         Ok(())
+    }
+
+    /// Every MoE layer's experts back in one stack on its own device ([`Moe::gathered`]).
+    pub fn gather_experts(&mut self) {
+        for block in &mut self.blocks {
+            block.ffn.moe = block.ffn.moe.take().map(Moe::gathered);
+        }
     }
 
     /// Runs the decoder on the embedded sequence `x: [batch, length, d_model]`, which continues

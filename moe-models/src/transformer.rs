@@ -250,9 +250,7 @@ impl MoeTransformer {
     /// The model with every expert back on its own device, in one stack per layer: the form
     /// that is saved (a record never says where an expert lived).
     pub fn gathered(mut self) -> Self {
-        self.stack
-            .place_experts(&[])
-            .expect("gathering experts cannot fail");
+        self.stack.gather_experts();
         self
     }
 

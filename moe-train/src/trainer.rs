@@ -587,13 +587,13 @@ impl<'a, T: Task> Session<'a, T> {
         let seconds = self.interval.0.elapsed().as_secs_f64().max(1e-9);
         let scaler = self.mixed.as_ref().map(|mixed| &mixed.scaler);
         let readout = StepReadout::read(output, grad_norm, scaler, Some(&self.watch));
-        if let Some(report) = readout.non_finite {
-            if let Some(found) = self.confirm_finite(report, step)? {
-                return Ok(Some(found));
-            }
-        } else {
-            self.confirm(step)?;
+        if let Some(found) = readout
+            .non_finite
+            .and_then(|report| self.diverged(report, step))
+        {
+            return Ok(Some(found));
         }
+        self.confirm(step)?;
         let row = train_row(&readout, step, lr, self.interval.1 as f64 / seconds);
         let mut message = format!(
             "loss {:.3} | {:.0} tok/s | lr {:.1e}",

@@ -4,7 +4,7 @@
 use std::ops::Range;
 
 use burn::config::Config;
-use burn::module::{Module, Param};
+use burn::module::{Module, Param, ParamId};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Int, Tensor};
 use moe_kernels::{batched_matmul, grouped_bias, grouped_matmul};
@@ -215,6 +215,38 @@ impl Experts {
         }
     }
 
+    /// The ids of the stack's parameters in one fixed order: `w_in`, `b_in`, `w_gate`, `w_out`,
+    /// `b_out`, those present. Two stacks of one form list theirs alike, parameter by parameter.
+    pub fn param_ids(&self) -> Vec<ParamId> {
+        let mut ids = vec![self.w_in.id];
+        ids.extend(self.b_in.as_ref().map(|param| param.id));
+        ids.extend(self.w_gate.as_ref().map(|param| param.id));
+        ids.push(self.w_out.id);
+        ids.extend(self.b_out.as_ref().map(|param| param.id));
+        ids
+    }
+
+    /// The stack with its parameters under `ids` (in [`Experts::param_ids`]'s order): how a
+    /// gathered stack takes back the ids it had before it was placed, which the optimizer's
+    /// state and the saved records know it by.
+    ///
+    /// # Panics
+    ///
+    /// If `ids` does not hold one id per parameter.
+    pub fn with_param_ids(self, ids: &[ParamId]) -> Experts {
+        assert_eq!(ids.len(), self.param_ids().len(), "one id per parameter");
+        let mut ids = ids.iter().copied();
+        let mut next = || ids.next().expect("one id per parameter");
+        Experts {
+            w_in: renamed(self.w_in, next()),
+            b_in: self.b_in.map(|param| renamed(param, next())),
+            w_gate: self.w_gate.map(|param| renamed(param, next())),
+            w_out: renamed(self.w_out, next()),
+            b_out: self.b_out.map(|param| renamed(param, next())),
+            kind: self.kind,
+        }
+    }
+
     /// Number of experts in the stack.
     pub fn num_experts(&self) -> usize {
         self.w_in.shape().dims::<3>()[0]
@@ -237,6 +269,12 @@ fn moved<const D: usize>(
         .without_autodiff()
         .narrow(0, range.start, range.len());
     Param::from_tensor(plain_on(part, device))
+}
+
+/// `param` under `id`.
+fn renamed<const D: usize>(mut param: Param<Tensor<D>>, id: ParamId) -> Param<Tensor<D>> {
+    param.id = id;
+    param
 }
 
 /// The untracked `value` on `device`, with autodiff when `device` has it.

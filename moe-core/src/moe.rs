@@ -1,7 +1,7 @@
 //! The Mixture-of-Experts layer: config, module and forward pass.
 
 use burn::config::Config;
-use burn::module::{Module, Param};
+use burn::module::{Module, Param, ParamId};
 use burn::tensor::activation::sigmoid;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
@@ -12,7 +12,7 @@ use crate::gate::{CustomGate, Gate, GateConfig, GateInput};
 use crate::init::uniform;
 use crate::lora::{LoraConfig, LoraTarget};
 use crate::losses::{router_z_loss, LossConfig, LossKind};
-use crate::placement::ExpertPlacement;
+use crate::placement::{ExpertPlacement, ShardedParam};
 use crate::precision::{param_for, to_dtype};
 use crate::stats::RoutingRecord;
 use crate::token_order::TokenOrder;
@@ -168,6 +168,7 @@ impl MoeConfig {
             custom_gate: None,
             config: self.clone(),
             placement: None,
+            gathered_ids: Vec::new(),
         })
     }
 
@@ -300,6 +301,10 @@ pub struct Moe {
     /// Which device holds which experts, when they are spread over several.
     #[module(skip)]
     placement: Option<ExpertPlacement>,
+    /// Under a placement, the ids the stacked experts' parameters had before it (and take
+    /// back when gathered), in [`Experts::param_ids`]'s order.
+    #[module(skip)]
+    gathered_ids: Vec<ParamId>,
 }
 
 /// Result of [`Moe::forward`].
@@ -359,7 +364,7 @@ impl Moe {
             .map(|(range, device)| layer.experts.slice_to(range.clone(), device));
         let first = shards.next().expect("a placement has a device");
         layer.placed_experts = shards.collect();
-        layer.experts = first;
+        layer.gathered_ids = std::mem::replace(&mut layer.experts, first).param_ids();
         layer.placement = Some(placement);
         Ok(layer)
     }
@@ -373,13 +378,64 @@ impl Moe {
         let home = self.router.weight.device();
         let mut shards = vec![self.experts];
         shards.append(&mut self.placed_experts);
-        self.experts = Experts::concat(&shards, &home);
+        self.experts = Experts::concat(&shards, &home).with_param_ids(&self.gathered_ids);
+        self.gathered_ids.clear();
         self
     }
 
     /// Where the experts are, when a placement spreads them over devices.
     pub fn placement(&self) -> Option<&ExpertPlacement> {
         self.placement.as_ref()
+    }
+
+    /// Each parameter of the placed experts as the placement splits it: the gathered id and
+    /// the shards' (empty without a placement).
+    pub fn sharded_params(&self) -> Vec<ShardedParam> {
+        let Some(placement) = &self.placement else {
+            return Vec::new();
+        };
+        let shard_ids: Vec<Vec<ParamId>> = std::iter::once(&self.experts)
+            .chain(&self.placed_experts)
+            .map(Experts::param_ids)
+            .collect();
+        self.gathered_ids
+            .iter()
+            .enumerate()
+            .map(|(k, &gathered)| ShardedParam {
+                gathered,
+                shards: shard_ids
+                    .iter()
+                    .zip(placement.ranges())
+                    .map(|(ids, range)| (ids[k], range.clone()))
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// The layer on `device` as a data-parallel replica: the router and the shared experts
+    /// moved there *in the autodiff graph* (their gradients flow back to this layer's
+    /// parameters, so the replicas' gradients add up there); placed experts stay on their
+    /// devices, shared by every replica, and experts without a placement move like the rest.
+    pub fn replica_on(&self, device: &Device) -> Self {
+        let placed = self.placement.is_some();
+        let moved = |experts: &Experts| match placed {
+            true => experts.clone(),
+            false => experts.clone().to_device(device),
+        };
+        Moe {
+            router: self.router.clone().to_device(device),
+            experts: moved(&self.experts),
+            placed_experts: self.placed_experts.clone(),
+            shared_experts: self
+                .shared_experts
+                .clone()
+                .map(|experts| experts.to_device(device)),
+            shared_gate: self.shared_gate.clone().map(|gate| gate.to_device(device)),
+            custom_gate: self.custom_gate.clone(),
+            config: self.config.clone(),
+            placement: self.placement.clone(),
+            gathered_ids: self.gathered_ids.clone(),
+        }
     }
 
     /// The routed experts on the expert buffer `[S, d_model]` (see [`crate::dispatch`]). Under
@@ -402,12 +458,10 @@ impl Moe {
             .expect("offsets read back as integers");
         let shards = std::iter::once(&self.experts).chain(&self.placed_experts);
         let mut pieces = Vec::new();
-        for ((range, device), shard) in placement
-            .ranges()
-            .iter()
-            .zip(placement.devices())
-            .zip(shards)
-        {
+        // Each shard's own device: the placement's, or its inner device in evaluation
+        // (`Module::valid` moves the shards there).
+        for (range, shard) in placement.ranges().iter().zip(shards) {
+            let device = &shard.w_in.val().device();
             let (start, end) = (offsets[range.start] as usize, offsets[range.end] as usize);
             if start == end {
                 continue;

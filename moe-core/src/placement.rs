@@ -16,6 +16,7 @@
 
 use std::ops::Range;
 
+use burn::module::ParamId;
 use burn::tensor::Device;
 
 use crate::error::MoeError;
@@ -85,4 +86,16 @@ impl ExpertPlacement {
     pub fn num_experts(&self) -> usize {
         self.ranges.last().map_or(0, |range| range.end)
     }
+}
+
+/// One parameter of a layer's stacked experts as a placement splits it: the saved (gathered)
+/// parameter and the shards that hold its experts, in expert order. What turns state kept per
+/// shard (the optimizer's moments) into state of the whole stack and back, so that a
+/// checkpoint does not depend on how many devices trained it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardedParam {
+    /// The id the parameter has gathered (before placement and after).
+    pub gathered: ParamId,
+    /// The id of each device's shard, with the experts (rows of dimension 0) it holds.
+    pub shards: Vec<(ParamId, Range<usize>)>,
 }

@@ -120,6 +120,7 @@ pub fn adamw_update<const D: usize>(
 #[backend_extension(
     Autodiff,
     NdArray: cfg(feature = "ndarray"),
+    Remote: cfg(feature = "remote"),
     Flex: cfg(feature = "flex"),
     Cube: cfg(feature = "wgpu")
 )]
@@ -195,3 +196,8 @@ impl<B: Backend + AdamWBackend, C: CheckpointStrategy> AdamWBackend for Autodiff
         )
     }
 }
+
+/// Burn's remote backend (`burn-moe serve` devices): the trait's composed default, which
+/// the server runs as Burn's own operations.
+#[cfg(feature = "remote")]
+impl AdamWBackend for burn::backend::Remote {}

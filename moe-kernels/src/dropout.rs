@@ -47,6 +47,7 @@ pub fn dropout<const D: usize>(x: Tensor<D>, prob: f64) -> Tensor<D> {
 #[backend_extension(
     Autodiff,
     NdArray: cfg(feature = "ndarray"),
+    Remote: cfg(feature = "remote"),
     Flex: cfg(feature = "flex"),
     Cube: cfg(feature = "wgpu")
 )]
@@ -81,3 +82,8 @@ impl<B: Backend + DropoutBackend, C: CheckpointStrategy> DropoutBackend for Auto
         <Self as AutodiffBackend>::from_inner(mask)
     }
 }
+
+/// Burn's remote backend (`burn-moe serve` devices): the trait's composed default, which
+/// the server runs as Burn's own operations.
+#[cfg(feature = "remote")]
+impl DropoutBackend for burn::backend::Remote {}

@@ -78,6 +78,7 @@ pub fn combine_rows(
 #[backend_extension(
     Autodiff,
     NdArray: cfg(feature = "ndarray"),
+    Remote: cfg(feature = "remote"),
     Flex: cfg(feature = "flex"),
     Cube: cfg(feature = "wgpu"),
     Fusion: cfg(feature = "wgpu")
@@ -272,3 +273,8 @@ impl<B: Backend + GatherScatterBackend, C: CheckpointStrategy> GatherScatterBack
         }
     }
 }
+
+/// Burn's remote backend (`burn-moe serve` devices): the trait's composed default, which
+/// the server runs as Burn's own operations.
+#[cfg(feature = "remote")]
+impl GatherScatterBackend for burn::backend::Remote {}

@@ -31,6 +31,7 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 #[backend_extension(
     Autodiff,
     NdArray: cfg(feature = "ndarray"),
+    Remote: cfg(feature = "remote"),
     Flex: cfg(feature = "flex"),
     Cube: cfg(feature = "wgpu")
 )]
@@ -85,3 +86,8 @@ impl<B: Backend + GeluBackend, C: CheckpointStrategy> GeluBackend for Autodiff<B
         unary::<B, C>(x, B::gelu_exact, B::gelu_exact_backward, Saved::Input)
     }
 }
+
+/// Burn's remote backend (`burn-moe serve` devices): the trait's composed default, which
+/// the server runs as Burn's own operations.
+#[cfg(feature = "remote")]
+impl GeluBackend for burn::backend::Remote {}

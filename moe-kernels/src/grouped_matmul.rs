@@ -100,6 +100,7 @@ pub fn grouped_bias(x: Tensor<2>, bias: Tensor<2>, offsets: Tensor<1, Int>) -> T
 #[backend_extension(
     Autodiff,
     NdArray: cfg(feature = "ndarray"),
+    Remote: cfg(feature = "remote"),
     Flex: cfg(feature = "flex"),
     Cube: cfg(feature = "wgpu"),
     Fusion: cfg(feature = "wgpu")
@@ -443,3 +444,8 @@ impl<B: Backend + GroupedMatmulBackend, C: CheckpointStrategy> GroupedMatmulBack
         }
     }
 }
+
+/// Burn's remote backend (`burn-moe serve` devices): the trait's composed default, which
+/// the server runs as Burn's own operations.
+#[cfg(feature = "remote")]
+impl GroupedMatmulBackend for burn::backend::Remote {}

@@ -117,6 +117,7 @@ pub fn multi_head_matmul(x: Tensor<4>, w: Tensor<4>, layout: HeadLayout) -> Tens
 #[backend_extension(
     Autodiff,
     NdArray: cfg(feature = "ndarray"),
+    Remote: cfg(feature = "remote"),
     Flex: cfg(feature = "flex"),
     Cube: cfg(feature = "wgpu")
 )]
@@ -284,3 +285,8 @@ impl<B: Backend + MatmulBackend, C: CheckpointStrategy> MatmulBackend for Autodi
         B::storage_order(x.primitive())
     }
 }
+
+/// Burn's remote backend (`burn-moe serve` devices): the trait's composed default, which
+/// the server runs as Burn's own operations.
+#[cfg(feature = "remote")]
+impl MatmulBackend for burn::backend::Remote {}

@@ -47,6 +47,7 @@ pub fn rms_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, epsilon: f64) ->
 #[backend_extension(
     Autodiff,
     NdArray: cfg(feature = "ndarray"),
+    Remote: cfg(feature = "remote"),
     Flex: cfg(feature = "flex"),
     Cube: cfg(feature = "wgpu")
 )]
@@ -177,3 +178,8 @@ impl<B: Backend + RmsNormBackend, C: CheckpointStrategy> RmsNormBackend for Auto
         }
     }
 }
+
+/// Burn's remote backend (`burn-moe serve` devices): the trait's composed default, which
+/// the server runs as Burn's own operations.
+#[cfg(feature = "remote")]
+impl RmsNormBackend for burn::backend::Remote {}

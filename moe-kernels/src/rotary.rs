@@ -21,7 +21,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::Autodiff;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Backend, Dispatch, TensorMetadata};
-use burn::tensor::{Shape, Tensor};
+use burn::tensor::{Shape, Slice, Tensor};
 
 /// `x: [..., positions, d]` with each pair `(x[2i], x[2i + 1])` of the row at position `p`
 /// rotated by the angle whose cosine and sine are `cos[p, i]` and `sin[p, i]`
@@ -57,6 +57,7 @@ pub fn rotary<const D: usize>(x: Tensor<D>, cos: Tensor<2>, sin: Tensor<2>) -> T
 #[backend_extension(
     Autodiff,
     NdArray: cfg(feature = "ndarray"),
+    Remote: cfg(feature = "remote"),
     Flex: cfg(feature = "flex"),
     Cube: cfg(feature = "wgpu")
 )]
@@ -88,7 +89,19 @@ pub(crate) fn composed_rotate_pairs<B: Backend>(
     let both = B::float_cat(vec![column(cos.clone()), column(cos)], 3);
     let signed = B::float_cat(vec![column(B::float_neg(sin.clone())), column(sin)], 3);
     let x = B::float_reshape(x, Shape::new([rows, positions, pairs, 2]));
-    let swapped = B::float_flip(x.clone(), &[3]);
+    // The pair's members exchanged by two slices (not `float_flip`, which Burn 0.22.1's
+    // remote backend cannot run: its server fails with "expected int handle").
+    let member = |i: usize| {
+        let all = |n: usize| Slice::new(0, Some(n as isize), 1);
+        let slices = [
+            all(rows),
+            all(positions),
+            all(pairs),
+            Slice::new(i as isize, Some(i as isize + 1), 1),
+        ];
+        B::float_slice(x.clone(), &slices)
+    };
+    let swapped = B::float_cat(vec![member(1), member(0)], 3);
     let y = B::float_add(B::float_mul(x, both), B::float_mul(swapped, signed));
     B::float_reshape(y, shape)
 }
@@ -142,3 +155,8 @@ impl<B: Backend + RotaryBackend, C: CheckpointStrategy> RotaryBackend for Autodi
         }
     }
 }
+
+/// Burn's remote backend (`burn-moe serve` devices): the trait's composed default, which
+/// the server runs as Burn's own operations.
+#[cfg(feature = "remote")]
+impl RotaryBackend for burn::backend::Remote {}

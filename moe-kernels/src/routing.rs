@@ -48,6 +48,7 @@ pub fn invert_slots(slot_of_pair: Tensor<2, Int>, slots: usize) -> Tensor<1, Int
 #[backend_extension(
     Autodiff,
     NdArray: cfg(feature = "ndarray"),
+    Remote: cfg(feature = "remote"),
     Flex: cfg(feature = "flex"),
     Cube: cfg(feature = "wgpu"),
     Fusion: cfg(feature = "wgpu")
@@ -102,3 +103,8 @@ impl<B: Backend + RoutingBackend, C: CheckpointStrategy> RoutingBackend for Auto
         B::invert_slots(slot_of_pair, slots)
     }
 }
+
+/// Burn's remote backend (`burn-moe serve` devices): the trait's composed default, which
+/// the server runs as Burn's own operations.
+#[cfg(feature = "remote")]
+impl RoutingBackend for burn::backend::Remote {}

@@ -28,6 +28,7 @@ pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 #[backend_extension(
     Autodiff,
     NdArray: cfg(feature = "ndarray"),
+    Remote: cfg(feature = "remote"),
     Flex: cfg(feature = "flex"),
     Cube: cfg(feature = "wgpu")
 )]
@@ -74,3 +75,8 @@ impl<B: Backend + SiluBackend, C: CheckpointStrategy> SiluBackend for Autodiff<B
         unary::<B, C>(x, B::silu_forward, B::silu_backward, Saved::Input)
     }
 }
+
+/// Burn's remote backend (`burn-moe serve` devices): the trait's composed default, which
+/// the server runs as Burn's own operations.
+#[cfg(feature = "remote")]
+impl SiluBackend for burn::backend::Remote {}

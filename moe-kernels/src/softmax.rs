@@ -81,6 +81,7 @@ pub fn log_softmax<const D: usize>(x: Tensor<D>, dim: usize) -> Tensor<D> {
 #[backend_extension(
     Autodiff,
     NdArray: cfg(feature = "ndarray"),
+    Remote: cfg(feature = "remote"),
     Flex: cfg(feature = "flex"),
     Cube: cfg(feature = "wgpu")
 )]
@@ -215,3 +216,8 @@ impl<B: Backend + SoftmaxBackend, C: CheckpointStrategy> SoftmaxBackend for Auto
         )
     }
 }
+
+/// Burn's remote backend (`burn-moe serve` devices): the trait's composed default, which
+/// the server runs as Burn's own operations.
+#[cfg(feature = "remote")]
+impl SoftmaxBackend for burn::backend::Remote {}

@@ -38,6 +38,7 @@ pub fn top_k_indices(x: Tensor<2>, k: usize) -> Tensor<2, Int> {
 #[backend_extension(
     Autodiff,
     NdArray: cfg(feature = "ndarray"),
+    Remote: cfg(feature = "remote"),
     Flex: cfg(feature = "flex"),
     Cube: cfg(feature = "wgpu")
 )]
@@ -113,3 +114,8 @@ impl<B: Backend + TopKBackend, C: CheckpointStrategy> TopKBackend for Autodiff<B
         B::top_k_indices(x.into_primitive(), k)
     }
 }
+
+/// Burn's remote backend (`burn-moe serve` devices): the trait's composed default, which
+/// the server runs as Burn's own operations.
+#[cfg(feature = "remote")]
+impl TopKBackend for burn::backend::Remote {}

@@ -6,7 +6,7 @@ use burn::tensor::{Device, Int, Tensor};
 use std::sync::Arc;
 
 use moe_core::gate::Gate;
-use moe_core::placement::ExpertPlacement;
+use moe_core::placement::{ExpertPlacement, ShardedParam};
 use moe_core::precision::to_dtype;
 use moe_core::{ExpertConfig, Experts, Moe, MoeConfig, RoutingStats};
 
@@ -202,6 +202,32 @@ impl DecoderStack {
         for block in &mut self.blocks {
             block.ffn.moe = block.ffn.moe.take().map(Moe::gathered);
         }
+    }
+
+    /// Each MoE layer taken out of its block (`None` for dense blocks), for
+    /// [`DecoderStack::put_moe_layers`].
+    pub fn take_moe_layers(&mut self) -> Vec<Option<Moe>> {
+        self.blocks
+            .iter_mut()
+            .map(|block| block.ffn.moe.take())
+            .collect()
+    }
+
+    /// The MoE layers [`DecoderStack::take_moe_layers`] took, back in their blocks as
+    /// data-parallel replicas on `device` ([`Moe::replica_on`]).
+    pub fn put_moe_layers(&mut self, layers: Vec<Option<Moe>>, device: &Device) {
+        for (block, layer) in self.blocks.iter_mut().zip(layers) {
+            block.ffn.moe = layer.map(|moe| moe.replica_on(device));
+        }
+    }
+
+    /// Every placed parameter of the stack's MoE layers ([`Moe::sharded_params`]).
+    pub fn sharded_params(&self) -> Vec<ShardedParam> {
+        self.blocks
+            .iter()
+            .filter_map(|block| block.ffn.moe.as_ref())
+            .flat_map(Moe::sharded_params)
+            .collect()
     }
 
     /// Runs the decoder on the embedded sequence `x: [batch, length, d_model]`, which continues

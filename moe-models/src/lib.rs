@@ -29,6 +29,7 @@ mod init;
 mod learner;
 mod multimodal;
 mod norm;
+mod parallel;
 mod projection;
 mod sampling;
 mod transformer;
@@ -46,6 +47,7 @@ pub use multimodal::{
     MultimodalOutput, Segment,
 };
 pub use norm::{Norm, NormKind};
+pub use parallel::ExpertParallel;
 pub use sampling::{Sampler, SamplingConfig};
 pub use transformer::{
     masked_cross_entropy, LossOutput, ModelOutput, MoeTransformer, MoeTransformerConfig,

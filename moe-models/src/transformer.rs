@@ -232,28 +232,6 @@ impl MoeTransformer {
         Ok(self)
     }
 
-    /// The model with each MoE layer's experts spread evenly over `devices` (expert
-    /// parallelism, [`moe_core::placement`]): the embedding, attention, routers and shared
-    /// experts stay on the model's device, the tokens routed to an expert travel to its device
-    /// and back. The output and the gradients are the one-device model's. Save the model
-    /// [`MoeTransformer::gathered`].
-    pub fn with_expert_placement(mut self, devices: &[Device]) -> Result<Self, ModelError> {
-        if devices.is_empty() {
-            return Err(
-                moe_core::MoeError::Placement("no device to place the experts on".into()).into(),
-            );
-        }
-        self.stack.place_experts(devices)?;
-        Ok(self)
-    }
-
-    /// The model with every expert back on its own device, in one stack per layer: the form
-    /// that is saved (a record never says where an expert lived).
-    pub fn gathered(mut self) -> Self {
-        self.stack.gather_experts();
-        self
-    }
-
     /// The type activations are computed in, when it is not the parameters' (see
     /// [`MoeTransformer::with_compute_dtype`]).
     pub fn compute_dtype(&self) -> Option<FloatDType> {

@@ -173,14 +173,21 @@ pub struct SelectedDevice {
     pub precision: Precision,
 }
 
-impl fmt::Display for SelectedDevice {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let backend = match self.backend {
+impl Backend {
+    /// The backend's name, as `--backend` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
             Backend::Auto => "auto",
             Backend::Wgpu => "wgpu",
             Backend::Ndarray => "ndarray",
             Backend::Flex => "flex",
-        };
+        }
+    }
+}
+
+impl fmt::Display for SelectedDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let backend = self.backend.name();
         let precision = match self.precision {
             Precision::F32 => "f32",
             Precision::F16 => "mixed f16",

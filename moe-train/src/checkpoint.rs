@@ -20,13 +20,16 @@ use std::path::{Path, PathBuf};
 use burn::module::Module;
 use burn::optim::ModuleOptimizer;
 use burn::store::ModuleRecord;
+use burn::tensor::Bytes;
 use moe_core::lora;
+use moe_core::placement::ShardedParam;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::TrainConfig;
-use crate::error::{io, Result, TrainError};
+use crate::error::{catch_panic_quietly, io, Result, TrainError};
 use crate::loss_scale::LossScaleState;
+use crate::sharded_state;
 use crate::tokenizer::Tokenizer;
 
 /// The training state besides model and optimizer.
@@ -99,6 +102,9 @@ pub struct CheckpointParts<'a, M: Module> {
     pub model: &'a M,
     /// The optimizer.
     pub optimizer: &'a ModuleOptimizer,
+    /// The model's placed expert parameters (empty when none are), whose optimizer state is
+    /// saved gathered ([`crate::sharded_state`]).
+    pub sharded: &'a [ShardedParam],
     /// Step, data position, ...
     pub state: &'a TrainingState,
     /// The run's config.
@@ -141,10 +147,24 @@ pub fn save<M: Module>(
         .save(&model_path)
         .map_err(|e| record_error(&model_path, e))?;
     let optimizer_path = staging.join(OPTIMIZER_FILE);
-    parts
-        .optimizer
-        .save(&optimizer_path)
-        .map_err(|e| record_error(&optimizer_path, e))?;
+    if parts.sharded.is_empty() {
+        parts
+            .optimizer
+            .save(&optimizer_path)
+            .map_err(|e| record_error(&optimizer_path, e))?;
+    } else {
+        let bytes = parts
+            .optimizer
+            .into_bytes()
+            .map_err(|e| record_error(&optimizer_path, e))?;
+        let gathered = sharded_state::gather(bytes, parts.sharded).map_err(|reason| {
+            TrainError::Checkpoint {
+                path: optimizer_path.clone(),
+                reason: format!("could not gather the placed experts' optimizer state: {reason}"),
+            }
+        })?;
+        std::fs::write(&optimizer_path, &gathered[..]).map_err(io(&optimizer_path))?;
+    }
     write_json(&staging.join(STATE_FILE), parts.state)?;
     write_json(&staging.join(CONFIG_FILE), parts.config)?;
     if let Some(tokenizer) = parts.tokenizer {
@@ -409,45 +429,32 @@ pub fn load_model<M: Module>(folder: &Path, model: M) -> Result<M> {
 /// Runs a record reader that may panic on damaged input instead of failing (Burn's readers do
 /// for some damage), turning the panic into its message, without printing it.
 fn catch_reader_panic<T>(read: impl FnOnce() -> T) -> std::result::Result<T, String> {
-    let message = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let slot = message.clone();
-    let previous = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let text = info
-            .payload()
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| info.payload().downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "the reader failed".into());
-        *slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = text;
-    }));
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(read));
-    std::panic::set_hook(previous);
-    result.map_err(|_| {
-        let text = message
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone();
-        format!("its reader failed: {text}")
-    })
+    catch_panic_quietly(read).map_err(|text| format!("its reader failed: {text}"))
 }
 
-/// Loads the optimizer state of a checkpoint into `optimizer`.
-pub fn load_optimizer(folder: &Path, optimizer: ModuleOptimizer) -> Result<ModuleOptimizer> {
+/// Loads the optimizer state of a checkpoint into `optimizer`, the gathered state of placed
+/// experts cut into their shards' (`sharded`, empty when no experts are placed).
+pub fn load_optimizer(
+    folder: &Path,
+    optimizer: ModuleOptimizer,
+    sharded: &[ShardedParam],
+) -> Result<ModuleOptimizer> {
     let path = folder.join(OPTIMIZER_FILE);
-    match catch_reader_panic(|| optimizer.load(&path)) {
+    let broken = |reason: String| TrainError::Checkpoint {
+        path: path.clone(),
+        reason: format!("{reason}{}", alternatives_of(folder)),
+    };
+    let bytes =
+        std::fs::read(&path).map_err(|error| broken(format!("broken optimizer state: {error}")))?;
+    let mut bytes = Bytes::from_bytes_vec(bytes);
+    if !sharded.is_empty() {
+        bytes = sharded_state::split(bytes, sharded)
+            .map_err(|reason| broken(format!("broken optimizer state: {reason}")))?;
+    }
+    match catch_reader_panic(|| optimizer.from_bytes(bytes)) {
         Ok(Ok(optimizer)) => Ok(optimizer),
-        Ok(Err(error)) => Err(TrainError::Checkpoint {
-            path,
-            reason: format!("broken optimizer state: {error}{}", alternatives_of(folder)),
-        }),
-        Err(message) => Err(TrainError::Checkpoint {
-            path,
-            reason: format!(
-                "damaged optimizer state ({message}){}",
-                alternatives_of(folder)
-            ),
-        }),
+        Ok(Err(error)) => Err(broken(format!("broken optimizer state: {error}"))),
+        Err(message) => Err(broken(format!("damaged optimizer state ({message})"))),
     }
 }
 

@@ -12,6 +12,7 @@ use crate::config::{
 };
 use crate::divergence::OnNonFinite;
 use crate::error::{Result, TrainError};
+use crate::parallel::Parallelism;
 
 /// The weights `--lora-targets` names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -58,6 +59,9 @@ pub enum Command {
     /// Train the MoE config and its dense twin (equal work per token) with the same seed and
     /// data order, and plot both validation curves against steps and time.
     Compare(Box<TrainArgs>),
+    /// Serve this machine's device to other machines' `burn-moe train --devices
+    /// ws://HOST:PORT,...` (a Burn remote server over WebSocket); runs until Ctrl-C.
+    Serve(ServeArgs),
 }
 
 impl Command {
@@ -76,8 +80,37 @@ impl Command {
             Command::Generate(args) => Some(args.backend),
             Command::Eval(args) => Some(args.backend),
             Command::Export(args) => Some(args.backend),
+            Command::Serve(args) => Some(args.backend),
         }
     }
+}
+
+/// `burn-moe serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The port to listen on (0: one the system picks, printed on the first line).
+    #[arg(long, default_value_t = 7070)]
+    pub port: u16,
+    /// The address to listen on: `0.0.0.0` for every network, `127.0.0.1` for this machine
+    /// only.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub host: String,
+    /// The device served.
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
+    pub backend: Backend,
+    /// Serve only clients that give this token (`train --token`); default: the
+    /// `BURN_MOE_TOKEN` environment variable. Without one, anyone who reaches the port can run
+    /// tensor operations here.
+    #[arg(long)]
+    pub token: Option<String>,
+}
+
+/// The token given with `--token`, or else the `BURN_MOE_TOKEN` environment variable.
+pub fn token_or_env(token: &Option<String>) -> Option<String> {
+    token
+        .clone()
+        .or_else(|| std::env::var("BURN_MOE_TOKEN").ok())
+        .filter(|token| !token.is_empty())
 }
 
 /// `burn-moe train`.
@@ -130,6 +163,19 @@ pub struct TrainArgs {
     /// Where to run.
     #[arg(long, value_enum)]
     pub backend: Option<Backend>,
+    /// Train on several devices, comma-separated, the first holding the model: `local` (the
+    /// `--backend` device), `flex`, `ndarray`, `wgpu`, or a `burn-moe serve` server as
+    /// `ws://host:port`. How they are used: `--parallel`. Resuming may give other devices.
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Option<Vec<String>>,
+    /// How several `--devices` are used: experts spread over them and each micro-batch split
+    /// over them (`both`, the default), or only one of the two.
+    #[arg(long, value_enum)]
+    pub parallel: Option<Parallelism>,
+    /// The token the `ws://` servers were started with (default: the `BURN_MOE_TOKEN`
+    /// environment variable). Never saved.
+    #[arg(long)]
+    pub token: Option<String>,
     /// Float precision.
     #[arg(long, value_enum)]
     pub precision: Option<Precision>,
@@ -267,6 +313,12 @@ impl TrainArgs {
         set(&mut config.run.samples, self.samples);
         if let Some(backend) = self.backend {
             config.run.backend = backend;
+        }
+        if let Some(devices) = &self.devices {
+            config.run.devices = devices.clone();
+        }
+        if let Some(parallel) = self.parallel {
+            config.run.parallel = parallel;
         }
         if let Some(precision) = self.precision {
             config.run.precision = precision;

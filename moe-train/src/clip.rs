@@ -15,8 +15,12 @@ impl ModuleVisitor for SquaredNorm<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if let Some(grad) = self.grads.get::<D>(param.id) {
             let squares = grad.square().sum();
+            // Experts placed on other devices: their part of the sum comes to the first's.
             self.total = Some(match self.total.take() {
-                Some(total) => total + squares,
+                Some(total) => {
+                    let home = total.device();
+                    total + squares.to_device(&home)
+                }
                 None => squares,
             });
         }
@@ -31,7 +35,7 @@ struct Scale<'a> {
 impl ModuleVisitor for Scale<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if let Some(grad) = self.grads.remove::<D>(param.id) {
-            let scale = self.scale.clone().reshape([1; D]);
+            let scale = self.scale.clone().to_device(&grad.device()).reshape([1; D]);
             self.grads.register(param.id, grad * scale);
         }
     }

@@ -148,13 +148,7 @@ pub fn evaluate(args: &EvalArgs) -> Result<EvalReport> {
     let evaluation = match config.task {
         TaskKind::Text => {
             let tokenizer = Tokenizer::load(&folder.join(checkpoint::TOKENIZER_FILE))?;
-            let task = TextTask::new(
-                &config,
-                Some(tokenizer),
-                opened.data.as_ref(),
-                &device,
-                true,
-            )?;
+            let task = TextTask::new(&config, Some(tokenizer), opened.data.as_ref(), true)?;
             let model = load_finite(&folder, task.build_model(&device)?)?;
             if args.form {
                 form = form::measure(
@@ -169,7 +163,7 @@ pub fn evaluate(args: &EvalArgs) -> Result<EvalReport> {
             task.evaluate(&model, &device)
         }
         TaskKind::Caption | TaskKind::TextToImage => {
-            let task = DigitsTask::new(&config, &device, true)?;
+            let task = DigitsTask::new(&config, true)?;
             let model = load_finite(&folder, task.build_model(&device)?)?;
             task.evaluate(&model, &device)
         }

@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use crate::backend::{Backend, Precision};
 use crate::divergence::OnNonFinite;
 use crate::error::{io, Result, TrainError};
+use crate::parallel::{DeviceSpec, Parallelism};
 
 /// What the run trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -328,6 +329,13 @@ pub struct RunConfig {
     /// What to do at a step whose loss or gradient norm is not finite.
     #[serde(default)]
     pub on_nonfinite: OnNonFinite,
+    /// The devices to train on (`--devices`; see [`crate::parallel`]): empty for the one
+    /// `backend` picks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
+    /// How a run on several devices uses them.
+    #[serde(default)]
+    pub parallel: Parallelism,
 }
 
 /// A whole training config.
@@ -434,6 +442,8 @@ impl Preset {
                 backend: Backend::Auto,
                 precision: Precision::F32,
                 on_nonfinite: OnNonFinite::Stop,
+                devices: Vec::new(),
+                parallel: Parallelism::Both,
             },
         };
         match self {
@@ -676,7 +686,28 @@ impl TrainConfig {
         in_range("run.checkpoint_every", r.checkpoint_every, 1, usize::MAX)?;
         in_range("run.keep_checkpoints", r.keep_checkpoints, 1, 1 << 20)?;
         in_range("run.samples", r.samples, 0, 1000)?;
-        in_range("run.sample_tokens", r.sample_tokens, 1, 1 << 16)
+        in_range("run.sample_tokens", r.sample_tokens, 1, 1 << 16)?;
+        for device in &r.devices {
+            DeviceSpec::parse(device)?;
+        }
+        let replicas = r.devices.len();
+        if replicas > 1 && r.parallel.splits_batch() && self.optim.batch_size % replicas != 0 {
+            return bad(format!(
+                "`--parallel {}` splits each micro-batch over the {replicas} devices, but `--batch-size` {} does not divide by {replicas}: give a multiple of {replicas}, or `--parallel experts`",
+                r.parallel.name(),
+                self.optim.batch_size
+            ));
+        }
+        if replicas > 1 && r.parallel.places_experts() && !self.model.dense {
+            let experts = self.model.experts;
+            if experts < replicas {
+                return bad(format!(
+                    "`--parallel {}` spreads each MoE layer's {experts} experts over the {replicas} devices: give at most {experts} devices, or `--parallel data`",
+                    r.parallel.name()
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The MoE layer config.

@@ -116,6 +116,14 @@ pub enum TrainError {
         /// What is wrong.
         reason: String,
     },
+    /// A remote device (a `burn-moe serve` server) cannot be reached or stopped answering.
+    #[error("remote device {server}: {reason}")]
+    Remote {
+        /// The server's address, `ws://host:port`.
+        server: String,
+        /// What happened.
+        reason: String,
+    },
     /// A run folder cannot be used as asked (it holds a run, is locked, is a file, ...).
     #[error("{path}: {reason}")]
     RunFolder {
@@ -178,4 +186,30 @@ pub type Result<T> = std::result::Result<T, TrainError>;
 pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> TrainError {
     let path = path.into();
     move |source| TrainError::Io { path, source }
+}
+
+/// Runs `work`, turning a panic into its message without printing it: for Burn code that
+/// panics where it could fail (readers of damaged records, a remote device whose server
+/// stopped answering).
+pub fn catch_panic_quietly<T>(work: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    let message = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let slot = message.clone();
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let text = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "it panicked".into());
+        *slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = text;
+    }));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+    std::panic::set_hook(previous);
+    result.map_err(|_| {
+        message
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    })
 }

@@ -46,6 +46,7 @@ fn run(cli: Cli) -> moe_train::Result<()> {
                     interrupt: Some(interrupt),
                     stop_after: args.stop_after,
                     on_step: None,
+                    remote_token: moe_train::cli::token_or_env(&args.token),
                 },
             )?;
             if summary.interrupted {
@@ -97,6 +98,7 @@ fn run(cli: Cli) -> moe_train::Result<()> {
                 overwrite: args.overwrite,
                 show_progress: true,
                 interrupt: Some(ctrl_c_interrupts()),
+                remote_token: moe_train::cli::token_or_env(&args.token),
                 ..RunOptions::new(out.clone())
             };
             let comparison = compare::compare(&config, &out, options)?;
@@ -124,6 +126,7 @@ fn run(cli: Cli) -> moe_train::Result<()> {
             Ok(())
         }
         Command::Generate(args) => commands::generate(&args).map(|_| ()),
+        Command::Serve(args) => moe_train::serve::serve(&args),
         Command::Export(args) => {
             let layout = export::export(&args)?;
             let what = match layout {

@@ -21,7 +21,9 @@ use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
+use moe_core::placement::ShardedParam;
 use moe_core::rng::SplitMix64;
+use moe_models::ExpertParallel;
 
 use crate::backend::{self, Precision, SelectedDevice};
 use crate::checkpoint::{self, CheckpointParts, DataRecord, TrainingState};
@@ -35,6 +37,7 @@ use crate::loss_scale::{LossScaler, UpdateGate, GROWTH_INTERVAL};
 use crate::memory;
 use crate::metrics::{self, EvalRow, MetricsLog, Row, TrainRow};
 use crate::optimizer::FusedAdamW;
+use crate::parallel::Layout;
 use crate::plots;
 use crate::readout::StepReadout;
 use crate::run_dir::{Claim, RunDir};
@@ -66,6 +69,8 @@ pub struct RunOptions {
     pub stop_after: Option<usize>,
     /// Called after every step, once it is logged, evaluated and saved as due.
     pub on_step: Option<StepHook>,
+    /// The credential `ws://` devices ask for (`burn-moe serve --token`); never saved.
+    pub remote_token: Option<String>,
 }
 
 impl RunOptions {
@@ -79,6 +84,7 @@ impl RunOptions {
             interrupt: None,
             stop_after: None,
             on_step: None,
+            remote_token: None,
         }
     }
 }
@@ -160,7 +166,12 @@ pub fn train(mut config: TrainConfig, options: RunOptions) -> Result<RunSummary>
     } else {
         backend::select(config.run.backend, config.run.precision)?
     };
-    let device = selected.device.clone().autodiff();
+    let layout = Layout::open(
+        &config.run.devices,
+        config.run.parallel,
+        &selected,
+        options.remote_token.as_deref(),
+    )?;
     let resumed = opened.as_ref().map(|opened| Resumed {
         folder: opened.folder.clone(),
         state: opened.state.clone(),
@@ -182,17 +193,11 @@ pub fn train(mut config: TrainConfig, options: RunOptions) -> Result<RunSummary>
             };
             // A new run from a Hugging Face model starts from its weights; a resumed one
             // from its checkpoint's.
-            let task = TextTask::new(
-                &config,
-                tokenizer,
-                record.as_ref(),
-                &device,
-                options.show_progress,
-            )?
-            .with_hf_weights(opened.is_none());
+            let task = TextTask::new(&config, tokenizer, record.as_ref(), options.show_progress)?
+                .with_hf_weights(opened.is_none());
             let model = config.text_model_config(task.vocab_size());
             memory::check(&config, &model, selected.backend)?;
-            run(task, config, selected, device, options, resumed, run_dir)
+            run(task, config, selected, layout, options, resumed, run_dir)
         }
         TaskKind::Caption | TaskKind::TextToImage => {
             if selected.precision != Precision::F32 {
@@ -205,8 +210,8 @@ pub fn train(mut config: TrainConfig, options: RunOptions) -> Result<RunSummary>
             // The text model of the same shape stands in for the multimodal one's estimate.
             let vocab = moe_models::digits::TEXT_VOCAB.len() + config.data.image_levels;
             memory::check(&config, &config.text_model_config(vocab), selected.backend)?;
-            let task = DigitsTask::new(&config, &device, options.show_progress)?;
-            run(task, config, selected, device, options, resumed, run_dir)
+            let task = DigitsTask::new(&config, options.show_progress)?;
+            run(task, config, selected, layout, options, resumed, run_dir)
         }
     }
 }
@@ -269,7 +274,7 @@ pub fn run<T: Task>(
     task: T,
     config: TrainConfig,
     selected: SelectedDevice,
-    device: Device,
+    layout: Layout,
     options: RunOptions,
     resume: Option<Resumed>,
     run_dir: RunDir,
@@ -278,12 +283,12 @@ pub fn run<T: Task>(
         &task,
         &config,
         &selected,
-        device,
+        layout,
         &options,
         resume.as_ref(),
         run_dir.path(),
     )?;
-    let diverged = session.train_steps()?;
+    let diverged = session.train_steps_watched()?;
     session.finish(diverged)
 }
 
@@ -294,7 +299,10 @@ struct Session<'a, T: Task> {
     config: &'a TrainConfig,
     options: &'a RunOptions,
     out: &'a Path,
+    /// The device holding the model (with autodiff).
     device: Device,
+    /// The devices and how they are used.
+    layout: Layout,
     /// The model; out of its place only while the optimizer updates it.
     model: Option<T::Model>,
     optimizer: burn::optim::ModuleOptimizer,
@@ -332,11 +340,12 @@ impl<'a, T: Task> Session<'a, T> {
         task: &'a T,
         config: &'a TrainConfig,
         selected: &SelectedDevice,
-        device: Device,
+        layout: Layout,
         options: &'a RunOptions,
         resume: Option<&Resumed>,
         out: &'a Path,
     ) -> Result<Self> {
+        let device = layout.main().clone().autodiff();
         let seed = config.run.seed;
         device.seed(seed);
         let mut model = task.build_model(&device)?;
@@ -358,7 +367,15 @@ impl<'a, T: Task> Session<'a, T> {
         };
         if let Some(resumed) = resume {
             model = checkpoint::load_model(&resumed.folder, model)?;
-            optimizer = checkpoint::load_optimizer(&resumed.folder, optimizer)?;
+        }
+        // Experts are placed after loading: the checkpoint holds them gathered.
+        let expert_devices = layout.expert_devices();
+        if !expert_devices.is_empty() {
+            model = model.with_expert_placement(&expert_devices)?;
+        }
+        if let Some(resumed) = resume {
+            optimizer =
+                checkpoint::load_optimizer(&resumed.folder, optimizer, &model.sharded_params())?;
             state = resumed.state.clone();
             if let (Some(mixed), Some(saved_scale)) = (&mut mixed, state.loss_scale) {
                 mixed.scaler = LossScaler::restore(&device, saved_scale, GROWTH_INTERVAL);
@@ -402,6 +419,7 @@ impl<'a, T: Task> Session<'a, T> {
             guard: DivergenceGuard::new(on_nonfinite),
             spikes: SpikeDetector::default(),
             device,
+            layout,
             model: Some(model),
             optimizer,
             mixed,
@@ -431,6 +449,9 @@ impl<'a, T: Task> Session<'a, T> {
     /// What is trained: the data, the model's size, the steps (and LoRA's share).
     fn announce(&self) {
         let (config, parameters) = (self.config, self.summary.parameters);
+        if self.layout.is_multi() {
+            self.say(self.layout.describe());
+        }
         self.say(format!("data: {}", self.task.describe()));
         self.say(format!(
             "model: {} parameters, {} active per token; {} steps of {} sequences \
@@ -497,6 +518,23 @@ impl<'a, T: Task> Session<'a, T> {
         Ok(None)
     }
 
+    /// [`Session::train_steps`], with the failure of a remote device turned into an error
+    /// that names its server: Burn's remote client panics when a server stops answering (a
+    /// read fails at once; nothing waits), and the run stops there, its checkpoints intact.
+    fn train_steps_watched(&mut self) -> Result<Option<Divergence>> {
+        if self.layout.remote_servers().is_empty() {
+            return self.train_steps();
+        }
+        match crate::error::catch_panic_quietly(|| self.train_steps()) {
+            Ok(result) => result,
+            Err(message) => {
+                self.bar.finish_and_clear();
+                let step = self.state.step + 1;
+                Err(self.layout.remote_failure(step, &message, self.out))
+            }
+        }
+    }
+
     /// Whether the run is to stop before `step`: past `stop_after`, or interrupted.
     fn stop_requested(&self, step: usize) -> bool {
         self.options.stop_after.is_some_and(|last| step > last)
@@ -519,11 +557,7 @@ impl<'a, T: Task> Session<'a, T> {
         let mut last = None;
         let mut step_loss: Option<Tensor<1>> = None;
         for _ in 0..config.optim.grad_accum {
-            let model = self
-                .model
-                .as_ref()
-                .expect("the model is in place between steps");
-            let output = self.task.step(model, &mut self.rng);
+            let output = self.micro_batch();
             let loss = output
                 .loss
                 .clone()
@@ -572,6 +606,31 @@ impl<'a, T: Task> Session<'a, T> {
             self.elapsed_before + self.started.elapsed().as_secs_f64() - self.evaluation_seconds;
         self.summary.last_step = step;
         (last.expect("at least one micro-batch"), grad_norm, lr)
+    }
+
+    /// One micro-batch's loss: on the model's device, or split over the data-parallel devices,
+    /// each slice on a replica there ([`ExpertParallel::replica_on`]); their losses come to
+    /// the model's device and are averaged, so one backward pass from the result averages
+    /// their gradients into the model's parameters (as one device's pass over the whole
+    /// micro-batch would). The routing statistics logged are the first device's slice's.
+    fn micro_batch(&mut self) -> StepOutput {
+        let devices = self.layout.data_devices();
+        let sequences = self.config.optim.batch_size / devices.len();
+        let model = self
+            .model
+            .as_ref()
+            .expect("the model is in place between steps");
+        let mut outputs = Vec::with_capacity(devices.len());
+        for device in &devices {
+            let output = if *device == self.device {
+                self.task.step(model, &mut self.rng, sequences, device)
+            } else {
+                let replica = model.replica_on(device);
+                self.task.step(&replica, &mut self.rng, sequences, device)
+            };
+            outputs.push(output);
+        }
+        averaged(outputs, &self.device)
     }
 
     /// Reads the step's figures back (one read of the device), stops on a divergence, logs a
@@ -690,13 +749,22 @@ impl<'a, T: Task> Session<'a, T> {
         Ok(None)
     }
 
-    /// Writes a checkpoint of the current step.
+    /// Writes a checkpoint of the current step: placed experts gathered, and their optimizer
+    /// state with them, so that the checkpoint resumes on any number of devices.
     fn save_checkpoint(&mut self) -> Result<()> {
         let saved = (self.task.tokenizer(), self.task.data_record());
+        let sharded = self.model().sharded_params();
+        let gathered;
+        let model = if sharded.is_empty() {
+            self.model()
+        } else {
+            gathered = self.model().clone().gathered();
+            &gathered
+        };
         self.summary.checkpoint = save(
             self.out,
-            self.model(),
-            &self.optimizer,
+            model,
+            (&self.optimizer, &sharded),
             &self.state,
             self.mixed.as_ref(),
             self.config,
@@ -764,6 +832,34 @@ fn print_line(plain_lines: bool, bar: &ProgressBar, line: String) {
         eprintln!("{line}");
     } else {
         bar.println(line);
+    }
+}
+
+/// The mean of the data-parallel slices' outputs on `home` (each slice holds as many examples):
+/// losses averaged, tokens added, the first slice's routing statistics.
+fn averaged(outputs: Vec<StepOutput>, home: &Device) -> StepOutput {
+    let count = outputs.len() as f64;
+    let mean = |get: fn(&StepOutput) -> &Tensor<1>| {
+        outputs
+            .iter()
+            .map(|output| get(output).clone().to_device(home))
+            .reduce(|a, b| a + b)
+            .expect("at least one slice")
+            .div_scalar(count)
+    };
+    let (loss, cross_entropy, aux_loss) = (
+        mean(|o| &o.loss),
+        mean(|o| &o.cross_entropy),
+        mean(|o| &o.aux_loss),
+    );
+    let tokens = outputs.iter().map(|output| output.tokens).sum();
+    let first = outputs.into_iter().next().expect("at least one slice");
+    StepOutput {
+        loss,
+        cross_entropy,
+        aux_loss,
+        tokens,
+        ..first
     }
 }
 
@@ -987,7 +1083,7 @@ fn train_row(readout: &StepReadout, step: usize, lr: f64, tokens_per_second: f64
 fn save<M: Module>(
     out: &Path,
     model: &M,
-    optimizer: &burn::optim::ModuleOptimizer,
+    (optimizer, sharded): (&burn::optim::ModuleOptimizer, &[ShardedParam]),
     state: &TrainingState,
     mixed: Option<&MixedPrecision>,
     config: &TrainConfig,
@@ -1002,6 +1098,7 @@ fn save<M: Module>(
         CheckpointParts {
             model,
             optimizer,
+            sharded,
             state: &state,
             config,
             tokenizer,

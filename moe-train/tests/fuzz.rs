@@ -249,7 +249,7 @@ fn the_checkpoint_readers_refuse_damage_without_panicking() {
             });
             let optimizer = checkpoint::open(&work).and_then(|opened| {
                 let optimizer = moe_train::optimizer::FusedAdamW::new(0.1).init();
-                checkpoint::load_optimizer(&opened.folder, optimizer).map(|_| ())
+                checkpoint::load_optimizer(&opened.folder, optimizer, &[]).map(|_| ())
             });
             match (result, optimizer) {
                 (Ok(_), Ok(())) => accepted += 1,

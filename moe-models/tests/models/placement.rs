@@ -7,7 +7,7 @@
 use burn::module::Module;
 use burn::tensor::Device;
 use moe_core::CapacityConfig;
-use moe_models::{KvCache, MoeTransformer, PositionKind};
+use moe_models::{ExpertParallel, KvCache, MoeTransformer, PositionKind};
 
 use crate::common::{cpu, random_ids, tiny, tokens, values, VOCAB};
 

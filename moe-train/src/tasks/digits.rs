@@ -35,14 +35,13 @@ struct RealDigits {
 /// Captioning (`Caption`) or drawing (`TextToImage`) digits.
 pub struct DigitsTask {
     config: TrainConfig,
-    device: Device,
     real: Option<RealDigits>,
 }
 
 impl DigitsTask {
     /// The task `config.task` names (a multimodal one), on the images `config.data.digits`
     /// names (MNIST is fetched into the cache folder on first use).
-    pub fn new(config: &TrainConfig, device: &Device, show_progress: bool) -> Result<Self> {
+    pub fn new(config: &TrainConfig, show_progress: bool) -> Result<Self> {
         let real = match config.data.digits {
             DigitSource::Drawn => None,
             DigitSource::Mnist => {
@@ -61,7 +60,6 @@ impl DigitsTask {
         };
         Ok(Self {
             config: config.clone(),
-            device: device.clone(),
             real,
         })
     }
@@ -137,17 +135,22 @@ impl Task for DigitsTask {
             .init(device)?)
     }
 
-    fn step(&self, model: &MultimodalMoeTransformer, rng: &mut SplitMix64) -> StepOutput {
-        let batch_size = self.config.optim.batch_size;
+    fn step(
+        &self,
+        model: &MultimodalMoeTransformer,
+        rng: &mut SplitMix64,
+        batch_size: usize,
+        device: &Device,
+    ) -> StepOutput {
         let levels = self.config.data.image_levels;
         let batch = match &self.real {
             Some(real) => {
                 let indices: Vec<usize> = (0..batch_size)
                     .map(|_| real.train[rng.below(real.train.len())])
                     .collect();
-                Self::real_batch(real, &indices, levels, &self.device)
+                Self::real_batch(real, &indices, levels, device)
             }
-            None => digits::batch(batch_size, levels, rng, &self.device),
+            None => digits::batch(batch_size, levels, rng, device),
         };
         let (prefix, target) = self.segments(&batch);
         let (loss, out) = model.loss(&prefix, &target);

@@ -4,11 +4,10 @@ pub mod digits;
 pub mod mnist;
 pub mod text;
 
-use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use moe_core::rng::SplitMix64;
 use moe_core::RoutingStats;
-use moe_models::ModalityRouting;
+use moe_models::{ExpertParallel, ModalityRouting};
 
 use crate::checkpoint::DataRecord;
 use crate::error::Result;
@@ -43,13 +42,21 @@ pub struct Evaluation {
 
 /// A training task: how to build the model, draw batches, validate and show samples.
 pub trait Task {
-    /// The model trained.
-    type Model: Module;
+    /// The model trained (it can spread its experts and run as replicas: [`ExpertParallel`]).
+    type Model: ExpertParallel;
 
     /// A freshly initialised model on `device`.
     fn build_model(&self, device: &Device) -> Result<Self::Model>;
-    /// Loss of one random micro-batch drawn with `rng` (on the training device).
-    fn step(&self, model: &Self::Model, rng: &mut SplitMix64) -> StepOutput;
+    /// Loss of one random micro-batch of `sequences` examples drawn with `rng`, on `device`
+    /// (the model's, or a data-parallel replica's). Drawing `n` then `m` examples draws what
+    /// drawing `n + m` at once would, in that order.
+    fn step(
+        &self,
+        model: &Self::Model,
+        rng: &mut SplitMix64,
+        sequences: usize,
+        device: &Device,
+    ) -> StepOutput;
     /// Validation on fixed data; `model` is in evaluation mode on `device`.
     fn evaluate(&self, model: &Self::Model, device: &Device) -> Evaluation;
     /// `count` samples from the model (evaluation mode), for people to read.

@@ -27,7 +27,6 @@ pub struct TextTask {
     description: String,
     validation_documents: Vec<String>,
     record: DataRecord,
-    device: Device,
     /// Load the Hugging Face weights `config.model.hf` names into the models it builds.
     hf_weights: bool,
 }
@@ -41,11 +40,10 @@ impl TextTask {
         config: &TrainConfig,
         tokenizer: Option<Tokenizer>,
         record: Option<&DataRecord>,
-        device: &Device,
         show_progress: bool,
     ) -> Result<Self> {
         let corpus = corpus::load(&config.data, &config.cache_dir(), show_progress)?;
-        Self::from_corpus(config, corpus, tokenizer, record, device)
+        Self::from_corpus(config, corpus, tokenizer, record)
     }
 
     /// As [`new`](Self::new), from documents already loaded.
@@ -54,7 +52,6 @@ impl TextTask {
         corpus: Corpus,
         tokenizer: Option<Tokenizer>,
         record: Option<&DataRecord>,
-        device: &Device,
     ) -> Result<Self> {
         let documents = corpus.documents.len();
         let checksum = corpus.checksum();
@@ -126,7 +123,6 @@ impl TextTask {
                 sha256: checksum,
                 validation: parts.validation_indices,
             },
-            device: device.clone(),
             hf_weights: false,
         })
     }
@@ -205,12 +201,15 @@ impl Task for TextTask {
         Ok(model.with_compute_dtype(compute))
     }
 
-    fn step(&self, model: &MoeTransformer, rng: &mut SplitMix64) -> StepOutput {
+    fn step(
+        &self,
+        model: &MoeTransformer,
+        rng: &mut SplitMix64,
+        batch_size: usize,
+        device: &Device,
+    ) -> StepOutput {
         let context = self.config.model.context_length;
-        let batch_size = self.config.optim.batch_size;
-        let batch = self
-            .train
-            .random_batch(batch_size, context, rng, &self.device);
+        let batch = self.train.random_batch(batch_size, context, rng, device);
         let mask = self.target_mask(&batch.targets);
         let out = model.loss(batch.inputs, batch.targets, mask);
         StepOutput {

@@ -44,6 +44,7 @@ fn a_saved_model_loads_with_identical_outputs() {
         CheckpointParts {
             model: &model,
             optimizer: &optimizer,
+            sharded: &[],
             state: &state,
             config: &config,
             tokenizer: None,
@@ -99,6 +100,7 @@ fn latest_follows_the_newest_and_old_ones_are_pruned() {
             CheckpointParts {
                 model: &model,
                 optimizer: &optimizer,
+                sharded: &[],
                 state: &state,
                 config: &config,
                 tokenizer: None,

@@ -157,6 +157,7 @@ fn eval_and_generate_refuse_non_finite_weights() {
         checkpoint::CheckpointParts {
             model: &poisoned,
             optimizer: &optimizer,
+            sharded: &[],
             state: &state,
             config: &config,
             tokenizer: Some(&tokenizer),

@@ -1,0 +1,83 @@
+//! Both models over several devices: experts spread over them (expert parallelism) and
+//! replicas that share one set of weights (data parallelism).
+//!
+//! Expert parallelism (GShard, FastMoE) gives each device some of each MoE layer's experts
+//! ([`moe_core::placement`]). Data parallelism runs a slice of the batch on each device; here a
+//! replica is the model moved to its device *inside the autodiff graph*, so the gradient of
+//! every replica's loss flows back to the one set of weights and adds up there (the reduction
+//! of data-parallel training, done by Burn's autodiff). Placed experts are not copied: each
+//! replica sends its tokens to the experts' devices. Both are data in the model, not branches.
+
+use burn::module::Module;
+use burn::tensor::Device;
+use moe_core::placement::ShardedParam;
+
+use crate::{DecoderStack, ModelError, MoeTransformer, MultimodalMoeTransformer};
+
+/// A model built on a [`DecoderStack`] that can spread its experts over devices and run as
+/// data-parallel replicas.
+pub trait ExpertParallel: Module + Sized {
+    /// The model's decoder.
+    fn stack(&self) -> &DecoderStack;
+    /// The model's decoder, to change.
+    fn stack_mut(&mut self) -> &mut DecoderStack;
+
+    /// The model with each MoE layer's experts spread evenly over `devices` (expert
+    /// parallelism, [`moe_core::placement`]): the embeddings, attention, routers and shared
+    /// experts stay on the model's device, the tokens routed to an expert travel to its device
+    /// and back. The output and the gradients are the one-device model's. Save the model
+    /// [`ExpertParallel::gathered`].
+    fn with_expert_placement(mut self, devices: &[Device]) -> Result<Self, ModelError> {
+        if devices.is_empty() {
+            return Err(
+                moe_core::MoeError::Placement("no device to place the experts on".into()).into(),
+            );
+        }
+        self.stack_mut().place_experts(devices)?;
+        Ok(self)
+    }
+
+    /// The model with every expert back on its own device, in one stack per layer, under the
+    /// parameter ids it had before placement: the form that is saved (a record never says
+    /// where an expert lived).
+    fn gathered(mut self) -> Self {
+        self.stack_mut().gather_experts();
+        self
+    }
+
+    /// The placed experts' parameters, each with its shards ([`ShardedParam`]).
+    fn sharded_params(&self) -> Vec<ShardedParam> {
+        self.stack().sharded_params()
+    }
+
+    /// The model as a data-parallel replica on `device`: every parameter moved there in the
+    /// autodiff graph (gradients flow back to `self`'s parameters and add up there), except
+    /// placed experts, which stay on their devices and serve every replica.
+    fn replica_on(&self, device: &Device) -> Self {
+        let mut model = self.clone();
+        let layers = model.stack_mut().take_moe_layers();
+        let mut replica = model.to_device(device);
+        replica.stack_mut().put_moe_layers(layers, device);
+        replica
+    }
+}
+
+impl ExpertParallel for MoeTransformer {
+    fn stack(&self) -> &DecoderStack {
+        &self.stack
+    }
+
+    fn stack_mut(&mut self) -> &mut DecoderStack {
+        &mut self.stack
+    }
+}
+
+impl ExpertParallel for MultimodalMoeTransformer {
+    fn stack(&self) -> &DecoderStack {
+        &self.stack
+    }
+
+    fn stack_mut(&mut self) -> &mut DecoderStack {
+        &mut self.stack
+    }
+}

@@ -386,7 +386,10 @@ impl<'a, T: Task> Session<'a, T> {
         let log = MetricsLog::open(out, resume.map(|r| r.state.step))?;
         let steps = config.run.steps;
         let summary = RunSummary {
-            device: selected.to_string(),
+            device: match layout.is_multi() {
+                true => layout.describe(),
+                false => selected.to_string(),
+            },
             data: task.describe(),
             last_step: state.step,
             train_losses: Vec::new(),

@@ -149,6 +149,13 @@ fn cases() -> Vec<Case> {
         case("LoRA rank zero", &train(&["--init-hf", QWEN2_MOE, "--lora-rank", "0"]), 1, &["lora.rank", "got 0"]),
         case("LoRA alpha negative", &train(&["--init-hf", QWEN2_MOE, "--lora-rank", "4", "--lora-alpha=-2"]), 1, &["lora.alpha", "-2"]),
         case("LoRA unknown target", &train(&["--init-hf", QWEN2_MOE, "--lora-rank", "4", "--lora-targets", "attention,embeddings"]), 2, &["embeddings", "attention, router, experts"]),
+        // Devices.
+        case("unknown device", &train(&["--devices", "local,gpu7"]), 1, &["gpu7", "ws://host:port"]),
+        case("server without a port", &train(&["--devices", "local,ws://box"]), 1, &["ws://box", "a host and a port"]),
+        case("one device twice", &train(&["--devices", "flex,local"]), 1, &["twice", "`flex` and `local`"]),
+        case("batch that does not split", &train(&["--devices", "flex,ndarray", "--batch-size", "3"]), 1, &["--batch-size", "does not divide by 2", "--parallel experts"]),
+        case("more devices than experts", &train(&["--devices", "flex,ndarray,ws://127.0.0.1:9", "--experts", "2", "--top-k", "1", "--batch-size", "6"]), 1, &["2 experts", "3 devices", "--parallel data"]),
+        case("server that is not there", &train(&["--devices", "local,ws://127.0.0.1:9"]), 1, &["ws://127.0.0.1:9", "could not connect", "burn-moe serve"]),
         case("negative balance weight", &train(&["--aux-loss-weight=-1"]), 1, &["model.aux_loss_weight"]),
         case("NaN balance weight", &train(&["--aux-loss-weight", "nan"]), 1, &["model.aux_loss_weight"]),
         case("min-freq zero", &train(&["--min-freq", "0"]), 1, &["data.min_freq"]),

@@ -90,6 +90,31 @@ fn config(name: &str, steps: usize) -> (common::TempDir, TrainConfig) {
     (dir, config)
 }
 
+/// `config` on one device, accumulating `slices` micro-batches of a slice's size: what a
+/// batch split over `slices` devices must train like. Validation reads `batch_size x
+/// eval_batches` windows, so it reads as many as the split run does.
+fn accumulating(config: &TrainConfig, slices: usize) -> TrainConfig {
+    let mut accumulated = config.clone();
+    accumulated.optim.batch_size = config.optim.batch_size / slices;
+    accumulated.optim.grad_accum = slices;
+    accumulated.run.eval_batches *= slices;
+    accumulated
+}
+
+/// Checks that the runs in `a` and `b` ended at the same validation loss and weights.
+fn assert_same_model(a: (&RunSummary, &Path), b: (&RunSummary, &Path), what: &str) {
+    let (loss_a, loss_b) = (
+        a.0.val_losses.last().unwrap().1,
+        b.0.val_losses.last().unwrap().1,
+    );
+    assert!(
+        (loss_a - loss_b).abs() < 1e-4,
+        "{what}: validation {loss_a} vs {loss_b}"
+    );
+    let gap = weight_gap(a.1, b.1);
+    assert!(gap < 1e-4, "{what}: weights differ by {gap}");
+}
+
 fn on(config: &TrainConfig, devices: &[&str], parallel: Parallelism) -> TrainConfig {
     let mut config = config.clone();
     config.run.devices = devices.iter().map(|d| d.to_string()).collect();
@@ -177,40 +202,24 @@ fn experts_on_two_backends_train_as_on_one() {
     );
     let gap = loss_gap(&one, &two);
     assert!(gap < 1e-4, "losses differ by {gap}");
+    // The placed run's checkpoint loads into the one-device model: its experts are gathered.
     assert!(weight_gap(&dir.join("one"), &dir.join("two")) < 1e-4);
-    // The checkpoint holds the experts gathered, under the one-device model's names.
-    assert!(one.train_losses.last().unwrap().1 < one.train_losses[0].1);
+    assert!(
+        one.train_losses.last().unwrap().1 < one.train_losses[0].1,
+        "it trains"
+    );
 }
 
 #[test]
 fn a_batch_split_over_devices_trains_as_accumulated_slices() {
     let _serial = common::serial();
     let (dir, config) = config("parallel-data", 6);
-    let mut accumulated = config.clone();
-    accumulated.optim.batch_size = 3;
-    accumulated.optim.grad_accum = 2;
-    // Validation reads `batch_size x eval_batches` windows: the same ones as the split run's.
-    accumulated.run.eval_batches *= 2;
-    let one = run(accumulated, &dir.join("one"));
+    let one = run(accumulating(&config, 2), &dir.join("one"));
     for parallel in [Parallelism::Data, Parallelism::Both] {
         let out = dir.join(format!("two-{parallel:?}"));
         let two = run(on(&config, &["flex", "ndarray"], parallel), &out);
-        let (a, b) = (
-            one.val_losses.last().unwrap().1,
-            two.val_losses.last().unwrap().1,
-        );
-        assert!((a - b).abs() < 1e-4, "{parallel:?}: validation {a} vs {b}");
-        let gap = weight_gap(&dir.join("one"), &out);
-        assert!(gap < 1e-4, "{parallel:?}: weights differ by {gap}");
+        assert_same_model((&one, &dir.join("one")), (&two, &out), parallel.name());
     }
-    // Summing the slices' gradients instead of averaging them would double the step of
-    // every parameter: the reference must tell that apart.
-    let mut summed = config.clone();
-    summed.optim.batch_size = 3;
-    summed.optim.grad_accum = 1;
-    summed.optim.lr *= 2.0;
-    run(summed, &dir.join("summed"));
-    assert!(weight_gap(&dir.join("one"), &dir.join("summed")) > 1e-3);
 }
 
 #[test]
@@ -319,20 +328,14 @@ fn ten_steps_over_loopback_servers_match_one_device() {
     let _serial = common::serial();
     let servers = [Server::start(Some(TOKEN)), Server::start(Some(TOKEN))];
     let (dir, config) = config("parallel-loopback", 10);
-    let mut accumulated = config.clone();
-    accumulated.optim.batch_size = 2;
-    accumulated.optim.grad_accum = 3;
-    accumulated.run.eval_batches *= 3;
-    let one = run(accumulated, &dir.join("one"));
+    let one = run(accumulating(&config, 3), &dir.join("one"));
     let devices = ["local", servers[0].url.as_str(), servers[1].url.as_str()];
     let three = run(on(&config, &devices, Parallelism::Both), &dir.join("three"));
-    let (a, b) = (
-        one.val_losses.last().unwrap().1,
-        three.val_losses.last().unwrap().1,
+    assert_same_model(
+        (&one, &dir.join("one")),
+        (&three, &dir.join("three")),
+        "loopback",
     );
-    assert!((a - b).abs() < 1e-4, "validation {a} vs {b}");
-    let gap = weight_gap(&dir.join("one"), &dir.join("three"));
-    assert!(gap < 1e-4, "weights differ by {gap}");
 }
 
 /// A server killed in the middle of a run: the run stops within a bounded time with an error

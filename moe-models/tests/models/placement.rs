@@ -76,3 +76,72 @@ fn a_placed_model_trains_and_decodes_as_on_one_device() {
         assert_eq!(experts(&gathered), experts(&single));
     }
 }
+
+/// Cross-entropy and the gradients of the embedding and of the first MoE layer's router, of
+/// `rows` sequences (`[rows, 12]` tokens from `ids`) run by `model` on `device`, the loss
+/// brought home and scaled by `share`.
+fn slice_loss(
+    model: &MoeTransformer,
+    ids: &[usize],
+    device: &Device,
+    home: &Device,
+    share: f64,
+) -> burn::tensor::Tensor<1> {
+    let rows = ids.len() / 24;
+    let (inputs, targets) = ids.split_at(ids.len() / 2);
+    let targets = tokens(targets, rows, device);
+    let mask = targets.clone().greater_equal_elem(0);
+    let out = model.loss(tokens(inputs, rows, device), targets, mask);
+    out.cross_entropy.to_device(home).mul_scalar(share)
+}
+
+/// Two data-parallel replicas, each on half the batch (one in place, one on flex), with their
+/// losses averaged: one backward pass gives the model's weights the gradient of the whole
+/// batch on one device (so the replicas' gradients are averaged, not summed), with the
+/// experts in one stack and placed over both devices.
+#[test]
+fn replicas_average_their_gradients_into_the_model() {
+    let home = cpu().autodiff();
+    let flex = Device::flex().autodiff();
+    home.seed(9);
+    let single = tiny(PositionKind::Rotary, CapacityConfig::dropless())
+        .init(&home)
+        .unwrap();
+    let inputs = random_ids(2 * 12, VOCAB, 11);
+    let targets = random_ids(2 * 12, VOCAB, 12);
+    let gradients = |model: &MoeTransformer, loss: burn::tensor::Tensor<1>| {
+        let grads = loss.backward();
+        let router = &model.stack.blocks[0]
+            .ffn
+            .moe
+            .as_ref()
+            .unwrap()
+            .router
+            .weight;
+        vec![
+            values(model.token_embedding.weight.val().grad(&grads).unwrap()),
+            values(router.val().grad(&grads).unwrap()),
+        ]
+    };
+    let rows = |range: std::ops::Range<usize>| {
+        let mut ids = inputs[range.clone()].to_vec();
+        ids.extend_from_slice(&targets[range]);
+        ids
+    };
+    let whole = gradients(
+        &single,
+        slice_loss(&single, &rows(0..24), &home, &home, 1.0),
+    );
+    let placed = single
+        .clone()
+        .with_expert_placement(&[flex.clone(), home.clone()])
+        .unwrap();
+    for (name, model) in [("one stack", single), ("placed experts", placed)] {
+        let replica = model.replica_on(&flex);
+        let loss = slice_loss(&model, &rows(0..12), &home, &home, 0.5)
+            + slice_loss(&replica, &rows(12..24), &flex, &home, 0.5);
+        for (want, got) in whole.iter().zip(gradients(&model, loss)) {
+            moe_core::reference::assert_close(&got, want, 1e-5, name);
+        }
+    }
+}

@@ -698,7 +698,9 @@ impl TrainConfig {
                 self.optim.batch_size
             ));
         }
-        if replicas > 1 && r.parallel.places_experts() && !self.model.dense {
+        // (A Hugging Face model's own expert count is checked when its experts are placed.)
+        let preset_experts = !self.model.dense && self.model.hf.is_none();
+        if replicas > 1 && r.parallel.places_experts() && preset_experts {
             let experts = self.model.experts;
             if experts < replicas {
                 return bad(format!(

@@ -11,6 +11,18 @@ use moe_models::{ExpertParallel, KvCache, MoeTransformer, PositionKind};
 
 use crate::common::{cpu, random_ids, tiny, tokens, values, VOCAB};
 
+/// The first MoE layer's router weight.
+fn first_router(model: &MoeTransformer) -> &burn::module::Param<burn::tensor::Tensor<2>> {
+    let block = &model.stack.blocks[0];
+    &block
+        .ffn
+        .moe
+        .as_ref()
+        .expect("block 0 is MoE")
+        .router
+        .weight
+}
+
 /// Loss, the gradient of the embedding and of the first MoE layer's router, for one batch.
 fn loss_and_gradients(model: &MoeTransformer, device: &Device) -> Vec<Vec<f64>> {
     let ids = random_ids(2 * 12, VOCAB, 5);
@@ -19,13 +31,7 @@ fn loss_and_gradients(model: &MoeTransformer, device: &Device) -> Vec<Vec<f64>> 
     let mask = targets.clone().greater_equal_elem(0);
     let out = model.loss(tokens(&ids, 2, device), targets, mask);
     let grads = out.loss.backward();
-    let router = &model.stack.blocks[0]
-        .ffn
-        .moe
-        .as_ref()
-        .unwrap()
-        .router
-        .weight;
+    let router = first_router(model);
     vec![
         values(out.loss),
         values(model.token_embedding.weight.val().grad(&grads).unwrap()),
@@ -77,9 +83,8 @@ fn a_placed_model_trains_and_decodes_as_on_one_device() {
     }
 }
 
-/// Cross-entropy and the gradients of the embedding and of the first MoE layer's router, of
-/// `rows` sequences (`[rows, 12]` tokens from `ids`) run by `model` on `device`, the loss
-/// brought home and scaled by `share`.
+/// The cross-entropy of `ids` (the inputs, then the targets; rows of 12 tokens) run by `model`
+/// on `device`, brought to `home` and scaled by `share`.
 fn slice_loss(
     model: &MoeTransformer,
     ids: &[usize],
@@ -111,13 +116,7 @@ fn replicas_average_their_gradients_into_the_model() {
     let targets = random_ids(2 * 12, VOCAB, 12);
     let gradients = |model: &MoeTransformer, loss: burn::tensor::Tensor<1>| {
         let grads = loss.backward();
-        let router = &model.stack.blocks[0]
-            .ffn
-            .moe
-            .as_ref()
-            .unwrap()
-            .router
-            .weight;
+        let router = first_router(model);
         vec![
             values(model.token_embedding.weight.val().grad(&grads).unwrap()),
             values(router.val().grad(&grads).unwrap()),

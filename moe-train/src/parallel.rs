@@ -121,6 +121,13 @@ impl Layout {
         selected: &SelectedDevice,
         token: Option<&str>,
     ) -> Result<Self> {
+        // Checked before any server is dialled.
+        if specs.len() > 1 && selected.precision != Precision::F32 {
+            return Err(TrainError::Config(format!(
+                "`--precision {}` runs on one device; train on several in f32 (`--precision f32`)",
+                selected.precision.name()
+            )));
+        }
         let mut devices = Vec::new();
         for text in specs {
             let spec = DeviceSpec::parse(text)?;
@@ -135,12 +142,6 @@ impl Layout {
         }
         if devices.is_empty() {
             devices.push((DeviceSpec::Local, selected.device.clone()));
-        }
-        if devices.len() > 1 && selected.precision != Precision::F32 {
-            return Err(TrainError::Config(format!(
-                "`--precision {}` runs on one device; train on several in f32 (`--precision f32`)",
-                selected.precision.name()
-            )));
         }
         Ok(Self {
             devices,

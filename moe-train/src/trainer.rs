@@ -840,7 +840,11 @@ fn print_line(plain_lines: bool, bar: &ProgressBar, line: String) {
 
 /// The mean of the data-parallel slices' outputs on `home` (each slice holds as many examples):
 /// losses averaged, tokens added, the first slice's routing statistics.
-fn averaged(outputs: Vec<StepOutput>, home: &Device) -> StepOutput {
+fn averaged(mut outputs: Vec<StepOutput>, home: &Device) -> StepOutput {
+    if outputs.len() == 1 {
+        // One device: its output as it is, with no operation added to the step.
+        return outputs.pop().expect("one slice");
+    }
     let count = outputs.len() as f64;
     let mean = |get: fn(&StepOutput) -> &Tensor<1>| {
         outputs

@@ -3,7 +3,10 @@
 //! The experts run on one buffer `[S, d_model]` laid out ragged (MegaBlocks, Gale et al.
 //! 2022): the kept (token, expert) pairs sorted by expert, each expert's in token order,
 //! contiguous, so expert `e` owns rows `offsets[e]..offsets[e + 1]` and the rows after
-//! `offsets[E]` are padding (token 0, weight 0). `S` is fixed before routing, so nothing is read
+//! `offsets[E]` are padding. A padding row names no token (its token index is `tokens`, one
+//! past the last), so the gather gives it zeros and the combine and the gather's backward pass
+//! leave it out of every token's sum: however much of the buffer is padding, no token is
+//! handed more rows than were routed to it. `S` is fixed before routing, so nothing is read
 //! back to size it: `E x C` under a capacity limit `C`, `tokens x top_k` when dropless (every
 //! assignment a token can make). However unevenly the router spreads the tokens, the buffer
 //! holds the routed rows and at most `S - routed` padding rows at its end, and every operation
@@ -25,7 +28,7 @@
 //! carries the token on. Everything stays on the device.
 
 use burn::tensor::{Bool, Int, Tensor};
-use moe_kernels::{combine_rows, exclusive_cumsum, gather_rows, invert_slots};
+use moe_kernels::{combine_rows, exclusive_cumsum, gather_rows, invert_slots, permute_rows};
 
 use crate::precision::to_dtype;
 use crate::DropPolicy;
@@ -33,7 +36,7 @@ use crate::DropPolicy;
 /// The expert buffer layout for one forward pass.
 #[derive(Debug, Clone)]
 pub struct DispatchPlan {
-    /// Token feeding each row of the buffer, `[S]`; 0 for padding rows.
+    /// Token feeding each row of the buffer, `[S]`; `tokens` (no token) for padding rows.
     pub token_of_slot: Tensor<1, Int>,
     /// Combine weight of each row, `[S]`; 0 for padding rows. Carries the gate's gradient.
     pub weight_of_slot: Tensor<1>,
@@ -112,14 +115,19 @@ impl DispatchPlan {
         let slot_of_pair = Tensor::<2, Int>::full([num_tokens, num_experts], slots as i64, &device)
             .mask_where(kept.clone(), rank + start);
 
-        let pair_of_slot = invert_slots(slot_of_pair, slots);
-        let occupied = pair_of_slot.clone().greater_equal_elem(0);
-        let pair_of_slot = pair_of_slot.clamp_min(0);
+        // An empty slot holds the pair `tokens x E`, which names the token `tokens`: no token.
+        // The weights are gathered as rows, so an empty slot gets 0, and their gradient is
+        // gathered back through `slot_of_pair` (Burn's `select` backward would be a scatter,
+        // on cube one thread walking every slot).
+        let pair_of_slot = invert_slots(slot_of_pair.clone(), slots);
         let token_of_slot = pair_of_slot.clone().div_scalar(num_experts as i64);
-        let weight_of_slot = weights
-            .reshape([num_tokens * num_experts])
-            .select(0, pair_of_slot)
-            .mask_fill(occupied.bool_not(), 0.0);
+        let pairs = num_tokens * num_experts;
+        let weight_of_slot = permute_rows(
+            weights.reshape([pairs, 1]),
+            pair_of_slot,
+            slot_of_pair.reshape([pairs]),
+        )
+        .reshape([slots]);
         Self {
             token_of_slot,
             weight_of_slot,

@@ -116,16 +116,18 @@ pub fn adamw_update<const D: usize>(
 }
 
 /// Backends that run an AdamW update as one operation. The default body composes Burn's ops
-/// (correct everywhere); flex overrides it with one pass.
+/// (correct everywhere); flex overrides it with one pass, cube with one kernel launch.
 #[backend_extension(
     Autodiff,
     NdArray: cfg(feature = "ndarray"),
     Remote: cfg(feature = "remote"),
     Flex: cfg(feature = "flex"),
-    Cube: cfg(feature = "wgpu")
+    Cube: cfg(feature = "wgpu"),
+    Fusion: cfg(feature = "wgpu")
 )]
 pub trait AdamWBackend: Backend {
     /// See [`adamw_update`]: `(θ, m, v)` after the step.
+    #[fusion(meta = |param, _grad, _moment_1, _moment_2, _step| (param.clone(), param.clone(), param.clone()))]
     fn adamw_update(
         param: FloatTensor<Self>,
         grad: FloatTensor<Self>,
@@ -169,9 +171,6 @@ pub(crate) fn composed_adamw_update<B: Backend>(
 
 #[cfg(feature = "ndarray")]
 impl AdamWBackend for burn::backend::NdArray {}
-
-#[cfg(feature = "wgpu")]
-impl AdamWBackend for burn::backend::Cube {}
 
 /// On an autodiff device the update runs on the inner tensors and its results are not tracked.
 impl<B: Backend + AdamWBackend, C: CheckpointStrategy> AdamWBackend for Autodiff<B, C> {

@@ -48,22 +48,26 @@ pub fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
 }
 
 /// Backends that compute a cross-entropy as one operation. The default bodies compose Burn's
-/// ops (correct everywhere); flex overrides both with one pass over the rows.
+/// ops (correct everywhere); flex overrides both with one pass over the rows, cube with one
+/// launch each.
 #[backend_extension(
     Autodiff,
     NdArray: cfg(feature = "ndarray"),
     Remote: cfg(feature = "remote"),
     Flex: cfg(feature = "flex"),
-    Cube: cfg(feature = "wgpu")
+    Cube: cfg(feature = "wgpu"),
+    Fusion: cfg(feature = "wgpu")
 )]
 pub trait CrossEntropyBackend: Backend {
     /// [`cross_entropy`]: the loss of each row, `[rows]`.
+    #[fusion(default)]
     fn cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> FloatTensor<Self> {
         Self::cross_entropy_forward(logits, targets).0
     }
 
     /// `(loss, lse)`, both `[rows]`: the loss of each row and its log-normaliser
     /// `ln Σ_j e^{logits[r, j]}`, which the backward pass needs.
+    #[fusion(meta = |logits, _targets| (rows_like(logits), rows_like(logits)))]
     fn cross_entropy_forward(
         logits: FloatTensor<Self>,
         targets: IntTensor<Self>,
@@ -74,6 +78,7 @@ pub trait CrossEntropyBackend: Backend {
     /// `grad[r] (e^{logits[r, j] - lse[r]} - [j = targets[r]])`, `[rows, classes]`: the
     /// gradient of [`cross_entropy`](Self::cross_entropy) with respect to `logits`, given the
     /// gradient `grad: [rows]` of its output.
+    #[fusion(dtype = logits, shape = logits)]
     fn cross_entropy_backward(
         logits: FloatTensor<Self>,
         lse: FloatTensor<Self>,
@@ -133,8 +138,13 @@ fn column<B: Backend>(targets: IntTensor<B>, rows: usize) -> IntTensor<B> {
 #[cfg(feature = "ndarray")]
 impl CrossEntropyBackend for burn::backend::NdArray {}
 
+/// The spec of a `[rows]` tensor of `logits`' dtype (the fused forward pass's outputs).
 #[cfg(feature = "wgpu")]
-impl CrossEntropyBackend for burn::backend::Cube {}
+fn rows_like(
+    logits: &burn::backend::fusion::custom::TensorSpec,
+) -> burn::backend::fusion::custom::TensorSpec {
+    burn::backend::fusion::custom::TensorSpec::new(Shape::new([logits.shape[0]]), logits.dtype)
+}
 
 /// The backward step of [`cross_entropy`]: the logits, their log-normalisers and the targets.
 #[derive(Debug)]

@@ -37,7 +37,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::Autodiff;
 use burn::backend::tensor::{FloatTensor, IntTensor};
-use burn::backend::{backend_extension, Backend, Dispatch, TensorMetadata};
+use burn::backend::{backend_extension, AutodiffBackend, Backend, Dispatch, TensorMetadata};
 use burn::tensor::{Int, Shape, Slice, Tensor};
 
 /// `y[s] = x[s] · w[e]` for the rows `s` of group `e` (see the [module docs](self) for how
@@ -91,6 +91,33 @@ pub fn grouped_bias(x: Tensor<2>, bias: Tensor<2>, offsets: Tensor<1, Int>) -> T
     Tensor::from_dispatch(<Dispatch as GroupedMatmulBackend>::grouped_bias(
         x.into_dispatch(),
         bias.into_dispatch(),
+        offsets.into_dispatch(),
+    ))
+}
+
+/// `grad_w[e] = Σ_{s in group e} x[s]ᵀ grad[s]`, `[E, K, N]` (zero for an empty group): the
+/// weight gradient that the backward pass of [`grouped_matmul`] computes, as a product of its
+/// own (for benchmarks and tests; not differentiable).
+///
+/// Shapes: `x: [S, K]`, `grad: [S, N]`, `offsets: [E + 1]`.
+///
+/// # Panics
+///
+/// If the shapes do not match as above.
+pub fn grouped_weight_grad(x: Tensor<2>, grad: Tensor<2>, offsets: Tensor<1, Int>) -> Tensor<3> {
+    let [rows, _] = x.dims();
+    let [grad_rows, _] = grad.dims();
+    assert!(
+        rows == grad_rows && offsets.dims()[0] >= 1,
+        "grouped_weight_grad: x is {:?}, grad is {:?} and offsets is {:?}; expected [S, K], \
+         [S, N] and [E + 1]",
+        x.dims(),
+        grad.dims(),
+        offsets.dims()
+    );
+    Tensor::from_dispatch(<Dispatch as GroupedMatmulBackend>::grouped_weight_grad(
+        x.into_dispatch(),
+        grad.into_dispatch(),
         offsets.into_dispatch(),
     ))
 }
@@ -442,6 +469,27 @@ impl<B: Backend + GroupedMatmulBackend, C: CheckpointStrategy> GroupedMatmulBack
                 offsets,
             )),
         }
+    }
+
+    /// Not differentiable: the inner backend's product, untracked.
+    fn grouped_weight_grad(
+        x: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        offsets: IntTensor<Self>,
+    ) -> FloatTensor<Self> {
+        <Self as AutodiffBackend>::from_inner(B::grouped_weight_grad(
+            <Self as AutodiffBackend>::inner(x),
+            <Self as AutodiffBackend>::inner(grad),
+            offsets,
+        ))
+    }
+
+    /// Not differentiable: the inner backend's sums, untracked.
+    fn grouped_row_sum(values: FloatTensor<Self>, offsets: IntTensor<Self>) -> FloatTensor<Self> {
+        <Self as AutodiffBackend>::from_inner(B::grouped_row_sum(
+            <Self as AutodiffBackend>::inner(values),
+            offsets,
+        ))
     }
 }
 

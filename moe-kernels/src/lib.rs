@@ -56,6 +56,8 @@
 #![warn(missing_docs)]
 
 pub mod adamw;
+#[cfg(feature = "wgpu")]
+pub mod adapter;
 mod autodiff;
 pub mod counter_rng;
 pub mod cross_entropy;
@@ -67,6 +69,7 @@ pub mod grouped_matmul;
 pub mod launches;
 pub mod math;
 pub mod matmul;
+pub mod parity;
 pub mod rms_norm;
 pub mod rotary;
 pub mod routing;
@@ -82,7 +85,7 @@ mod flex;
 pub use adamw::{adamw_update, AdamWBackend, AdamWStep};
 pub use cross_entropy::{cross_entropy, CrossEntropyBackend};
 pub use dropout::{dropout, DropoutBackend};
-pub use gather_scatter::{combine_rows, gather_rows, GatherScatterBackend};
+pub use gather_scatter::{combine_rows, gather_rows, permute_rows, GatherScatterBackend};
 pub use gelu::{gelu, GeluBackend};
 pub use grouped_matmul::{grouped_bias, grouped_matmul, GroupedMatmulBackend};
 pub use matmul::{batched_matmul, matmul, multi_head_matmul, HeadLayout, MatmulBackend};

@@ -30,8 +30,12 @@ pub fn exclusive_cumsum(x: Tensor<2, Int>) -> Tensor<2, Int> {
 }
 
 /// The pair each slot holds: for `slot_of_pair: [T, E]`, `y[slot_of_pair[t, e]] = t * E + e`
-/// for every pair whose slot is below `slots`, and `y[s] = -1` for a slot no pair takes;
-/// `[slots]`.
+/// for every pair whose slot is below `slots`, and `y[s] = T * E` (the number of pairs, which
+/// names no pair) for a slot no pair takes; `[slots]`.
+///
+/// An empty slot names no pair, so `y / E` names no token (it is `T`): the row gathers and
+/// scatter-adds of [`crate::gather_rows`] leave such rows out of every token's sum, and a
+/// buffer that is half padding gives no token more rows than it was routed.
 ///
 /// Each slot below `slots` must be taken by at most one pair (the dispatch plan gives every
 /// kept pair a slot of its own and the dropped ones the slot `slots`); where two pairs share
@@ -70,7 +74,8 @@ pub trait RoutingBackend: Backend {
 
 /// [`RoutingBackend::invert_slots`] from Burn's ops: `1 + t * E + e` scattered (added to zero)
 /// at each pair's slot, in a buffer with one extra slot that collects the dropped pairs and is
-/// cut off, then minus one.
+/// cut off; then `(code + pairs) mod (pairs + 1)`, which is `code - 1` for a taken slot and
+/// `pairs` for an empty one (code 0).
 pub(crate) fn composed_invert_slots<B: Backend>(
     slot_of_pair: IntTensor<B>,
     slots: usize,
@@ -86,7 +91,8 @@ pub(crate) fn composed_invert_slots<B: Backend>(
     let buffer = B::int_zeros(Shape::new([slots + 1]), &device, dtype);
     let filled = B::int_select_assign(buffer, 0, flat, codes, IndexingUpdateOp::Add);
     let taken = B::int_slice(filled, &[burn::tensor::Slice::from(0..slots)]);
-    B::int_sub_scalar(taken, 1.into())
+    let shifted = B::int_add_scalar(taken, (pairs as i64).into());
+    B::int_remainder_scalar(shifted, (pairs as i64 + 1).into())
 }
 
 #[cfg(feature = "ndarray")]

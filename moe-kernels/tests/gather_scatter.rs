@@ -1,7 +1,8 @@
 //! `moe_kernels::{gather_rows, combine_rows}` on every CPU backend built in, in f32 and f64,
 //! against plain loops over slots and columns on the host: outputs and every gradient, for
 //! contiguous and transposed inputs, with tokens that several slots name, tokens no slot
-//! names, and sizes large enough that flex splits the rows over several tasks.
+//! names, slots that name no token (padding: index `tokens`, or negative), and sizes large
+//! enough that flex splits the rows over several tasks.
 
 use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
 use moe_kernels::{combine_rows, gather_rows};
@@ -14,8 +15,9 @@ struct Problem {
     tokens: usize,
     slots: usize,
     width: usize,
-    /// Token of each slot: some tokens repeat, the last ones are never named.
-    index: Vec<usize>,
+    /// Token of each slot: some tokens repeat, the last ones are never named, and every fifth
+    /// slot is padding (`tokens`, or `-1` for every tenth: no token).
+    index: Vec<i64>,
     /// `x[t][j]` for the gather, `values[s][j]` and `weight[s]` for the combine.
     x: Vec<f64>,
     values: Vec<f64>,
@@ -29,7 +31,13 @@ impl Problem {
     fn new(tokens: usize, slots: usize, width: usize) -> Self {
         // Tokens `0..named` are named, several times each; the rest never.
         let named = (tokens * 2 / 3).max(1);
-        let index = (0..slots).map(|s| (s * 7 + s / 3) % named).collect();
+        let index = (0..slots)
+            .map(|s| match s % 10 {
+                4 => tokens as i64,
+                9 => -1,
+                _ => ((s * 7 + s / 3) % named) as i64,
+            })
+            .collect();
         Self {
             tokens,
             slots,
@@ -48,7 +56,8 @@ impl Problem {
         let w = self.width;
         let mut y = vec![0.0; self.slots * w];
         let mut grad_x = vec![0.0; self.tokens * w];
-        for (s, &t) in self.index.iter().enumerate() {
+        for (s, t) in self.tokens_of_slots() {
+            let Some(t) = t else { continue };
             for j in 0..w {
                 y[s * w + j] = self.x[t * w + j];
                 grad_x[t * w + j] += self.grad_gathered[s * w + j];
@@ -63,7 +72,8 @@ impl Problem {
         let mut y = vec![0.0; self.tokens * w];
         let mut grad_values = vec![0.0; self.slots * w];
         let mut grad_weight = vec![0.0; self.slots];
-        for (s, &t) in self.index.iter().enumerate() {
+        for (s, t) in self.tokens_of_slots() {
+            let Some(t) = t else { continue };
             for j in 0..w {
                 let g = self.grad_combined[t * w + j];
                 y[t * w + j] += self.weight[s] * self.values[s * w + j];
@@ -74,9 +84,17 @@ impl Problem {
         (y, grad_values, grad_weight)
     }
 
+    /// Each slot with the token it names, if any (a padding slot's gathered row is zero and
+    /// it adds to no token).
+    fn tokens_of_slots(&self) -> impl Iterator<Item = (usize, Option<usize>)> + '_ {
+        self.index.iter().enumerate().map(|(s, &t)| {
+            let named = (0..self.tokens as i64).contains(&t);
+            (s, named.then_some(t as usize))
+        })
+    }
+
     fn index_tensor(&self, device: &Device) -> Tensor<1, Int> {
-        let index: Vec<i64> = self.index.iter().map(|&t| t as i64).collect();
-        Tensor::from_data(TensorData::new(index, [self.slots]), device)
+        Tensor::from_data(TensorData::new(self.index.clone(), [self.slots]), device)
     }
 }
 

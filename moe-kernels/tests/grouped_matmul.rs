@@ -6,6 +6,7 @@
 //! are not multiples of any tile, and NaN in the rows that must not be read.
 
 use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
+use moe_kernels::grouped_matmul::grouped_weight_grad;
 use moe_kernels::{grouped_bias, grouped_matmul};
 
 mod common;
@@ -278,4 +279,70 @@ fn only_the_tracked_input_gets_a_gradient() {
             }
         }
     }
+}
+
+/// A buffer the size a GPU sees: 262,144 rows, `K` and `N` of several tiles and off every tile
+/// size (72 = 4.5 steps of 16; 120 = 1.9 blocks of 64; the `[S, N]` tensors stay under the
+/// 128 MiB a storage buffer may have on some adapters, llvmpipe's among them), eight groups of which one holds half
+/// the rows, one is empty, and the rest share the others, with 100 rows of padding. The three
+/// products against f64 loops (the values are multiples of 1/8, so every sum is exact in f32
+/// and only the final rounding to the dtype differs), in f32 and in f16 where the device
+/// computes in it; each run twice, equal bit for bit.
+#[test]
+fn gpu_sized_buffers_match_the_loops_and_repeat_exactly() {
+    let (rows, inner, columns) = (262_144, 72, 120);
+    let routed = rows as i64 - 100;
+    let half = routed / 2;
+    let share = (routed - half) / 6;
+    let mut offsets = vec![0, half, half];
+    for _ in 0..6 {
+        offsets.push(offsets.last().unwrap() + share);
+    }
+    let problem = Problem::new(rows, inner, columns, offsets);
+    let (y_ref, grad_x_ref, grad_w_ref) = problem.product_reference();
+    let e = problem.experts;
+    for (backend, device) in devices_with_wgpu() {
+        let device = device.inner();
+        let mut dtypes = vec![(FloatDType::F32, 1e-6)];
+        if backend == "wgpu" && device.supports_dtype(FloatDType::F16) {
+            dtypes.push((FloatDType::F16, 1e-3));
+        }
+        for (dtype, tolerance) in dtypes {
+            let what = format!("{backend} {dtype:?} {rows} rows");
+            let x = tensor(&problem.x, [rows, inner], dtype, &device);
+            let w = tensor(&problem.w, [e, inner, columns], dtype, &device);
+            let g = tensor(&problem.g, [rows, columns], dtype, &device);
+            let products = || {
+                let offsets = problem.offsets(&device);
+                [
+                    bits(grouped_matmul(x.clone(), w.clone(), offsets.clone())),
+                    bits(grouped_matmul(
+                        g.clone(),
+                        w.clone().swap_dims(1, 2),
+                        offsets.clone(),
+                    )),
+                    bits(grouped_weight_grad(x.clone(), g.clone(), offsets)),
+                ]
+            };
+            let first = products();
+            assert!(first == products(), "{what}: a second run differs");
+            for ((name, got), expected) in
+                ["y", "grad_x", "grad_w"]
+                    .iter()
+                    .zip(&first)
+                    .zip([&y_ref, &grad_x_ref, &grad_w_ref])
+            {
+                let got: Vec<f64> = got.iter().map(|&(value, _)| value).collect();
+                assert_close(&format!("{what} {name}"), &got, expected, tolerance);
+            }
+        }
+    }
+}
+
+/// A tensor's values as f64 with their f64 bits, to compare runs bit for bit.
+fn bits<const D: usize>(tensor: Tensor<D>) -> Vec<(f64, u64)> {
+    host(tensor)
+        .into_iter()
+        .map(|value| (value, value.to_bits()))
+        .collect()
 }

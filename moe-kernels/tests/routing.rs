@@ -1,7 +1,7 @@
 //! `moe_kernels::{exclusive_cumsum, invert_slots, top_k_indices}` on every backend built in
 //! (wgpu included where a device opens) against plain loops on the host: columns shorter and
-//! longer than a cube's units, a single row and a single column, slot maps with dropped pairs,
-//! and rows with ties for the top-k.
+//! longer than a cube's units and than a million rows, a single row and a single column, slot
+//! maps with dropped pairs, and rows with ties for the top-k.
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use moe_kernels::{exclusive_cumsum, invert_slots, top_k_indices};
@@ -40,7 +40,18 @@ fn pattern(len: usize, seed: usize) -> Vec<i64> {
 #[test]
 fn exclusive_cumsum_matches_the_loops() {
     for (backend, device) in devices_with_wgpu() {
-        for shape in [[1, 5], [7, 3], [300, 4], [1000, 1], [2049, 3]] {
+        // On cube, a block scans 1,024 rows: one block, two, several, and more than 1,024
+        // blocks (their totals scanned in blocks themselves).
+        let shapes = [
+            [1, 5],
+            [7, 3],
+            [300, 4],
+            [1000, 1],
+            [2049, 3],
+            [9000, 2],
+            [1_050_000, 1],
+        ];
+        for shape in shapes {
             let x = pattern(shape[0] * shape[1], 3);
             let got = host_ints(exclusive_cumsum(int_matrix(&x, shape, &device)));
             assert_eq!(
@@ -67,7 +78,8 @@ fn exclusive_cumsum_matches_the_loops() {
 #[test]
 fn invert_slots_matches_the_loops() {
     for (backend, device) in devices_with_wgpu() {
-        // 5 tokens x 3 experts; slot 8 (= slots) means dropped; slots 2 and 6 stay empty.
+        // 5 tokens x 3 experts; slot 8 (= slots) means dropped; slots 2 and 6 stay empty and
+        // name the pair 15 (= 5 x 3, no pair).
         let slots = 8;
         #[rustfmt::skip]
         let slot_of_pair = vec![
@@ -77,7 +89,7 @@ fn invert_slots_matches_the_loops() {
             8, 7, 8,
             8, 8, 8,
         ];
-        let mut expected = vec![-1; slots];
+        let mut expected = vec![15; slots];
         for (pair, &slot) in slot_of_pair.iter().enumerate() {
             if (slot as usize) < slots {
                 expected[slot as usize] = pair as i64;
@@ -101,7 +113,7 @@ fn invert_slots_matches_the_loops() {
             })
             .collect();
         let slots = tokens * experts / 2 + 9;
-        let mut expected = vec![-1; slots];
+        let mut expected = vec![(tokens * experts) as i64; slots];
         for pair in (0..tokens * experts).step_by(2) {
             expected[pair / 2] = pair as i64;
         }

@@ -86,11 +86,12 @@ fn probability_policy_breaks_ties_by_position() {
 #[test]
 fn empty_slots_have_zero_weight_and_the_capacity_never_overflows() {
     let (candidates, weights) = crafted();
-    // Capacity 4: e0 takes all four candidates, e1 its three and one empty slot.
+    // Capacity 4: e0 takes all four candidates, e1 its three and one empty slot, which names
+    // no token (5: one past the last).
     let plan = DispatchPlan::with_capacity(candidates, weights, 4, DropPolicy::Position);
     assert_eq!(
         ints(plan.token_of_slot.clone()),
-        vec![0, 1, 2, 4, 1, 3, 4, 0]
+        vec![0, 1, 2, 4, 1, 3, 4, 5]
     );
     let w = values(plan.weight_of_slot.clone());
     crate::common::assert_close(
@@ -121,13 +122,13 @@ fn long_columns_are_counted_exactly() {
 fn dropless_plans_lay_the_candidates_out_ragged() {
     let (candidates, weights) = crafted();
     // 5 tokens x top-2: 10 rows for the 7 candidates. e0 takes rows 0..4 (tokens 0, 1, 2, 4),
-    // e1 rows 4..7 (tokens 1, 3, 4); rows 7..10 are padding (token 0, weight 0).
+    // e1 rows 4..7 (tokens 1, 3, 4); rows 7..10 are padding (no token: 5, weight 0).
     let plan = DispatchPlan::dropless(candidates, weights, 10);
     assert_eq!(ints(plan.offsets.clone()), vec![0, 4, 7]);
     assert_eq!(ints(plan.tokens_per_expert.clone()), vec![4, 3]);
     assert_eq!(
         ints(plan.token_of_slot.clone()),
-        vec![0, 1, 2, 4, 1, 3, 4, 0, 0, 0]
+        vec![0, 1, 2, 4, 1, 3, 4, 5, 5, 5]
     );
     let w = values(plan.weight_of_slot.clone());
     crate::common::assert_close(

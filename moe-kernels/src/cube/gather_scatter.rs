@@ -1,5 +1,6 @@
-//! The combine (a weighted scatter-add of rows back to their tokens) and the dispatch's
-//! backward pass (an unweighted one) on cube, as parallel gathers, without float atomics.
+//! The row gather, the combine (a weighted scatter-add of rows back to their tokens), its
+//! backward pass and the dispatch's backward pass (an unweighted scatter-add) on cube, as
+//! parallel gathers, without float atomics.
 //!
 //! Burn's `select_assign` runs one thread per output column, each walking every index; float
 //! atomics are not available on every wgpu adapter, and where they are, the order in which
@@ -10,8 +11,22 @@
 //! the slots and tokens; the result is deterministic.
 //!
 //! The lists are sorted by insertion, one unit per token: quick for the few rows a token
-//! receives in an MoE layer (`top_k`, or a handful under expert choice), quadratic in a
-//! token's row count in general.
+//! receives in an MoE layer, quadratic in a token's row count in general. A slot whose index
+//! is outside `0..tokens` (the plan's padding) joins no list, so a token's list holds exactly
+//! the rows routed to it: at most `top_k` under a token-choice gate and at most `E` under
+//! expert choice, however large the batch or the share of padding.
+//!
+//! Work per launch (units, and the most work one unit does), for `S` slots, `T` tokens, `d`
+//! columns and `m` the longest list (the most rows one token receives):
+//!
+//! | kernel | units | most work of one unit |
+//! |---|---|---|
+//! | `gather_rows_kernel` | `S x d` | one read |
+//! | `count_rows_kernel`, `list_rows_kernel` | `S` | one atomic add |
+//! | the scan of the counts | see `routing.rs` | |
+//! | `sort_lists_kernel` | `T` | `m²/2` compares |
+//! | `sum_listed_rows_kernel` | `T x d` | `m` reads |
+//! | `combine_backward_kernel` | `S` | `2d` reads, `d` writes |
 
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::wgpu::{CubeBackend, CubeTensor};
@@ -23,9 +38,74 @@ use cubecl::{calculate_cube_count_elemwise, CubeDim};
 
 use super::routing::column_exclusive_scan;
 use super::{empty_like_shape, zeros_like_shape};
-use crate::gather_scatter::GatherScatterBackend;
+use crate::gather_scatter::{composed_combine_rows_backward, GatherScatterBackend};
 
 impl GatherScatterBackend for CubeBackend {
+    fn gather_rows(x: CubeTensor, index: CubeTensor) -> CubeTensor {
+        let columns = x.shape()[1];
+        let slots = index.shape()[0];
+        let output = empty_like_shape(&x, Shape::new([slots, columns]));
+        let units = slots * columns;
+        if units == 0 {
+            return output;
+        }
+        let client = x.client.clone();
+        let cube_dim = CubeDim::new(&client, units);
+        let cube_count = calculate_cube_count_elemwise(&client, units, cube_dim);
+        let dtypes = [
+            dtype_to_storage_type(x.dtype),
+            dtype_to_storage_type(index.dtype),
+        ];
+        gather_rows_kernel::launch(
+            &client,
+            cube_count,
+            cube_dim,
+            x.into_tensor_arg(),
+            index.into_tensor_arg(),
+            output.clone().into_tensor_arg(),
+            units,
+            dtypes,
+        );
+        output
+    }
+
+    fn combine_rows_backward(
+        grad: CubeTensor,
+        values: CubeTensor,
+        weight: CubeTensor,
+        index: CubeTensor,
+    ) -> (CubeTensor, CubeTensor) {
+        if grad.dtype != values.dtype || weight.dtype != values.dtype {
+            return composed_combine_rows_backward::<CubeBackend>(grad, values, weight, index);
+        }
+        let (slots, columns) = (values.shape()[0], values.shape()[1]);
+        let grad_values = empty_like_shape(&values, Shape::new([slots, columns]));
+        let grad_weight = empty_like_shape(&weight, Shape::new([slots]));
+        if slots == 0 {
+            return (grad_values, grad_weight);
+        }
+        let client = values.client.clone();
+        let cube_dim = CubeDim::new(&client, slots);
+        let cube_count = calculate_cube_count_elemwise(&client, slots, cube_dim);
+        let dtypes = [
+            dtype_to_storage_type(values.dtype),
+            dtype_to_storage_type(index.dtype),
+        ];
+        combine_backward_kernel::launch(
+            &client,
+            cube_count,
+            cube_dim,
+            grad.into_tensor_arg(),
+            values.into_tensor_arg(),
+            weight.into_tensor_arg(),
+            index.into_tensor_arg(),
+            grad_values.clone().into_tensor_arg(),
+            grad_weight.clone().into_tensor_arg(),
+            dtypes,
+        );
+        (grad_values, grad_weight)
+    }
+
     fn scatter_add_rows(values: CubeTensor, index: CubeTensor, tokens: usize) -> CubeTensor {
         sum_rows_by_token(values, None, index, tokens)
     }
@@ -160,6 +240,74 @@ fn sum_rows_by_token(
         dtypes,
     );
     output
+}
+
+/// The token slot `slot` names, or `tokens` when its index is outside `0..tokens` (padding).
+#[cube]
+fn named_token<I: Int>(index: &Tensor<I>, slot: usize, tokens: usize) -> usize {
+    let token = index[slot * index.stride(0)];
+    let inside = token >= I::from_int(0) && usize::cast_from(token) < tokens;
+    select(inside, usize::cast_from(token), tokens)
+}
+
+/// One unit per output element `(s, c)`: `x[index[s], c]`, or zero for a padding slot.
+#[cube(launch)]
+fn gather_rows_kernel<F: Float, I: Int>(
+    x: &Tensor<F>,
+    index: &Tensor<I>,
+    output: &mut Tensor<F>,
+    units: usize,
+    #[define(F, I)] _dtypes: [ElemType; 2],
+) {
+    let position = ABSOLUTE_POS;
+    if position >= units {
+        terminate!();
+    }
+    let columns = output.shape(1);
+    let tokens = x.shape(0);
+    let token = named_token(index, position / columns, tokens);
+    let mut value = F::from_int(0);
+    if token < tokens {
+        value = x[token * x.stride(0) + (position % columns) * x.stride(1)];
+    }
+    output[position] = value;
+}
+
+/// One unit per slot `s` naming token `t`: `grad_values[s] = weight[s] · grad[t]` and
+/// `grad_weight[s] = grad[t] · values[s]` (summed in f32, in column order); zeros for a
+/// padding slot.
+#[cube(launch)]
+fn combine_backward_kernel<F: Float, I: Int>(
+    grad: &Tensor<F>,
+    values: &Tensor<F>,
+    weight: &Tensor<F>,
+    index: &Tensor<I>,
+    grad_values: &mut Tensor<F>,
+    grad_weight: &mut Tensor<F>,
+    #[define(F, I)] _dtypes: [ElemType; 2],
+) {
+    let slot = ABSOLUTE_POS;
+    if slot >= values.shape(0) {
+        terminate!();
+    }
+    let columns = values.shape(1);
+    let tokens = grad.shape(0);
+    let token = named_token(index, slot, tokens);
+    let mut scale = 0.0f32;
+    if token < tokens {
+        scale = f32::cast_from(weight[slot * weight.stride(0)]);
+    }
+    let mut dot = 0.0f32;
+    for column in 0..columns {
+        let mut upstream = 0.0f32;
+        if token < tokens {
+            upstream = f32::cast_from(grad[token * grad.stride(0) + column * grad.stride(1)]);
+        }
+        let value = f32::cast_from(values[slot * values.stride(0) + column * values.stride(1)]);
+        grad_values[slot * columns + column] = F::cast_from(scale * upstream);
+        dot += upstream * value;
+    }
+    grad_weight[slot] = F::cast_from(dot);
 }
 
 /// One unit per slot: `counts[index[s]] += 1` (integer atomics).

@@ -13,9 +13,16 @@ use burn::tensor::Shape;
 use burn_cubecl::ops::numeric::{empty_device_contiguous_dtype, zeros_client};
 use cubecl::client::Client;
 
+mod adamw;
+mod cross_entropy;
 mod gather_scatter;
 mod grouped_matmul;
 mod routing;
+mod tile;
+
+/// The most cubes along one grid axis that every wgpu adapter accepts: kernels with one cube
+/// per row spread larger counts over a second axis.
+const GRID_AXIS: usize = 65_535;
 
 /// A new contiguous tensor of `like`'s dtype on its device, uninitialised.
 fn empty_like_shape(like: &CubeTensor, shape: Shape) -> CubeTensor {

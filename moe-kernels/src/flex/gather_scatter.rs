@@ -4,23 +4,23 @@
 //! Gathers split their output rows over the cores. Scatter-adds split the *destination* rows:
 //! each task owns a block of tokens and walks the whole index, adding the slots that land in
 //! its block, so no two tasks write the same row and the sum over slots runs in slot order
-//! whatever the thread count (the result does not depend on it). `f32` and `f64` only; half
-//! precisions use the composed ops.
+//! whatever the thread count (the result does not depend on it). A slot whose index is outside
+//! `0..tokens` is padding: a zero row, added nowhere. `f32` and `f64` only; half precisions use
+//! the composed ops.
 
 use std::mem::MaybeUninit;
 
 use burn::backend::flex::{Flex, FlexTensor};
-use burn::backend::ops::FloatTensorOps;
 use burn::backend::TensorMetadata;
 use burn::tensor::{DType, TensorData};
 use rayon::prelude::*;
 
 use crate::gather_scatter::{
-    composed_combine_rows, composed_combine_rows_backward, composed_scatter_add_rows,
-    GatherScatterBackend,
+    composed_combine_rows, composed_combine_rows_backward, composed_gather_rows,
+    composed_scatter_add_rows, GatherScatterBackend,
 };
 
-use super::{checked_indices, contiguous, matrix, rows_per_task, written_rows, Float};
+use super::{contiguous, matrix, rows_per_task, written_rows, Float};
 
 /// Elements per rayon task (whole rows, at least one).
 const CHUNK: usize = 1 << 14;
@@ -30,7 +30,7 @@ impl GatherScatterBackend for Flex {
         match x.dtype() {
             DType::F32 => gather::<f32>(x, index),
             DType::F64 => gather::<f64>(x, index),
-            _ => Flex::float_select(x, 0, index),
+            _ => composed_gather_rows::<Flex>(x, index),
         }
     }
 
@@ -70,17 +70,35 @@ impl GatherScatterBackend for Flex {
     }
 }
 
-/// `y[s] = x[index[s]]`.
+/// The token each slot names: `None` for an index outside `0..tokens` (padding).
+fn named_tokens(index: FlexTensor, tokens: usize) -> Vec<Option<usize>> {
+    index
+        .into_data()
+        .iter::<i64>()
+        .map(|token| {
+            (0..tokens as i64)
+                .contains(&token)
+                .then_some(token as usize)
+        })
+        .collect()
+}
+
+/// `y[s] = x[index[s]]` (a zero row for padding).
 fn gather<E: Float>(x: FlexTensor, index: FlexTensor) -> FlexTensor {
     let x = contiguous::<E>(x);
     let (data, row) = matrix::<E>(&x);
     let tokens = x.shape()[0];
-    let index = checked_indices(index, tokens, "row index", "rows");
+    let index = named_tokens(index, tokens);
     let output = written_rows::<E>(index.len(), row, rows_per_task(row, CHUNK), |first, out| {
         for (out_row, &token) in out.chunks_mut(row.max(1)).zip(&index[first..]) {
-            let source = &data[token * row..(token + 1) * row];
-            for (o, &v) in out_row.iter_mut().zip(source) {
-                o.write(v);
+            match token {
+                Some(token) => {
+                    let source = &data[token * row..(token + 1) * row];
+                    for (o, &v) in out_row.iter_mut().zip(source) {
+                        o.write(v);
+                    }
+                }
+                None => out_row.fill(MaybeUninit::new(E::ZERO)),
             }
         }
     });
@@ -98,7 +116,7 @@ fn scatter_add<E: Float>(
     let weight = weight.map(contiguous::<E>);
     let (data, row) = matrix::<E>(&values);
     let weights: Option<&[E]> = weight.as_ref().map(|weight| matrix::<E>(weight).0);
-    let index = checked_indices(index, tokens, "row index", "rows");
+    let index = named_tokens(index, tokens);
     // Every task walks the whole index, so there are a few tasks per core (not one per
     // `CHUNK`): the walks then cost `O(slots x cores)`, not `O(slots x tokens)`.
     let block = tokens.div_ceil(4 * rayon::current_num_threads()).max(1);
@@ -108,9 +126,9 @@ fn scatter_add<E: Float>(
         let out = unsafe { &mut *(out as *mut [MaybeUninit<E>] as *mut [E]) };
         let owned = first..first + out.len() / row.max(1);
         for (slot, &token) in index.iter().enumerate() {
-            if !owned.contains(&token) {
+            let Some(token) = token.filter(|token| owned.contains(token)) else {
                 continue;
-            }
+            };
             let start = (token - first) * row;
             let target = &mut out[start..start + row];
             let source = &data[slot * row..(slot + 1) * row];
@@ -146,7 +164,7 @@ fn combine_backward<E: Float>(
     let (grad_data, row) = matrix::<E>(&grad);
     let (value_data, _) = matrix::<E>(&values);
     let (weights, _) = matrix::<E>(&weight);
-    let index = checked_indices(index, grad.shape()[0], "row index", "rows");
+    let index = named_tokens(index, grad.shape()[0]);
     let slots = index.len();
 
     let len = slots * row;
@@ -162,7 +180,11 @@ fn combine_backward<E: Float>(
                 let first = task * block;
                 for (offset, (out_row, dot)) in out.chunks_mut(row).zip(dots).enumerate() {
                     let slot = first + offset;
-                    let upstream = &grad_data[index[slot] * row..(index[slot] + 1) * row];
+                    let Some(token) = index[slot] else {
+                        out_row.fill(MaybeUninit::new(E::ZERO));
+                        continue;
+                    };
+                    let upstream = &grad_data[token * row..(token + 1) * row];
                     for (o, &g) in out_row.iter_mut().zip(upstream) {
                         o.write(weights[slot] * g);
                     }

@@ -52,20 +52,17 @@ fn column_prefixes<I: Index>(x: FlexTensor) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(prefixes, shape))
 }
 
-/// `y[slot_of_pair[p]] = p` for the pairs whose slot is below `slots`, `-1` elsewhere.
+/// `y[slot_of_pair[p]] = p` for the pairs whose slot is below `slots`, the number of pairs
+/// elsewhere.
 fn pairs_of_slots<I: Index>(slot_of_pair: FlexTensor, slots: usize) -> FlexTensor {
     let slot_of_pair = if slot_of_pair.as_slice::<I>().is_some() {
         slot_of_pair
     } else {
         slot_of_pair.to_contiguous()
     };
-    let mut pair_of_slot: Vec<I> = vec![narrow(-1); slots];
-    for (pair, &slot) in slot_of_pair
-        .as_slice::<I>()
-        .expect("contiguous")
-        .iter()
-        .enumerate()
-    {
+    let pairs = slot_of_pair.as_slice::<I>().expect("contiguous");
+    let mut pair_of_slot: Vec<I> = vec![narrow(pairs.len() as i64); slots];
+    for (pair, &slot) in pairs.iter().enumerate() {
         let slot: i64 = slot.into();
         if (0..slots as i64).contains(&slot) {
             pair_of_slot[slot as usize] = narrow(pair as i64);

@@ -1,0 +1,201 @@
+//! The cross-entropy on cube: the forward pass as one cube per row (the row's maximum and its
+//! sum of shifted exponentials reduced in shared memory, in a fixed order, so the result
+//! does not depend on scheduling), the backward pass as one unit per logit. Composed from
+//! Burn's ops the same loss is a max, a subtract, an exp, a sum, a log, a gather and, backward,
+//! an exp, a multiply and a scatter: several launches each way, and a `[rows, classes]`
+//! intermediate forward.
+//!
+//! Work per launch, for `R` rows, `C` classes and `u` units per cube (256, or fewer where the
+//! device allows fewer):
+//!
+//! | kernel | units | most work of one unit |
+//! |---|---|---|
+//! | `cross_entropy_forward_kernel` | `R` cubes of `u` | `2 ceil(C / u)` reads; unit 0 also combines the `u` partial results twice |
+//! | `cross_entropy_backward_kernel` | `R x C` | 3 reads, 1 write |
+//!
+//! A target outside `0..classes` picks no logit: its loss is the log-normaliser and its
+//! gradient the softmax alone (flex refuses such a target; Burn's composed `gather` reads out
+//! of bounds).
+
+use burn::backend::cubecl::dtype_to_storage_type;
+use burn::backend::wgpu::{CubeBackend, CubeTensor};
+use burn::backend::TensorMetadata;
+use burn::tensor::Shape;
+use cubecl::prelude::*;
+use cubecl::{calculate_cube_count_elemwise, CubeCount, CubeDim};
+
+use super::{empty_like_shape, scan_units, GRID_AXIS};
+use crate::cross_entropy::CrossEntropyBackend;
+
+impl CrossEntropyBackend for CubeBackend {
+    fn cross_entropy_forward(logits: CubeTensor, targets: CubeTensor) -> (CubeTensor, CubeTensor) {
+        let rows = logits.shape()[0];
+        let loss = empty_like_shape(&logits, Shape::new([rows]));
+        let lse = empty_like_shape(&logits, Shape::new([rows]));
+        if rows == 0 {
+            return (loss, lse);
+        }
+        let client = logits.client.clone();
+        let units = scan_units(&client);
+        let dtypes = [
+            dtype_to_storage_type(logits.dtype),
+            dtype_to_storage_type(targets.dtype),
+        ];
+        cross_entropy_forward_kernel::launch(
+            &client,
+            CubeCount::Static(
+                rows.min(GRID_AXIS) as u32,
+                rows.div_ceil(GRID_AXIS) as u32,
+                1,
+            ),
+            CubeDim::new_1d(units as u32),
+            logits.into_tensor_arg(),
+            targets.into_tensor_arg(),
+            loss.clone().into_tensor_arg(),
+            lse.clone().into_tensor_arg(),
+            units,
+            dtypes,
+        );
+        (loss, lse)
+    }
+
+    fn cross_entropy_backward(
+        logits: CubeTensor,
+        lse: CubeTensor,
+        targets: CubeTensor,
+        grad: CubeTensor,
+    ) -> CubeTensor {
+        let shape = logits.shape();
+        let output = empty_like_shape(&logits, shape.clone());
+        let units = shape.num_elements();
+        if units == 0 {
+            return output;
+        }
+        let client = logits.client.clone();
+        let cube_dim = CubeDim::new(&client, units);
+        let cube_count = calculate_cube_count_elemwise(&client, units, cube_dim);
+        let dtypes = [
+            dtype_to_storage_type(logits.dtype),
+            dtype_to_storage_type(targets.dtype),
+        ];
+        cross_entropy_backward_kernel::launch(
+            &client,
+            cube_count,
+            cube_dim,
+            logits.into_tensor_arg(),
+            lse.into_tensor_arg(),
+            targets.into_tensor_arg(),
+            grad.into_tensor_arg(),
+            output.clone().into_tensor_arg(),
+            units,
+            dtypes,
+        );
+        output
+    }
+}
+
+/// Reduces `shared[0..units]` into `shared[0]` (the maximum, or the sum), unit 0 walking the
+/// values in order (a fixed order: the same sum on every run).
+#[cube]
+fn reduce_in_order(
+    shared: &mut Shared<[f32]>,
+    #[comptime] units: usize,
+    #[comptime] maximum: bool,
+) {
+    if UNIT_POS == 0 {
+        let mut combined = shared[0];
+        for other in 1..units {
+            let value = shared[other];
+            if maximum {
+                combined = f32::max(combined, value);
+            } else {
+                combined += value;
+            }
+        }
+        shared[0] = combined;
+    }
+    sync_cube();
+}
+
+/// The target of `row`, or `classes` (no class) when it is outside `0..classes`.
+#[cube]
+fn target_class<I: Int>(targets: &Tensor<I>, row: usize, classes: usize) -> usize {
+    let target = targets[row * targets.stride(0)];
+    let inside = target >= I::from_int(0) && usize::cast_from(target) < classes;
+    select(inside, usize::cast_from(target), classes)
+}
+
+/// One cube per row `r` (`CUBE_POS_Y * 65,535 + CUBE_POS_X`): `m = max_j x[r, j]`,
+/// `lse[r] = m + ln Σ_j e^{x[r, j] - m}` and `loss[r] = lse[r] - x[r, t]`, in f32. Unit `u`
+/// reads the classes `u, u + units, ...`.
+#[cube(launch)]
+fn cross_entropy_forward_kernel<F: Float, I: Int>(
+    logits: &Tensor<F>,
+    targets: &Tensor<I>,
+    loss: &mut Tensor<F>,
+    lse: &mut Tensor<F>,
+    #[comptime] units: usize,
+    #[define(F, I)] _dtypes: [ElemType; 2],
+) {
+    let row = CUBE_POS_Y as usize * GRID_AXIS + CUBE_POS_X as usize;
+    if row >= logits.shape(0) {
+        terminate!();
+    }
+    let classes = logits.shape(1);
+    let (row_start, column) = (row * logits.stride(0), logits.stride(1));
+    let unit = UNIT_POS as usize;
+    let mut shared = Shared::<[f32]>::new_slice(units);
+
+    let mut largest = f32::min_value();
+    for j in range_stepped(unit, classes, units) {
+        largest = f32::max(largest, f32::cast_from(logits[row_start + j * column]));
+    }
+    shared[unit] = largest;
+    sync_cube();
+    reduce_in_order(&mut shared, units, true);
+    let maximum = shared[0];
+    sync_cube();
+
+    let mut sum = 0.0f32;
+    for j in range_stepped(unit, classes, units) {
+        sum += f32::exp(f32::cast_from(logits[row_start + j * column]) - maximum);
+    }
+    shared[unit] = sum;
+    sync_cube();
+    reduce_in_order(&mut shared, units, false);
+
+    if unit == 0 {
+        let normaliser = maximum + f32::ln(shared[0]);
+        let target = target_class(targets, row, classes);
+        let mut picked = 0.0f32;
+        if target < classes {
+            picked = f32::cast_from(logits[row_start + target * column]);
+        }
+        lse[row] = F::cast_from(normaliser);
+        loss[row] = F::cast_from(normaliser - picked);
+    }
+}
+
+/// One unit per logit `(r, j)`: `grad[r] (e^{x[r, j] - lse[r]} - [j = t_r])`, in f32.
+#[cube(launch)]
+fn cross_entropy_backward_kernel<F: Float, I: Int>(
+    logits: &Tensor<F>,
+    lse: &Tensor<F>,
+    targets: &Tensor<I>,
+    grad: &Tensor<F>,
+    output: &mut Tensor<F>,
+    units: usize,
+    #[define(F, I)] _dtypes: [ElemType; 2],
+) {
+    let position = ABSOLUTE_POS;
+    if position >= units {
+        terminate!();
+    }
+    let classes = logits.shape(1);
+    let (row, class) = (position / classes, position % classes);
+    let x = f32::cast_from(logits[row * logits.stride(0) + class * logits.stride(1)]);
+    let probability = f32::exp(x - f32::cast_from(lse[row * lse.stride(0)]));
+    let hit = select(target_class(targets, row, classes) == class, 1.0f32, 0.0f32);
+    output[position] =
+        F::cast_from(f32::cast_from(grad[row * grad.stride(0)]) * (probability - hit));
+}

@@ -1,7 +1,9 @@
 //! Mixed f16 on wgpu: where the adapter has `shader-f16`, the layer with f32 weights computes
 //! f16 tokens in f16 and matches the f32 result within an f16 tolerance, and the gradient of
 //! its weights comes back in f32 close to the f32 model's; where the adapter has no f16, the
-//! backend chooser refuses with a clear message. Its own process (`harness = false`).
+//! backend chooser refuses with a clear message, and bf16 is either computed or refused naming
+//! what is missing (the compiler or the adapter's arithmetic). Its own process
+//! (`harness = false`).
 
 use burn::module::Module;
 use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
@@ -13,6 +15,7 @@ use burn_moe::train::backend::{select, Backend, BackendError, Precision};
 
 fn main() {
     let require_wgpu = std::env::var("BURN_MOE_REQUIRE_WGPU").is_ok_and(|v| v == "1");
+    bf16_is_refused_by_name_or_computes();
     let selected = match select(Backend::Wgpu, Precision::F16) {
         Ok(selected) => selected,
         Err(BackendError::NoHalfPrecision { device, .. }) => {
@@ -21,7 +24,7 @@ fn main() {
                 .unwrap_err()
                 .to_string();
             assert!(
-                message.contains("shader-f16") && message.contains("--precision f32"),
+                message.contains("no shader f16") && message.contains("--precision f32"),
                 "{message}"
             );
             println!("wgpu f16: SKIPPED: {device} has no shader-f16; the chooser says: {message}");
@@ -129,4 +132,30 @@ fn largest_difference(actual: &[f64], expected: &[f64]) -> f64 {
         .zip(expected)
         .map(|(a, e)| (a - e).abs())
         .fold(0f64, f64::max)
+}
+
+/// bf16 on the wgpu adapter: where the chooser accepts it, a tensor computes in it; where it
+/// refuses, the message names what is missing: Burn's vulkan or metal compiler (WGSL has no
+/// bf16), or bf16 arithmetic on the adapter.
+fn bf16_is_refused_by_name_or_computes() {
+    match select(Backend::Wgpu, Precision::Bf16) {
+        Ok(selected) => {
+            let x =
+                Tensor::<1>::from_data(TensorData::new(vec![1.5f32, -2.25], [2]), &selected.device)
+                    .cast(FloatDType::BF16);
+            let doubled = (x.clone() + x).cast(FloatDType::F32);
+            assert_eq!(
+                doubled.into_data().try_to_vec::<f32>().unwrap(),
+                vec![3.0, -4.5]
+            );
+            println!("wgpu bf16: computes on {}", selected.adapter);
+        }
+        Err(BackendError::NoHalfPrecision { device, why, .. }) => {
+            let named = why.contains("bf16 needs Burn's vulkan or metal compiler")
+                || why.contains("no bf16 arithmetic");
+            assert!(named, "{why}");
+            println!("wgpu bf16: refused on {device}: {why}");
+        }
+        Err(error) => println!("wgpu bf16: SKIPPED: {error}"),
+    }
 }

@@ -155,9 +155,70 @@ pub enum BackendError {
         device: String,
         /// `f16` or `bf16`.
         precision: &'static str,
-        /// What it would take.
-        why: &'static str,
+        /// What is missing.
+        why: String,
     },
+    /// The adapter's limits are below what burn-moe's kernels need.
+    #[error("the wgpu adapter {adapter} is too small for burn-moe's kernels: {what}; use `--backend flex`")]
+    AdapterTooSmall {
+        /// The adapter, in words.
+        adapter: String,
+        /// Which limit, with the figures.
+        what: String,
+    },
+}
+
+/// What a wgpu adapter offers, read when it is opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdapterLimits {
+    /// What CubeCL kernels compile to on it: `wgpu<spirv>` (Burn's vulkan compiler),
+    /// `wgpu<msl>` (its metal compiler) or `wgpu<wgsl>`.
+    pub compiler: String,
+    /// The driver and its version, as the adapter reports them.
+    pub driver: String,
+    /// Workgroup (shared) memory one workgroup may declare, bytes.
+    pub workgroup_memory: u64,
+    /// Invocations one workgroup may have.
+    pub invocations_per_workgroup: u64,
+    /// The largest storage buffer one binding may cover, bytes.
+    pub storage_binding: u64,
+    /// The largest buffer, bytes.
+    pub buffer: u64,
+    /// Whether shaders may compute in f16 (wgpu's `SHADER_F16`).
+    pub shader_f16: bool,
+    /// Whether wgpu says the adapter is a CPU (a software rasteriser such as llvmpipe).
+    pub is_cpu: bool,
+}
+
+impl AdapterLimits {
+    /// Refuses an adapter whose workgroups cannot hold burn-moe's kernels (a WebGPU adapter
+    /// always can: the standard's minimums are 256 invocations and 16 KiB).
+    pub fn check_kernels(&self, adapter: &str) -> Result<(), BackendError> {
+        let units = moe_kernels::adapter::UNITS_PER_CUBE as u64;
+        let shared = moe_kernels::adapter::SHARED_MEMORY_BYTES as u64;
+        let what = if self.invocations_per_workgroup < units {
+            format!(
+                "it allows {} invocations per workgroup, the grouped matmul launches {units}",
+                self.invocations_per_workgroup
+            )
+        } else if self.workgroup_memory < shared {
+            format!(
+                "it allows {} bytes of workgroup memory, the grouped matmul declares {shared}",
+                self.workgroup_memory
+            )
+        } else {
+            return Ok(());
+        };
+        Err(BackendError::AdapterTooSmall {
+            adapter: adapter.to_string(),
+            what,
+        })
+    }
+
+    /// The largest buffer a tensor can have here: the smaller of the buffer and binding limits.
+    pub fn largest_tensor_bytes(&self) -> u64 {
+        self.buffer.min(self.storage_binding)
+    }
 }
 
 /// A device ready to use, and what it is.
@@ -171,6 +232,8 @@ pub struct SelectedDevice {
     pub adapter: String,
     /// The precision models compute in (tensors are created in f32 either way).
     pub precision: Precision,
+    /// What the adapter offers, for wgpu; `None` otherwise.
+    pub limits: Option<AdapterLimits>,
 }
 
 impl Backend {
@@ -207,23 +270,39 @@ pub fn select(backend: Backend, precision: Precision) -> Result<SelectedDevice, 
         Backend::Wgpu => wgpu_default()?,
         Backend::Ndarray | Backend::Flex => cpu(backend)?,
     };
+    if let Some(limits) = &selected.limits {
+        limits.check_kernels(&selected.adapter)?;
+    }
     if precision != Precision::F32 {
-        let why = match precision {
-            Precision::Bf16 => "wgpu needs an adapter that computes in bf16",
-            _ => "wgpu needs an adapter with the `shader-f16` feature",
-        };
         let supported = selected.backend == Backend::Wgpu
             && selected.device.supports_dtype(precision.compute_dtype());
         if !supported {
             return Err(BackendError::NoHalfPrecision {
                 device: selected.to_string(),
                 precision: precision.name(),
-                why,
+                why: missing_for(precision, selected.limits.as_ref()),
             });
         }
         selected.precision = precision;
     }
     Ok(selected)
+}
+
+/// What a device lacks to compute in the half `precision`, in words.
+fn missing_for(precision: Precision, limits: Option<&AdapterLimits>) -> String {
+    let native = cfg!(any(feature = "vulkan", feature = "metal"));
+    match (precision, limits) {
+        (Precision::Bf16, Some(limits)) if limits.compiler.contains("wgsl") && native => {
+            "bf16 needs Burn's vulkan or metal compiler, and this adapter runs WGSL: it is not a Vulkan or Apple GPU adapter, or lacks a Vulkan feature Burn's SPIR-V needs".into()
+        }
+        (Precision::Bf16, Some(limits)) if limits.compiler.contains("wgsl") => {
+            "bf16 needs Burn's vulkan or metal compiler, and this build compiles WGSL only: rebuild with `--features vulkan` (Linux, Windows) or `--features metal` (macOS)".into()
+        }
+        (Precision::Bf16, Some(_)) => "this adapter has no bf16 arithmetic".into(),
+        (Precision::F16, Some(_)) => "this adapter has no shader f16".into(),
+        (_, None) => "half precision needs a wgpu adapter; the CPU backends compute in f32".into(),
+        (Precision::F32, Some(_)) => String::new(),
+    }
 }
 
 /// Like [`select`], and prints what was chosen on standard error.
@@ -255,6 +334,7 @@ fn cpu(backend: Backend) -> Result<SelectedDevice, BackendError> {
         backend,
         adapter: format!("CPU ({threads} threads)"),
         precision: Precision::F32,
+        limits: None,
     })
 }
 
@@ -305,11 +385,33 @@ fn open_wgpu(kind: burn::tensor::DeviceKind) -> Result<SelectedDevice, BackendEr
         .init_with_setup()
         .map_err(|error| BackendError::NoAdapter(error.to_string()))?;
     let info = setup.adapter.get_info();
+    let adapter_limits = setup.adapter.limits();
+    let limits = AdapterLimits {
+        compiler: moe_kernels::adapter::compiler(&device)
+            .unwrap_or("wgpu")
+            .to_string(),
+        driver: format!("{} {}", info.driver, info.driver_info)
+            .trim()
+            .to_string(),
+        workgroup_memory: adapter_limits.max_compute_workgroup_storage_size as u64,
+        invocations_per_workgroup: adapter_limits.max_compute_invocations_per_workgroup as u64,
+        storage_binding: adapter_limits.max_storage_buffer_binding_size as u64,
+        buffer: adapter_limits.max_buffer_size,
+        shader_f16: setup
+            .adapter
+            .features()
+            .contains(burn::backend::wgpu::wgpu::Features::SHADER_F16),
+        is_cpu: info.device_type == burn::backend::wgpu::wgpu::DeviceType::Cpu,
+    };
     let selected = SelectedDevice {
         device,
         backend: Backend::Wgpu,
-        adapter: format!("{} ({:?}, {:?})", info.name, info.device_type, info.backend),
+        adapter: format!(
+            "{} ({:?}, {:?}, {})",
+            info.name, info.device_type, info.backend, limits.compiler
+        ),
         precision: Precision::F32,
+        limits: Some(limits),
     };
     opened.push((key, selected.clone()));
     Ok(selected)
@@ -353,7 +455,10 @@ mod tests {
         let error = select(Backend::Flex, Precision::F16).unwrap_err();
         let message = error.to_string();
         assert!(matches!(error, BackendError::NoHalfPrecision { .. }));
-        assert!(message.contains("shader-f16"), "{message}");
+        assert!(
+            message.contains("half precision needs a wgpu adapter"),
+            "{message}"
+        );
         assert!(message.contains("--precision f32"), "{message}");
         assert!(message.contains("flex on CPU"), "{message}");
     }

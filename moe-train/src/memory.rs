@@ -20,7 +20,7 @@
 
 use moe_models::MoeTransformerConfig;
 
-use crate::backend::Backend;
+use crate::backend::{AdapterLimits, Backend};
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
 
@@ -120,6 +120,71 @@ pub fn check_against(
         bytes(estimate.state_bytes),
         bytes(estimate.activation_bytes),
         bytes(available),
+    )))
+}
+
+/// The largest single tensor of a training step, bytes (f32), and what it is: the logits
+/// `[N, V]` (and their gradient), the attention scores `[B, heads, T, T]`, the expert buffer
+/// `[S, max(d, h)]` (`S`: the routed rows, `N k` dropless or `E C` under a capacity), the
+/// token embedding `[V, d]` or one stacked expert weight `[E, d, h]`. A GPU holds each tensor in
+/// one buffer, so each must fit the adapter's largest.
+pub fn largest_tensor_bytes(config: &TrainConfig, model: &MoeTransformerConfig) -> (f64, String) {
+    const F32: f64 = 4.0;
+    let s = &model.decoder;
+    let (batch, context) = (config.optim.batch_size, config.model.context_length);
+    let tokens = batch * context;
+    let moe = &s.moe;
+    let rows = if moe.capacity.dropless {
+        tokens * moe.top_k
+    } else {
+        moe.num_experts
+            * moe.capacity.capacity(
+                tokens,
+                moe.num_experts,
+                moe.top_k,
+                moe_core::RoutingMode::Train,
+            )
+    };
+    let width = s.d_model.max(moe.expert.d_hidden);
+    let candidates = [
+        (tokens * model.vocab_size, "the logits"),
+        (
+            batch * s.num_heads * context * context,
+            "the attention scores",
+        ),
+        (rows * width, "the expert buffer"),
+        (model.vocab_size * s.d_model, "the token embedding"),
+        (
+            moe.num_experts * s.d_model * moe.expert.d_hidden,
+            "one stacked expert weight",
+        ),
+    ];
+    let (elements, what) = candidates
+        .into_iter()
+        .max_by_key(|(elements, _)| *elements)
+        .expect("candidates");
+    (elements as f64 * F32, what.to_string())
+}
+
+/// Refuses a run whose largest tensor does not fit the wgpu adapter's largest buffer, with
+/// the figures, before anything is allocated.
+pub fn check_adapter(
+    config: &TrainConfig,
+    model: &MoeTransformerConfig,
+    adapter: &str,
+    limits: &AdapterLimits,
+) -> Result<()> {
+    let (needed, what) = largest_tensor_bytes(config, model);
+    let largest = limits.largest_tensor_bytes() as f64;
+    if needed <= largest {
+        return Ok(());
+    }
+    Err(TrainError::Memory(format!(
+        "{what} of a step ({} for a micro-batch of {} x {} tokens) is larger than the largest buffer the wgpu adapter {adapter} allows ({}); lower `--batch-size`, `--context` or the model's width, or use `--backend flex`",
+        bytes(needed),
+        config.optim.batch_size,
+        config.model.context_length,
+        bytes(largest),
     )))
 }
 

@@ -197,6 +197,9 @@ pub fn train(mut config: TrainConfig, options: RunOptions) -> Result<RunSummary>
                 .with_hf_weights(opened.is_none());
             let model = config.text_model_config(task.vocab_size());
             memory::check(&config, &model, selected.backend)?;
+            if let Some(limits) = &selected.limits {
+                memory::check_adapter(&config, &model, &selected.adapter, limits)?;
+            }
             run(task, config, selected, layout, options, resumed, run_dir)
         }
         TaskKind::Caption | TaskKind::TextToImage => {
@@ -209,7 +212,11 @@ pub fn train(mut config: TrainConfig, options: RunOptions) -> Result<RunSummary>
             }
             // The text model of the same shape stands in for the multimodal one's estimate.
             let vocab = moe_models::digits::TEXT_VOCAB.len() + config.data.image_levels;
-            memory::check(&config, &config.text_model_config(vocab), selected.backend)?;
+            let model = config.text_model_config(vocab);
+            memory::check(&config, &model, selected.backend)?;
+            if let Some(limits) = &selected.limits {
+                memory::check_adapter(&config, &model, &selected.adapter, limits)?;
+            }
             let task = DigitsTask::new(&config, options.show_progress)?;
             run(task, config, selected, layout, options, resumed, run_dir)
         }

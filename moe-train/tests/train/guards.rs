@@ -307,3 +307,50 @@ fn the_memory_estimate_counts_the_parameters_and_refuses_with_figures() {
         "{message}"
     );
 }
+
+#[test]
+fn an_adapter_whose_buffers_are_too_small_is_refused_with_figures() {
+    use moe_train::backend::AdapterLimits;
+    let config = moe_train::config::Preset::Tiny.config();
+    let model = config.text_model_config(4500);
+    // The tiny preset's largest tensor: the logits, 16 x 64 tokens x 4,500 classes x 4 bytes
+    // (the expert buffer is 16,384 rows x 128 = 2.1 M values, the logits 4.6 M).
+    let (bytes, what) = moe_train::memory::largest_tensor_bytes(&config, &model);
+    assert_eq!(what, "the logits");
+    assert_eq!(bytes, 16.0 * 64.0 * 4500.0 * 4.0);
+    let limits = |buffer: u64| AdapterLimits {
+        compiler: "wgpu<spirv>".into(),
+        driver: "test".into(),
+        workgroup_memory: 16_384,
+        invocations_per_workgroup: 256,
+        storage_binding: buffer,
+        buffer,
+        shader_f16: false,
+        is_cpu: false,
+    };
+    moe_train::memory::check_adapter(&config, &model, "a GPU", &limits(1 << 30)).unwrap();
+    let message = moe_train::memory::check_adapter(&config, &model, "a GPU", &limits(1 << 20))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("the logits of a step (18.4 MB")
+            && message.contains("allows (1.0 MB)")
+            && message.contains("--batch-size"),
+        "{message}"
+    );
+    // Workgroups smaller than the kernels' are refused before anything runs.
+    let mut small = limits(1 << 30);
+    small.invocations_per_workgroup = 128;
+    let message = small.check_kernels("a GPU").unwrap_err().to_string();
+    assert!(
+        message.contains("128 invocations per workgroup") && message.contains("launches 256"),
+        "{message}"
+    );
+    small.invocations_per_workgroup = 256;
+    small.workgroup_memory = 4096;
+    let message = small.check_kernels("a GPU").unwrap_err().to_string();
+    assert!(
+        message.contains("4096 bytes of workgroup memory"),
+        "{message}"
+    );
+}

@@ -5,7 +5,8 @@
 //! - [`core`] (`moe-core`): the MoE layer: gates, experts, dispatch, balancing losses;
 //! - [`kernels`] (`moe-kernels`): fused element-wise operations with a kernel per backend;
 //! - [`models`] (`moe-models`): MoE transformers built from the layer;
-//! - [`train`] (`moe-train`): training, generation and the backend chooser.
+//! - [`train`] (`moe-train`): training, generation and the backend chooser;
+//! - [`parity`]: the backend parity cases that the tests and `moe-bench gpu-check` run.
 
 pub use moe_core as core;
 pub use moe_kernels as kernels;
@@ -13,3 +14,5 @@ pub use moe_models as models;
 pub use moe_train as train;
 
 pub use moe_core::burn;
+
+pub mod parity;

@@ -8,12 +8,14 @@
 //! with the same active FLOPs; W2 a training step of the `tiny` and `small` presets with peak
 //! memory; W3 the backend's matmul at the expert GEMM shapes; W4 the same in PyTorch eager
 //! (`bench/torch_moe.py`); W5 the layer's cost as tokens and experts grow; W6 what finer
-//! experts cost at equal active width (`--only w2`, `--only w5` and `--only w6` run those
-//! alone). Every figure is the median of repeated runs after warm-up; W1's
+//! experts cost at equal active width; W7 the grouped expert matmul against the backend's
+//! matmul at the same FLOPs (`--only w2`, `w5`, `w6` and `w7` run those alone). Every figure is the median of repeated runs after warm-up; W1's
 //! configurations are timed in interleaved rounds, so that the ratios between them (P1, P2)
 //! compare runs made at the same time.
 
+mod gpu_check;
 mod granularity;
+mod grouped;
 mod layer;
 mod scaling;
 mod step;
@@ -68,8 +70,8 @@ struct Args {
     #[arg(long)]
     main_thread: bool,
     /// Run only this workload: `w2` (training steps), `w5` (scaling: the layer at T, 4T and
-    /// 16T tokens and 4, 16 and 64 experts) or `w6` (granularity: 4 to 64 experts at equal
-    /// active width).
+    /// 16T tokens and 4, 16 and 64 experts), `w6` (granularity: 4 to 64 experts at equal
+    /// active width) or `w7` (the grouped matmul against the backend's matmul).
     #[arg(long, value_enum)]
     only: Option<Only>,
     /// W5's smallest token count T.
@@ -78,6 +80,18 @@ struct Args {
     /// Internal: measure W2 for one preset in this process and print its memory.
     #[arg(long, hide = true)]
     w2_child: Option<Preset>,
+    /// A mode other than the benchmark.
+    #[command(subcommand)]
+    mode: Option<Mode>,
+}
+
+/// Modes other than the benchmark.
+#[derive(Debug, clap::Subcommand)]
+enum Mode {
+    /// On a machine with a GPU: the adapter, every kernel and the parity cases against flex,
+    /// determinism, timings (W5, W7, training steps with launches and host reads) and 40
+    /// training steps in f32 and f16; one JSON file and a table (see bench/README.md).
+    GpuCheck(gpu_check::GpuCheckArgs),
 }
 
 /// The workloads that run on their own.
@@ -89,10 +103,17 @@ enum Only {
     W5,
     /// W6: the layer's cost as experts get finer at equal active width.
     W6,
+    /// W7: the grouped matmul's three products against the backend's matmul.
+    W7,
 }
 
 fn main() {
     let args = Args::parse();
+    if let Some(Mode::GpuCheck(check)) = &args.mode {
+        burn_moe::train::backend::quiet_display_probes();
+        let status = run_on_compute_threads(|| gpu_check::run(check));
+        std::process::exit(status);
+    }
     let heap_reuse = !args.no_heap_reuse && burn_moe::train::allocator::reuse_heap_memory();
     if args.main_thread {
         bench(&args, heap_reuse);
@@ -139,6 +160,11 @@ fn bench(args: &Args, heap_reuse: bool) {
         Some(Only::W6) => {
             let w6 = w6(&device, warmup, repeats);
             write_json(args, json!({ "backend": selected.to_string(), "w6": w6 }));
+            return;
+        }
+        Some(Only::W7) => {
+            let w7 = w7(&device, args.quick, warmup, repeats);
+            write_json(args, json!({ "backend": selected.to_string(), "w7": w7 }));
             return;
         }
         Some(Only::W2) => {
@@ -312,6 +338,7 @@ fn bench(args: &Args, heap_reuse: bool) {
 
     let w5 = w5(&device, args, warmup, repeats);
     let w6 = w6(&device, warmup, repeats);
+    let w7 = w7(&device, args.quick, warmup, repeats);
 
     let report = ratios(&w1, &w2, &w3, torch.as_ref().ok());
     println!("\nratios (targets: P1 >= 0.90 at E=8 top-2, P2 <= 1.10, P3 >= 1.0, P4 >= 0.80, memory <= 1.5)");
@@ -339,6 +366,7 @@ fn bench(args: &Args, heap_reuse: bool) {
     };
     output["w5"] = w5;
     output["w6"] = json!(w6);
+    output["w7"] = w7;
     write_json(args, output);
 }
 
@@ -402,6 +430,27 @@ fn w2(
 }
 
 /// W6: prints and returns its rows.
+/// W7 in f32, and in f16 where the device computes in it.
+fn w7(device: &burn::tensor::Device, quick: bool, warmup: usize, repeats: usize) -> Value {
+    use burn::tensor::FloatDType;
+    println!("\nW7: the grouped expert matmul against the backend's matmul, same rows and FLOPs (interleaved rounds)");
+    let shapes = grouped::shapes(quick);
+    let mut rows = grouped::measure(device, &shapes, FloatDType::F32, warmup, repeats);
+    if device.supports_dtype(FloatDType::F16) {
+        rows.extend(grouped::measure(
+            device,
+            &shapes,
+            FloatDType::F16,
+            warmup,
+            repeats,
+        ));
+    }
+    grouped::print(&rows);
+    let mean = grouped::mean_ratio(&rows);
+    println!("grouped_matmul_ratio (geometric mean; target on llvmpipe: >= 0.8): {mean:.2}");
+    json!({ "rows": rows, "grouped_matmul_ratio": mean })
+}
+
 fn w6(
     device: &burn::tensor::Device,
     warmup: usize,

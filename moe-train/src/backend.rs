@@ -295,6 +295,9 @@ fn missing_for(precision: Precision, limits: Option<&AdapterLimits>) -> String {
         (Precision::Bf16, Some(limits)) if limits.compiler.contains("wgsl") && native => {
             "bf16 needs Burn's vulkan or metal compiler, and this adapter runs WGSL: it is not a Vulkan or Apple GPU adapter, or lacks a Vulkan feature Burn's SPIR-V needs".into()
         }
+        (Precision::Bf16, Some(limits)) if limits.compiler.contains("wgsl") && limits.is_cpu => {
+            "bf16 needs Burn's vulkan or metal compiler, and this build compiles WGSL only; on a GPU rebuild with `--features vulkan` (Linux, Windows) or `--features metal` (macOS), but not for llvmpipe, whose Vulkan driver cannot run Burn's SPIR-V".into()
+        }
         (Precision::Bf16, Some(limits)) if limits.compiler.contains("wgsl") => {
             "bf16 needs Burn's vulkan or metal compiler, and this build compiles WGSL only: rebuild with `--features vulkan` (Linux, Windows) or `--features metal` (macOS)".into()
         }

@@ -3,7 +3,7 @@
 //! Each case is a ragged buffer of `rows` rows split over `experts` groups and the three
 //! products an expert projection runs per training step:
 //!
-//! - forward, `y[s] = x[s] · w[e]` ([`grouped_matmul`]), against `x · W` for one `[K, N]` W;
+//! - forward, `y[s] = x[s] · w[e]` ([`grouped_matmul()`]), against `x · W` for one `[K, N]` W;
 //! - the input gradient, `g[s] · w[e]ᵀ` (the same kernel on the transposed weights), against
 //!   `g · Wᵀ`;
 //! - the weight gradient, `Σ_{s in e} x[s]ᵀ g[s]` ([`grouped_weight_grad`]), against `xᵀ · g`.

@@ -9,8 +9,11 @@
 //! - the weight gradient, `Σ_{s in e} x[s]ᵀ g[s]` ([`grouped_weight_grad`]), against `xᵀ · g`.
 //!
 //! Both sides do `2 x rows x K x N` useful FLOPs, so the ratio of their times is the share of
-//! the backend's matmul speed the grouped kernel reaches (1.0: as fast). The two sides of
-//! each product are timed in interleaved rounds.
+//! the backend's matmul speed the grouped kernel reaches (1.0: as fast). A third form lays the
+//! rows out as the capacity layout would, `[E, C, K]` with `C = ceil(1.25 S / E)` rows per
+//! group, and runs the backend's batched matmul over it (autotuned on the cube backends): the
+//! alternative to the ragged kernel, timed beside it. All three sides of each product are timed
+//! in interleaved rounds.
 
 use burn::tensor::{Device, Distribution, FloatDType, Int, Tensor, TensorData};
 use burn_moe::kernels::grouped_matmul;
@@ -116,12 +119,22 @@ pub struct GroupedRow {
     pub grouped_seconds: f64,
     /// Median seconds of the backend's matmul on the same rows.
     pub matmul_seconds: f64,
+    /// Median seconds of the backend's batched matmul over the `[E, C, ·]` capacity layout.
+    pub batched_seconds: f64,
     /// Useful GFLOP/s of the grouped product.
     pub grouped_gflops: f64,
     /// GFLOP/s of the backend's matmul.
     pub matmul_gflops: f64,
     /// `matmul_seconds / grouped_seconds` (target on llvmpipe: >= 0.8).
     pub ratio: f64,
+    /// `matmul_seconds / batched_seconds`: the same share for the batched form, counting only
+    /// the `S` useful rows (its padding rows are work it does in vain).
+    pub batched_ratio: f64,
+}
+
+/// Rows per group of the capacity layout at capacity factor 1.25, `ceil(1.25 S / E)`.
+pub fn capacity_rows(rows: usize, experts: usize) -> usize {
+    (rows * 5).div_ceil(experts * 4)
 }
 
 /// Group sizes summing to `rows`, by `spread` (deterministic).
@@ -193,10 +206,14 @@ pub fn measure(
         let w = random(vec![e, k, n]).reshape([e, k, n]);
         let dense_w = random(vec![k, n]).reshape([k, n]);
         let offsets = offsets_of(&group_sizes(s, e, shape.spread), device);
+        let c = capacity_rows(s, e);
+        let x_batched = random(vec![e, c, k]).reshape([e, c, k]);
+        let g_batched = random(vec![e, c, n]).reshape([e, c, n]);
 
         let mut works: Vec<Box<dyn FnMut() + '_>> = vec![
             Box::new(|| drop(grouped_matmul(x.clone(), w.clone(), offsets.clone()))),
             Box::new(|| drop(x.clone().matmul(dense_w.clone()))),
+            Box::new(|| drop(x_batched.clone().matmul(w.clone()))),
             Box::new(|| {
                 drop(grouped_matmul(
                     g.clone(),
@@ -205,23 +222,27 @@ pub fn measure(
                 ))
             }),
             Box::new(|| drop(g.clone().matmul(dense_w.clone().transpose()))),
+            Box::new(|| drop(g_batched.clone().matmul(w.clone().swap_dims(1, 2)))),
             Box::new(|| drop(grouped_weight_grad(x.clone(), g.clone(), offsets.clone()))),
             Box::new(|| drop(x.clone().transpose().matmul(g.clone()))),
+            Box::new(|| drop(x_batched.clone().swap_dims(1, 2).matmul(g_batched.clone()))),
         ];
         let seconds = interleaved_median_seconds(device, warmup, repeats, &mut works);
         let flops = 2.0 * s as f64 * k as f64 * n as f64;
         let products = [Product::Forward, Product::InputGrad, Product::WeightGrad];
-        for (product, pair) in products.into_iter().zip(seconds.chunks(2)) {
-            let (grouped, matmul) = (pair[0], pair[1]);
+        for (product, sides) in products.into_iter().zip(seconds.chunks(3)) {
+            let (grouped, matmul, batched) = (sides[0], sides[1], sides[2]);
             rows.push(GroupedRow {
                 shape,
                 product,
                 dtype: format!("{dtype:?}").to_lowercase(),
                 grouped_seconds: grouped,
                 matmul_seconds: matmul,
+                batched_seconds: batched,
                 grouped_gflops: flops / grouped / 1e9,
                 matmul_gflops: flops / matmul / 1e9,
                 ratio: matmul / grouped,
+                batched_ratio: matmul / batched,
             });
         }
     }
@@ -231,7 +252,7 @@ pub fn measure(
 /// Prints W7's rows as a table.
 pub fn print(rows: &[GroupedRow]) {
     println!(
-        "{:<18} {:>6} {:>5} {:>5} {:>4} {:<11} {:<5} {:>9} {:>9} {:>8} {:>8} {:>6}",
+        "{:<18} {:>6} {:>5} {:>5} {:>4} {:<11} {:<5} {:>9} {:>9} {:>8} {:>8} {:>6} {:>8}",
         "shape",
         "S",
         "K",
@@ -243,7 +264,8 @@ pub fn print(rows: &[GroupedRow]) {
         "matmul",
         "GFLOP/s",
         "matmul",
-        "ratio"
+        "ratio",
+        "batched"
     );
     for row in rows {
         let product = match row.product {
@@ -252,7 +274,7 @@ pub fn print(rows: &[GroupedRow]) {
             Product::WeightGrad => "weight grad",
         };
         println!(
-            "{:<18} {:>6} {:>5} {:>5} {:>4} {:<11} {:<5} {:>9.2} {:>9.2} {:>8.1} {:>8.1} {:>6.2}",
+            "{:<18} {:>6} {:>5} {:>5} {:>4} {:<11} {:<5} {:>9.2} {:>9.2} {:>8.1} {:>8.1} {:>6.2} {:>8.2}",
             row.shape.name,
             row.shape.rows,
             row.shape.inner,
@@ -264,16 +286,26 @@ pub fn print(rows: &[GroupedRow]) {
             row.matmul_seconds * 1e3,
             row.grouped_gflops,
             row.matmul_gflops,
-            row.ratio
+            row.ratio,
+            row.batched_ratio
         );
     }
 }
 
-/// The geometric mean of the rows' ratios (1.0 for none).
+/// The geometric mean of the rows' grouped ratios (1.0 for none).
 pub fn mean_ratio(rows: &[GroupedRow]) -> f64 {
-    if rows.is_empty() {
+    geometric_mean(rows.iter().map(|row| row.ratio))
+}
+
+/// The geometric mean of the rows' batched ratios (1.0 for none).
+pub fn mean_batched_ratio(rows: &[GroupedRow]) -> f64 {
+    geometric_mean(rows.iter().map(|row| row.batched_ratio))
+}
+
+fn geometric_mean(values: impl ExactSizeIterator<Item = f64>) -> f64 {
+    let count = values.len();
+    if count == 0 {
         return 1.0;
     }
-    let log_sum: f64 = rows.iter().map(|row| row.ratio.ln()).sum();
-    (log_sum / rows.len() as f64).exp()
+    (values.map(f64::ln).sum::<f64>() / count as f64).exp()
 }

@@ -429,11 +429,10 @@ fn w2(
     (w2, torch_w2)
 }
 
-/// W6: prints and returns its rows.
 /// W7 in f32, and in f16 where the device computes in it.
 fn w7(device: &burn::tensor::Device, quick: bool, warmup: usize, repeats: usize) -> Value {
     use burn::tensor::FloatDType;
-    println!("\nW7: the grouped expert matmul against the backend's matmul, same rows and FLOPs (interleaved rounds)");
+    println!("\nW7: the grouped expert matmul against the backend's matmul, same rows and FLOPs, and the batched matmul over the capacity layout (interleaved rounds)");
     let shapes = grouped::shapes(quick);
     let mut rows = grouped::measure(device, &shapes, FloatDType::F32, warmup, repeats);
     if device.supports_dtype(FloatDType::F16) {
@@ -447,10 +446,13 @@ fn w7(device: &burn::tensor::Device, quick: bool, warmup: usize, repeats: usize)
     }
     grouped::print(&rows);
     let mean = grouped::mean_ratio(&rows);
+    let batched = grouped::mean_batched_ratio(&rows);
     println!("grouped_matmul_ratio (geometric mean; target on llvmpipe: >= 0.8): {mean:.2}");
-    json!({ "rows": rows, "grouped_matmul_ratio": mean })
+    println!("batched_capacity_ratio (the batched matmul over the capacity layout): {batched:.2}");
+    json!({ "rows": rows, "grouped_matmul_ratio": mean, "batched_capacity_ratio": batched })
 }
 
+/// W6: prints and returns its rows.
 fn w6(
     device: &burn::tensor::Device,
     warmup: usize,

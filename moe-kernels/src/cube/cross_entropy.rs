@@ -24,6 +24,7 @@ use burn::tensor::Shape;
 use cubecl::prelude::*;
 use cubecl::{calculate_cube_count_elemwise, CubeCount, CubeDim};
 
+use super::index::index_within;
 use super::{empty_like_shape, scan_units, GRID_AXIS};
 use crate::cross_entropy::CrossEntropyBackend;
 
@@ -117,14 +118,6 @@ fn reduce_in_order(
     sync_cube();
 }
 
-/// The target of `row`, or `classes` (no class) when it is outside `0..classes`.
-#[cube]
-fn target_class<I: Int>(targets: &Tensor<I>, row: usize, classes: usize) -> usize {
-    let target = targets[row * targets.stride(0)];
-    let inside = target >= I::from_int(0) && usize::cast_from(target) < classes;
-    select(inside, usize::cast_from(target), classes)
-}
-
 /// One cube per row `r` (`CUBE_POS_Y * 65,535 + CUBE_POS_X`): `m = max_j x[r, j]`,
 /// `lse[r] = m + ln Σ_j e^{x[r, j] - m}` and `loss[r] = lse[r] - x[r, t]`, in f32. Unit `u`
 /// reads the classes `u, u + units, ...`.
@@ -166,7 +159,7 @@ fn cross_entropy_forward_kernel<F: Float, I: Int>(
 
     if unit == 0 {
         let normaliser = maximum + f32::ln(shared[0]);
-        let target = target_class(targets, row, classes);
+        let target = index_within(targets, row, classes);
         let mut picked = 0.0f32;
         if target < classes {
             picked = f32::cast_from(logits[row_start + target * column]);
@@ -195,7 +188,7 @@ fn cross_entropy_backward_kernel<F: Float, I: Int>(
     let (row, class) = (position / classes, position % classes);
     let x = f32::cast_from(logits[row * logits.stride(0) + class * logits.stride(1)]);
     let probability = f32::exp(x - f32::cast_from(lse[row * lse.stride(0)]));
-    let hit = select(target_class(targets, row, classes) == class, 1.0f32, 0.0f32);
+    let hit = select(index_within(targets, row, classes) == class, 1.0f32, 0.0f32);
     output[position] =
         F::cast_from(f32::cast_from(grad[row * grad.stride(0)]) * (probability - hit));
 }

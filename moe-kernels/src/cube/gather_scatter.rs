@@ -36,6 +36,7 @@ use burn_cubecl::kernel::into_contiguous;
 use cubecl::prelude::*;
 use cubecl::{calculate_cube_count_elemwise, CubeDim};
 
+use super::index::index_within;
 use super::routing::column_exclusive_scan;
 use super::{empty_like_shape, zeros_like_shape};
 use crate::gather_scatter::{composed_combine_rows_backward, GatherScatterBackend};
@@ -242,14 +243,6 @@ fn sum_rows_by_token(
     output
 }
 
-/// The token slot `slot` names, or `tokens` when its index is outside `0..tokens` (padding).
-#[cube]
-fn named_token<I: Int>(index: &Tensor<I>, slot: usize, tokens: usize) -> usize {
-    let token = index[slot * index.stride(0)];
-    let inside = token >= I::from_int(0) && usize::cast_from(token) < tokens;
-    select(inside, usize::cast_from(token), tokens)
-}
-
 /// One unit per output element `(s, c)`: `x[index[s], c]`, or zero for a padding slot.
 #[cube(launch)]
 fn gather_rows_kernel<F: Float, I: Int>(
@@ -265,7 +258,7 @@ fn gather_rows_kernel<F: Float, I: Int>(
     }
     let columns = output.shape(1);
     let tokens = x.shape(0);
-    let token = named_token(index, position / columns, tokens);
+    let token = index_within(index, position / columns, tokens);
     let mut value = F::from_int(0);
     if token < tokens {
         value = x[token * x.stride(0) + (position % columns) * x.stride(1)];
@@ -292,7 +285,7 @@ fn combine_backward_kernel<F: Float, I: Int>(
     }
     let columns = values.shape(1);
     let tokens = grad.shape(0);
-    let token = named_token(index, slot, tokens);
+    let token = index_within(index, slot, tokens);
     let mut scale = 0.0f32;
     if token < tokens {
         scale = f32::cast_from(weight[slot * weight.stride(0)]);

@@ -17,6 +17,7 @@ mod adamw;
 mod cross_entropy;
 mod gather_scatter;
 mod grouped_matmul;
+mod index;
 mod routing;
 mod tile;
 

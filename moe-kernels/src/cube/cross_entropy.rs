@@ -17,15 +17,14 @@
 //! gradient the softmax alone (flex refuses such a target; Burn's composed `gather` reads out
 //! of bounds).
 
-use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::wgpu::{CubeBackend, CubeTensor};
 use burn::backend::TensorMetadata;
 use burn::tensor::Shape;
 use cubecl::prelude::*;
-use cubecl::{calculate_cube_count_elemwise, CubeCount, CubeDim};
+use cubecl::{calculate_cube_count_elemwise, CubeDim};
 
 use super::index::index_within;
-use super::{empty_like_shape, scan_units, GRID_AXIS};
+use super::{empty_like_shape, float_and_int_dtypes, one_cube_per_row, scan_units, GRID_AXIS};
 use crate::cross_entropy::CrossEntropyBackend;
 
 impl CrossEntropyBackend for CubeBackend {
@@ -38,17 +37,10 @@ impl CrossEntropyBackend for CubeBackend {
         }
         let client = logits.client.clone();
         let units = scan_units(&client);
-        let dtypes = [
-            dtype_to_storage_type(logits.dtype),
-            dtype_to_storage_type(targets.dtype),
-        ];
+        let dtypes = float_and_int_dtypes(&logits, &targets);
         cross_entropy_forward_kernel::launch(
             &client,
-            CubeCount::Static(
-                rows.min(GRID_AXIS) as u32,
-                rows.div_ceil(GRID_AXIS) as u32,
-                1,
-            ),
+            one_cube_per_row(rows),
             CubeDim::new_1d(units as u32),
             logits.into_tensor_arg(),
             targets.into_tensor_arg(),
@@ -75,10 +67,7 @@ impl CrossEntropyBackend for CubeBackend {
         let client = logits.client.clone();
         let cube_dim = CubeDim::new(&client, units);
         let cube_count = calculate_cube_count_elemwise(&client, units, cube_dim);
-        let dtypes = [
-            dtype_to_storage_type(logits.dtype),
-            dtype_to_storage_type(targets.dtype),
-        ];
+        let dtypes = float_and_int_dtypes(&logits, &targets);
         cross_entropy_backward_kernel::launch(
             &client,
             cube_count,

@@ -38,7 +38,7 @@ use cubecl::{calculate_cube_count_elemwise, CubeDim};
 
 use super::index::index_within;
 use super::routing::column_exclusive_scan;
-use super::{empty_like_shape, zeros_like_shape};
+use super::{empty_like_shape, float_and_int_dtypes, zeros_like_shape};
 use crate::gather_scatter::{composed_combine_rows_backward, GatherScatterBackend};
 
 impl GatherScatterBackend for CubeBackend {
@@ -53,10 +53,7 @@ impl GatherScatterBackend for CubeBackend {
         let client = x.client.clone();
         let cube_dim = CubeDim::new(&client, units);
         let cube_count = calculate_cube_count_elemwise(&client, units, cube_dim);
-        let dtypes = [
-            dtype_to_storage_type(x.dtype),
-            dtype_to_storage_type(index.dtype),
-        ];
+        let dtypes = float_and_int_dtypes(&x, &index);
         gather_rows_kernel::launch(
             &client,
             cube_count,
@@ -88,10 +85,7 @@ impl GatherScatterBackend for CubeBackend {
         let client = values.client.clone();
         let cube_dim = CubeDim::new(&client, slots);
         let cube_count = calculate_cube_count_elemwise(&client, slots, cube_dim);
-        let dtypes = [
-            dtype_to_storage_type(values.dtype),
-            dtype_to_storage_type(index.dtype),
-        ];
+        let dtypes = float_and_int_dtypes(&values, &index);
         combine_backward_kernel::launch(
             &client,
             cube_count,
@@ -222,10 +216,7 @@ fn sum_rows_by_token(
     let weighted = weight.is_some();
     // Unweighted: the kernel does not read `weight`; any tensor of the right type will do.
     let weight = weight.unwrap_or_else(|| values.clone());
-    let dtypes = [
-        dtype_to_storage_type(values.dtype),
-        dtype_to_storage_type(lists.rows.dtype),
-    ];
+    let dtypes = float_and_int_dtypes(&values, &lists.rows);
     sum_listed_rows_kernel::launch(
         &client,
         cube_count,

@@ -32,7 +32,6 @@
 //! device allows fewer). `R` is 256 unless the chunk sums would
 //! pass 64 MB (`C K N` f32 values), in which case the chunks are longer and fewer.
 
-use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::wgpu::{CubeBackend, CubeTensor};
 use burn::backend::TensorMetadata;
 use burn::tensor::Shape;
@@ -44,7 +43,7 @@ use burn::tensor::DType;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 
 use super::tile::{multiply, patch_sum, stage, zero_sums, BlockView, Quad, STEP, WIDTH};
-use super::{empty_like_shape, scan_units, GRID_AXIS};
+use super::{empty_like_shape, float_and_int_dtypes, one_cube_per_row, scan_units, GRID_AXIS};
 use crate::adapter::SHARED_MEMORY_BYTES;
 use crate::grouped_matmul::GroupedMatmulBackend;
 
@@ -149,7 +148,7 @@ impl GroupedMatmulBackend for CubeBackend {
         // The groups make at most `ceil(S / rows) + E` tiles, and the rows they leave
         // uncovered at most `ceil(uncovered / rows) + 1` more (before and after them).
         let row_tiles = rows.div_ceil(tiling.block_rows()) + experts + 1;
-        let dtypes = dtypes(&x, &offsets);
+        let dtypes = float_and_int_dtypes(&x, &offsets);
         let (x_along_rows, w_along_columns) = (!along(&x, 1) && along(&x, 0), along(&w, 2));
         // SAFETY: every read and write is guarded by the tensors' own shapes (`stage`, and the
         // bounds on the stores), and the grid covers exactly the tiles the kernel checks for.
@@ -187,7 +186,7 @@ impl GroupedMatmulBackend for CubeBackend {
         }
         let chunks = Chunks::new(rows, experts, inner * columns);
         let partial = chunks.partial_sums(&x, inner * columns);
-        let dtypes = dtypes(&x, &offsets);
+        let dtypes = float_and_int_dtypes(&x, &offsets);
         let tiling = Tiling::choose(&x.client, inner, columns);
         let (x_along_columns, grad_along_columns) = (along(&x, 1), along(&grad, 1));
         // SAFETY: as in `grouped_matmul`: every access is guarded by the shapes.
@@ -224,14 +223,10 @@ impl GroupedMatmulBackend for CubeBackend {
         }
         // One cube per row, its units along the columns (a power of two, at most 256).
         let units = columns.next_power_of_two().min(scan_units(&x.client));
-        let dtypes = dtypes(&x, &offsets);
+        let dtypes = float_and_int_dtypes(&x, &offsets);
         grouped_bias_kernel::launch(
             &x.client.clone(),
-            CubeCount::Static(
-                rows.min(GRID_AXIS) as u32,
-                rows.div_ceil(GRID_AXIS) as u32,
-                1,
-            ),
+            one_cube_per_row(rows),
             CubeDim::new_1d(units as u32),
             x.into_tensor_arg(),
             bias.into_tensor_arg(),
@@ -254,7 +249,7 @@ impl GroupedMatmulBackend for CubeBackend {
         let partial = chunks.partial_sums(&values, columns);
         let client = values.client.clone();
         let units = scan_units(&client);
-        let dtypes = dtypes(&values, &offsets);
+        let dtypes = float_and_int_dtypes(&values, &offsets);
         chunk_column_sums_kernel::launch(
             &client,
             CubeCount::Static(columns.div_ceil(units) as u32, chunks.most as u32, 1),
@@ -325,7 +320,7 @@ impl Chunks {
         let experts = offsets.shape()[0] - 1;
         let client = output.client.clone();
         let units = scan_units(&client);
-        let dtypes = dtypes(&output, &offsets);
+        let dtypes = float_and_int_dtypes(&output, &offsets);
         reduce_chunks_kernel::launch(
             &client,
             CubeCount::Static(elements.div_ceil(units) as u32, experts as u32, 1),
@@ -340,14 +335,6 @@ impl Chunks {
         );
         output
     }
-}
-
-/// The float and integer storage types of a kernel's `#[define(F, I)]`.
-fn dtypes(float: &CubeTensor, int: &CubeTensor) -> [cubecl::ir::ElemType; 2] {
-    [
-        dtype_to_storage_type(float.dtype),
-        dtype_to_storage_type(int.dtype),
-    ]
 }
 
 /// `offsets[e]` as a row bound: clamped to `0..=rows`.

@@ -8,10 +8,13 @@
 //! depend on the data (an expert's rows) are found on the device, and grids are sized for the
 //! most work the data could ask for.
 
+use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::wgpu::CubeTensor;
 use burn::tensor::Shape;
 use burn_cubecl::ops::numeric::{empty_device_contiguous_dtype, zeros_client};
 use cubecl::client::Client;
+use cubecl::ir::ElemType;
+use cubecl::CubeCount;
 
 mod adamw;
 mod cross_entropy;
@@ -24,6 +27,24 @@ mod tile;
 /// The most cubes along one grid axis that every wgpu adapter accepts: kernels with one cube
 /// per row spread larger counts over a second axis.
 const GRID_AXIS: usize = 65_535;
+
+/// One cube per row for `rows` rows, `GRID_AXIS` along x and the rest along y: the kernel
+/// finds its row as `CUBE_POS_Y * GRID_AXIS + CUBE_POS_X` (and stops past `rows`).
+fn one_cube_per_row(rows: usize) -> CubeCount {
+    CubeCount::Static(
+        rows.min(GRID_AXIS) as u32,
+        rows.div_ceil(GRID_AXIS) as u32,
+        1,
+    )
+}
+
+/// The float and integer storage types of a kernel's `#[define(F, I)]`, in that order.
+fn float_and_int_dtypes(float: &CubeTensor, int: &CubeTensor) -> [ElemType; 2] {
+    [
+        dtype_to_storage_type(float.dtype),
+        dtype_to_storage_type(int.dtype),
+    ]
+}
 
 /// A new contiguous tensor of `like`'s dtype on its device, uninitialised.
 fn empty_like_shape(like: &CubeTensor, shape: Shape) -> CubeTensor {

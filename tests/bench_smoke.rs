@@ -204,3 +204,71 @@ fn check_torch_side(report: &Value) {
     // Only the configurations the script measured have a ratio.
     assert_eq!(p3.len(), 3, "{p3:?}");
 }
+
+/// `--only w6-ops` times every operation of each of W6's layers taken apart, and the sum of
+/// the counted ones (the router's parts are shown but not counted).
+#[test]
+fn w6_ops_lists_every_operation_of_every_layer() {
+    let json_path =
+        std::env::temp_dir().join(format!("moe-bench-w6-ops-{}.json", std::process::id()));
+    let output = Command::new(env!("CARGO_BIN_EXE_moe-bench"))
+        .args(["--backend", "flex", "--quick", "--only", "w6-ops", "--json"])
+        .arg(&json_path)
+        .output()
+        .expect("moe-bench starts");
+    assert!(
+        output.status.success(),
+        "moe-bench failed: {}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).expect("JSON written"))
+            .expect("valid JSON");
+    let _ = std::fs::remove_file(&json_path);
+    let rows = report["w6_ops"].as_array().expect("w6_ops rows");
+    let operations = |experts: u64| -> Vec<&str> {
+        rows.iter()
+            .filter(|row| row["experts"] == experts)
+            .map(|row| row["operation"].as_str().expect("a name"))
+            .collect()
+    };
+    let dense = operations(1);
+    for name in [
+        "up product",
+        "activation",
+        "down product",
+        "layer",
+        "sum of the operations",
+    ] {
+        assert!(dense.contains(&name), "dense layer lacks {name}: {dense:?}");
+    }
+    for experts in [16, 64] {
+        let moe = operations(experts);
+        for name in [
+            "router (gate and balancing loss)",
+            "  router: top-k",
+            "plan",
+            "dispatch (gather)",
+            "up product",
+            "down product",
+            "combine",
+            "layer",
+            "sum of the operations",
+        ] {
+            assert!(
+                moe.contains(&name),
+                "{experts}-expert layer lacks {name}: {moe:?}"
+            );
+        }
+    }
+    for row in rows {
+        for field in ["forward_ms", "backward_ms"] {
+            let value = row[field].as_f64().expect("a number");
+            assert!(
+                value.is_finite() && value >= 0.0,
+                "{row}: {field} = {value}"
+            );
+        }
+    }
+}

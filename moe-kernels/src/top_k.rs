@@ -79,11 +79,13 @@ impl TopKBackend for burn::backend::NdArray {
 
 /// Writes the indices of the `out.len()` largest values of `row` into `out`, largest first,
 /// equal values in index order: an insertion into the sorted best-so-far, which a value enters
-/// only if it ranks before the last (`O(len x k)`).
+/// only if it ranks before the last (`O(len x k)`). `order` is a type parameter so that it is
+/// inlined: through a function pointer the comparisons cost the flex top-k of 16 of 64
+/// experts for 1,024 tokens 0.55 ms, ten times the softmax before it.
 pub(crate) fn select_largest<E: Copy>(
     row: &[E],
     out: &mut [i64],
-    order: fn(&E, &E) -> std::cmp::Ordering,
+    order: impl Fn(&E, &E) -> std::cmp::Ordering,
 ) {
     let k = out.len();
     // `a` ranks before `b`: larger, or equal and earlier (indices are visited in order, so an

@@ -131,8 +131,8 @@ impl GateConfig {
         }
     }
 
-    /// Routes `x: [tokens, d_model]`.
-    pub(crate) fn route(&self, input: GateInput<'_>) -> GateOutput {
+    /// Routes `x: [tokens, d_model]`: what [`crate::Moe`] does before its dispatch plan.
+    pub fn route(&self, input: GateInput<'_>) -> GateOutput {
         match self {
             Self::Naive(gate) => gate.route(input),
             Self::SoftmaxTopK(gate) => gate.route(input),

@@ -9,10 +9,11 @@
 //! memory; W3 the backend's matmul at the expert GEMM shapes; W4 the same in PyTorch eager
 //! (`bench/torch_moe.py`); W5 the layer's cost as tokens and experts grow; W6 what finer
 //! experts cost at equal active width; W7 the grouped expert matmul against the backend's
-//! matmul at the same FLOPs (`--only w2`, `w5`, `w6` and `w7` run those alone). Every figure is the median of repeated runs after warm-up; W1's
+//! matmul at the same FLOPs (`--only w2`, `w5`, `w6` and `w7` run those alone; `w6-ops` takes W6's layers apart). Every figure is the median of repeated runs after warm-up; W1's
 //! configurations are timed in interleaved rounds, so that the ratios between them (P1, P2)
 //! compare runs made at the same time.
 
+mod breakdown;
 mod gpu_check;
 mod granularity;
 mod grouped;
@@ -71,7 +72,7 @@ struct Args {
     main_thread: bool,
     /// Run only this workload: `w2` (training steps), `w5` (scaling: the layer at T, 4T and
     /// 16T tokens and 4, 16 and 64 experts), `w6` (granularity: 4 to 64 experts at equal
-    /// active width) or `w7` (the grouped matmul against the backend's matmul).
+    /// active width), `w6-ops` (W6's layers taken apart, operation by operation) or `w7` (the grouped matmul against the backend's matmul).
     #[arg(long, value_enum)]
     only: Option<Only>,
     /// W5's smallest token count T.
@@ -103,6 +104,8 @@ enum Only {
     W5,
     /// W6: the layer's cost as experts get finer at equal active width.
     W6,
+    /// W6's layer taken apart: each operation's forward and backward time.
+    W6Ops,
     /// W7: the grouped matmul's three products against the backend's matmul.
     W7,
 }
@@ -160,6 +163,16 @@ fn bench(args: &Args, heap_reuse: bool) {
         Some(Only::W6) => {
             let w6 = w6(&device, warmup, repeats);
             write_json(args, json!({ "backend": selected.to_string(), "w6": w6 }));
+            return;
+        }
+        Some(Only::W6Ops) => {
+            let (warmup, repeats) = if args.quick { (1, 1) } else { (3, 15) };
+            let rows = breakdown::measure(&device, warmup, repeats);
+            breakdown::print(&rows);
+            write_json(
+                args,
+                json!({ "backend": selected.to_string(), "w6_ops": rows }),
+            );
             return;
         }
         Some(Only::W7) => {

@@ -45,6 +45,24 @@ done
     path
 }
 
+/// Runs `command` (a moe-bench invocation writing JSON to `json_path`), requires success, and
+/// gives its standard output and the report, the file removed.
+fn report_of(mut command: Command, json_path: &std::path::Path) -> (String, Value) {
+    let output = command.output().expect("moe-bench starts");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "moe-bench failed: {}\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(json_path).expect("JSON written"))
+            .expect("valid JSON");
+    let _ = std::fs::remove_file(json_path);
+    (stdout, report)
+}
+
 #[test]
 fn quick_run_prints_and_writes_every_row() {
     let json_path =
@@ -64,20 +82,9 @@ fn quick_run_prints_and_writes_every_row() {
     }
     #[cfg(not(unix))]
     command.arg("--no-torch");
-    let output = command.output().expect("moe-bench starts");
+    let (stdout, report) = report_of(command, &json_path);
     #[cfg(unix)]
     let _ = std::fs::remove_dir_all(&stand_in_dir);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "moe-bench failed: {}\n{stdout}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: Value =
-        serde_json::from_str(&std::fs::read_to_string(&json_path).expect("JSON written"))
-            .expect("valid JSON");
-    let _ = std::fs::remove_file(&json_path);
 
     let w1 = report["w1"].as_array().expect("w1 rows");
     for top_k in [1u64, 2] {
@@ -211,21 +218,11 @@ fn check_torch_side(report: &Value) {
 fn w6_ops_lists_every_operation_of_every_layer() {
     let json_path =
         std::env::temp_dir().join(format!("moe-bench-w6-ops-{}.json", std::process::id()));
-    let output = Command::new(env!("CARGO_BIN_EXE_moe-bench"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_moe-bench"));
+    command
         .args(["--backend", "flex", "--quick", "--only", "w6-ops", "--json"])
-        .arg(&json_path)
-        .output()
-        .expect("moe-bench starts");
-    assert!(
-        output.status.success(),
-        "moe-bench failed: {}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: Value =
-        serde_json::from_str(&std::fs::read_to_string(&json_path).expect("JSON written"))
-            .expect("valid JSON");
-    let _ = std::fs::remove_file(&json_path);
+        .arg(&json_path);
+    let (_, report) = report_of(command, &json_path);
     let rows = report["w6_ops"].as_array().expect("w6_ops rows");
     let operations = |experts: u64| -> Vec<&str> {
         rows.iter()

@@ -3,11 +3,12 @@
 //!
 //! Each operation runs on the inputs the layer gives it (the same seed, router and tokens), as
 //! leaves of the autodiff graph. Its forward time is the median of running it; its backward
-//! time is the median time of back-propagating the sum of its outputs, less that of the same
-//! sum's backward on leaves of the outputs' shapes. The operations' sum is printed beside the
-//! whole layer's time. What the parts do not account for is the autodiff graph's bookkeeping
-//! and the caches: an operation timed alone finds its inputs in cache, in the layer it finds
-//! them where the operations before it left them.
+//! time is the median time of back-propagating `Σ sum(out * g)` (a fixed random `g` per
+//! output), less that of the same probe's backward on leaves of the outputs' shapes. The
+//! operations' sum is printed beside the whole layer's time. What the parts do not account
+//! for is the layer's glue (auxiliary loss, statistics), the autodiff graph's bookkeeping and
+//! the caches: an operation timed alone finds its inputs in cache, in the layer it finds them
+//! where the operations before it left them.
 
 use std::time::Instant;
 
@@ -93,6 +94,10 @@ pub fn measure(device: &Device, warmup: usize, repeats: usize) -> Vec<OperationR
 /// `[forward, backward]` median seconds of `operation`.
 fn time(device: &Device, operation: &Operation, warmup: usize, repeats: usize) -> [f64; 2] {
     let sample = operation();
+    let upstream: Vec<Tensor<2>> = sample
+        .iter()
+        .map(|out| Tensor::random(out.dims(), Distribution::Normal(0.0, 1.0), device))
+        .collect();
     let on_leaves = || sample.iter().map(leaf).collect::<Vec<_>>();
     let mut forward = Vec::new();
     let mut backward = Vec::new();
@@ -101,8 +106,8 @@ fn time(device: &Device, operation: &Operation, warmup: usize, repeats: usize) -
         let outputs = operation();
         device.sync().expect("device sync");
         let seconds = start.elapsed().as_secs_f64();
-        let with_operation = backward_seconds(device, outputs);
-        let probe_alone = backward_seconds(device, on_leaves());
+        let with_operation = backward_seconds(device, outputs, &upstream);
+        let probe_alone = backward_seconds(device, on_leaves(), &upstream);
         if round >= warmup {
             forward.push(seconds);
             backward.push(with_operation - probe_alone);
@@ -111,13 +116,19 @@ fn time(device: &Device, operation: &Operation, warmup: usize, repeats: usize) -
     [median(forward), median(backward).max(0.0)]
 }
 
-/// Seconds of the backward pass of `sum(outputs)`, the sum itself not counted (0 for an
-/// operation without float outputs).
-fn backward_seconds(device: &Device, outputs: Vec<Tensor<2>>) -> f64 {
+/// Seconds of the backward pass of `Σ sum(outputs[i] * upstream[i])`, the forward of that
+/// sum not counted (0 for an operation without float outputs). The random `upstream` makes
+/// each output's gradient a dense tensor like the one the layer's backward pass hands it (a
+/// plain sum would hand it a broadcast constant, which some backward steps read for free).
+fn backward_seconds(device: &Device, outputs: Vec<Tensor<2>>, upstream: &[Tensor<2>]) -> f64 {
     if outputs.is_empty() {
         return 0.0;
     }
-    let sums: Vec<Tensor<1>> = outputs.into_iter().map(|out| out.sum()).collect();
+    let sums: Vec<Tensor<1>> = outputs
+        .into_iter()
+        .zip(upstream)
+        .map(|(out, g)| (out * g.clone()).sum())
+        .collect();
     let loss = Tensor::cat(sums, 0).sum();
     device.sync().expect("device sync");
     let start = Instant::now();

@@ -1,10 +1,16 @@
 //! The run folder, owned by one training process at a time.
 //!
 //! A run folder (`--out`) holds a run's checkpoints, `latest`, `metrics.jsonl`, plots and
-//! config. A week of training lives there, so nothing touches it by accident:
+//! config. A week of training lives there, and a user's own files may sit where they point
+//! `--out`, so a run writes only into a folder it owns:
 //!
-//! - a new run refuses a folder that already holds one (a `latest` file or a checkpoint)
-//!   unless asked to `--overwrite` it, and `--resume` refuses a folder without one;
+//! - a new run goes into a folder that does not exist, is empty, or was claimed by a run that
+//!   stopped before its first checkpoint ([`MARKER_FILE`]); a folder that holds a run (a
+//!   `latest` file or a checkpoint) needs `--resume` or `--overwrite`, and any other folder
+//!   (a user's files, a model or corpus folder) is refused, naming a few of its files;
+//! - `--overwrite` removes the files a run writes ([`RUN_FILES`], the checkpoints), nothing
+//!   else, and only in a folder that holds a run or was claimed by one;
+//! - no run goes into a folder inside another run's folder (its checkpoints);
 //! - `--resume` refuses a checkpoint folder given in place of its run folder;
 //! - a lock (`.lock`, an advisory file lock the system releases when the process dies, even
 //!   by SIGKILL) stops a second process from training into the same folder;
@@ -19,6 +25,26 @@ use crate::error::{io, Result, TrainError};
 
 /// The lock file inside a run folder.
 pub const LOCK_FILE: &str = ".lock";
+
+/// Written into a folder when a run claims it: the folder is a run folder even before its
+/// first checkpoint, so a run that stopped early can be started again in it.
+pub const MARKER_FILE: &str = ".burn-moe-run";
+
+/// The files a run writes at the top of its folder, besides `checkpoints/`: what
+/// `--overwrite` removes (with the checkpoints), and nothing else.
+pub const RUN_FILES: [&str; 8] = [
+    "latest",
+    "metrics.jsonl",
+    checkpoint::CONFIG_FILE,
+    "loss.png",
+    "expert_load.png",
+    "expert_load_image.png",
+    "expert_load_text.png",
+    "samples.png",
+];
+
+/// How many of a refused folder's files its message names.
+const NAMED_FILES: usize = 3;
 
 /// How a training process means to use its run folder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,19 +81,26 @@ impl RunDir {
                 ),
             });
         }
+        check_not_inside_a_run(path)?;
         let holds_run = holds_run(path);
+        let refuse = |reason: String| {
+            Err(TrainError::RunFolder {
+                path: path.to_path_buf(),
+                reason,
+            })
+        };
         match claim {
             Claim::New if holds_run => {
-                return Err(TrainError::RunFolder {
-                    path: path.to_path_buf(),
-                    reason: "already holds a run (checkpoints and metrics); continue it with `--resume`, replace it with `--overwrite`, or choose another `--out`".into(),
-                })
+                return refuse("already holds a run (checkpoints and metrics); continue it with `--resume`, replace it with `--overwrite`, or choose another `--out`".into());
             }
             Claim::Resume if !holds_run => {
-                return Err(TrainError::RunFolder {
-                    path: path.to_path_buf(),
-                    reason: "holds no run to resume (no `latest` file and no checkpoint); start the run without `--resume`".into(),
-                })
+                return refuse("holds no run to resume (no `latest` file and no checkpoint); start the run without `--resume`".into());
+            }
+            Claim::New | Claim::Overwrite if !holds_run && !is_claimable(path) => {
+                return refuse(format!(
+                    "holds files that are not a burn-moe run ({}); a run writes only into a new or empty folder or its own: choose another `--out`",
+                    some_files(path)
+                ));
             }
             _ => {}
         }
@@ -78,9 +111,13 @@ impl RunDir {
             _lock: lock,
         };
         run.remove_partial_writes()?;
-        if claim == Claim::Overwrite {
+        // A new run in a folder a run claimed but left without a checkpoint replaces what
+        // that start wrote (its metrics would otherwise be read as this run's).
+        if claim == Claim::Overwrite || (claim == Claim::New && !holds_run) {
             run.remove_run_files()?;
         }
+        let marker = path.join(MARKER_FILE);
+        std::fs::write(&marker, "a burn-moe run folder\n").map_err(io(&marker))?;
         Ok(run)
     }
 
@@ -113,28 +150,74 @@ impl RunDir {
         Ok(())
     }
 
-    /// Removes what a run writes (for `--overwrite`); other files are left alone.
+    /// Removes what a run writes ([`RUN_FILES`] and the checkpoints); other files are left
+    /// alone.
     fn remove_run_files(&self) -> Result<()> {
         let checkpoints = self.path.join("checkpoints");
         if checkpoints.exists() {
             std::fs::remove_dir_all(&checkpoints).map_err(io(&checkpoints))?;
         }
-        let Ok(entries) = std::fs::read_dir(&self.path) else {
-            return Ok(());
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().to_string();
-            if name == "latest"
-                || name == "metrics.jsonl"
-                || name == checkpoint::CONFIG_FILE
-                || name.ends_with(".png")
-            {
-                let path = entry.path();
+        for name in RUN_FILES {
+            let path = self.path.join(name);
+            if path.is_file() {
                 std::fs::remove_file(&path).map_err(io(&path))?;
             }
         }
         Ok(())
     }
+}
+
+/// Whether a run may start in `path` without removing anything of someone else's: it does not
+/// exist, holds nothing but a lock or a killed write's staging files, or a run claimed it.
+fn is_claimable(path: &Path) -> bool {
+    path.join(MARKER_FILE).is_file() || foreign_files(path).is_empty()
+}
+
+/// The names of the entries of `path` that are not a run's lock or staging files, sorted.
+fn foreign_files(path: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().to_string())
+        .filter(|name| name != LOCK_FILE && !(name.starts_with('.') && name.contains(".partial")))
+        .collect();
+    names.sort();
+    names
+}
+
+/// A few of the files of `path`, for a message: `a, b, c and 4 more`.
+fn some_files(path: &Path) -> String {
+    let names = foreign_files(path);
+    let shown = names
+        .iter()
+        .take(NAMED_FILES)
+        .map(|name| format!("`{name}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    match names.len().saturating_sub(NAMED_FILES) {
+        0 => shown,
+        more => format!("{shown} and {more} more"),
+    }
+}
+
+/// Refuses a folder inside a run folder (its checkpoints, or any folder below it): a run
+/// never writes into another run.
+fn check_not_inside_a_run(path: &Path) -> Result<()> {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    for above in absolute.ancestors().skip(1) {
+        if holds_run(above) || above.join(MARKER_FILE).is_file() {
+            return Err(TrainError::RunFolder {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "is inside the run folder {}; a run is written into a folder of its own: choose an `--out` outside it",
+                    above.display()
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Refuses an `--out` that is a file.
@@ -204,4 +287,95 @@ fn lock(run: &Path) -> Result<File> {
     file.rewind().map_err(io(&path))?;
     write!(file, "{}", std::process::id()).map_err(io(&path))?;
     Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh folder under the system's temporary folder.
+    fn scratch(name: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("run-dir-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        path
+    }
+
+    /// A run as the trainer leaves it: `latest`, metrics, config, a plot and a checkpoint.
+    fn fake_run(path: &Path) {
+        std::fs::create_dir_all(path.join("checkpoints/step-00000004")).unwrap();
+        for name in ["latest", "metrics.jsonl", "config.json", "loss.png"] {
+            std::fs::write(path.join(name), "run").unwrap();
+        }
+    }
+
+    fn refusal(result: Result<RunDir>) -> String {
+        match result {
+            Err(error) => error.to_string(),
+            Ok(_) => panic!("the claim was accepted"),
+        }
+    }
+
+    #[test]
+    fn a_new_run_refuses_a_folder_of_someone_elses_files() {
+        let path = scratch("foreign");
+        for name in ["config.json", "metrics.jsonl", "loss.png", "notes.txt"] {
+            std::fs::write(path.join(name), "mine").unwrap();
+        }
+        for claim in [Claim::New, Claim::Overwrite] {
+            let message = refusal(RunDir::claim(&path, claim));
+            assert!(message.contains("not a burn-moe run"), "{message}");
+            assert!(message.contains("`config.json`, `loss.png`, `metrics.jsonl` and 1 more"));
+        }
+        for name in ["config.json", "metrics.jsonl", "loss.png", "notes.txt"] {
+            assert_eq!(std::fs::read_to_string(path.join(name)).unwrap(), "mine");
+        }
+        std::fs::remove_dir_all(&path).unwrap();
+    }
+
+    #[test]
+    fn overwrite_removes_the_run_files_and_nothing_else() {
+        let path = scratch("overwrite");
+        fake_run(&path);
+        std::fs::write(path.join("figure.png"), "mine").unwrap();
+        let run = RunDir::claim(&path, Claim::Overwrite).expect("a run folder");
+        drop(run);
+        assert!(!path.join("checkpoints").exists());
+        for name in ["latest", "metrics.jsonl", "config.json", "loss.png"] {
+            assert!(!path.join(name).exists(), "{name} stayed");
+        }
+        assert_eq!(
+            std::fs::read_to_string(path.join("figure.png")).unwrap(),
+            "mine"
+        );
+        std::fs::remove_dir_all(&path).unwrap();
+    }
+
+    #[test]
+    fn a_run_that_stopped_before_its_first_checkpoint_can_start_again() {
+        let path = scratch("restart");
+        drop(RunDir::claim(&path, Claim::New).expect("an empty folder"));
+        // What the first start wrote before it stopped.
+        std::fs::write(path.join("metrics.jsonl"), "stale").unwrap();
+        std::fs::write(path.join("config.json"), "stale").unwrap();
+        drop(RunDir::claim(&path, Claim::New).expect("the folder a run claimed"));
+        assert!(!path.join("metrics.jsonl").exists());
+        assert!(!path.join("config.json").exists());
+        std::fs::remove_dir_all(&path).unwrap();
+    }
+
+    #[test]
+    fn no_run_goes_inside_another() {
+        let path = scratch("nested");
+        fake_run(&path);
+        for inner in ["checkpoints", "checkpoints/new", "finetune"] {
+            let message = refusal(RunDir::claim(&path.join(inner), Claim::New));
+            assert!(
+                message.contains("inside the run folder"),
+                "{inner}: {message}"
+            );
+        }
+        assert!(!path.join("finetune").exists());
+        std::fs::remove_dir_all(&path).unwrap();
+    }
 }

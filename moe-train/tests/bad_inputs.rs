@@ -107,6 +107,14 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// A folder `{dir}/run` of the user's own files, named as a run's are.
+fn users_files(dir: &Path, _: &Path) {
+    std::fs::create_dir_all(dir.join("run")).unwrap();
+    for name in ["config.json", "metrics.jsonl", "loss.png"] {
+        std::fs::write(dir.join("run").join(name), "mine").unwrap();
+    }
+}
+
 /// The newest checkpoint folder of the copied run.
 fn newest(dir: &Path) -> PathBuf {
     let latest = std::fs::read_to_string(dir.join("run/latest")).unwrap();
@@ -186,6 +194,16 @@ fn cases() -> Vec<Case> {
         case("steps equal to the resumed step", &["train", "--resume", "--steps", "4", "--backend", "flex", "--out", "{dir}/run"], 1, &["already at step 4"]).prepared(copy_run),
         // Run folders.
         case("train into an existing run", &train(&[]), 1, &["already holds a run", "--resume", "--overwrite"]).prepared(copy_run),
+        case("train into a folder of the user's files", &train(&[]), 1, &["not a burn-moe run", "`config.json`", "`loss.png`", "--out"]).prepared(users_files),
+        case("overwrite a folder of the user's files", &train(&["--overwrite"]), 1, &["not a burn-moe run", "`metrics.jsonl`"]).prepared(users_files),
+        case("train into a model folder", &train(&[]), 1, &["not a burn-moe run", "`model.safetensors`"]).prepared(|dir, _| {
+            std::fs::create_dir_all(dir.join("run")).unwrap();
+            for name in ["config.json", "model.safetensors", "tokenizer.json"] {
+                std::fs::write(dir.join("run").join(name), "{}").unwrap();
+            }
+        }),
+        case("train into the corpus's folder", &["train", "--text", "{fix}/corpus.txt", "--config", "{fix}/tiny.toml", "--backend", "flex", "--out", "{fix}"], 1, &["not a burn-moe run", "`corpus.txt`"]),
+        case("train into a run's checkpoints", &["train", "--text", "{fix}/corpus.txt", "--config", "{fix}/tiny.toml", "--backend", "flex", "--out", "{dir}/run/checkpoints"], 1, &["inside the run folder", "--out"]).prepared(copy_run),
         case("out is a file", &["train", "--text", "{fix}/corpus.txt", "--out", "{fix}/corpus.txt"], 1, &["corpus.txt", "is a file"]),
         case("resume into a checkpoint folder", &["train", "--resume", "--steps", "8", "--out", "{dir}/run/checkpoints/step-00000004"], 1, &["checkpoint folder", "--out"]).prepared(copy_run),
         case("resume an empty folder", &["train", "--resume", "--steps", "8", "--out", "{dir}"], 1, &["no checkpoint"]),

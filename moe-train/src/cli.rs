@@ -448,6 +448,35 @@ impl TrainArgs {
             self.stop_after.is_some_and(|last| last >= config.run.steps),
             "`--stop-after` is at or past `--steps`, so it has no effect",
         );
+        let hf = self.init_hf.is_some();
+        warn(
+            hf && (self.experts.is_some()
+                || self.top_k.is_some()
+                || self.gate.is_some()
+                || self.aux_loss_weight.is_some()),
+            "`--experts`, `--top-k`, `--gate` and `--aux-loss-weight` have no effect with `--init-hf` (the Hugging Face model's `config.json` sets its architecture)",
+        );
+        warn(
+            hf && (self.tokenizer.is_some() || self.min_freq.is_some()),
+            "`--tokenizer` and `--min-freq` have no effect with `--init-hf` (the model's `tokenizer.json` is used)",
+        );
+        warn(
+            self.parallel.is_some() && config.run.devices.len() < 2,
+            "`--parallel` has no effect on one device (it says how several `--devices` are used)",
+        );
+        let remote = config
+            .run
+            .devices
+            .iter()
+            .any(|device| device.starts_with("ws://"));
+        warn(
+            self.token.is_some() && !remote,
+            "`--token` has no effect without a `ws://` server in `--devices` (it is what such servers were started with)",
+        );
+        warn(
+            self.resume && self.seed.is_some(),
+            "`--seed` has no effect with `--resume` (the run continues its saved random streams and data order)",
+        );
         warnings
     }
 }

@@ -132,6 +132,12 @@ pub fn evaluate(args: &EvalArgs) -> Result<EvalReport> {
             "`--batches` must be at least 1, got 0".into(),
         ));
     }
+    if args.form && args.form_samples == 0 {
+        return Err(TrainError::Argument(
+            "`--form-samples` must be at least 1 (samples per line length for `--form`), got 0"
+                .into(),
+        ));
+    }
     let checkpoint = args.checkpoint.as_ref().ok_or_else(no_model)?;
     let opened = checkpoint::open(checkpoint)?;
     let (folder, state, mut config) = (opened.folder, opened.state, opened.config);

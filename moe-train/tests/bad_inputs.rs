@@ -188,6 +188,12 @@ fn cases() -> Vec<Case> {
         // Flags that would have no effect.
         case("task beside text", &train(&["--task", "caption"]), 1, &["--text", "caption"]),
         case("preset on resume", &["train", "--resume", "--preset", "small", "--out", "{dir}/run"], 1, &["--preset small", "no effect"]).prepared(copy_run),
+        case("seed on resume", &["train", "--resume", "--seed", "7", "--steps", "6", "--backend", "flex", "--out", "{dir}/run"], 0, &["--seed", "no effect", "--resume"]).prepared(copy_run),
+        case("parallel on one device", &train(&["--parallel", "experts"]), 0, &["--parallel", "no effect", "--devices"]),
+        case("token without a server", &train(&["--token", "secret"]), 0, &["--token", "no effect", "ws://"]),
+        case("architecture flags beside a Hugging Face model", &train(&["--init-hf", QWEN2_MOE, "--experts", "8"]), 0, &["--experts", "no effect", "--init-hf"]),
+        case("tokenizer flags beside a Hugging Face model", &train(&["--init-hf", QWEN2_MOE, "--min-freq", "3"]), 0, &["--min-freq", "no effect", "tokenizer.json"]),
+        case("form samples zero", &["eval", "--checkpoint", "{fix}/run", "--backend", "flex", "--form", "--form-samples", "0"], 1, &["--form-samples", "got 0"]),
         case("config on resume", &["train", "--resume", "--config", "{fix}/tiny.toml", "--out", "{dir}/run"], 1, &["--config", "--resume"]).prepared(copy_run),
         case("model change on resume", &["train", "--resume", "--experts", "8", "--steps", "8", "--backend", "flex", "--out", "{dir}/run"], 1, &["`model`", "--resume"]).prepared(copy_run),
         case("steps below the resumed step", &["train", "--resume", "--steps", "2", "--backend", "flex", "--out", "{dir}/run"], 1, &["already at step 4", "--steps"]).prepared(copy_run),

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use moe_core::lora::LoraConfig;
+use moe_core::lora::{LoraConfig, LoraTarget};
 use moe_core::{
     Activation, CapacityConfig, ExpertConfig, ExpertKind, GateConfig, LossConfig, MoeConfig,
 };
@@ -593,6 +593,9 @@ impl TrainConfig {
             if self.task != Task::Text || m.dense {
                 return bad("`--init-hf` fine-tunes a Hugging Face text model: it needs `--task text` and no `--dense`".into());
             }
+            if let Some(lora) = &m.lora {
+                check_lora_rank(lora, &hf.config.decoder)?;
+            }
             let context = hf.config.decoder.context_length;
             if m.context_length > context {
                 return bad(format!(
@@ -823,6 +826,44 @@ fn one() -> f64 {
 }
 
 /// An error naming a config value out of range.
+/// Refuses a LoRA rank above the smaller side of a weight it targets: an adapter `A B` of rank
+/// `r` on a `[m, n]` weight adds `r (m + n)` parameters for an update of rank at most
+/// `min(m, n)`, so a larger rank trains more parameters than the weight has without reaching
+/// further. The sides: attention's `d_model` and key/value width, the routers' `d_model` and
+/// expert count (Qwen2-MoE's one-column shared-expert gate aside), the experts' `d_model` and
+/// hidden widths (the shared experts' and the dense layers' `d_ff` where there are some).
+fn check_lora_rank(lora: &LoraConfig, decoder: &DecoderConfig) -> Result<()> {
+    let d_model = decoder.d_model;
+    let heads = decoder.num_heads.max(1);
+    let key_value = decoder.num_kv_heads.unwrap_or(heads) * (d_model / heads);
+    let moe = &decoder.moe;
+    let dense_layers = decoder.moe_every > 1 || !decoder.dense_layers.is_empty();
+    for target in &lora.targets {
+        let (side, what) = match target {
+            LoraTarget::Attention => (d_model.min(key_value), "attention projections"),
+            LoraTarget::Router => (d_model.min(moe.num_experts), "routers"),
+            LoraTarget::Experts => {
+                let mut side = d_model.min(moe.expert.d_hidden);
+                if moe.shared_experts > 0 {
+                    let shared = moe.shared_experts * moe.expert.d_hidden;
+                    side = side.min(moe.shared_d_hidden.unwrap_or(shared));
+                }
+                if dense_layers {
+                    side = side.min(decoder.d_ff);
+                }
+                (side, "experts' weights")
+            }
+        };
+        if lora.rank > side {
+            return bad(format!(
+                "`--lora-rank` {} is larger than the smaller side of the {what} it adapts ({side}); give at most {side}",
+                lora.rank
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn bad(message: String) -> Result<()> {
     Err(TrainError::Config(message))
 }

@@ -155,6 +155,8 @@ fn cases() -> Vec<Case> {
         // LoRA settings.
         case("LoRA without a base", &train(&["--lora-rank", "4"]), 2, &["--init-hf"]),
         case("LoRA rank zero", &train(&["--init-hf", QWEN2_MOE, "--lora-rank", "0"]), 1, &["lora.rank", "got 0"]),
+        case("LoRA rank above the weights' sides", &train(&["--init-hf", QWEN2_MOE, "--lora-rank", "100000"]), 1, &["--lora-rank", "100000", "attention projections", "at most 48"]),
+        case("LoRA rank above the expert count", &train(&["--init-hf", QWEN2_MOE, "--lora-rank", "16", "--lora-targets", "router"]), 1, &["--lora-rank", "routers", "at most 8"]),
         case("LoRA alpha negative", &train(&["--init-hf", QWEN2_MOE, "--lora-rank", "4", "--lora-alpha=-2"]), 1, &["lora.alpha", "-2"]),
         case("LoRA unknown target", &train(&["--init-hf", QWEN2_MOE, "--lora-rank", "4", "--lora-targets", "attention,embeddings"]), 2, &["embeddings", "attention, router, experts"]),
         // Devices.

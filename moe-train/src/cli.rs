@@ -156,6 +156,10 @@ pub struct TrainArgs {
     /// Optimizer steps (total, counting the steps already done when resuming).
     #[arg(long)]
     pub steps: Option<usize>,
+    /// Steps of linear learning-rate warm-up (default: the preset's; a preset's warm-up
+    /// longer than the run is cut to a tenth of `--steps`).
+    #[arg(long)]
+    pub warmup: Option<usize>,
     /// Stop after this step, saving a checkpoint, as if interrupted (continue later with
     /// `--resume`; the schedule still spans `--steps`).
     #[arg(long)]
@@ -301,6 +305,15 @@ impl TrainArgs {
             }
         };
         set(&mut config.run.steps, self.steps);
+        set(&mut config.optim.warmup_steps, self.warmup);
+        if !self.resume && self.warmup.is_none() && config.optim.warmup_steps > config.run.steps {
+            let shortened = config.run.steps / 10;
+            eprintln!(
+                "note: the warm-up of {} steps is longer than the run's {}; it is cut to {shortened} (set it with `--warmup`)",
+                config.optim.warmup_steps, config.run.steps
+            );
+            config.optim.warmup_steps = shortened;
+        }
         set(&mut config.data.min_freq, self.min_freq);
         set(&mut config.model.experts, self.experts);
         set(&mut config.model.top_k, self.top_k);

@@ -548,7 +548,7 @@ impl TrainConfig {
         self.validate_run()?;
         if self.optim.warmup_steps > self.run.steps {
             return bad(format!(
-                "`optim.warmup_steps` {} is more than `run.steps` {}: the learning rate would never reach `lr`",
+                "`optim.warmup_steps` (`--warmup`) {} is more than `run.steps` (`--steps`) {}: the learning rate would never reach `lr`",
                 self.optim.warmup_steps, self.run.steps
             ));
         }

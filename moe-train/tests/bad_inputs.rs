@@ -174,7 +174,8 @@ fn cases() -> Vec<Case> {
         case("checkpoint every zero", &train(&["--checkpoint-every", "0"]), 1, &["run.checkpoint_every"]),
         case("keep zero", &train(&["--keep", "0"]), 1, &["run.keep_checkpoints"]),
         case("too many samples", &train(&["--samples", "5000"]), 1, &["run.samples", "5000"]),
-        case("warm-up longer than the run", &train(&["--steps", "1"]), 1, &["warmup_steps", "run.steps"]),
+        case("preset warm-up longer than the run", &train(&["--steps", "1"]), 0, &["warm-up of 2 steps", "cut to 0", "--warmup"]),
+        case("warm-up flag longer than the run", &train(&["--steps", "4", "--warmup", "9"]), 1, &["--warmup", "9", "--steps"]),
         case("a million experts", &train(&["--experts", "1000000"]), 1, &["not enough memory", "parameters", "available"]),
         case("a million sequences", &train(&["--batch-size", "1000000"]), 1, &["not enough memory", "activations", "--batch-size"]),
         // The parser's own refusals.
@@ -231,7 +232,7 @@ fn cases() -> Vec<Case> {
         config_case("moe_every above the layers", |dir, _| std::fs::write(dir.join("bad.toml"), TINY_TOML.replace("moe_every = 2", "moe_every = 3")).unwrap(), &["model.moe_every", "3", "no MoE layer"]),
         config_case("moe_every zero", |dir, _| std::fs::write(dir.join("bad.toml"), TINY_TOML.replace("moe_every = 2", "moe_every = 0")).unwrap(), &["model.moe_every", "--dense"]),
         config_case("min_lr above lr", |dir, _| std::fs::write(dir.join("bad.toml"), TINY_TOML.replace("warmup_steps = 2", "warmup_steps = 2\nlr = 0.001\nmin_lr = 0.01")).unwrap(), &["optim.min_lr", "0.01"]),
-        config_case("warm-up above steps", |dir, _| std::fs::write(dir.join("bad.toml"), TINY_TOML.replace("warmup_steps = 2", "warmup_steps = 50")).unwrap(), &["optim.warmup_steps", "50"]),
+        case("config warm-up above steps", &["train", "--text", "{fix}/corpus.txt", "--config", "{dir}/bad.toml", "--backend", "flex", "--out", "{dir}/run"], 0, &["warm-up of 50 steps", "cut to 0"]).prepared(|dir, _| std::fs::write(dir.join("bad.toml"), TINY_TOML.replace("warmup_steps = 2", "warmup_steps = 50")).unwrap()),
         config_case("dropout of 1.5", |dir, _| std::fs::write(dir.join("bad.toml"), TINY_TOML.replace("num_layers = 2", "num_layers = 2\ndropout = 1.5")).unwrap(), &["model.dropout", "1.5"]),
         config_case("validation share 0.7", |dir, _| write_config(dir, "[data]\nval_fraction = 0.7\n"), &["data.val_fraction", "0.7"]),
         config_case("validation share 0", |dir, _| write_config(dir, "[data]\nval_fraction = 0.0\n"), &["data.val_fraction"]),

@@ -518,16 +518,7 @@ impl TrainConfig {
         let mut value = serde_json::to_value(preset.config()).expect("a config serialises");
         if let Some(path) = file {
             let text = std::fs::read_to_string(path).map_err(io(path))?;
-            let overrides: serde_json::Value = match path.extension().and_then(|e| e.to_str()) {
-                Some("json") => serde_json::from_str(&text)
-                    .map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?,
-                _ => {
-                    let parsed: toml::Value = toml::from_str(&text)
-                        .map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))?;
-                    serde_json::to_value(parsed).expect("TOML converts to JSON")
-                }
-            };
-            merge(&mut value, overrides);
+            merge(&mut value, read_overrides(path, &text)?);
         }
         let config: TrainConfig = serde_json::from_value(value).map_err(|e| {
             TrainError::Config(match file {
@@ -562,6 +553,14 @@ impl TrainConfig {
         }
         if d.text.is_some() && d.jsonl.is_some() {
             return bad("give either `--text` or `--jsonl`, not both".into());
+        }
+        if let Some(cache) = &d.cache_dir {
+            if cache.exists() && !cache.is_dir() {
+                return bad(format!(
+                    "`--cache-dir` {} is a file, not a folder; give the folder the corpus is kept in",
+                    cache.display()
+                ));
+            }
         }
         if self.task != Task::Text && (d.text.is_some() || d.jsonl.is_some()) {
             return bad(format!(
@@ -826,6 +825,43 @@ fn one() -> f64 {
 }
 
 /// An error naming a config value out of range.
+/// A config file's fields as JSON: JSON when the file ends in `.json` or its text starts with
+/// `{` (a JSON file under another name), TOML otherwise. A TOML float that is not finite
+/// (`nan`, `inf`, which JSON cannot hold) is refused naming its key.
+fn read_overrides(path: &Path, text: &str) -> Result<serde_json::Value> {
+    let failed =
+        |error: &dyn std::fmt::Display| TrainError::Config(format!("{}: {error}", path.display()));
+    let json = path.extension().and_then(|e| e.to_str()) == Some("json")
+        || text.trim_start().starts_with('{');
+    if json {
+        return serde_json::from_str(text).map_err(|e| failed(&e));
+    }
+    let parsed: toml::Value = toml::from_str(text).map_err(|e| failed(&e))?;
+    if let Some((key, value)) = non_finite_float(&parsed, "") {
+        return Err(failed(&format!("`{key}` is {value}; give a finite number")));
+    }
+    Ok(serde_json::to_value(parsed).expect("finite TOML converts to JSON"))
+}
+
+/// The dotted key and value of the first float in `value` that is NaN or infinite.
+fn non_finite_float(value: &toml::Value, key: &str) -> Option<(String, f64)> {
+    let child = |name: &str| match key {
+        "" => name.to_string(),
+        _ => format!("{key}.{name}"),
+    };
+    match value {
+        toml::Value::Float(number) if !number.is_finite() => Some((key.to_string(), *number)),
+        toml::Value::Table(table) => table
+            .iter()
+            .find_map(|(name, value)| non_finite_float(value, &child(name))),
+        toml::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(index, value)| non_finite_float(value, &child(&index.to_string()))),
+        _ => None,
+    }
+}
+
 /// Refuses a LoRA rank above the smaller side of a weight it targets: an adapter `A B` of rank
 /// `r` on a `[m, n]` weight adds `r (m + n)` parameters for an update of rank at most
 /// `min(m, n)`, so a larger rank trains more parameters than the weight has without reaching

@@ -215,11 +215,29 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
     }
     let latest = path.join("latest");
     let Ok(name) = std::fs::read_to_string(&latest) else {
+        if !intact_checkpoints(path, None).is_empty() {
+            return Err(TrainError::Checkpoint {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "the run folder's `latest` file is missing{}",
+                    alternatives(path, None)
+                ),
+            });
+        }
         return Err(TrainError::Checkpoint {
             path: path.to_path_buf(),
             reason: "no checkpoint here (neither a checkpoint folder with state.json nor a run folder with a `latest` file)".into(),
         });
     };
+    if name.trim().is_empty() {
+        return Err(TrainError::Checkpoint {
+            path: latest,
+            reason: format!(
+                "`latest` is empty, so it names no checkpoint (a write cut short?){}",
+                alternatives(path, None)
+            ),
+        });
+    }
     let folder = path.join(name.trim());
     if !folder.is_dir() {
         return Err(TrainError::Checkpoint {

@@ -251,6 +251,14 @@ fn cases() -> Vec<Case> {
             copy_run(dir, fix);
             std::fs::remove_file(newest(dir).join("state.json")).unwrap();
         }),
+        case("eval with an empty latest", &eval("{dir}/run"), 1, &["`latest` is empty", "Intact checkpoints", "step-00000004"]).prepared(|dir, fix| {
+            copy_run(dir, fix);
+            std::fs::write(dir.join("run/latest"), "").unwrap();
+        }),
+        case("resume without latest", &["train", "--resume", "--steps", "8", "--backend", "flex", "--out", "{dir}/run"], 1, &["`latest` file is missing", "step-00000004", "step-00000002"]).prepared(|dir, fix| {
+            copy_run(dir, fix);
+            std::fs::remove_file(dir.join("run/latest")).unwrap();
+        }),
         case("eval with latest naming nothing", &eval("{dir}/run"), 1, &["not there", "step-00000004"]).prepared(|dir, fix| {
             copy_run(dir, fix);
             std::fs::write(dir.join("run/latest"), "checkpoints/step-00000099\n").unwrap();

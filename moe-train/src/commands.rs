@@ -52,13 +52,20 @@ pub fn generate(args: &GenerateArgs) -> Result<String> {
             // LoRA adapters merged: decoding then runs the plain weights.
             let model = load_finite(&folder, model)?.materialize();
             let specials = tokenizer.specials();
+            let unknown = tokenizer.unknown_characters(&args.prompt);
+            if !unknown.is_empty() {
+                let listed: String = unknown.iter().collect();
+                eprintln!(
+                    "warning: the prompt's characters {listed:?} are not in the model's vocabulary; the model reads each as <unk>"
+                );
+            }
             let mut prompt = vec![specials.bos];
             prompt.extend(tokenizer.encode(&args.prompt));
             let generation = GenerationConfig {
                 max_new_tokens: args.max_tokens,
                 sampling,
                 stop_tokens: vec![specials.eos],
-                banned_tokens: specials.banned(),
+                banned_tokens: tokenizer.banned_in_generation(),
             };
             stream(&model, &args.prompt, &prompt, &generation, |ids| {
                 tokenizer.decode(ids)

@@ -103,7 +103,7 @@ pub fn measure(
                     ..SamplingConfig::default()
                 },
                 stop_tokens: vec![specials.eos],
-                banned_tokens: specials.banned(),
+                banned_tokens: tokenizer.banned_in_generation(),
             };
             let Ok(generated) = model.generate(&ids, &config, |_| {}) else {
                 continue;

@@ -223,6 +223,34 @@ impl Tokenizer {
         }
     }
 
+    /// Tokens generation must not produce: [`Specials::banned`], and `<unk>` for burn-moe's
+    /// own tokenizers (a sampled `<unk>` would print as `?`: it stands for every character the
+    /// vocabulary lacks, not for one of them).
+    pub fn banned_in_generation(&self) -> Vec<usize> {
+        let mut banned = self.specials().banned();
+        if !matches!(self, Tokenizer::Hf(_)) {
+            banned.push(UNK);
+        }
+        banned
+    }
+
+    /// The characters of `text` that burn-moe's own tokenizers cannot encode (they become
+    /// `<unk>`), each once, in order of appearance; empty for a Hugging Face tokenizer.
+    pub fn unknown_characters(&self, text: &str) -> Vec<char> {
+        let mut unknown: Vec<char> = Vec::new();
+        for c in text.chars() {
+            let missing = match self {
+                Tokenizer::Char(t) => !t.ids.contains_key(&c),
+                Tokenizer::Bpe(_) => self.encode(c.encode_utf8(&mut [0; 4])).contains(&UNK),
+                Tokenizer::Hf(_) => false,
+            };
+            if missing && !unknown.contains(&c) {
+                unknown.push(c);
+            }
+        }
+        unknown
+    }
+
     /// Token ids of `text` (no `<bos>`/`<eos>`).
     pub fn encode(&self, text: &str) -> Vec<usize> {
         match self {

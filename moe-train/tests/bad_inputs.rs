@@ -449,3 +449,50 @@ fn no_display_noise_without_a_desktop_session() {
     assert!(output.status.success(), "{stderr}");
     assert!(!stderr.contains("XDG_RUNTIME_DIR"), "{stderr}");
 }
+
+/// `generate` names the prompt's characters the vocabulary lacks, and never samples `<unk>`
+/// (which prints as `?`): at temperature 100 with no top-k or top-p cut, the fixture's
+/// 16-token vocabulary gives `<unk>` about one draw in 16, so ten generations that never
+/// show it would be a chance of about 1 in 25,000 without the ban.
+#[test]
+fn generation_names_unknown_prompt_characters_and_never_samples_unk() {
+    let root = common::temp_dir("unknown-characters");
+    let fix = fixture(&root);
+    assert!(!std::fs::read_to_string(fix.join("corpus.txt"))
+        .unwrap()
+        .contains('?'));
+    for seed in 0..10 {
+        let output = Command::new(PROGRAM)
+            .args(["generate", "--checkpoint"])
+            .arg(fix.join("run"))
+            .args([
+                "--backend",
+                "flex",
+                "--prompt",
+                "春😀",
+                "--temperature",
+                "100",
+            ])
+            .args([
+                "--top-k",
+                "0",
+                "--top-p",
+                "1",
+                "--max-tokens",
+                "200",
+                "--seed",
+            ])
+            .arg(seed.to_string())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("not in the model's vocabulary") && stderr.contains('😀'),
+            "{stderr}"
+        );
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let generated = stdout.split_once("春😀").map_or(&*stdout, |(_, rest)| rest);
+        assert!(!generated.contains('?'), "seed {seed}: {stdout}");
+    }
+}

@@ -263,7 +263,7 @@ impl Task for TextTask {
                         ..SamplingConfig::default()
                     },
                     stop_tokens: vec![specials.eos],
-                    banned_tokens: specials.banned(),
+                    banned_tokens: self.tokenizer.banned_in_generation(),
                 };
                 let tokens = model
                     .generate(&[specials.bos], &config, |_| {})

@@ -314,7 +314,10 @@ impl TrainArgs {
             );
             config.optim.warmup_steps = shortened;
         }
-        set(&mut config.data.min_freq, self.min_freq);
+        if !self.resume {
+            // A resumed run keeps its tokenizer, so `--min-freq` only warns (`warnings`).
+            set(&mut config.data.min_freq, self.min_freq);
+        }
         set(&mut config.model.experts, self.experts);
         set(&mut config.model.top_k, self.top_k);
         set(&mut config.model.context_length, self.context);

@@ -28,7 +28,7 @@ use moe_models::ExpertParallel;
 use crate::backend::{self, Precision, SelectedDevice};
 use crate::checkpoint::{self, CheckpointParts, DataRecord, TrainingState};
 use crate::clip::unscale_and_clip;
-use crate::config::{Task as TaskKind, TrainConfig};
+use crate::config::{DataConfig, Task as TaskKind, TrainConfig};
 use crate::divergence::{
     NonFiniteReport, NonFiniteWatch, OnNonFinite, SpikeDetector, MAX_SKIPS_IN_A_ROW,
 };
@@ -153,9 +153,12 @@ pub fn train(mut config: TrainConfig, options: RunOptions) -> Result<RunSummary>
         check_resumable(
             &config,
             &opened.config,
+            opened.data.as_ref(),
             opened.state.step,
             options.show_progress,
         )?;
+        config.data.make_paths_absolute()?;
+        check_corpus_is_there(&config)?;
         Some(opened)
     } else {
         config.data.make_paths_absolute()?;
@@ -229,6 +232,7 @@ pub fn train(mut config: TrainConfig, options: RunOptions) -> Result<RunSummary>
 fn check_resumable(
     config: &TrainConfig,
     saved: &TrainConfig,
+    record: Option<&DataRecord>,
     step: usize,
     show_progress: bool,
 ) -> Result<()> {
@@ -240,7 +244,10 @@ fn check_resumable(
     };
     for (section, same) in [
         ("task", config.task == saved.task),
-        ("data", config.data == saved.data),
+        (
+            "data",
+            same_data(&config.data, &saved.data, record.is_some()),
+        ),
         ("model", config.model == saved.model),
         ("optim", fixed(&config.optim) == fixed(&saved.optim)),
     ] {
@@ -270,6 +277,42 @@ fn check_resumable(
             "the run is already at step {step} and `--steps` is {}: give more steps to train further (`--steps` counts from the start of the run)",
             config.run.steps
         )));
+    }
+    Ok(())
+}
+
+/// Whether a resumed run's data settings are the saved ones. With a record of what the run
+/// trained on (its corpus's checksum, checked when the corpus is read), the corpus file may
+/// have moved: `--text` or `--jsonl` may name another path for the same content.
+fn same_data(given: &DataConfig, saved: &DataConfig, recorded: bool) -> bool {
+    let moved = recorded
+        && given.text.is_some() == saved.text.is_some()
+        && given.jsonl.is_some() == saved.jsonl.is_some();
+    if !moved {
+        return given == saved;
+    }
+    let at_saved_paths = DataConfig {
+        text: saved.text.clone(),
+        jsonl: saved.jsonl.clone(),
+        ..given.clone()
+    };
+    &at_saved_paths == saved
+}
+
+/// Refuses a resumed run whose corpus file is gone, saying how to give its new place.
+fn check_corpus_is_there(config: &TrainConfig) -> Result<()> {
+    let data = &config.data;
+    let given = [(&data.text, "--text"), (&data.jsonl, "--jsonl")];
+    for (path, flag) in given
+        .iter()
+        .filter_map(|(path, flag)| Some(((*path).as_ref()?, flag)))
+    {
+        if !path.exists() {
+            return Err(TrainError::Config(format!(
+                "the run's corpus {} is not there any more; if it moved, give its new place with `{flag}` (its content is checked against the checksum the run saved)",
+                path.display()
+            )));
+        }
     }
     Ok(())
 }

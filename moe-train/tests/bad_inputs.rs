@@ -303,10 +303,16 @@ fn cases() -> Vec<Case> {
         case("eval with zero batches", &["eval", "--checkpoint", "{fix}/run", "--batches", "0", "--backend", "flex"], 1, &["--batches", "got 0"]),
         case("eval after the corpus changed", &eval("{dir}/run"), 1, &["corpus changed", "corpus.txt"]).prepared(changed_corpus_run),
         case("resume after the corpus changed", &["train", "--resume", "--steps", "8", "--backend", "flex", "--out", "{dir}/run"], 1, &["corpus changed", "corpus.txt"]).prepared(changed_corpus_run),
-        case("resume after the corpus was deleted", &["train", "--resume", "--steps", "8", "--backend", "flex", "--out", "{dir}/run"], 1, &["corpus.txt", "No such file"]).prepared(|dir, fix| {
+        case("resume after the corpus was deleted", &["train", "--resume", "--steps", "8", "--backend", "flex", "--out", "{dir}/run"], 1, &["corpus.txt", "is not there", "--text"]).prepared(|dir, fix| {
             changed_corpus_run(dir, fix);
             std::fs::remove_file(dir.join("corpus.txt")).unwrap();
         }),
+        case("resume from a moved corpus", &["train", "--resume", "--steps", "6", "--text", "{dir}/moved/corpus.txt", "--backend", "flex", "--out", "{dir}/run"], 0, &[]).prepared(moved_corpus_run),
+        case("resume from a moved corpus that changed", &["train", "--resume", "--steps", "6", "--text", "{dir}/moved/corpus.txt", "--backend", "flex", "--out", "{dir}/run"], 1, &["corpus changed"]).prepared(|dir, fix| {
+            moved_corpus_run(dir, fix);
+            std::fs::write(dir.join("moved/corpus.txt"), "春山月水风花雨云夜江\n\n".repeat(300)).unwrap();
+        }),
+        case("min-freq on resume", &["train", "--resume", "--steps", "6", "--min-freq", "3", "--backend", "flex", "--out", "{dir}/run"], 0, &["--min-freq", "no effect"]).prepared(copy_run),
         // Prompts and sampling.
         case("temperature NaN", &generate(&["--temperature", "NaN"]), 1, &["--temperature", "NaN"]),
         case("temperature infinite", &generate(&["--temperature", "inf"]), 1, &["--temperature", "inf"]),
@@ -328,6 +334,21 @@ fn cases() -> Vec<Case> {
 
 /// A run trained on a corpus in the case's folder, which is then edited.
 fn changed_corpus_run(dir: &Path, fix: &Path) {
+    let corpus = corpus_run(dir, fix);
+    let mut text = std::fs::read_to_string(&corpus).unwrap();
+    text.push_str("\n\n新添的一首诗，\n");
+    std::fs::write(&corpus, text).unwrap();
+}
+
+/// A run trained on a corpus in the case's folder, which then moves to `moved/corpus.txt`.
+fn moved_corpus_run(dir: &Path, fix: &Path) {
+    let corpus = corpus_run(dir, fix);
+    std::fs::create_dir_all(dir.join("moved")).unwrap();
+    std::fs::rename(&corpus, dir.join("moved/corpus.txt")).unwrap();
+}
+
+/// A run `{dir}/run` trained on a copy of the fixture's corpus in `{dir}`; the copy's path.
+fn corpus_run(dir: &Path, fix: &Path) -> PathBuf {
     let corpus = dir.join("corpus.txt");
     std::fs::copy(fix.join("corpus.txt"), &corpus).unwrap();
     let status = Command::new(PROGRAM)
@@ -340,9 +361,7 @@ fn changed_corpus_run(dir: &Path, fix: &Path) {
         .output()
         .unwrap();
     assert!(status.status.success(), "{status:?}");
-    let mut text = std::fs::read_to_string(&corpus).unwrap();
-    text.push_str("\n\n新添的一首诗，\n");
-    std::fs::write(&corpus, text).unwrap();
+    corpus
 }
 
 /// A copy of the run whose lock another process (here: this test, as pid 4242) holds.

@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 use plotters::prelude::*;
 
 use crate::config::TrainConfig;
-use crate::error::Result;
+use crate::error::{Result, TrainError};
 use crate::metrics::{self, Row};
+use crate::run_dir::{check_claim, Claim};
 use crate::trainer::{train, RunOptions, RunSummary};
 
 /// A validation curve: `(step, training seconds, validation loss)` per evaluation.
@@ -68,11 +69,36 @@ impl Comparison {
 
 /// Trains `config` as it is (MoE) into `out/moe` and its dense twin into `out/dense`, with
 /// `options` for both (its `out` is replaced), then draws `out/compare.png`.
+///
+/// Both configs are checked before either side trains, so that a setting one side refuses
+/// (or a Hugging Face model, which has no dense twin here) fails at once, not after the MoE
+/// side's training.
 pub fn compare(config: &TrainConfig, out: &Path, options: RunOptions) -> Result<Comparison> {
+    if config.model.hf.is_some() {
+        return Err(TrainError::Config(
+            "`compare` trains an MoE model and its dense twin from scratch; a Hugging Face model (`--init-hf`) has no dense twin here: fine-tune it with `train`".into(),
+        ));
+    }
     let mut moe_config = config.clone();
     moe_config.model.dense = false;
     let mut dense_config = config.clone();
     dense_config.model.dense = true;
+    let claim = if options.overwrite {
+        Claim::Overwrite
+    } else {
+        Claim::New
+    };
+    for (side, config) in [("MoE", &moe_config), ("dense", &dense_config)] {
+        config.validate().map_err(|error| match error {
+            TrainError::Config(reason) => {
+                TrainError::Config(format!("{reason} (in the {side} side of `compare`)"))
+            }
+            other => other,
+        })?;
+    }
+    for side in ["moe", "dense"] {
+        check_claim(&out.join(side), claim)?;
+    }
     let moe = train(
         moe_config,
         RunOptions {

@@ -69,41 +69,7 @@ impl RunDir {
     /// Takes `path` as the run folder for `claim`: checks it is what the claim needs, locks
     /// it, and cleans what interrupted writes left behind.
     pub fn claim(path: &Path, claim: Claim) -> Result<Self> {
-        check_is_folder(path)?;
-        if path.join(checkpoint::STATE_FILE).exists() {
-            return Err(TrainError::RunFolder {
-                path: path.to_path_buf(),
-                reason: format!(
-                    "is a checkpoint folder, not a run folder; give the run folder that holds it{}",
-                    run_folder_above(path)
-                        .map(|run| format!(" (`--out {}`)", run.display()))
-                        .unwrap_or_default()
-                ),
-            });
-        }
-        check_not_inside_a_run(path)?;
-        let holds_run = holds_run(path);
-        let refuse = |reason: String| {
-            Err(TrainError::RunFolder {
-                path: path.to_path_buf(),
-                reason,
-            })
-        };
-        match claim {
-            Claim::New if holds_run => {
-                return refuse("already holds a run (checkpoints and metrics); continue it with `--resume`, replace it with `--overwrite`, or choose another `--out`".into());
-            }
-            Claim::Resume if !holds_run => {
-                return refuse("holds no run to resume (no `latest` file and no checkpoint); start the run without `--resume`".into());
-            }
-            Claim::New | Claim::Overwrite if !holds_run && !is_claimable(path) => {
-                return refuse(format!(
-                    "holds files that are not a burn-moe run ({}); a run writes only into a new or empty folder or its own: choose another `--out`",
-                    some_files(path)
-                ));
-            }
-            _ => {}
-        }
+        let holds_run = check_claim(path, claim)?;
         std::fs::create_dir_all(path).map_err(io(path))?;
         let lock = lock(path)?;
         let run = Self {
@@ -165,6 +131,48 @@ impl RunDir {
         }
         Ok(())
     }
+}
+
+/// Checks that `path` may be taken as the run folder for `claim` (see the module docs),
+/// without creating or locking anything; whether it holds a run. `compare` checks both of its
+/// folders so before either run starts.
+pub fn check_claim(path: &Path, claim: Claim) -> Result<bool> {
+    check_is_folder(path)?;
+    if path.join(checkpoint::STATE_FILE).exists() {
+        return Err(TrainError::RunFolder {
+            path: path.to_path_buf(),
+            reason: format!(
+                "is a checkpoint folder, not a run folder; give the run folder that holds it{}",
+                run_folder_above(path)
+                    .map(|run| format!(" (`--out {}`)", run.display()))
+                    .unwrap_or_default()
+            ),
+        });
+    }
+    check_not_inside_a_run(path)?;
+    let holds_run = holds_run(path);
+    let refuse = |reason: String| {
+        Err(TrainError::RunFolder {
+            path: path.to_path_buf(),
+            reason,
+        })
+    };
+    match claim {
+        Claim::New if holds_run => {
+            return refuse("already holds a run (checkpoints and metrics); continue it with `--resume`, replace it with `--overwrite`, or choose another `--out`".into());
+        }
+        Claim::Resume if !holds_run => {
+            return refuse("holds no run to resume (no `latest` file and no checkpoint); start the run without `--resume`".into());
+        }
+        Claim::New | Claim::Overwrite if !holds_run && !is_claimable(path) => {
+            return refuse(format!(
+                "holds files that are not a burn-moe run ({}); a run writes only into a new or empty folder or its own: choose another `--out`",
+                some_files(path)
+            ));
+        }
+        _ => {}
+    }
+    Ok(holds_run)
 }
 
 /// Whether a run may start in `path` without removing anything of someone else's: it does not

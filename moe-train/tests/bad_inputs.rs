@@ -326,6 +326,8 @@ fn cases() -> Vec<Case> {
         }),
         case("compare with --dense", &["compare", "--dense", "--out", "{dir}/cmp"], 1, &["compare", "--dense"]),
         case("compare with --resume", &["compare", "--resume", "--out", "{dir}/cmp"], 1, &["compare", "--resume"]),
+        case("compare with a Hugging Face model", &["compare", "--init-hf", QWEN2_MOE, "--text", "{fix}/corpus.txt", "--backend", "flex", "--out", "{dir}/cmp"], 1, &["compare", "--init-hf", "no dense twin"]),
+        case("compare whose dense side ran", &["compare", "--text", "{fix}/corpus.txt", "--config", "{fix}/tiny.toml", "--backend", "flex", "--out", "{dir}/cmp"], 1, &["dense", "already holds a run", "--overwrite"]).prepared(|dir, fix| copy_dir(&fix.join("run"), &dir.join("cmp/dense"))),
         case("compare into a compare that exists", &["compare", "--text", "{fix}/corpus.txt", "--config", "{fix}/tiny.toml", "--backend", "flex", "--out", "{dir}/cmp"], 1, &["moe", "already holds a run", "--overwrite"]).prepared(|dir, fix| copy_dir(&fix.join("run"), &dir.join("cmp/moe"))),
         // Divergence.
         case("diverging from the first step", &train(&["--lr", "1e6", "--grad-clip", "0", "--steps", "40", "--checkpoint-every", "40"]), 3, &["diverged at step", "NaN", "No checkpoint was written"]),

@@ -77,22 +77,89 @@ pub fn estimate(config: &TrainConfig, model: &MoeTransformerConfig) -> Estimate 
     }
 }
 
-/// Memory this machine has available now (Linux: `MemAvailable`); `None` where unknown.
-pub fn available_bytes() -> Option<f64> {
+/// Memory this process can still take (Linux), and what sets it: the least of the machine's
+/// `MemAvailable`, the room left under its cgroup's limit (v2 `memory.max`, v1
+/// `memory.limit_in_bytes`, less what the group uses) and under its address-space limit
+/// (`ulimit -v`, less the process's size now). `None` where none is known.
+pub fn available() -> Option<(f64, &'static str)> {
+    [
+        machine_available().map(|bytes| (bytes, "on this machine")),
+        cgroup_room().map(|bytes| (bytes, "under this process's cgroup memory limit")),
+        address_space_room().map(|bytes| {
+            (
+                bytes,
+                "under this process's address-space limit (`ulimit -v`)",
+            )
+        }),
+    ]
+    .into_iter()
+    .flatten()
+    .min_by(|a, b| a.0.total_cmp(&b.0))
+}
+
+/// `MemAvailable` from `/proc/meminfo`, bytes.
+fn machine_available() -> Option<f64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info
-        .lines()
-        .find(|line| line.starts_with("MemAvailable:"))?;
+    kib_field(&info, "MemAvailable:")
+}
+
+/// The value of a `Name:  123 kB` line of a `/proc` file, bytes.
+fn kib_field(text: &str, name: &str) -> Option<f64> {
+    let line = text.lines().find(|line| line.starts_with(name))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024.0)
 }
 
-/// Refuses a run estimated to need more memory than is available, naming both figures.
+/// A number of bytes from a cgroup file; `None` for `max` or a limit so large it means none.
+fn cgroup_bytes(path: &std::path::Path) -> Option<f64> {
+    let value: f64 = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
+    (value < 1e18).then_some(value)
+}
+
+/// Room left under this process's cgroup memory limit, bytes (cgroup v2, then v1).
+fn cgroup_room() -> Option<f64> {
+    let groups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    for line in groups.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (_, controllers, group) = (fields.next()?, fields.next()?, fields.next()?);
+        let group = group.trim_start_matches('/');
+        let (folder, limit, usage) = match controllers {
+            "" => (root.join(group), "memory.max", "memory.current"),
+            "memory" => (
+                root.join("memory").join(group),
+                "memory.limit_in_bytes",
+                "memory.usage_in_bytes",
+            ),
+            _ => continue,
+        };
+        if let Some(limit) = cgroup_bytes(&folder.join(limit)) {
+            let used = cgroup_bytes(&folder.join(usage)).unwrap_or(0.0);
+            return Some((limit - used).max(0.0));
+        }
+    }
+    None
+}
+
+/// Room left under this process's address-space limit (`ulimit -v`), bytes.
+fn address_space_room() -> Option<f64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits
+        .lines()
+        .find(|line| line.starts_with("Max address space"))?;
+    let limit: f64 = line.split_whitespace().nth(3)?.parse().ok()?;
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let size = kib_field(&status, "VmSize:").unwrap_or(0.0);
+    Some((limit - size).max(0.0))
+}
+
+/// Refuses a run estimated to need more memory than is available, naming both figures and
+/// the limit that sets the second.
 pub fn check(config: &TrainConfig, model: &MoeTransformerConfig, backend: Backend) -> Result<()> {
-    let Some(available) = available_bytes() else {
+    let Some((available, limit)) = available() else {
         return Ok(());
     };
-    check_against(config, model, backend, available)
+    check_within(config, model, backend, available, limit)
 }
 
 /// [`check`] against `available` bytes.
@@ -101,6 +168,18 @@ pub fn check_against(
     model: &MoeTransformerConfig,
     backend: Backend,
     available: f64,
+) -> Result<()> {
+    check_within(config, model, backend, available, "")
+}
+
+/// [`check`] against `available` bytes, which `limit` says where they come from (for the
+/// message; empty for none).
+fn check_within(
+    config: &TrainConfig,
+    model: &MoeTransformerConfig,
+    backend: Backend,
+    available: f64,
+    limit: &str,
 ) -> Result<()> {
     let estimate = estimate(config, model);
     if estimate.total_bytes() <= available {
@@ -112,7 +191,7 @@ pub fn check_against(
         ""
     };
     Err(TrainError::Memory(format!(
-        "the model ({:.3e} parameters) and a micro-batch of {} x {} tokens need about {} ({} for weights, gradients and AdamW state, {} for activations), but {} is available{host}; lower `--experts`, `--batch-size` or `--context`, or the model's width",
+        "the model ({:.3e} parameters) and a micro-batch of {} x {} tokens need about {} ({} for weights, gradients and AdamW state, {} for activations), but {} is available{}{host}; lower `--experts`, `--batch-size` or `--context`, or the model's width",
         estimate.parameters,
         config.optim.batch_size,
         config.model.context_length,
@@ -120,6 +199,11 @@ pub fn check_against(
         bytes(estimate.state_bytes),
         bytes(estimate.activation_bytes),
         bytes(available),
+        if limit.is_empty() {
+            String::new()
+        } else {
+            format!(" {limit}")
+        },
     )))
 }
 

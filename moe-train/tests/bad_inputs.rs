@@ -517,3 +517,25 @@ fn generation_names_unknown_prompt_characters_and_never_samples_unk() {
         assert!(!generated.contains('?'), "seed {seed}: {stdout}");
     }
 }
+
+/// Under an address-space limit (`ulimit -v`) the memory check refuses a batch that cannot
+/// fit, naming the limit, instead of the allocator aborting mid-step.
+#[cfg(target_os = "linux")]
+#[test]
+fn the_memory_check_honours_the_address_space_limit() {
+    let root = common::temp_dir("address-space");
+    let corpus = root.join("corpus.txt");
+    write_generated_corpus(&corpus);
+    let script = format!(
+        "ulimit -v 3000000 && exec '{PROGRAM}' train --text '{}' --context 16 --batch-size 8192 --backend flex --out '{}'",
+        corpus.display(),
+        root.join("run").display()
+    );
+    let output = Command::new("sh").args(["-c", &script]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("not enough memory") && stderr.contains("address-space limit"),
+        "{stderr}"
+    );
+}

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::backend::{Backend, Precision};
-use crate::divergence::OnNonFinite;
+use crate::divergence::{ExplosionRule, OnNonFinite};
 use crate::error::{io, Result, TrainError};
 use crate::parallel::{DeviceSpec, Parallelism};
 
@@ -329,6 +329,9 @@ pub struct RunConfig {
     /// What to do at a step whose loss or gradient norm is not finite.
     #[serde(default)]
     pub on_nonfinite: OnNonFinite,
+    /// When a finite loss counts as exploding (a divergence too).
+    #[serde(default)]
+    pub explosion: ExplosionRule,
     /// The devices to train on (`--devices`; see [`crate::parallel`]): empty for the one
     /// `backend` picks.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -442,6 +445,7 @@ impl Preset {
                 backend: Backend::Auto,
                 precision: Precision::F32,
                 on_nonfinite: OnNonFinite::Stop,
+                explosion: ExplosionRule::default(),
                 devices: Vec::new(),
                 parallel: Parallelism::Both,
             },
@@ -692,6 +696,25 @@ impl TrainConfig {
         for device in &r.devices {
             DeviceSpec::parse(device)?;
         }
+        let explosion = &r.explosion;
+        if !(explosion.ratio.is_finite() && explosion.ratio > 1.0) {
+            return bad(format!(
+                "`run.explosion.ratio` must be a finite number above 1, got {}",
+                explosion.ratio
+            ));
+        }
+        if !(explosion.nats.is_finite() && explosion.nats >= 0.0) {
+            return bad(format!(
+                "`run.explosion.nats` must be a finite number of at least 0, got {}",
+                explosion.nats
+            ));
+        }
+        in_range(
+            "run.explosion.logged_steps",
+            explosion.logged_steps,
+            1,
+            1 << 20,
+        )?;
         let replicas = r.devices.len();
         if replicas > 1 && r.parallel.splits_batch() && self.optim.batch_size % replicas != 0 {
             return bad(format!(

@@ -12,7 +12,11 @@
 //!
 //! [`SpikeDetector`] warns when a logged loss is far above its running mean (1.5 times and a
 //! nat above it): the usual sign that a learning rate is too high, often some hundred steps
-//! before the loss overflows.
+//! before the loss overflows. A loss that stays that far above for several logged steps in a
+//! row ([`ExplosionRule`], settable in the config's `[run.explosion]`) is a divergence too,
+//! though still finite: the run stops, and the trouble began at the first of those steps, so
+//! a checkpoint saved from then on is never the one named as the last good one (nor is it for
+//! a loss that turns NaN during such a streak).
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{Device, Tensor, TensorData, Transaction};
@@ -148,38 +152,94 @@ impl NonFiniteWatch {
     }
 }
 
-/// Warns when a logged loss is far above its running mean.
-#[derive(Debug, Clone, Default)]
-pub struct SpikeDetector {
-    mean: Option<f64>,
-    seen: usize,
+/// When a finite loss counts as exploding: a logged loss more than `ratio` times its running
+/// mean and `nats` above it is a spike (a warning); `logged_steps` spikes in a row are a
+/// divergence. The running mean starts after [`SPIKE_WARM_UP`] logged losses.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExplosionRule {
+    /// A spike is more than this many times the running mean...
+    pub ratio: f64,
+    /// ... and this many nats above it (small losses of small batches jump by 1.5x as noise:
+    /// a captioning loss of 0.3 at 0.5).
+    pub nats: f64,
+    /// Spikes in a row (logged steps) that stop the run.
+    pub logged_steps: usize,
 }
 
-/// A loss more than this many times its running mean is a spike...
-pub const SPIKE_RATIO: f64 = 1.5;
-/// ... if it is also this many nats above it (small losses of small batches jump by 1.5x as
-/// noise: a captioning loss of 0.3 at 0.5).
-pub const SPIKE_NATS: f64 = 1.0;
+impl Default for ExplosionRule {
+    fn default() -> Self {
+        Self {
+            ratio: 1.5,
+            nats: 1.0,
+            logged_steps: 3,
+        }
+    }
+}
+
+/// Warns when a logged loss is far above its running mean, and tells a streak of such losses
+/// (see [`ExplosionRule`]).
+#[derive(Debug, Clone, Default)]
+pub struct SpikeDetector {
+    rule: ExplosionRule,
+    mean: Option<f64>,
+    seen: usize,
+    /// The first step of the current streak of spikes, and its length.
+    streak: Option<(usize, usize)>,
+}
+
+/// A logged loss found far above its running mean.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Spike {
+    /// The running mean it is compared with.
+    pub mean: f64,
+    /// The first step of the streak of spikes it belongs to.
+    pub since: usize,
+    /// Spikes in the streak, this one included.
+    pub in_a_row: usize,
+    /// Whether the streak is long enough to stop the run ([`ExplosionRule::logged_steps`]).
+    pub exploded: bool,
+}
+
 /// Logged losses averaged before spikes are looked for (the first steps fall fast).
-const SPIKE_WARM_UP: usize = 5;
+pub const SPIKE_WARM_UP: usize = 5;
 /// Weight of the newest loss in the running mean.
 const SPIKE_DECAY: f64 = 0.1;
 
 impl SpikeDetector {
-    /// Adds a finite logged loss; returns the running mean it is a spike against, if it is one.
-    pub fn observe(&mut self, loss: f64) -> Option<f64> {
+    /// A detector with `rule`'s thresholds.
+    pub fn new(rule: ExplosionRule) -> Self {
+        Self {
+            rule,
+            ..Self::default()
+        }
+    }
+
+    /// Adds the finite logged loss of `step`; returns the spike it is, if it is one.
+    pub fn observe(&mut self, step: usize, loss: f64) -> Option<Spike> {
         if !loss.is_finite() {
             return None;
         }
+        let rule = self.rule;
         let spike = match self.mean {
             Some(mean)
                 if self.seen >= SPIKE_WARM_UP
-                    && loss > SPIKE_RATIO * mean
-                    && loss > mean + SPIKE_NATS =>
+                    && loss > rule.ratio * mean
+                    && loss > mean + rule.nats =>
             {
-                Some(mean)
+                let (since, in_a_row) = self.streak.map_or((step, 1), |(since, n)| (since, n + 1));
+                self.streak = Some((since, in_a_row));
+                Some(Spike {
+                    mean,
+                    since,
+                    in_a_row,
+                    exploded: in_a_row >= rule.logged_steps.max(1),
+                })
             }
-            _ => None,
+            _ => {
+                self.streak = None;
+                None
+            }
         };
         self.seen += 1;
         self.mean = Some(match self.mean {
@@ -188,6 +248,12 @@ impl SpikeDetector {
             None => loss,
         });
         spike
+    }
+
+    /// The first step of the streak of spikes the latest logged loss belongs to, if it was
+    /// one: where the trouble a following NaN ends began.
+    pub fn trouble_since(&self) -> Option<usize> {
+        self.streak.map(|(since, _)| since)
     }
 }
 

@@ -470,7 +470,7 @@ impl<'a, T: Task> Session<'a, T> {
             unconfirmed: None,
             watch: NonFiniteWatch::new(&device),
             guard: DivergenceGuard::new(on_nonfinite),
-            spikes: SpikeDetector::default(),
+            spikes: SpikeDetector::new(config.run.explosion),
             device,
             layout,
             model: Some(model),
@@ -720,25 +720,46 @@ impl<'a, T: Task> Session<'a, T> {
         self.bar.set_message(message);
         // A step skipped for a non-finite loss (`--on-nonfinite skip`) logs no row.
         if row.loss.is_finite() && row.cross_entropy.is_finite() {
-            if let Some(mean) = self.spikes.observe(row.cross_entropy) {
+            let loss = row.cross_entropy;
+            let spike = self.spikes.observe(step, loss);
+            self.summary.train_losses.push((step, loss));
+            self.log.write(&Row::Train(row))?;
+            if let Some(spike) = spike {
+                let mean = spike.mean;
+                if spike.exploded {
+                    return Ok(Some(Divergence {
+                        step,
+                        bad_from: spike.since,
+                        what: format!(
+                            "the loss exploded: {loss:.4} is {:.1}x its running mean {mean:.4}, the {} logged step in a row that far above it (since step {}; thresholds: `[run.explosion]`)",
+                            loss / mean,
+                            ordinal(spike.in_a_row),
+                            spike.since
+                        ),
+                    }));
+                }
                 self.say(format!(
-                    "warning: step {step}: loss {:.4} is {:.1}x its running mean {mean:.4}: a loss spike (if they repeat or grow, lower `--lr` or enable `--grad-clip`)",
-                    row.cross_entropy,
-                    row.cross_entropy / mean
+                    "warning: step {step}: loss {loss:.4} is {:.1}x its running mean {mean:.4}: a loss spike (if they repeat or grow, lower `--lr` or enable `--grad-clip`)",
+                    loss / mean
                 ));
             }
-            self.summary.train_losses.push((step, row.cross_entropy));
-            self.log.write(&Row::Train(row))?;
         }
         self.interval = (Instant::now(), 0);
         Ok(None)
     }
 
     /// The divergence `report` (read at `step`) shows, if any ([`DivergenceGuard::check`]).
+    /// When the losses logged just before it were already exploding, the trouble began at the
+    /// first of them: no checkpoint from then on is kept as good.
     fn diverged(&mut self, report: NonFiniteReport, step: usize) -> Option<Divergence> {
         let (plain_lines, bar) = (self.plain_lines, &self.bar);
-        self.guard
-            .check(report, step, &|line| print_line(plain_lines, bar, line))
+        let mut found = self
+            .guard
+            .check(report, step, &|line| print_line(plain_lines, bar, line))?;
+        if let Some(since) = self.spikes.trouble_since() {
+            found.bad_from = found.bad_from.min(since);
+        }
+        Some(found)
     }
 
     /// Stops on the divergence `report` shows, if any; otherwise the newest checkpoint is
@@ -1064,7 +1085,7 @@ fn divergence_error(out: &Path, found: Divergence, keep: usize) -> Result<TrainE
     }
     let mut checkpoint = match checkpoint::resolve(out) {
         Ok(folder) => format!(
-            "The last finite checkpoint is {} (`latest` points at it; continue from it with `--resume` and the changes below)",
+            "The last checkpoint saved before the trouble began is {} (`latest` points at it; continue from it with `--resume` and the changes below)",
             folder.display()
         ),
         Err(_) => "No checkpoint was written before it: start again with the changes below".into(),
@@ -1081,6 +1102,18 @@ fn divergence_error(out: &Path, found: Divergence, keep: usize) -> Result<TrainE
         what: found.what,
         checkpoint,
     })
+}
+
+/// "1st", "2nd", "3rd", "4th", ...
+fn ordinal(n: usize) -> String {
+    let suffix = match (n % 10, n % 100) {
+        (1, 11) | (2, 12) | (3, 13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    format!("{n}{suffix}")
 }
 
 /// "the loss is NaN (gradient norm 3.2)" and the like.

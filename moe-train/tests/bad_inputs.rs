@@ -216,6 +216,7 @@ fn cases() -> Vec<Case> {
         case("cache dir is a file", &["train", "--cache-dir", "{fix}/corpus.txt", "--backend", "flex", "--out", "{dir}/run"], 1, &["--cache-dir", "corpus.txt", "is a file"]),
         case("JSON config named .cfg", &["train", "--text", "{fix}/corpus.txt", "--config", "{dir}/run.cfg", "--backend", "flex", "--out", "{dir}/run"], 1, &["model.experts", "got 0"]).prepared(|dir, _| std::fs::write(dir.join("run.cfg"), "{\"model\": {\"experts\": 0}}").unwrap()),
         config_case("weight decay nan", |dir, _| std::fs::write(dir.join("bad.toml"), TINY_TOML.replace("warmup_steps = 2", "warmup_steps = 2\nweight_decay = nan")).unwrap(), &["optim.weight_decay", "NaN", "finite"]),
+        case("a loss that explodes", &train(&["--lr", "30", "--grad-clip", "0", "--steps", "40"]), 3, &["diverged", "the loss exploded", "since step", "saved before the trouble began"]),
         case("out is a file", &["train", "--text", "{fix}/corpus.txt", "--out", "{fix}/corpus.txt"], 1, &["corpus.txt", "is a file"]),
         case("resume into a checkpoint folder", &["train", "--resume", "--steps", "8", "--out", "{dir}/run/checkpoints/step-00000004"], 1, &["checkpoint folder", "--out"]).prepared(copy_run),
         case("resume an empty folder", &["train", "--resume", "--steps", "8", "--out", "{dir}"], 1, &["no checkpoint"]),

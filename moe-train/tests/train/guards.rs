@@ -224,13 +224,43 @@ fn a_spike_is_reported_against_the_running_mean() {
     let reported: Vec<usize> = losses
         .iter()
         .enumerate()
-        .filter_map(|(i, &loss)| spikes.observe(loss).map(|_| i))
+        .filter_map(|(i, &loss)| spikes.observe(i, loss).map(|_| i))
         .collect();
     assert_eq!(reported, [6]);
     // Small losses jumping by 1.5x but by less than a nat are noise, not spikes.
     let mut spikes = SpikeDetector::default();
     let small = [0.4, 0.35, 0.3, 0.3, 0.3, 0.3, 0.55, 0.3];
-    assert!(small.iter().all(|&loss| spikes.observe(loss).is_none()));
+    assert!(small
+        .iter()
+        .enumerate()
+        .all(|(i, &loss)| spikes.observe(i, loss).is_none()));
+}
+
+#[test]
+fn three_spikes_in_a_row_are_an_explosion_dated_from_the_first() {
+    let mut spikes = SpikeDetector::default();
+    // Running mean about 3.5; one spike (step 6), a normal loss, then three in a row.
+    let losses = [4.0, 3.8, 3.6, 3.5, 3.4, 3.3, 9.0, 3.2, 9.5, 12.0, 30.0];
+    let found: Vec<(usize, usize, usize, bool)> = losses
+        .iter()
+        .enumerate()
+        .filter_map(|(step, &loss)| {
+            let spike = spikes.observe(step, loss)?;
+            Some((step, spike.since, spike.in_a_row, spike.exploded))
+        })
+        .collect();
+    assert_eq!(
+        found,
+        [
+            (6, 6, 1, false),
+            (8, 8, 1, false),
+            (9, 8, 2, false),
+            (10, 8, 3, true)
+        ]
+    );
+    assert_eq!(spikes.trouble_since(), Some(8));
+    assert_eq!(spikes.observe(11, 3.0), None);
+    assert_eq!(spikes.trouble_since(), None);
 }
 
 #[test]

@@ -190,6 +190,7 @@ fn plot(path: &Path, moe: &Curve, dense: &Curve) -> std::result::Result<(), Stri
             chart
                 .configure_mesh()
                 .x_desc(name)
+                .x_label_formatter(&|value| crate::plots::whole_number(*value))
                 .y_desc("nats per token")
                 .draw()
                 .map_err(|e| e.to_string())?;

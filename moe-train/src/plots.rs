@@ -147,6 +147,7 @@ fn loss_plot(
         chart
             .configure_mesh()
             .x_desc("step")
+            .x_label_formatter(&|step| whole_number(*step))
             .y_desc("nats per token")
             .draw()
             .map_err(|e| e.to_string())?;
@@ -311,4 +312,10 @@ fn load_colour(relative: f64) -> RGBColor {
         let t = (relative - 1.0).clamp(0.0, 1.0);
         RGBColor(255, (255.0 * (1.0 - t)) as u8, (255.0 * (1.0 - t)) as u8)
     }
+}
+
+/// An axis value that counts something (steps, seconds), without a fraction: `100`, not
+/// `100.0`.
+pub fn whole_number(value: f64) -> String {
+    format!("{value:.0}")
 }

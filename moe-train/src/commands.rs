@@ -9,7 +9,7 @@ use moe_models::{GenerationConfig, MoeTransformer, SamplingConfig};
 use crate::backend::{self, Precision};
 use crate::checkpoint;
 use crate::cli::{EvalArgs, GenerateArgs};
-use crate::config::Task as TaskKind;
+use crate::config::{Task as TaskKind, TrainConfig};
 use crate::divergence::non_finite_parameters;
 use crate::error::{Result, TrainError};
 use crate::form::{self, FormShare};
@@ -130,6 +130,9 @@ pub struct EvalReport {
     pub evaluation: Evaluation,
     /// With `--form`: how well samples keep their prompt's line length.
     pub form: Vec<FormShare>,
+    /// A warning when the loss is far above the lowest validation loss its run logged
+    /// ([`far_above_history`]).
+    pub history_warning: Option<String>,
 }
 
 /// Evaluates a checkpoint on its run's validation data.
@@ -188,10 +191,38 @@ pub fn evaluate(args: &EvalArgs) -> Result<EvalReport> {
             alternatives: checkpoint::alternatives_of(&folder),
         });
     }
+    let history_warning = far_above_history(&folder, evaluation.loss, &config);
     Ok(EvalReport {
         step: state.step,
         evaluation,
         form,
+        history_warning,
+    })
+}
+
+/// A warning when `loss` (the checkpoint in `folder`'s) is far above the lowest validation
+/// loss its run logged, by the run's own explosion thresholds (`[run.explosion]` `ratio` and
+/// `nats`): a finite checkpoint may still hold weights from a blow-up. `None` when the run's
+/// metrics are not beside the checkpoint or the loss is in line with them.
+fn far_above_history(folder: &std::path::Path, loss: f64, config: &TrainConfig) -> Option<String> {
+    let run = folder.parent()?.parent()?;
+    let rows = crate::metrics::read(&run.join("metrics.jsonl")).ok()?;
+    let (step, lowest) = rows
+        .iter()
+        .filter_map(|row| match row {
+            crate::metrics::Row::Eval(row) if row.val_loss.is_finite() => {
+                Some((row.step, row.val_loss))
+            }
+            _ => None,
+        })
+        .min_by(|a, b| a.1.total_cmp(&b.1))?;
+    let rule = config.run.explosion;
+    (loss > rule.ratio * lowest && loss > lowest + rule.nats).then(|| {
+        format!(
+            "this checkpoint's validation loss {loss:.4} is {:.1}x the lowest its run logged ({lowest:.4} at step {step}): its weights may come from a blow-up{}",
+            loss / lowest,
+            checkpoint::alternatives_of(folder)
+        )
     })
 }
 

@@ -157,6 +157,9 @@ fn run(cli: Cli) -> moe_train::Result<()> {
         }
         Command::Eval(args) => {
             let report = commands::evaluate(&args)?;
+            if let Some(warning) = &report.history_warning {
+                eprintln!("warning: {warning}");
+            }
             println!(
                 "checkpoint at step {}: validation loss {:.4}, perplexity {}",
                 report.step,

@@ -252,6 +252,17 @@ fn cases() -> Vec<Case> {
             copy_run(dir, fix);
             std::fs::remove_file(newest(dir).join("state.json")).unwrap();
         }),
+        case("eval of a checkpoint far above its run's history", &eval("{dir}/run"), 0, &["warning", "lowest its run logged", "0.0100 at step 2", "blow-up"]).prepared(|dir, fix| {
+            copy_run(dir, fix);
+            let metrics = dir.join("run/metrics.jsonl");
+            let mut text = std::fs::read_to_string(&metrics).unwrap();
+            text.push_str("{\"kind\":\"eval\",\"step\":2,\"val_loss\":0.01,\"val_perplexity\":1.01}\n");
+            std::fs::write(&metrics, text).unwrap();
+        }),
+        config_case("explosion ratio of 1", |dir, _| write_config(dir, "[run.explosion]\nratio = 1.0"), &["run.explosion.ratio", "above 1"]),
+        config_case("explosion nats negative", |dir, _| write_config(dir, "[run.explosion]\nnats = -1.0"), &["run.explosion.nats", "-1"]),
+        config_case("explosion after zero steps", |dir, _| write_config(dir, "[run.explosion]\nlogged_steps = 0"), &["run.explosion.logged_steps", "got 0"]),
+        config_case("explosion field unknown", |dir, _| write_config(dir, "[run.explosion]\npatience = 3"), &["patience"]),
         case("eval with an empty latest", &eval("{dir}/run"), 1, &["`latest` is empty", "Intact checkpoints", "step-00000004"]).prepared(|dir, fix| {
             copy_run(dir, fix);
             std::fs::write(dir.join("run/latest"), "").unwrap();

@@ -130,8 +130,8 @@ pub struct EvalReport {
     pub evaluation: Evaluation,
     /// With `--form`: how well samples keep their prompt's line length.
     pub form: Vec<FormShare>,
-    /// A warning when the loss is far above the lowest validation loss its run logged
-    /// ([`far_above_history`]).
+    /// A warning when the loss is far above the lowest validation loss its run logged (by
+    /// the run's `[run.explosion]` thresholds).
     pub history_warning: Option<String>,
 }
 

@@ -103,8 +103,9 @@ fn machine_available() -> Option<f64> {
     kib_field(&info, "MemAvailable:")
 }
 
-/// The value of a `Name:  123 kB` line of a `/proc` file, bytes.
-fn kib_field(text: &str, name: &str) -> Option<f64> {
+/// The value of a `Name:  123 kB` line of a `/proc` file (`/proc/meminfo`,
+/// `/proc/self/status`), bytes.
+pub fn kib_field(text: &str, name: &str) -> Option<f64> {
     let line = text.lines().find(|line| line.starts_with(name))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024.0)

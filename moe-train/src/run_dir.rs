@@ -102,7 +102,7 @@ impl RunDir {
             };
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().to_string();
-                if name.starts_with('.') && name.contains(".partial") {
+                if is_staging(&name) {
                     let path = entry.path();
                     let removed = if path.is_dir() {
                         std::fs::remove_dir_all(&path)
@@ -178,7 +178,18 @@ pub fn check_claim(path: &Path, claim: Claim) -> Result<bool> {
 /// Whether a run may start in `path` without removing anything of someone else's: it does not
 /// exist, holds nothing but a lock or a killed write's staging files, or a run claimed it.
 fn is_claimable(path: &Path) -> bool {
-    path.join(MARKER_FILE).is_file() || foreign_files(path).is_empty()
+    claimed_by_a_run(path) || foreign_files(path).is_empty()
+}
+
+/// Whether a run claimed `path` ([`MARKER_FILE`]).
+fn claimed_by_a_run(path: &Path) -> bool {
+    path.join(MARKER_FILE).is_file()
+}
+
+/// Whether `name` is the staging file or folder of a write that did not finish
+/// (`.NAME.partial`), which claiming a run folder removes.
+fn is_staging(name: &str) -> bool {
+    name.starts_with('.') && name.contains(".partial")
 }
 
 /// The names of the entries of `path` that are not a run's lock or staging files, sorted.
@@ -189,7 +200,7 @@ fn foreign_files(path: &Path) -> Vec<String> {
     let mut names: Vec<String> = entries
         .flatten()
         .map(|entry| entry.file_name().to_string_lossy().to_string())
-        .filter(|name| name != LOCK_FILE && !(name.starts_with('.') && name.contains(".partial")))
+        .filter(|name| name != LOCK_FILE && !is_staging(name))
         .collect();
     names.sort();
     names
@@ -215,7 +226,7 @@ fn some_files(path: &Path) -> String {
 fn check_not_inside_a_run(path: &Path) -> Result<()> {
     let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     for above in absolute.ancestors().skip(1) {
-        if holds_run(above) || above.join(MARKER_FILE).is_file() {
+        if holds_run(above) || claimed_by_a_run(above) {
             return Err(TrainError::RunFolder {
                 path: path.to_path_buf(),
                 reason: format!(

@@ -148,6 +148,7 @@ pub fn train(mut config: TrainConfig, options: RunOptions) -> Result<RunSummary>
         (false, false) => Claim::New,
     };
     let run_dir = RunDir::claim(&options.out, claim)?;
+    config.data.make_paths_absolute()?;
     let opened = if options.resume {
         let opened = checkpoint::open(&options.out)?;
         check_resumable(
@@ -157,11 +158,9 @@ pub fn train(mut config: TrainConfig, options: RunOptions) -> Result<RunSummary>
             opened.state.step,
             options.show_progress,
         )?;
-        config.data.make_paths_absolute()?;
         check_corpus_is_there(&config)?;
         Some(opened)
     } else {
-        config.data.make_paths_absolute()?;
         None
     };
     let selected = if options.show_progress {
@@ -302,11 +301,8 @@ fn same_data(given: &DataConfig, saved: &DataConfig, recorded: bool) -> bool {
 /// Refuses a resumed run whose corpus file is gone, saying how to give its new place.
 fn check_corpus_is_there(config: &TrainConfig) -> Result<()> {
     let data = &config.data;
-    let given = [(&data.text, "--text"), (&data.jsonl, "--jsonl")];
-    for (path, flag) in given
-        .iter()
-        .filter_map(|(path, flag)| Some(((*path).as_ref()?, flag)))
-    {
+    for (path, flag) in [(&data.text, "--text"), (&data.jsonl, "--jsonl")] {
+        let Some(path) = path else { continue };
         if !path.exists() {
             return Err(TrainError::Config(format!(
                 "the run's corpus {} is not there any more; if it moved, give its new place with `{flag}` (its content is checked against the checksum the run saved)",
@@ -731,9 +727,9 @@ impl<'a, T: Task> Session<'a, T> {
                         step,
                         bad_from: spike.since,
                         what: format!(
-                            "the loss exploded: {loss:.4} is {:.1}x its running mean {mean:.4}, the {} logged step in a row that far above it (since step {}; thresholds: `[run.explosion]`)",
+                            "the loss exploded: {loss:.4} is {:.1}x its running mean {mean:.4}, after {} logged steps in a row that far above it (since step {}; thresholds: `[run.explosion]`)",
                             loss / mean,
-                            ordinal(spike.in_a_row),
+                            spike.in_a_row,
                             spike.since
                         ),
                     }));
@@ -1102,18 +1098,6 @@ fn divergence_error(out: &Path, found: Divergence, keep: usize) -> Result<TrainE
         what: found.what,
         checkpoint,
     })
-}
-
-/// "1st", "2nd", "3rd", "4th", ...
-fn ordinal(n: usize) -> String {
-    let suffix = match (n % 10, n % 100) {
-        (1, 11) | (2, 12) | (3, 13) => "th",
-        (1, _) => "st",
-        (2, _) => "nd",
-        (3, _) => "rd",
-        _ => "th",
-    };
-    format!("{n}{suffix}")
 }
 
 /// "the loss is NaN (gradient norm 3.2)" and the like.

@@ -6,6 +6,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Device, Distribution, Int, Tensor};
 use burn_moe::models::MoeTransformerConfig;
 use burn_moe::train::config::{Preset, TrainConfig};
+use burn_moe::train::memory::kib_field;
 use burn_moe::train::optimizer::FusedAdamW;
 use serde::{Deserialize, Serialize};
 
@@ -180,13 +181,7 @@ fn observe_step(_device: &Device, _step: &mut impl FnMut()) -> (usize, usize) {
 /// `VmHWM` (peak resident set) and `VmRSS` of this process, bytes (Linux).
 pub fn memory_status() -> Option<(u64, u64)> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<u64>().ok())
-            .map(|kb| kb * 1024)
-    };
+    // Whole kibibytes: exact as f64.
+    let field = |name: &str| kib_field(&status, name).map(|bytes| bytes as u64);
     Some((field("VmHWM:")?, field("VmRSS:")?))
 }

@@ -6,9 +6,13 @@
 //! synced to disk, and only then is it renamed into place and `latest` replaced (also by
 //! rename). The last `keep` checkpoints are kept.
 //!
-//! Each checkpoint ends with a manifest (`manifest.json`: every file's size and SHA-256), so a
-//! file damaged, swapped or deleted afterwards is named when the checkpoint is opened
-//! ([`open`]), together with the run's intact older checkpoints. A text run's checkpoint also
+//! Each checkpoint records every file's size and SHA-256 twice: `state.json` holds those of the
+//! files written before it, and the manifest written last (`manifest.json`) those of every
+//! file, `state.json` included. A file damaged, swapped or deleted afterwards is named when the
+//! checkpoint is opened ([`open`]), together with the run's intact older checkpoints, and
+//! deleting the manifest does not remove the proof: `state.json` still holds it (deleting
+//! `state.json` leaves the checkpoint incomplete). A checkpoint with neither record is refused
+//! unless the caller skips the check ([`Verify::Skipped`], `--no-verify`). A text run's checkpoint also
 //! records what it trained on ([`DataRecord`]: the corpus's checksum and the validation split),
 //! so that evaluating or resuming it refuses a corpus that changed.
 
@@ -66,6 +70,34 @@ pub const DATA_FILE: &str = "data.json";
 /// [`Manifest`]: every other file's size and checksum, written last.
 pub const MANIFEST_FILE: &str = "manifest.json";
 
+/// What `state.json` holds: the [`TrainingState`] and the checksums of the files written
+/// before it (the second record besides the manifest).
+#[derive(Serialize)]
+struct StateFileOut<'a> {
+    #[serde(flatten)]
+    state: &'a TrainingState,
+    files: &'a BTreeMap<String, FileEntry>,
+}
+
+/// The checksums `state.json` records (none in checkpoints written before it recorded them).
+#[derive(Deserialize)]
+struct StateFileChecksums {
+    #[serde(default)]
+    files: BTreeMap<String, FileEntry>,
+}
+
+/// Whether opening a checkpoint checks its files against their recorded checksums.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Verify {
+    /// Every file is checked against both records; a checkpoint with no record of its
+    /// checksums is refused.
+    #[default]
+    Checked,
+    /// Nothing is checked (`--no-verify`): for a checkpoint with no checksums whose files the
+    /// user vouches for. Damage then shows only where a reader notices it.
+    Skipped,
+}
+
 /// What a text run trained on: enough to refuse a corpus that changed and to rebuild the
 /// same validation split.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,21 +149,79 @@ pub struct CheckpointParts<'a, M: Module> {
 
 /// Writes a checkpoint for `parts.state.step` into `run_dir`, points `latest` at it and
 /// removes all but the newest `keep` checkpoints. Returns its folder.
+///
+/// A save that fails leaves the run as it was (the partial folder removed, `latest` naming
+/// the previous checkpoint) and says so in its error, with the cause and how to continue.
 pub fn save<M: Module>(
     run_dir: &Path,
     parts: CheckpointParts<'_, M>,
     keep: usize,
 ) -> Result<PathBuf> {
     let folder = run_dir.join("checkpoints");
-    std::fs::create_dir_all(&folder).map_err(io(&folder))?;
-    let name = format!("step-{:08}", parts.state.step);
+    let step = parts.state.step;
+    let name = format!("step-{step:08}");
     let target = folder.join(&name);
     let staging = folder.join(format!(".{name}.partial-{}", std::process::id()));
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging).map_err(io(&staging))?;
+    if let Err(cause) = write_into_place(&staging, &target, parts) {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(save_failed(run_dir, step, &target, cause));
     }
-    std::fs::create_dir_all(&staging).map_err(io(&staging))?;
+    write_latest(run_dir, &name).map_err(|cause| TrainError::Checkpoint {
+        path: run_dir.join("latest"),
+        reason: format!(
+            "the checkpoint of step {step} was saved in {}, but `latest` could not be pointed at it ({cause}); write `checkpoints/{name}` into {} to resume from it",
+            target.display(),
+            run_dir.join("latest").display()
+        ),
+    })?;
+    prune(&folder, keep.max(1), &name)?;
+    Ok(target)
+}
 
+/// The error of a save that failed with `cause`: what was being saved, that the run's
+/// checkpoints are as they were, and how to continue once the cause is fixed.
+fn save_failed(run_dir: &Path, step: usize, target: &Path, cause: TrainError) -> TrainError {
+    let previous = std::fs::read_to_string(run_dir.join("latest"))
+        .ok()
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty());
+    let kept = match previous {
+        Some(name) => format!(
+            "nothing saved before was touched: `latest` still names {name}, and `burn-moe train --resume --out {}` continues from it once the cause is fixed (free disk space, a writable folder)",
+            run_dir.display()
+        ),
+        None => "the run has no earlier checkpoint; fix the cause (free disk space, a writable folder) and train again".into(),
+    };
+    TrainError::Checkpoint {
+        path: target.to_path_buf(),
+        reason: format!("could not save the checkpoint of step {step}: {cause}; {kept}"),
+    }
+}
+
+/// Writes every file of the checkpoint into `staging`, syncs them, and renames the folder to
+/// `target` (replacing a folder of the same step).
+fn write_into_place<M: Module>(
+    staging: &Path,
+    target: &Path,
+    parts: CheckpointParts<'_, M>,
+) -> Result<()> {
+    let folder = target.parent().expect("a checkpoint folder has a parent");
+    std::fs::create_dir_all(folder).map_err(io(folder))?;
+    if staging.exists() {
+        std::fs::remove_dir_all(staging).map_err(io(staging))?;
+    }
+    std::fs::create_dir_all(staging).map_err(io(staging))?;
+    write_parts(staging, &parts)?;
+    write_records(staging, parts.state)?;
+    if target.exists() {
+        std::fs::remove_dir_all(target).map_err(io(target))?;
+    }
+    std::fs::rename(staging, target).map_err(io(target))?;
+    sync(folder)
+}
+
+/// Writes the model (or its adapters), optimizer state, config, tokenizer and data record.
+fn write_parts<M: Module>(staging: &Path, parts: &CheckpointParts<'_, M>) -> Result<()> {
     let record_error = |path: &Path, error: burn::store::RecordError| TrainError::Checkpoint {
         path: path.to_path_buf(),
         reason: format!("could not write: {error}"),
@@ -165,7 +255,6 @@ pub fn save<M: Module>(
         })?;
         std::fs::write(&optimizer_path, &gathered[..]).map_err(io(&optimizer_path))?;
     }
-    write_json(&staging.join(STATE_FILE), parts.state)?;
     write_json(&staging.join(CONFIG_FILE), parts.config)?;
     if let Some(tokenizer) = parts.tokenizer {
         tokenizer.save(&staging.join(TOKENIZER_FILE))?;
@@ -173,32 +262,43 @@ pub fn save<M: Module>(
     if let Some(data) = parts.data {
         write_json(&staging.join(DATA_FILE), data)?;
     }
-    let mut manifest = Manifest {
-        files: BTreeMap::new(),
-    };
-    for entry in std::fs::read_dir(&staging).map_err(io(&staging))? {
-        let path = entry.map_err(io(&staging))?.path();
+    Ok(())
+}
+
+/// Writes `state.json` with the checksums of the files written so far, then the manifest
+/// with every file's, `state.json`'s included: the two records [`verify`] checks.
+fn write_records(staging: &Path, state: &TrainingState) -> Result<()> {
+    let mut files = checksums_of(staging)?;
+    let state_path = staging.join(STATE_FILE);
+    write_json(
+        &state_path,
+        &StateFileOut {
+            state,
+            files: &files,
+        },
+    )?;
+    sync(&state_path)?;
+    files.insert(STATE_FILE.to_string(), file_entry(&state_path)?);
+    let manifest = Manifest { files };
+    let manifest_path = staging.join(MANIFEST_FILE);
+    write_json(&manifest_path, &manifest)?;
+    sync(&manifest_path)?;
+    sync(staging)
+}
+
+/// Size and checksum of every file in `folder` (each synced to disk on the way).
+fn checksums_of(folder: &Path) -> Result<BTreeMap<String, FileEntry>> {
+    let mut files = BTreeMap::new();
+    for entry in std::fs::read_dir(folder).map_err(io(folder))? {
+        let path = entry.map_err(io(folder))?.path();
         let name = path
             .file_name()
             .map(|name| name.to_string_lossy().to_string())
             .unwrap_or_default();
-        manifest.files.insert(name, file_entry(&path)?);
+        files.insert(name, file_entry(&path)?);
         sync(&path)?;
     }
-    let manifest_path = staging.join(MANIFEST_FILE);
-    write_json(&manifest_path, &manifest)?;
-    sync(&manifest_path)?;
-    sync(&staging)?;
-
-    if target.exists() {
-        std::fs::remove_dir_all(&target).map_err(io(&target))?;
-    }
-    std::fs::rename(&staging, &target).map_err(io(&target))?;
-    sync(&folder)?;
-
-    write_latest(run_dir, &name)?;
-    prune(&folder, keep.max(1), &name)?;
-    Ok(target)
+    Ok(files)
 }
 
 /// The checkpoint folder for `path`: `path` itself if it is a checkpoint folder, or the one its
@@ -277,12 +377,14 @@ pub struct Opened {
     pub data: Option<DataRecord>,
 }
 
-/// Resolves `path` ([`resolve`]), checks every file against the manifest ([`verify`]) and
-/// reads the state, config and data record. Errors name the file at fault and the run's
-/// intact older checkpoints.
-pub fn open(path: &Path) -> Result<Opened> {
+/// Resolves `path` ([`resolve`]), checks every file against its recorded checksums
+/// ([`verify`], unless `check` is [`Verify::Skipped`]) and reads the state, config and data
+/// record. Errors name the file at fault and the run's intact older checkpoints.
+pub fn open(path: &Path, check: Verify) -> Result<Opened> {
     let folder = resolve(path)?;
-    verify(&folder).map_err(|error| with_alternatives(error, &folder))?;
+    if check == Verify::Checked {
+        verify(&folder).map_err(|error| with_alternatives(error, &folder))?;
+    }
     let (state, config) = read_state(&folder).map_err(|error| with_alternatives(error, &folder))?;
     let data_path = folder.join(DATA_FILE);
     let data = if data_path.exists() {
@@ -306,15 +408,31 @@ pub fn read_config(path: &Path) -> Result<TrainConfig> {
     read_json(&folder.join(CONFIG_FILE)).map_err(|error| with_alternatives(error, &folder))
 }
 
-/// Checks every file the manifest lists against its size and checksum. A checkpoint written
-/// before manifests existed passes.
+/// Checks every file of a checkpoint against the sizes and checksums recorded for it: the
+/// manifest's and those in `state.json` (either alone is enough to check every file). A
+/// checkpoint with neither record cannot be verified and is refused, naming `--no-verify`.
 pub fn verify(folder: &Path) -> Result<()> {
-    let path = folder.join(MANIFEST_FILE);
-    if !path.exists() {
-        return Ok(());
+    let manifest_path = folder.join(MANIFEST_FILE);
+    let manifest = if manifest_path.exists() {
+        read_json::<Manifest>(&manifest_path)?.files
+    } else {
+        BTreeMap::new()
+    };
+    let in_state = recorded_in_state(folder);
+    if manifest.is_empty() && in_state.is_empty() {
+        return Err(TrainError::Checkpoint {
+            path: folder.to_path_buf(),
+            reason: format!(
+                "cannot be verified: it has no {MANIFEST_FILE} and its {STATE_FILE} records no checksums (written by an older burn-moe, or its manifest was deleted), so a damaged or swapped file would go unnoticed; if you trust its files, pass `--no-verify` to load it unchecked"
+            ),
+        });
     }
-    let manifest: Manifest = read_json(&path)?;
-    for (name, expected) in &manifest.files {
+    let records = [(MANIFEST_FILE, &manifest), (STATE_FILE, &in_state)];
+    // `state.json` first: when it is what changed, its own record is not to be believed.
+    let mut names: Vec<&String> = manifest.keys().chain(in_state.keys()).collect();
+    names.sort_by_key(|name| (name.as_str() != STATE_FILE, name.as_str()));
+    names.dedup();
+    for name in names {
         let file = folder.join(name);
         if !file.exists() {
             return Err(TrainError::Checkpoint {
@@ -323,20 +441,35 @@ pub fn verify(folder: &Path) -> Result<()> {
             });
         }
         let actual = file_entry(&file)?;
-        if actual != *expected {
-            return Err(TrainError::Checkpoint {
-                path: file,
-                reason: format!(
-                    "changed or damaged after the checkpoint was written ({} bytes, sha256 {}; the manifest says {} bytes, sha256 {})",
-                    actual.bytes,
-                    short(&actual.sha256),
-                    expected.bytes,
-                    short(&expected.sha256)
-                ),
-            });
+        for (record, files) in records {
+            match files.get(name) {
+                Some(expected) if *expected != actual => {
+                    return Err(TrainError::Checkpoint {
+                        path: file,
+                        reason: format!(
+                            "changed or damaged after the checkpoint was written ({} bytes, sha256 {}; {record} says {} bytes, sha256 {})",
+                            actual.bytes,
+                            short(&actual.sha256),
+                            expected.bytes,
+                            short(&expected.sha256)
+                        ),
+                    })
+                }
+                _ => {}
+            }
         }
     }
     Ok(())
+}
+
+/// The checksums `state.json` records (empty when it records none or cannot be read: reading
+/// the state reports that).
+fn recorded_in_state(folder: &Path) -> BTreeMap<String, FileEntry> {
+    std::fs::read_to_string(folder.join(STATE_FILE))
+        .ok()
+        .and_then(|text| serde_json::from_str::<StateFileChecksums>(&text).ok())
+        .map(|record| record.files)
+        .unwrap_or_default()
 }
 
 /// The other checkpoints of the run that `folder` belongs to which pass [`verify`].

@@ -130,6 +130,11 @@ pub struct TrainArgs {
     /// Continue the run in `--out` from its latest checkpoint.
     #[arg(long, conflicts_with = "overwrite")]
     pub resume: bool,
+    /// With `--resume`: continue from a checkpoint whose files cannot be checked against
+    /// recorded checksums (one written by an older burn-moe, or whose manifest was deleted),
+    /// without checking them.
+    #[arg(long, requires = "resume")]
+    pub no_verify: bool,
     /// Fine-tune a Hugging Face MoE model (Mixtral, Qwen2-MoE or OLMoE folder: `config.json`,
     /// safetensors, `tokenizer.json`) on the corpus instead of training the preset's model
     /// from scratch; its tokenizer replaces the corpus-built one.
@@ -497,6 +502,17 @@ impl TrainArgs {
     }
 }
 
+/// What `--no-verify` asks of [`checkpoint::open`]; warns on stderr when it skips the check.
+pub fn verify_flag(no_verify: bool) -> checkpoint::Verify {
+    if !no_verify {
+        return checkpoint::Verify::Checked;
+    }
+    eprintln!(
+        "warning: --no-verify: the checkpoint's files are not checked against their checksums; a damaged or swapped file shows only where a reader notices it"
+    );
+    checkpoint::Verify::Skipped
+}
+
 /// `burn-moe generate`.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -525,6 +541,10 @@ pub struct GenerateArgs {
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Load a `--checkpoint` whose files cannot be checked against recorded checksums (one
+    /// written by an older burn-moe, or whose manifest was deleted), without checking them.
+    #[arg(long, conflicts_with = "hf")]
+    pub no_verify: bool,
     /// Where to run.
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
     pub backend: Backend,
@@ -543,6 +563,7 @@ impl GenerateArgs {
             top_k: 0,
             top_p: 1.0,
             seed: 0,
+            no_verify: false,
             backend,
         }
     }
@@ -583,6 +604,7 @@ impl EvalArgs {
             batches: None,
             form: false,
             form_samples: 100,
+            no_verify: false,
             backend,
         }
     }
@@ -614,6 +636,10 @@ pub struct EvalArgs {
     /// Samples per line length for `--form`.
     #[arg(long, default_value_t = 100)]
     pub form_samples: usize,
+    /// Load a `--checkpoint` whose files cannot be checked against recorded checksums (one
+    /// written by an older burn-moe, or whose manifest was deleted), without checking them.
+    #[arg(long, conflicts_with = "hf")]
+    pub no_verify: bool,
     /// Where to run.
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
     pub backend: Backend,
@@ -632,6 +658,10 @@ pub struct ExportArgs {
     /// burn-moe's own names when none does).
     #[arg(long, value_enum)]
     pub arch: Option<HfArch>,
+    /// Load a checkpoint whose files cannot be checked against recorded checksums (one
+    /// written by an older burn-moe, or whose manifest was deleted), without checking them.
+    #[arg(long)]
+    pub no_verify: bool,
     /// Where to load the model.
     #[arg(long, value_enum, default_value_t = Backend::Auto)]
     pub backend: Backend,

@@ -42,7 +42,8 @@ pub fn generate(args: &GenerateArgs) -> Result<String> {
         (None, Some(checkpoint)) => checkpoint,
         (None, None) => return Err(no_model()),
     };
-    let opened = checkpoint::open(checkpoint)?;
+    let verify = crate::cli::verify_flag(args.no_verify);
+    let opened = checkpoint::open(checkpoint, verify)?;
     let (folder, config) = (opened.folder, opened.config);
     let device = backend::select_and_report(args.backend, Precision::F32)?.device;
     match config.task {
@@ -149,7 +150,8 @@ pub fn evaluate(args: &EvalArgs) -> Result<EvalReport> {
         ));
     }
     let checkpoint = args.checkpoint.as_ref().ok_or_else(no_model)?;
-    let opened = checkpoint::open(checkpoint)?;
+    let verify = crate::cli::verify_flag(args.no_verify);
+    let opened = checkpoint::open(checkpoint, verify)?;
     let (folder, state, mut config) = (opened.folder, opened.state, opened.config);
     if let Some(batches) = args.batches {
         config.run.eval_batches = batches;

@@ -46,13 +46,20 @@ pub enum ExportLayout {
 /// layout used.
 pub fn export(args: &ExportArgs) -> Result<ExportLayout> {
     let out = &args.out;
+    if out.exists() && !out.is_dir() {
+        return Err(TrainError::Argument(format!(
+            "{} is a file, not a folder; export writes a model folder (config.json, safetensors, tokenizer.json): name a new or empty folder with `--out`",
+            out.display()
+        )));
+    }
     if out.exists() && std::fs::read_dir(out).map_err(io(out))?.next().is_some() {
         return Err(TrainError::Argument(format!(
             "{} is not empty; export writes into an empty or new folder so that nothing is overwritten",
             out.display()
         )));
     }
-    let opened = checkpoint::open(&args.checkpoint)?;
+    let verify = crate::cli::verify_flag(args.no_verify);
+    let opened = checkpoint::open(&args.checkpoint, verify)?;
     if opened.config.task != Task::Text {
         return Err(TrainError::Argument(
             "export writes text models; this checkpoint is of a digits task".into(),

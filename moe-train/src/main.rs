@@ -36,6 +36,7 @@ fn run(cli: Cli) -> moe_train::Result<()> {
             }
             let out = args.out_dir();
             let interrupt = ctrl_c_interrupts();
+            let verify = moe_train::cli::verify_flag(args.no_verify);
             let summary = trainer::train(
                 config,
                 RunOptions {
@@ -47,6 +48,7 @@ fn run(cli: Cli) -> moe_train::Result<()> {
                     stop_after: args.stop_after,
                     on_step: None,
                     remote_token: moe_train::cli::token_or_env(&args.token),
+                    verify,
                 },
             )?;
             if summary.interrupted {

@@ -192,8 +192,9 @@ pub(crate) fn draw_legend<'a, 'b: 'a>(chart: &mut LineChart<'a, 'b>) -> Result<(
         .map_err(|e| e.to_string())
 }
 
-/// Rows: one per (layer, expert); columns: one per logged step; colour: load relative to a
-/// perfectly balanced expert (white = balanced, blue = idle, red = twice the fair share or more).
+/// One panel per MoE layer, stacked: rows are the layer's experts, columns the logged steps,
+/// colour the load relative to a perfectly balanced expert (white = balanced, blue = idle,
+/// red = twice the fair share or more).
 fn heatmap(
     path: &Path,
     title: &str,
@@ -203,63 +204,78 @@ fn heatmap(
 ) -> Result<(), String> {
     let layers = load[0].len();
     let experts = load[0].first().map_or(0, Vec::len);
-    let rows = layers * experts;
-    if rows == 0 {
+    if layers * experts == 0 {
         return Ok(());
     }
-    let root =
-        BitMapBackend::new(path, (1000, (120 + rows * 18).min(1400) as u32)).into_drawing_area();
+    // Tall enough that a 64-expert layer shows every expert as a band of its own.
+    let panel = (experts * 4 + 80).clamp(160, 440);
+    let root = BitMapBackend::new(path, (1000, (50 + layers * panel) as u32)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
-    let mut builder = ChartBuilder::on(&root);
-    builder.margin(20);
+    let panels = if labels {
+        let title = format!("{title}; white: fair share, red: 2x or more, blue: idle");
+        root.titled(&title, ("sans-serif", 20))
+            .map_err(|e| e.to_string())?
+    } else {
+        root.clone()
+    };
+    let steps: Vec<usize> = train.iter().map(|r| r.step).collect();
+    for (layer, area) in panels.split_evenly((layers, 1)).iter().enumerate() {
+        layer_panel(area, layer, &steps, load, labels)?;
+    }
+    root.present().map_err(|e| e.to_string())
+}
+
+/// The heatmap panel of MoE layer `layer`: its experts' load at each logged step.
+fn layer_panel(
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    layer: usize,
+    steps: &[usize],
+    load: &[&Vec<Vec<f64>>],
+    labels: bool,
+) -> Result<(), String> {
+    let experts = load[0][layer].len();
+    let mut builder = ChartBuilder::on(area);
+    builder.margin(8);
     if labels {
         builder
-            .caption(title, ("sans-serif", 22))
-            .x_label_area_size(40)
-            .y_label_area_size(90);
+            .caption(format!("MoE layer {layer}"), ("sans-serif", 16))
+            .x_label_area_size(36)
+            .y_label_area_size(56);
     }
-    let columns = load.len();
     let mut chart = builder
-        .build_cartesian_2d(0..columns, (0..rows).into_segmented())
+        .build_cartesian_2d(0..load.len(), (0..experts).into_segmented())
         .map_err(|e| e.to_string())?;
     if labels {
-        let steps: Vec<usize> = train.iter().map(|r| r.step).collect();
         chart
             .configure_mesh()
             .disable_mesh()
-            .x_desc("step (white: fair share, red: 2x or more, blue: idle)")
+            .x_desc("step")
+            .y_desc("expert")
             .x_label_formatter(&|c| steps.get(*c).map_or(String::new(), |s| s.to_string()))
             .y_label_formatter(&|r| match r {
-                SegmentValue::CenterOf(r) if *r < rows => {
-                    format!("MoE layer {} expert {}", r / experts, r % experts)
-                }
+                SegmentValue::CenterOf(expert) if *expert < experts => expert.to_string(),
                 _ => String::new(),
             })
-            .y_labels(rows.min(32))
+            .y_labels(experts.min(16))
             .draw()
             .map_err(|e| e.to_string())?;
     }
     chart
         .draw_series(load.iter().enumerate().flat_map(|(column, layer_loads)| {
-            layer_loads
-                .iter()
-                .enumerate()
-                .flat_map(move |(layer, shares)| {
-                    shares.iter().enumerate().map(move |(expert, &share)| {
-                        let relative = share * experts as f64; // 1.0 = fair share
-                        let row = layer * experts + expert;
-                        Rectangle::new(
-                            [
-                                (column, SegmentValue::Exact(row)),
-                                (column + 1, SegmentValue::Exact(row + 1)),
-                            ],
-                            load_colour(relative).filled(),
-                        )
-                    })
-                })
+            let shares = layer_loads.get(layer).map_or(&[][..], Vec::as_slice);
+            shares.iter().enumerate().map(move |(expert, &share)| {
+                let relative = share * experts as f64; // 1.0 = fair share
+                Rectangle::new(
+                    [
+                        (column, SegmentValue::Exact(expert)),
+                        (column + 1, SegmentValue::Exact(expert + 1)),
+                    ],
+                    load_colour(relative).filled(),
+                )
+            })
         }))
         .map_err(|e| e.to_string())?;
-    root.present().map_err(|e| e.to_string())
+    Ok(())
 }
 
 /// Draws generated digit images as a grid, a row per numeral: `images` holds `(digit, pixel
@@ -318,4 +334,83 @@ fn load_colour(relative: f64) -> RGBColor {
 /// `100.0`.
 pub fn whole_number(value: f64) -> String {
     format!("{value:.0}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A training row whose experts alternate between twice the fair share and idle.
+    fn row(step: usize, layers: usize, experts: usize) -> TrainRow {
+        let share = |expert: usize| if expert % 2 == 0 { 2.0 } else { 0.0 } / experts as f64;
+        TrainRow {
+            step,
+            loss: 3.0,
+            cross_entropy: 3.0,
+            aux_loss: 0.0,
+            lr: 1e-3,
+            grad_norm: 1.0,
+            tokens_per_second: 1.0,
+            expert_load: vec![(0..experts).map(share).collect(); layers],
+            dropped: vec![0.0; layers],
+            image_expert_load: None,
+            text_expert_load: None,
+            loss_scale: None,
+            skipped_steps: None,
+            non_finite_skipped: None,
+        }
+    }
+
+    /// The runs of strongly coloured pixels (red or blue, not white, grey or black text) down
+    /// the image's middle column, each as the number of colour changes inside it.
+    fn coloured_runs(path: &Path) -> Vec<usize> {
+        let decoder = png::Decoder::new(std::fs::File::open(path).unwrap());
+        let mut reader = decoder.read_info().unwrap();
+        let mut buffer = vec![0; reader.output_buffer_size()];
+        let info = reader.next_frame(&mut buffer).unwrap();
+        let channels = info.line_size / info.width as usize;
+        let x = info.width as usize / 2;
+        let mut runs = Vec::new();
+        let (mut length, mut changes, mut previous) = (0, 0, None);
+        for y in 0..info.height as usize {
+            let at = y * info.line_size + x * channels;
+            let pixel = &buffer[at..at + 3];
+            let spread = pixel.iter().max().unwrap() - pixel.iter().min().unwrap();
+            if spread > 150 {
+                let red = pixel[0] > pixel[2];
+                if previous.is_some_and(|was| was != red) {
+                    changes += 1;
+                }
+                previous = Some(red);
+                length += 1;
+            } else {
+                if length >= 20 {
+                    runs.push(changes);
+                }
+                (length, changes, previous) = (0, 0, None);
+            }
+        }
+        if length >= 20 {
+            runs.push(changes);
+        }
+        runs
+    }
+
+    #[test]
+    fn the_expert_load_heatmap_has_a_panel_per_moe_layer_with_every_expert_visible() {
+        let dir = std::env::temp_dir().join(format!("burn-moe-plots-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let rows: Vec<Row> = (1..=12)
+            .map(|step| Row::Train(row(10 * step, 3, 64)))
+            .collect();
+        let written = draw(&dir, &rows);
+        assert!(
+            written.contains(&dir.join("expert_load.png")),
+            "{written:?}"
+        );
+        let runs = coloured_runs(&dir.join("expert_load.png"));
+        // Three panels; in each, the 64 experts' alternating bands: 63 changes of colour.
+        assert_eq!(runs, vec![63, 63, 63]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -26,7 +26,7 @@ use moe_core::rng::SplitMix64;
 use moe_models::ExpertParallel;
 
 use crate::backend::{self, Precision, SelectedDevice};
-use crate::checkpoint::{self, CheckpointParts, DataRecord, TrainingState};
+use crate::checkpoint::{self, CheckpointParts, DataRecord, TrainingState, Verify};
 use crate::clip::unscale_and_clip;
 use crate::config::{DataConfig, Task as TaskKind, TrainConfig};
 use crate::divergence::{
@@ -71,6 +71,8 @@ pub struct RunOptions {
     pub on_step: Option<StepHook>,
     /// The credential `ws://` devices ask for (`burn-moe serve --token`); never saved.
     pub remote_token: Option<String>,
+    /// Whether `resume` checks the checkpoint's files against their checksums.
+    pub verify: Verify,
 }
 
 impl RunOptions {
@@ -85,6 +87,7 @@ impl RunOptions {
             stop_after: None,
             on_step: None,
             remote_token: None,
+            verify: Verify::Checked,
         }
     }
 }
@@ -150,7 +153,7 @@ pub fn train(mut config: TrainConfig, options: RunOptions) -> Result<RunSummary>
     let run_dir = RunDir::claim(&options.out, claim)?;
     config.data.make_paths_absolute()?;
     let opened = if options.resume {
-        let opened = checkpoint::open(&options.out)?;
+        let opened = checkpoint::open(&options.out, options.verify)?;
         check_resumable(
             &config,
             &opened.config,

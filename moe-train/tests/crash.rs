@@ -119,9 +119,10 @@ fn kill_repeatedly(
         if !moe_train::run_dir::holds_run(out) {
             continue;
         }
-        let opened = checkpoint::open(out).unwrap_or_else(|error| {
-            panic!("after a kill the latest checkpoint is broken: {error}")
-        });
+        let opened =
+            checkpoint::open(out, moe_train::checkpoint::Verify::Checked).unwrap_or_else(|error| {
+                panic!("after a kill the latest checkpoint is broken: {error}")
+            });
         let step = opened.state.step;
         let expected: Vec<_> = reference
             .iter()

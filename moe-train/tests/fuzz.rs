@@ -4,12 +4,13 @@
 //!
 //! Each case mutates a valid file (flipped bytes, extreme numbers, cut or repeated pieces) and
 //! feeds it to the reader; the reader may accept it or refuse it with an error, but must not
-//! panic. Checkpoint files are fed twice: as they are (the manifest catches the damage) and
-//! with the manifest updated to match, so the damage reaches the reader behind it.
+//! panic. Checkpoint files are fed twice: as they are (the recorded checksums catch the damage)
+//! and with both records (manifest and `state.json`) updated to match, so the damage reaches the
+//! reader behind them.
 //!
 //! Bounded: `BURN_MOE_FUZZ_CASES` cases per reader (default 2,000 for configs, 300 for
 //! checkpoints) and at most a minute each. A longer campaign:
-//! `BURN_MOE_FUZZ_CASES=100000 cargo test --release -p moe-train --test fuzz -- --nocapture`.
+//! `BURN_MOE_FUZZ_CASES=100000 cargo test --release --workspace --test fuzz -- --nocapture`.
 
 #[path = "train/common.rs"]
 mod common;
@@ -183,8 +184,31 @@ fn make_checkpoint(dir: &Path) -> std::path::PathBuf {
     checkpoint::resolve(&out).unwrap()
 }
 
-/// Points the manifest's entry for `name` at the file as it is now.
-fn refresh_manifest(folder: &Path, name: &str) {
+/// Size and checksum of `path` as it is now, as a checkpoint records them.
+fn entry_of(path: &Path) -> checkpoint::FileEntry {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).unwrap_or_default();
+    checkpoint::FileEntry {
+        bytes: bytes.len() as u64,
+        sha256: checkpoint::hex(&sha2::Sha256::digest(&bytes)),
+    }
+}
+
+/// Points both records of `name`'s checksum (the manifest's and the one in `state.json`) at the
+/// file as it is now, so that the damage passes the check and reaches the file's reader.
+fn refresh_records(folder: &Path, name: &str) {
+    let state_path = folder.join("state.json");
+    if name != "state.json" {
+        if let Ok(text) = std::fs::read_to_string(&state_path) {
+            if let Ok(mut state) = serde_json::from_str::<serde_json::Value>(&text) {
+                if let Some(files) = state.get_mut("files").and_then(|f| f.as_object_mut()) {
+                    let entry = serde_json::to_value(entry_of(&folder.join(name))).unwrap();
+                    files.insert(name.to_string(), entry);
+                    std::fs::write(&state_path, serde_json::to_string(&state).unwrap()).unwrap();
+                }
+            }
+        }
+    }
     let path = folder.join(MANIFEST_FILE);
     let Ok(text) = std::fs::read_to_string(&path) else {
         return;
@@ -192,13 +216,11 @@ fn refresh_manifest(folder: &Path, name: &str) {
     let Ok(mut manifest) = serde_json::from_str::<Manifest>(&text) else {
         return;
     };
-    let bytes = std::fs::read(folder.join(name)).unwrap_or_default();
-    use sha2::Digest;
-    let entry = checkpoint::FileEntry {
-        bytes: bytes.len() as u64,
-        sha256: checkpoint::hex(&sha2::Sha256::digest(&bytes)),
-    };
-    manifest.files.insert(name.to_string(), entry);
+    for file in [name, "state.json"] {
+        manifest
+            .files
+            .insert(file.to_string(), entry_of(&folder.join(file)));
+    }
     std::fs::write(&path, serde_json::to_string(&manifest).unwrap()).unwrap();
 }
 
@@ -240,17 +262,18 @@ fn the_checkpoint_readers_refuse_damage_without_panicking() {
         }
         std::fs::write(&path, &bytes).unwrap();
         if case % 2 == 1 && name != MANIFEST_FILE {
-            refresh_manifest(&work, name);
+            refresh_records(&work, name);
         }
         let ok = no_panic(&messages, || {
             let result = moe_train::commands::evaluate(&EvalArgs {
                 batches: Some(1),
                 ..EvalArgs::checkpoint(work.clone(), moe_train::backend::Backend::Ndarray)
             });
-            let optimizer = checkpoint::open(&work).and_then(|opened| {
-                let optimizer = moe_train::optimizer::FusedAdamW::new(0.1).init();
-                checkpoint::load_optimizer(&opened.folder, optimizer, &[]).map(|_| ())
-            });
+            let optimizer = checkpoint::open(&work, moe_train::checkpoint::Verify::Checked)
+                .and_then(|opened| {
+                    let optimizer = moe_train::optimizer::FusedAdamW::new(0.1).init();
+                    checkpoint::load_optimizer(&opened.folder, optimizer, &[]).map(|_| ())
+                });
             match (result, optimizer) {
                 (Ok(_), Ok(())) => accepted += 1,
                 _ => refused += 1,

@@ -196,7 +196,7 @@ fn check_eval_and_generate(run: &Path, summary: &RunSummary) {
 fn run_model(run: &Path) -> MoeTransformer {
     #[allow(deprecated)]
     let device = Device::ndarray();
-    let opened = moe_train::checkpoint::open(run).unwrap();
+    let opened = moe_train::checkpoint::open(run, moe_train::checkpoint::Verify::Checked).unwrap();
     let vocab = opened.config.model.hf.as_ref().unwrap().config.vocab_size;
     let model = text_model(&opened.config, vocab, &device, false).unwrap();
     moe_train::commands::load_finite(&opened.folder, model).unwrap()
@@ -208,6 +208,7 @@ fn export_as(run: &Path, out: &Path, arch: HfArchitecture) -> MoeTransformer {
         checkpoint: run.to_path_buf(),
         out: out.to_path_buf(),
         arch: None,
+        no_verify: false,
         backend: Backend::Ndarray,
     })
     .unwrap();
@@ -260,7 +261,7 @@ fn lora_fine_tuning_trains_adapters_alone_and_merges_them_on_export() {
     let (config, run, summary) = fine_tune(&dir, &base, Some(lora.clone()), 1e-2, 0.8);
 
     // The checkpoint holds the adapters alone: the count the config gives, in f32.
-    let opened = checkpoint::open(&run).unwrap();
+    let opened = checkpoint::open(&run, moe_train::checkpoint::Verify::Checked).unwrap();
     assert!(!opened.folder.join(MODEL_FILE).exists());
     let adapters = std::fs::metadata(opened.folder.join(ADAPTERS_FILE))
         .unwrap()

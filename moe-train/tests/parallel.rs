@@ -166,7 +166,7 @@ impl ModuleVisitor for Values {
 /// The largest difference between the weights of two checkpoints' models.
 fn weight_gap(a: &Path, b: &Path) -> f64 {
     let weights = |run: &Path| {
-        let opened = checkpoint::open(run).unwrap();
+        let opened = checkpoint::open(run, moe_train::checkpoint::Verify::Checked).unwrap();
         let tokenizer =
             moe_train::tokenizer::Tokenizer::load(&opened.folder.join(checkpoint::TOKENIZER_FILE))
                 .unwrap();

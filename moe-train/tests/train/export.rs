@@ -22,6 +22,7 @@ fn a_checkpoint_exports_under_our_names_and_refuses_what_it_cannot_do() {
         checkpoint: run.clone(),
         out: dir.join(out),
         arch,
+        no_verify: false,
         backend: moe_train::backend::Backend::Ndarray,
     };
 
@@ -34,7 +35,7 @@ fn a_checkpoint_exports_under_our_names_and_refuses_what_it_cannot_do() {
     assert!(out.join("tokenizer.json").exists());
 
     // Every tensor of the file is the checkpoint's parameter of that name.
-    let opened = moe_train::checkpoint::open(&run).unwrap();
+    let opened = moe_train::checkpoint::open(&run, moe_train::checkpoint::Verify::Checked).unwrap();
     #[allow(deprecated)] // ndarray, as the run trained on
     let device = burn::tensor::Device::ndarray();
     let model =

@@ -78,7 +78,7 @@ fn a_diverging_resume_stops_and_keeps_the_finite_checkpoint() {
     assert_eq!(error.exit_code(), 3);
     // keep_checkpoints = 1, yet the latest checkpoint is one from before the divergence,
     // whole, finite, and named in the message.
-    let opened = checkpoint::open(&out).unwrap();
+    let opened = checkpoint::open(&out, moe_train::checkpoint::Verify::Checked).unwrap();
     assert!(opened.state.step >= 4 && opened.state.step < *step);
     let message = error.to_string();
     assert!(

@@ -39,7 +39,7 @@ use burn::tensor::ops::IndexingUpdateOp;
 use burn::tensor::{activation, Device, Distribution, Int, Tensor};
 use burn_moe::core::{ExpertConfig, RoutingMode};
 use burn_moe::kernels::{combine_rows, gather_rows, grouped_matmul};
-use burn_moe::train::backend::{select_and_report, Backend, Precision};
+use burn_moe::train::runtime::backend::{select_and_report, BackendChoice, Precision};
 use clap::Parser;
 
 // The benchmark's timing (medians after warm-up, each run ending with a device sync) and its
@@ -56,8 +56,8 @@ use layer::{D_HIDDEN, D_MODEL, TOKENS};
 #[derive(Parser, Debug)]
 struct Args {
     /// Where to run.
-    #[arg(long, value_enum, default_value_t = Backend::Flex)]
-    backend: Backend,
+    #[arg(long, value_enum, default_value_t = BackendChoice::Flex)]
+    backend: BackendChoice,
     /// Timed runs per figure (the median is printed).
     #[arg(long, default_value_t = 5)]
     repeats: usize,
@@ -88,8 +88,8 @@ const NORMAL: Distribution = Distribution::Normal(0.0, 1.0);
 fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let args = Args::parse();
     // As moe-bench and the trainer do, so that the figures compare.
-    burn_moe::train::allocator::reuse_heap_memory();
-    burn_moe::train::threads::run_on_compute_threads(|| run(&args))
+    burn_moe::train::runtime::allocator::reuse_heap_memory();
+    burn_moe::train::runtime::threads::run_on_compute_threads(|| run(&args))
 }
 
 fn run(args: &Args) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use burn::tensor::Device;
 use burn_moe::models::hf;
 use burn_moe::models::{GenerationConfig, SamplingConfig};
-use burn_moe::train::hf::HfTokenizer;
+use burn_moe::train::commands::hf::HfTokenizer;
 use clap::Parser;
 
 /// Command line.

@@ -11,15 +11,15 @@
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn_moe::core::rng::SplitMix64;
 use burn_moe::core::{CapacityConfig, ExpertConfig, GateConfig, MoeConfig};
-use burn_moe::train::backend::{select_and_report, Backend, Precision};
+use burn_moe::train::runtime::backend::{select_and_report, BackendChoice, Precision};
 use clap::Parser;
 
 /// Command line.
 #[derive(Parser, Debug)]
 struct Args {
     /// Where to run.
-    #[arg(long, value_enum, default_value_t = Backend::Auto)]
-    backend: Backend,
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    backend: BackendChoice,
     /// Optimizer steps.
     #[arg(long, default_value_t = 1000)]
     steps: usize,

@@ -45,7 +45,7 @@ fn main() {
     let reference = Device::ndarray();
     let require_wgpu = std::env::var("BURN_MOE_REQUIRE_WGPU").is_ok_and(|v| v == "1");
     let mut backends: Vec<(&str, Result<Device, String>)> = vec![("flex", Ok(Device::flex()))];
-    match burn_moe::train::backend::any_wgpu() {
+    match burn_moe::train::runtime::backend::any_wgpu() {
         Ok(selected) => {
             println!("wgpu device: {}", selected.adapter);
             backends.push(("wgpu", Ok(selected.device)));

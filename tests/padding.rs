@@ -12,7 +12,7 @@ use burn_moe::core::DropPolicy;
 fn devices() -> Vec<(&'static str, Device)> {
     #[allow(deprecated)]
     let mut devices = vec![("ndarray", Device::ndarray()), ("flex", Device::flex())];
-    match burn_moe::train::backend::any_wgpu() {
+    match burn_moe::train::runtime::backend::any_wgpu() {
         Ok(selected) => devices.push(("wgpu", selected.device)),
         Err(error) => {
             let required = std::env::var("BURN_MOE_REQUIRE_WGPU").is_ok_and(|v| v == "1");

@@ -11,16 +11,16 @@ use burn_moe::core::reference::{host, random_values};
 use burn_moe::core::{
     CapacityConfig, ExpertConfig, ExpertKind, GateConfig, Moe, MoeConfig, RoutingMode,
 };
-use burn_moe::train::backend::{select, Backend, BackendError, Precision};
+use burn_moe::train::runtime::backend::{select, BackendChoice, BackendError, Precision};
 
 fn main() {
     let require_wgpu = std::env::var("BURN_MOE_REQUIRE_WGPU").is_ok_and(|v| v == "1");
     bf16_is_refused_by_name_or_computes();
-    let selected = match select(Backend::Wgpu, Precision::F16) {
+    let selected = match select(BackendChoice::Wgpu, Precision::F16) {
         Ok(selected) => selected,
         Err(BackendError::NoHalfPrecision { device, .. }) => {
             // The refusal itself is what this adapter should get: check its message.
-            let message = select(Backend::Wgpu, Precision::F16)
+            let message = select(BackendChoice::Wgpu, Precision::F16)
                 .unwrap_err()
                 .to_string();
             assert!(
@@ -138,7 +138,7 @@ fn largest_difference(actual: &[f64], expected: &[f64]) -> f64 {
 /// refuses, the message names what is missing: Burn's vulkan or metal compiler (WGSL has no
 /// bf16), or bf16 arithmetic on the adapter.
 fn bf16_is_refused_by_name_or_computes() {
-    match select(Backend::Wgpu, Precision::Bf16) {
+    match select(BackendChoice::Wgpu, Precision::Bf16) {
         Ok(selected) => {
             let x =
                 Tensor::<1>::from_data(TensorData::new(vec![1.5f32, -2.25], [2]), &selected.device)

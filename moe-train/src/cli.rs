@@ -5,14 +5,14 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use moe_core::lora::{LoraConfig, LoraTarget};
 
-use crate::backend::{Backend, Precision};
-use crate::checkpoint;
 use crate::config::{
-    CorpusChoice, DigitSource, GateChoice, Preset, Task, TokenizerKind, TrainConfig,
+    CorpusChoice, DigitSource, GateChoice, Preset, TaskKind, TokenizerKind, TrainConfig,
 };
-use crate::divergence::OnNonFinite;
 use crate::error::{Result, TrainError};
-use crate::parallel::Parallelism;
+use crate::runtime::backend::{BackendChoice, Precision};
+use crate::store::checkpoint;
+use crate::training::divergence::OnNonFinite;
+use crate::training::parallel::Parallelism;
 
 /// The weights `--lora-targets` names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -68,7 +68,7 @@ impl Command {
     /// The backend the command will run on, as far as its flags (or, for `train --resume`
     /// without `--backend`, the saved run's config) say; `None` when not known before the
     /// device is chosen.
-    pub fn backend_hint(&self) -> Option<Backend> {
+    pub fn backend_hint(&self) -> Option<BackendChoice> {
         match self {
             Command::Train(args) => args.backend.or_else(|| {
                 let resume = args
@@ -96,8 +96,8 @@ pub struct ServeArgs {
     #[arg(long, default_value = "0.0.0.0")]
     pub host: String,
     /// The device served.
-    #[arg(long, value_enum, default_value_t = Backend::Auto)]
-    pub backend: Backend,
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
     /// Serve only clients that give this token (`train --token`); default: the
     /// `BURN_MOE_TOKEN` environment variable. Without one, anyone who reaches the port can run
     /// tensor operations here.
@@ -171,7 +171,7 @@ pub struct TrainArgs {
     pub stop_after: Option<usize>,
     /// Where to run.
     #[arg(long, value_enum)]
-    pub backend: Option<Backend>,
+    pub backend: Option<BackendChoice>,
     /// Train on several devices, comma-separated, the first holding the model: `local` (the
     /// `--backend` device), `flex`, `ndarray`, `wgpu`, or a `burn-moe serve` server as
     /// `ws://host:port`. How they are used: `--parallel`. Resuming may give other devices.
@@ -190,7 +190,7 @@ pub struct TrainArgs {
     pub precision: Option<Precision>,
     /// What to train.
     #[arg(long, value_enum)]
-    pub task: Option<Task>,
+    pub task: Option<TaskKind>,
     /// Where the digits tasks' images come from.
     #[arg(long, value_enum)]
     pub digits: Option<DigitSource>,
@@ -270,7 +270,7 @@ impl TrainArgs {
             let preset = serde_json::to_value(preset).expect("serialises");
             let preset = preset.as_str().unwrap_or("run").to_string();
             match self.task {
-                Some(task) if task != Task::Text => {
+                Some(task) if task != TaskKind::Text => {
                     let task = serde_json::to_value(task).expect("serialises");
                     PathBuf::from("runs")
                         .join(format!("{preset}-{}", task.as_str().unwrap_or("task")))
@@ -298,7 +298,7 @@ impl TrainArgs {
         }
         let mut config = if self.resume {
             let out = self.out_dir();
-            crate::run_dir::check_is_folder(&out)?;
+            crate::store::run_dir::check_is_folder(&out)?;
             checkpoint::read_config(&out)?
         } else {
             let preset = self.preset.unwrap_or(Preset::Tiny);
@@ -453,7 +453,7 @@ impl TrainArgs {
             "`--min-freq` has no effect with `--resume` (the run keeps its tokenizer)",
         );
         warn(
-            config.task != Task::Text && (self.tokenizer.is_some() || self.min_freq.is_some()),
+            config.task != TaskKind::Text && (self.tokenizer.is_some() || self.min_freq.is_some()),
             "`--tokenizer` and `--min-freq` have no effect on the digits tasks (their vocabulary is fixed)",
         );
         warn(
@@ -462,7 +462,7 @@ impl TrainArgs {
             "`--experts`, `--gate` and `--aux-loss-weight` have no effect with `--dense` (the dense model has no router; only `--top-k` and the expert size set its width)",
         );
         warn(
-            self.digits.is_some() && config.task == Task::Text,
+            self.digits.is_some() && config.task == TaskKind::Text,
             "`--digits` has no effect on the text task (it picks the digits tasks' images)",
         );
         warn(
@@ -546,14 +546,19 @@ pub struct GenerateArgs {
     #[arg(long, conflicts_with = "hf")]
     pub no_verify: bool,
     /// Where to run.
-    #[arg(long, value_enum, default_value_t = Backend::Auto)]
-    pub backend: Backend,
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
 }
 
 impl GenerateArgs {
     /// Greedy generation of at most `max_tokens` after `prompt` from `checkpoint` (a run or
     /// checkpoint folder), the other settings at their defaults.
-    pub fn greedy(checkpoint: PathBuf, prompt: &str, max_tokens: usize, backend: Backend) -> Self {
+    pub fn greedy(
+        checkpoint: PathBuf,
+        prompt: &str,
+        max_tokens: usize,
+        backend: BackendChoice,
+    ) -> Self {
         Self {
             checkpoint: Some(checkpoint),
             hf: None,
@@ -595,7 +600,7 @@ impl GenerateArgs {
 impl EvalArgs {
     /// Evaluation of `checkpoint` (a run or checkpoint folder) on its run's validation data,
     /// the other settings at their defaults.
-    pub fn checkpoint(checkpoint: PathBuf, backend: Backend) -> Self {
+    pub fn checkpoint(checkpoint: PathBuf, backend: BackendChoice) -> Self {
         Self {
             checkpoint: Some(checkpoint),
             hf: None,
@@ -641,8 +646,8 @@ pub struct EvalArgs {
     #[arg(long, conflicts_with = "hf")]
     pub no_verify: bool,
     /// Where to run.
-    #[arg(long, value_enum, default_value_t = Backend::Auto)]
-    pub backend: Backend,
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
 }
 
 /// `burn-moe export`.
@@ -663,8 +668,8 @@ pub struct ExportArgs {
     #[arg(long)]
     pub no_verify: bool,
     /// Where to load the model.
-    #[arg(long, value_enum, default_value_t = Backend::Auto)]
-    pub backend: Backend,
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
 }
 
 /// A Hugging Face MoE architecture, as `--arch` names it.

@@ -16,15 +16,15 @@ use moe_models::{
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::backend::{Backend, Precision};
-use crate::divergence::{ExplosionRule, OnNonFinite};
 use crate::error::{io, Result, TrainError};
-use crate::parallel::{DeviceSpec, Parallelism};
+use crate::runtime::backend::{BackendChoice, Precision};
+use crate::training::divergence::{ExplosionRule, OnNonFinite};
+use crate::training::parallel::{DeviceSpec, Parallelism};
 
 /// What the run trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
-pub enum Task {
+pub enum TaskKind {
     /// A language model on a text corpus (the default).
     Text,
     /// The multimodal model: 8x8 digit images -> their numeral (image patches, then text).
@@ -33,13 +33,13 @@ pub enum Task {
     TextToImage,
 }
 
-impl Task {
+impl TaskKind {
     /// The name the command line uses.
     pub fn name(self) -> &'static str {
         match self {
-            Task::Text => "text",
-            Task::Caption => "caption",
-            Task::TextToImage => "text-to-image",
+            TaskKind::Text => "text",
+            TaskKind::Caption => "caption",
+            TaskKind::TextToImage => "text-to-image",
         }
     }
 }
@@ -277,7 +277,7 @@ fn fingerprint(dir: &Path) -> Result<String> {
     for (name, size) in weights {
         hasher.update(format!("\n{name} {size}"));
     }
-    Ok(crate::checkpoint::hex(&hasher.finalize()))
+    Ok(crate::checksum::hex(&hasher.finalize()))
 }
 
 /// Optimiser and batches.
@@ -323,7 +323,7 @@ pub struct RunConfig {
     /// Longest generated sample, in tokens.
     pub sample_tokens: usize,
     /// Where to run.
-    pub backend: Backend,
+    pub backend: BackendChoice,
     /// Float precision.
     pub precision: Precision,
     /// What to do at a step whose loss or gradient norm is not finite.
@@ -332,7 +332,7 @@ pub struct RunConfig {
     /// When a finite loss counts as exploding (a divergence too).
     #[serde(default)]
     pub explosion: ExplosionRule,
-    /// The devices to train on (`--devices`; see [`crate::parallel`]): empty for the one
+    /// The devices to train on (`--devices`; see [`crate::training::parallel`]): empty for the one
     /// `backend` picks.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<String>,
@@ -346,7 +346,7 @@ pub struct RunConfig {
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
     /// What to train.
-    pub task: Task,
+    pub task: TaskKind,
     /// Data.
     pub data: DataConfig,
     /// Model shape.
@@ -382,7 +382,7 @@ impl Preset {
     /// The preset's config.
     pub fn config(self) -> TrainConfig {
         let tiny = TrainConfig {
-            task: Task::Text,
+            task: TaskKind::Text,
             data: DataConfig {
                 corpus: CorpusChoice::Tang,
                 text: None,
@@ -442,7 +442,7 @@ impl Preset {
                 keep_checkpoints: 3,
                 samples: 4,
                 sample_tokens: 96,
-                backend: Backend::Auto,
+                backend: BackendChoice::Auto,
                 precision: Precision::F32,
                 on_nonfinite: OnNonFinite::Stop,
                 explosion: ExplosionRule::default(),
@@ -566,7 +566,7 @@ impl TrainConfig {
                 ));
             }
         }
-        if self.task != Task::Text && (d.text.is_some() || d.jsonl.is_some()) {
+        if self.task != TaskKind::Text && (d.text.is_some() || d.jsonl.is_some()) {
             return bad(format!(
                 "`--text` and `--jsonl` give the text task its corpus; the `{}` task draws its own digit images (leave them out, or use `--task text`)",
                 self.task.name()
@@ -593,7 +593,7 @@ impl TrainConfig {
                 .map_err(|error| TrainError::Config(error.to_string()))?;
         }
         if let Some(hf) = &m.hf {
-            if self.task != Task::Text || m.dense {
+            if self.task != TaskKind::Text || m.dense {
                 return bad("`--init-hf` fine-tunes a Hugging Face text model: it needs `--task text` and no `--dense`".into());
             }
             if let Some(lora) = &m.lora {
@@ -822,7 +822,7 @@ impl TrainConfig {
         // The task fixes the sequence: image patches then a two-token caption, or a two-token
         // prompt then one token per pixel. A shorter context would not hold it.
         let positions = match self.task {
-            Task::TextToImage => 2 + config.tokens_per_image() - 1,
+            TaskKind::TextToImage => 2 + config.tokens_per_image() - 1,
             _ => config.patches_per_image() + 2 - 1,
         };
         config.decoder.context_length = config.decoder.context_length.max(positions);

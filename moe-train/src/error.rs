@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use moe_models::ModelError;
 use thiserror::Error;
 
-use crate::backend::BackendError;
+use crate::runtime::backend::BackendError;
 
 /// An error of the `burn-moe` program.
 #[derive(Debug, Error)]

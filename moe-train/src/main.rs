@@ -7,18 +7,18 @@ use std::sync::Arc;
 use clap::Parser;
 use moe_train::cli::{Cli, Command};
 use moe_train::commands::{self, load_summary};
-use moe_train::trainer::{self, RunOptions};
-use moe_train::{compare, export, hf};
+use moe_train::commands::{compare, export, hf};
+use moe_train::training::{self, RunOptions};
 
 fn main() -> ExitCode {
     // Large temporary tensors are reused from the heap instead of mmapped afresh each time.
-    moe_train::allocator::reuse_heap_memory();
+    moe_train::runtime::allocator::reuse_heap_memory();
     // Before any thread starts: Vulkan drivers probing for a display complain without it.
-    moe_train::backend::quiet_display_probes();
+    moe_train::runtime::backend::quiet_display_probes();
     let cli = Cli::parse();
-    moe_train::backend::prefer_default_device(cli.command.backend_hint());
+    moe_train::runtime::backend::prefer_default_device(cli.command.backend_hint());
     // The CPU backends' parallel operations then split from inside their thread pool.
-    match moe_train::threads::run_on_compute_threads(|| run(cli)) {
+    match moe_train::runtime::threads::run_on_compute_threads(|| run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error}");
@@ -37,7 +37,7 @@ fn run(cli: Cli) -> moe_train::Result<()> {
             let out = args.out_dir();
             let interrupt = ctrl_c_interrupts();
             let verify = moe_train::cli::verify_flag(args.no_verify);
-            let summary = trainer::train(
+            let summary = training::train(
                 config,
                 RunOptions {
                     out: out.clone(),
@@ -70,7 +70,7 @@ fn run(cli: Cli) -> moe_train::Result<()> {
             if let Some((step, loss)) = summary.val_losses.last() {
                 println!(
                     "validation loss at step {step}: {loss:.4} (perplexity {})",
-                    trainer::perplexity(*loss)
+                    training::perplexity(*loss)
                 );
             }
             for plot in &summary.plots {
@@ -128,7 +128,7 @@ fn run(cli: Cli) -> moe_train::Result<()> {
             Ok(())
         }
         Command::Generate(args) => commands::generate(&args).map(|_| ()),
-        Command::Serve(args) => moe_train::serve::serve(&args),
+        Command::Serve(args) => moe_train::commands::serve::serve(&args),
         Command::Export(args) => {
             let layout = export::export(&args)?;
             let what = match layout {
@@ -153,7 +153,7 @@ fn run(cli: Cli) -> moe_train::Result<()> {
                 text.display(),
                 report.tokens,
                 report.loss,
-                trainer::perplexity(report.loss)
+                training::perplexity(report.loss)
             );
             Ok(())
         }
@@ -166,7 +166,7 @@ fn run(cli: Cli) -> moe_train::Result<()> {
                 "checkpoint at step {}: validation loss {:.4}, perplexity {}",
                 report.step,
                 report.evaluation.loss,
-                trainer::perplexity(report.evaluation.loss)
+                training::perplexity(report.evaluation.loss)
             );
             if let Some(accuracy) = report.evaluation.accuracy {
                 println!(

@@ -4,7 +4,7 @@
 
 #![cfg(all(target_os = "linux", target_env = "gnu"))]
 
-use moe_train::allocator::reuse_heap_memory;
+use moe_train::runtime::allocator::reuse_heap_memory;
 
 /// glibc's `struct mallinfo2` (<malloc.h>); only `hblkhd` is read.
 #[repr(C)]

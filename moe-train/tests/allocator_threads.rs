@@ -7,7 +7,7 @@
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn main() {
     assert!(
-        moe_train::allocator::reuse_heap_memory(),
+        moe_train::runtime::allocator::reuse_heap_memory(),
         "glibc accepted the settings"
     );
     let bytes = 40 << 20;

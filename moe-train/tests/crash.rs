@@ -12,8 +12,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use moe_core::rng::SplitMix64;
-use moe_train::checkpoint;
-use moe_train::metrics::{read, Row};
+use moe_train::store::checkpoint;
+use moe_train::store::metrics::{read, Row};
 
 const PROGRAM: &str = env!("CARGO_BIN_EXE_burn-moe");
 const STEPS: usize = 60;
@@ -90,7 +90,7 @@ fn kill_repeatedly(
 ) -> (usize, usize) {
     let (mut kills, mut in_writes) = (0, 0);
     while kills < budget {
-        let resume = moe_train::run_dir::holds_run(out);
+        let resume = moe_train::store::run_dir::holds_run(out);
         let mut child = command(dir, out, resume).spawn().unwrap();
         let limit = delay_limit.as_micros() as usize;
         match kills % 3 {
@@ -116,11 +116,11 @@ fn kill_repeatedly(
         kills += 1;
         let partial = has_partial(out);
         in_writes += usize::from(partial);
-        if !moe_train::run_dir::holds_run(out) {
+        if !moe_train::store::run_dir::holds_run(out) {
             continue;
         }
-        let opened =
-            checkpoint::open(out, moe_train::checkpoint::Verify::Checked).unwrap_or_else(|error| {
+        let opened = checkpoint::open(out, moe_train::store::checkpoint::Verify::Checked)
+            .unwrap_or_else(|error| {
                 panic!("after a kill the latest checkpoint is broken: {error}")
             });
         let step = opened.state.step;
@@ -172,7 +172,7 @@ fn sigkill_at_random_moments_loses_nothing_before_the_last_checkpoint() {
         kills += made;
         in_writes += partial;
         // Finish the run and compare it whole.
-        let status = command(&dir, &out, moe_train::run_dir::holds_run(&out))
+        let status = command(&dir, &out, moe_train::store::run_dir::holds_run(&out))
             .status()
             .unwrap();
         assert!(status.success());

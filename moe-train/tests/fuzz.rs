@@ -21,10 +21,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use moe_core::rng::SplitMix64;
-use moe_train::checkpoint::{self, Manifest, MANIFEST_FILE};
 use moe_train::cli::EvalArgs;
 use moe_train::config::{Preset, TrainConfig};
-use moe_train::trainer::{train, RunOptions};
+use moe_train::store::checkpoint::{self, Manifest, MANIFEST_FILE};
+use moe_train::training::{train, RunOptions};
 
 const TIME_LIMIT: Duration = Duration::from_secs(60);
 
@@ -161,7 +161,7 @@ fn the_config_reader_refuses_what_it_cannot_use_without_panicking() {
             let model = config.text_model_config(100);
             let _ = model.validate();
             let _ = config.multimodal_model_config(13).validate();
-            let _ = moe_train::memory::estimate(&config, &model);
+            let _ = moe_train::runtime::memory::estimate(&config, &model);
             accepted += 1;
         });
         if !ok {
@@ -190,7 +190,7 @@ fn entry_of(path: &Path) -> checkpoint::FileEntry {
     let bytes = std::fs::read(path).unwrap_or_default();
     checkpoint::FileEntry {
         bytes: bytes.len() as u64,
-        sha256: checkpoint::hex(&sha2::Sha256::digest(&bytes)),
+        sha256: moe_train::checksum::hex(&sha2::Sha256::digest(&bytes)),
     }
 }
 
@@ -267,11 +267,14 @@ fn the_checkpoint_readers_refuse_damage_without_panicking() {
         let ok = no_panic(&messages, || {
             let result = moe_train::commands::evaluate(&EvalArgs {
                 batches: Some(1),
-                ..EvalArgs::checkpoint(work.clone(), moe_train::backend::Backend::Ndarray)
+                ..EvalArgs::checkpoint(
+                    work.clone(),
+                    moe_train::runtime::backend::BackendChoice::Ndarray,
+                )
             });
-            let optimizer = checkpoint::open(&work, moe_train::checkpoint::Verify::Checked)
+            let optimizer = checkpoint::open(&work, moe_train::store::checkpoint::Verify::Checked)
                 .and_then(|opened| {
-                    let optimizer = moe_train::optimizer::FusedAdamW::new(0.1).init();
+                    let optimizer = moe_train::training::optimizer::FusedAdamW::new(0.1).init();
                     checkpoint::load_optimizer(&opened.folder, optimizer, &[]).map(|_| ())
                 });
             match (result, optimizer) {

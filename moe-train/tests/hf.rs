@@ -10,13 +10,13 @@ use burn_store::{bridge, ModuleStore, SafetensorsStore};
 use moe_core::lora::{LoraConfig, LoraTarget};
 use moe_models::hf::{self, HfArchitecture};
 use moe_models::{MoeTransformer, SamplingConfig};
-use moe_train::backend::Backend;
 use moe_train::cli::{EvalArgs, ExportArgs, GenerateArgs};
+use moe_train::commands::export::{export, ExportLayout};
+use moe_train::commands::hf::{evaluate_text, generate, GenerationSettings, HfTokenizer};
 use moe_train::config::{HfInit, TrainConfig};
-use moe_train::export::{export, ExportLayout};
-use moe_train::hf::{evaluate_text, generate, GenerationSettings, HfTokenizer};
-use moe_train::tasks::text::text_model;
-use moe_train::trainer::{train, RunOptions, RunSummary};
+use moe_train::data::tasks::text::text_model;
+use moe_train::runtime::backend::BackendChoice;
+use moe_train::training::{train, RunOptions, RunSummary};
 
 fn fixture(arch: HfArchitecture) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -67,7 +67,7 @@ fn perplexity_matches_transformers_logits() {
         let reference = total / (ids.len() - 1) as f64;
 
         let text = fixture(arch).join("prompt.txt");
-        let ours = evaluate_text(&fixture(arch), &text, None, Backend::Ndarray).unwrap();
+        let ours = evaluate_text(&fixture(arch), &text, None, BackendChoice::Ndarray).unwrap();
         assert_eq!(ours.tokens, ids.len() - 1);
         assert!(
             (ours.loss - reference).abs() < 1e-5,
@@ -75,7 +75,8 @@ fn perplexity_matches_transformers_logits() {
             ours.loss
         );
         // Windows of 5 tokens predict 4 of them each; the count says the text was cut.
-        let windowed = evaluate_text(&fixture(arch), &text, Some(5), Backend::Ndarray).unwrap();
+        let windowed =
+            evaluate_text(&fixture(arch), &text, Some(5), BackendChoice::Ndarray).unwrap();
         assert_eq!(windowed.tokens, ids.len() - ids.len().div_ceil(5));
     }
 }
@@ -98,7 +99,13 @@ fn greedy_generation_continues_with_the_most_likely_token() {
             seed: 0,
         },
     };
-    let text = generate(&fixture(arch), &prompt(arch), settings, Backend::Ndarray).unwrap();
+    let text = generate(
+        &fixture(arch),
+        &prompt(arch),
+        settings,
+        BackendChoice::Ndarray,
+    )
+    .unwrap();
     let (_, _, config) = hf::read_config(&fixture(arch)).unwrap();
     let tokenizer = HfTokenizer::load(&fixture(arch), &config).unwrap();
     assert_eq!(
@@ -111,10 +118,10 @@ fn greedy_generation_continues_with_the_most_likely_token() {
 fn bad_arguments_are_named() {
     let arch = HfArchitecture::Olmoe;
     let text = fixture(arch).join("prompt.txt");
-    let error = evaluate_text(&fixture(arch), &text, Some(1), Backend::Ndarray).unwrap_err();
+    let error = evaluate_text(&fixture(arch), &text, Some(1), BackendChoice::Ndarray).unwrap_err();
     assert!(error.to_string().contains("--window"), "{error}");
     let missing = fixture(arch).join("no-such-file.txt");
-    let error = evaluate_text(&fixture(arch), &missing, None, Backend::Ndarray).unwrap_err();
+    let error = evaluate_text(&fixture(arch), &missing, None, BackendChoice::Ndarray).unwrap_err();
     assert!(error.to_string().contains("no-such-file.txt"), "{error}");
     let error = HfTokenizer::load(Path::new("/nonexistent"), &serde_json::Value::Null)
         .err()
@@ -178,15 +185,17 @@ fn fine_tune(
 /// `eval` and `generate` open the run's checkpoint: the loss is the run's last validation loss,
 /// the text continues the prompt.
 fn check_eval_and_generate(run: &Path, summary: &RunSummary) {
-    let report =
-        moe_train::commands::evaluate(&EvalArgs::checkpoint(run.to_path_buf(), Backend::Ndarray))
-            .unwrap();
+    let report = moe_train::commands::evaluate(&EvalArgs::checkpoint(
+        run.to_path_buf(),
+        BackendChoice::Ndarray,
+    ))
+    .unwrap();
     assert!((report.evaluation.loss - summary.val_losses.last().unwrap().1).abs() < 1e-4);
     let text = moe_train::commands::generate(&GenerateArgs::greedy(
         run.to_path_buf(),
         "春",
         4,
-        Backend::Ndarray,
+        BackendChoice::Ndarray,
     ))
     .unwrap();
     assert!(text.starts_with('春'), "{text}");
@@ -196,7 +205,9 @@ fn check_eval_and_generate(run: &Path, summary: &RunSummary) {
 fn run_model(run: &Path) -> MoeTransformer {
     #[allow(deprecated)]
     let device = Device::ndarray();
-    let opened = moe_train::checkpoint::open(run, moe_train::checkpoint::Verify::Checked).unwrap();
+    let opened =
+        moe_train::store::checkpoint::open(run, moe_train::store::checkpoint::Verify::Checked)
+            .unwrap();
     let vocab = opened.config.model.hf.as_ref().unwrap().config.vocab_size;
     let model = text_model(&opened.config, vocab, &device, false).unwrap();
     moe_train::commands::load_finite(&opened.folder, model).unwrap()
@@ -209,7 +220,7 @@ fn export_as(run: &Path, out: &Path, arch: HfArchitecture) -> MoeTransformer {
         out: out.to_path_buf(),
         arch: None,
         no_verify: false,
-        backend: Backend::Ndarray,
+        backend: BackendChoice::Ndarray,
     })
     .unwrap();
     assert_eq!(layout, ExportLayout::HuggingFace(arch));
@@ -245,7 +256,7 @@ fn fine_tuning_a_hub_model_trains_saves_and_exports_it_back() {
 
 #[test]
 fn lora_fine_tuning_trains_adapters_alone_and_merges_them_on_export() {
-    use moe_train::checkpoint::{self, ADAPTERS_FILE, MODEL_FILE};
+    use moe_train::store::checkpoint::{self, ADAPTERS_FILE, MODEL_FILE};
 
     let _serial = common::serial();
     let dir = common::temp_dir("lora");
@@ -261,7 +272,7 @@ fn lora_fine_tuning_trains_adapters_alone_and_merges_them_on_export() {
     let (config, run, summary) = fine_tune(&dir, &base, Some(lora.clone()), 1e-2, 0.8);
 
     // The checkpoint holds the adapters alone: the count the config gives, in f32.
-    let opened = checkpoint::open(&run, moe_train::checkpoint::Verify::Checked).unwrap();
+    let opened = checkpoint::open(&run, moe_train::store::checkpoint::Verify::Checked).unwrap();
     assert!(!opened.folder.join(MODEL_FILE).exists());
     let adapters = std::fs::metadata(opened.folder.join(ADAPTERS_FILE))
         .unwrap()
@@ -327,7 +338,7 @@ fn lora_fine_tuning_trains_adapters_alone_and_merges_them_on_export() {
     bytes.extend_from_slice(&[0; 8]);
     std::fs::write(&weights, bytes).unwrap();
     let eval_error = || {
-        moe_train::commands::evaluate(&EvalArgs::checkpoint(run.clone(), Backend::Ndarray))
+        moe_train::commands::evaluate(&EvalArgs::checkpoint(run.clone(), BackendChoice::Ndarray))
             .unwrap_err()
             .to_string()
     };

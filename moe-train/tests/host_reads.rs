@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex};
 
 #[cfg(feature = "wgpu")]
 use moe_kernels::launches::{host_reads, install_host_read_counter};
-use moe_train::backend::{select, Backend, Precision};
-use moe_train::trainer::{train, RunOptions, StepHook};
+use moe_train::runtime::backend::{select, BackendChoice, Precision};
+use moe_train::training::{train, RunOptions, StepHook};
 
 #[path = "train/common.rs"]
 mod common;
@@ -34,7 +34,7 @@ fn main() {
 #[cfg(feature = "wgpu")]
 fn main() {
     let require_wgpu = std::env::var("BURN_MOE_REQUIRE_WGPU").is_ok_and(|v| v == "1");
-    if let Err(error) = select(Backend::Wgpu, Precision::F32) {
+    if let Err(error) = select(BackendChoice::Wgpu, Precision::F32) {
         println!("host reads on wgpu: SKIPPED: {error}");
         if require_wgpu {
             println!("BURN_MOE_REQUIRE_WGPU=1: a missing wgpu device is a failure");
@@ -89,7 +89,7 @@ fn reads_per_step(dropless: bool) -> Vec<usize> {
     let corpus = dir.join("corpus.txt");
     common::write_generated_corpus(&corpus);
     let mut config = common::tiny_config(corpus, STEPS);
-    config.run.backend = Backend::Wgpu;
+    config.run.backend = BackendChoice::Wgpu;
     config.run.log_every = LOG_EVERY;
     config.model.dropless = dropless;
 

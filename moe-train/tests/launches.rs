@@ -18,9 +18,9 @@
 use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Distribution, Int, Tensor};
-use moe_train::backend::{select, Backend, Precision};
 use moe_train::config::Preset;
-use moe_train::optimizer::FusedAdamW;
+use moe_train::runtime::backend::{select, BackendChoice, Precision};
+use moe_train::training::optimizer::FusedAdamW;
 
 /// Vocabulary of the presets' models (about the tiny corpus's).
 const VOCAB: usize = 4500;
@@ -33,7 +33,7 @@ fn main() {
 #[cfg(feature = "wgpu")]
 fn main() {
     let require_wgpu = std::env::var("BURN_MOE_REQUIRE_WGPU").is_ok_and(|v| v == "1");
-    let selected = match select(Backend::Wgpu, Precision::F32) {
+    let selected = match select(BackendChoice::Wgpu, Precision::F32) {
         Ok(selected) => selected,
         Err(error) => {
             println!("launches on wgpu: SKIPPED: {error}");

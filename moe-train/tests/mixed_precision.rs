@@ -13,10 +13,10 @@
 //! skips for want of an f16 device.
 
 use moe_core::rng::SplitMix64;
-use moe_train::backend::{select, Backend, BackendError, Precision};
 use moe_train::config::Preset;
-use moe_train::metrics::{read, Row};
-use moe_train::trainer::{train, RunOptions};
+use moe_train::runtime::backend::{select, BackendChoice, BackendError, Precision};
+use moe_train::store::metrics::{read, Row};
+use moe_train::training::{train, RunOptions};
 
 #[path = "train/common.rs"]
 mod common;
@@ -25,7 +25,7 @@ const STEPS: usize = 200;
 
 fn main() {
     let require_wgpu = std::env::var("BURN_MOE_REQUIRE_WGPU").is_ok_and(|v| v == "1");
-    match select(Backend::Wgpu, Precision::F16) {
+    match select(BackendChoice::Wgpu, Precision::F16) {
         Ok(selected) => println!("mixed precision on {selected}"),
         Err(BackendError::NoHalfPrecision { device, .. }) => {
             println!("mixed precision: SKIPPED: {device} has no f16");
@@ -134,7 +134,7 @@ fn run(dir: &std::path::Path, corpus: &std::path::Path, precision: Precision) ->
     config.run.eval_batches = 8;
     config.run.checkpoint_every = STEPS;
     config.run.samples = 0;
-    config.run.backend = Backend::Wgpu;
+    config.run.backend = BackendChoice::Wgpu;
     config.run.precision = precision;
     let out = dir.join(precision.name());
     train(config, RunOptions::new(out.clone())).expect("the run trains");

@@ -5,7 +5,7 @@
 use burn::module::{Module, Param};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor, TensorData};
-use moe_train::optimizer::FusedAdamW;
+use moe_train::training::optimizer::FusedAdamW;
 
 /// A module with one rank-2 and one rank-1 parameter.
 #[derive(Module, Debug)]

@@ -19,11 +19,11 @@ use burn::tensor::{Device, Distribution, Tensor};
 use common::tiny_run;
 use moe_core::placement::ExpertPlacement;
 use moe_core::{CapacityConfig, ExpertConfig, GateConfig, MoeConfig};
-use moe_train::backend::Backend;
-use moe_train::checkpoint;
 use moe_train::config::{GateChoice, TrainConfig};
-use moe_train::parallel::Parallelism;
-use moe_train::trainer::{train, RunOptions, RunSummary, StepHook};
+use moe_train::runtime::backend::BackendChoice;
+use moe_train::store::checkpoint;
+use moe_train::training::parallel::Parallelism;
+use moe_train::training::{train, RunOptions, RunSummary, StepHook};
 
 const PROGRAM: &str = env!("CARGO_BIN_EXE_burn-moe");
 const TOKEN: &str = "loopback-test-token";
@@ -84,7 +84,7 @@ impl Drop for Server {
 /// devices draw nothing from their generators) and no dropout.
 fn config(name: &str, steps: usize) -> (common::TempDir, TrainConfig) {
     let (dir, mut config) = tiny_run(name, steps);
-    config.run.backend = Backend::Flex;
+    config.run.backend = BackendChoice::Flex;
     config.model.gate = GateChoice::SoftmaxTopK;
     config.optim.batch_size = 6;
     (dir, config)
@@ -166,12 +166,13 @@ impl ModuleVisitor for Values {
 /// The largest difference between the weights of two checkpoints' models.
 fn weight_gap(a: &Path, b: &Path) -> f64 {
     let weights = |run: &Path| {
-        let opened = checkpoint::open(run, moe_train::checkpoint::Verify::Checked).unwrap();
-        let tokenizer =
-            moe_train::tokenizer::Tokenizer::load(&opened.folder.join(checkpoint::TOKENIZER_FILE))
-                .unwrap();
+        let opened = checkpoint::open(run, moe_train::store::checkpoint::Verify::Checked).unwrap();
+        let tokenizer = moe_train::data::tokenizer::Tokenizer::load(
+            &opened.folder.join(checkpoint::TOKENIZER_FILE),
+        )
+        .unwrap();
         let device = Device::flex();
-        let model = moe_train::tasks::text::text_model(
+        let model = moe_train::data::tasks::text::text_model(
             &opened.config,
             tokenizer.vocab_size(),
             &device,
@@ -271,7 +272,7 @@ fn an_expert_parallel_layer_over_loopback_servers_matches_one_device() {
     let _serial = common::serial();
     let servers = [Server::start(Some(TOKEN)), Server::start(Some(TOKEN))];
     let connect = |server: &Server| {
-        moe_train::parallel::connect(&server.url, Some(TOKEN))
+        moe_train::training::parallel::connect(&server.url, Some(TOKEN))
             .unwrap()
             .autodiff()
     };

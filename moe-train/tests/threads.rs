@@ -1,7 +1,7 @@
 //! `run_on_compute_threads` moves the work onto a thread of a rayon pool with one thread per
 //! core and a main thread's stack, and hands back its result or its panic.
 
-use moe_train::threads::{run_on_compute_threads, STACK_BYTES};
+use moe_train::runtime::threads::{run_on_compute_threads, STACK_BYTES};
 
 #[test]
 fn work_runs_on_a_pool_thread_with_one_thread_per_core() {

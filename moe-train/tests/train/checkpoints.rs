@@ -3,9 +3,9 @@
 use burn::module::Module;
 use burn::optim::AdamWConfig;
 use burn::tensor::{Int, Tensor, TensorData};
-use moe_train::checkpoint::{self, CheckpointParts, TrainingState};
 use moe_train::config::Preset;
-use moe_train::loss_scale::LossScaleState;
+use moe_train::store::checkpoint::{self, CheckpointParts, TrainingState};
+use moe_train::training::loss_scale::LossScaleState;
 
 use crate::common::temp_dir;
 

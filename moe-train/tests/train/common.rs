@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 
 use moe_core::rng::SplitMix64;
-use moe_train::backend::Backend;
 use moe_train::config::{Preset, TrainConfig};
+use moe_train::runtime::backend::BackendChoice;
 
 /// Holds the lock that serialises the tests drawing from the backend's random generator:
 /// Burn's CPU backends keep one generator per process, so two tests seeding and drawing at
@@ -84,7 +84,7 @@ pub fn tiny_config(text: PathBuf, steps: usize) -> TrainConfig {
     config.run.eval_batches = 2;
     config.run.checkpoint_every = steps;
     config.run.samples = 0;
-    config.run.backend = Backend::Ndarray;
+    config.run.backend = BackendChoice::Ndarray;
     config
 }
 

@@ -1,9 +1,9 @@
 //! `compare`: the MoE config and its dense twin on the same data, and when one reached the
 //! other's final loss.
 
-use moe_train::checkpoint;
-use moe_train::compare::{compare, first_reach};
-use moe_train::trainer::RunOptions;
+use moe_train::commands::compare::{compare, first_reach};
+use moe_train::store::checkpoint;
+use moe_train::training::RunOptions;
 
 use crate::common::tiny_run;
 

@@ -1,7 +1,7 @@
 //! Presets, config files, flags and the schedule.
 
 use moe_train::config::{Preset, TrainConfig};
-use moe_train::schedule::learning_rate;
+use moe_train::training::schedule::learning_rate;
 
 use crate::common::temp_dir;
 

@@ -1,10 +1,10 @@
 //! Corpus parsing and every bad input's error message.
 
 use moe_train::config::CorpusChoice;
-use moe_train::corpus::poetry::{self, FileShape};
-use moe_train::corpus::text::{read_jsonl_file, read_text_file, split_documents};
+use moe_train::data::corpus::poetry::{self, FileShape};
+use moe_train::data::corpus::text::{read_jsonl_file, read_text_file, split_documents};
+use moe_train::data::split::split;
 use moe_train::error::TrainError;
-use moe_train::split::split;
 
 use crate::common::temp_dir;
 
@@ -182,7 +182,7 @@ fn a_tarball_with_the_wrong_checksum_is_refused_and_removed() {
 #[test]
 fn the_split_is_deterministic_and_by_document() {
     let docs: Vec<_> = (0..100)
-        .map(|i| moe_train::corpus::Document {
+        .map(|i| moe_train::data::corpus::Document {
             text: format!("doc {i}"),
             line: i + 1,
         })

@@ -5,8 +5,8 @@ use burn::module::Module;
 use burn_store::{bridge, ModuleStore, SafetensorsStore};
 use moe_models::MoeTransformerConfig;
 use moe_train::cli::{ExportArgs, HfArch};
-use moe_train::export::{export, ExportLayout};
-use moe_train::trainer::{train, RunOptions};
+use moe_train::commands::export::{export, ExportLayout};
+use moe_train::training::{train, RunOptions};
 
 use crate::common::{temp_dir, tiny_config, write_generated_corpus};
 
@@ -23,7 +23,7 @@ fn a_checkpoint_exports_under_our_names_and_refuses_what_it_cannot_do() {
         out: dir.join(out),
         arch,
         no_verify: false,
-        backend: moe_train::backend::Backend::Ndarray,
+        backend: moe_train::runtime::backend::BackendChoice::Ndarray,
     };
 
     // The trainer's models (GELU experts, adjacent rotary pairs) fit no Hugging Face layout.
@@ -35,7 +35,9 @@ fn a_checkpoint_exports_under_our_names_and_refuses_what_it_cannot_do() {
     assert!(out.join("tokenizer.json").exists());
 
     // Every tensor of the file is the checkpoint's parameter of that name.
-    let opened = moe_train::checkpoint::open(&run, moe_train::checkpoint::Verify::Checked).unwrap();
+    let opened =
+        moe_train::store::checkpoint::open(&run, moe_train::store::checkpoint::Verify::Checked)
+            .unwrap();
     #[allow(deprecated)] // ndarray, as the run trained on
     let device = burn::tensor::Device::ndarray();
     let model =

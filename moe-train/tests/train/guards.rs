@@ -4,14 +4,16 @@
 
 use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::{Device, Tensor};
-use moe_train::checkpoint;
 use moe_train::cli::{EvalArgs, GenerateArgs};
 use moe_train::commands;
-use moe_train::divergence::{non_finite_parameters, NonFiniteWatch, OnNonFinite, SpikeDetector};
 use moe_train::error::TrainError;
-use moe_train::metrics::{read, MetricsLog, Row};
-use moe_train::run_dir::{Claim, RunDir};
-use moe_train::trainer::{train, RunOptions};
+use moe_train::store::checkpoint;
+use moe_train::store::metrics::{read, MetricsLog, Row};
+use moe_train::store::run_dir::{Claim, RunDir};
+use moe_train::training::divergence::{
+    non_finite_parameters, NonFiniteWatch, OnNonFinite, SpikeDetector,
+};
+use moe_train::training::{train, RunOptions};
 
 use crate::common::{temp_dir, tiny_run};
 
@@ -21,7 +23,10 @@ fn cpu() -> Device {
 }
 
 fn eval_args(checkpoint: std::path::PathBuf) -> EvalArgs {
-    EvalArgs::checkpoint(checkpoint, moe_train::backend::Backend::Ndarray)
+    EvalArgs::checkpoint(
+        checkpoint,
+        moe_train::runtime::backend::BackendChoice::Ndarray,
+    )
 }
 
 /// The latest checkpoint of the run in `out`: its folder, tokenizer and model (on ndarray).
@@ -30,12 +35,13 @@ fn latest_model(
     config: &moe_train::config::TrainConfig,
 ) -> (
     std::path::PathBuf,
-    moe_train::tokenizer::Tokenizer,
+    moe_train::data::tokenizer::Tokenizer,
     moe_models::MoeTransformer,
 ) {
     let folder = checkpoint::resolve(out).unwrap();
     let tokenizer =
-        moe_train::tokenizer::Tokenizer::load(&folder.join(checkpoint::TOKENIZER_FILE)).unwrap();
+        moe_train::data::tokenizer::Tokenizer::load(&folder.join(checkpoint::TOKENIZER_FILE))
+            .unwrap();
     let model = config
         .text_model_config(tokenizer.vocab_size())
         .init(&cpu())
@@ -78,7 +84,7 @@ fn a_diverging_resume_stops_and_keeps_the_finite_checkpoint() {
     assert_eq!(error.exit_code(), 3);
     // keep_checkpoints = 1, yet the latest checkpoint is one from before the divergence,
     // whole, finite, and named in the message.
-    let opened = checkpoint::open(&out, moe_train::checkpoint::Verify::Checked).unwrap();
+    let opened = checkpoint::open(&out, moe_train::store::checkpoint::Verify::Checked).unwrap();
     assert!(opened.state.step >= 4 && opened.state.step < *step);
     let message = error.to_string();
     assert!(
@@ -151,7 +157,7 @@ fn eval_and_generate_refuse_non_finite_weights() {
         step: state.step + 1,
         ..state
     };
-    let optimizer = moe_train::optimizer::FusedAdamW::new(0.1).init();
+    let optimizer = moe_train::training::optimizer::FusedAdamW::new(0.1).init();
     checkpoint::save(
         &out,
         checkpoint::CheckpointParts {
@@ -181,7 +187,7 @@ fn eval_and_generate_refuse_non_finite_weights() {
         out,
         "春",
         5,
-        moe_train::backend::Backend::Ndarray,
+        moe_train::runtime::backend::BackendChoice::Ndarray,
     ))
     .unwrap_err()
     .to_string();
@@ -321,15 +327,15 @@ fn the_memory_estimate_counts_the_parameters_and_refuses_with_figures() {
     config.model.experts = 80;
     let model = config.text_model_config(500);
     let built = model.init(&cpu()).unwrap();
-    let estimate = moe_train::memory::estimate(&config, &model);
+    let estimate = moe_train::runtime::memory::estimate(&config, &model);
     assert_eq!(estimate.parameters, built.num_params() as f64);
     // Weights, gradients, two moments and the update's temporary, in f32.
     assert_eq!(estimate.state_bytes, 5.0 * 4.0 * built.num_params() as f64);
     // The logits alone: batch 16 x context 64 tokens x 500 x 3 copies x 4 bytes.
     assert!(estimate.activation_bytes > 16.0 * 64.0 * 500.0 * 3.0 * 4.0);
-    let backend = moe_train::backend::Backend::Flex;
-    moe_train::memory::check_against(&config, &model, backend, 1e12).unwrap();
-    let message = moe_train::memory::check_against(&config, &model, backend, 1e6)
+    let backend = moe_train::runtime::backend::BackendChoice::Flex;
+    moe_train::runtime::memory::check_against(&config, &model, backend, 1e12).unwrap();
+    let message = moe_train::runtime::memory::check_against(&config, &model, backend, 1e6)
         .unwrap_err()
         .to_string();
     assert!(
@@ -340,12 +346,12 @@ fn the_memory_estimate_counts_the_parameters_and_refuses_with_figures() {
 
 #[test]
 fn an_adapter_whose_buffers_are_too_small_is_refused_with_figures() {
-    use moe_train::backend::AdapterLimits;
+    use moe_train::runtime::backend::AdapterLimits;
     let config = moe_train::config::Preset::Tiny.config();
     let model = config.text_model_config(4500);
     // The tiny preset's largest tensor: the logits, 16 x 64 tokens x 4,500 classes x 4 bytes
     // (the expert buffer is 16,384 rows x 128 = 2.1 M values, the logits 4.6 M).
-    let (bytes, what) = moe_train::memory::largest_tensor_bytes(&config, &model);
+    let (bytes, what) = moe_train::runtime::memory::largest_tensor_bytes(&config, &model);
     assert_eq!(what, "the logits");
     assert_eq!(bytes, 16.0 * 64.0 * 4500.0 * 4.0);
     let limits = |buffer: u64| AdapterLimits {
@@ -358,10 +364,11 @@ fn an_adapter_whose_buffers_are_too_small_is_refused_with_figures() {
         shader_f16: false,
         is_cpu: false,
     };
-    moe_train::memory::check_adapter(&config, &model, "a GPU", &limits(1 << 30)).unwrap();
-    let message = moe_train::memory::check_adapter(&config, &model, "a GPU", &limits(1 << 20))
-        .unwrap_err()
-        .to_string();
+    moe_train::runtime::memory::check_adapter(&config, &model, "a GPU", &limits(1 << 30)).unwrap();
+    let message =
+        moe_train::runtime::memory::check_adapter(&config, &model, "a GPU", &limits(1 << 20))
+            .unwrap_err()
+            .to_string();
     assert!(
         message.contains("the logits of a step (18.4 MB")
             && message.contains("allows (1.0 MB)")

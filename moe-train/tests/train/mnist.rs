@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use moe_train::tasks::mnist::{read_tarball, SOURCE_SIZE};
+use moe_train::data::tasks::mnist::{read_tarball, SOURCE_SIZE};
 
 use crate::common::temp_dir;
 

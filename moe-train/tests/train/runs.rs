@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use moe_train::cli::{EvalArgs, GenerateArgs};
 use moe_train::commands;
-use moe_train::config::Task;
-use moe_train::trainer::{train, RunOptions};
+use moe_train::config::TaskKind;
+use moe_train::training::{train, RunOptions};
 
 use crate::common::{temp_dir, tiny_config, write_generated_corpus};
 
@@ -47,7 +47,7 @@ fn a_short_run_lowers_the_loss_and_leaves_its_files() {
     // eval and generate read the checkpoint back.
     let report = commands::evaluate(&EvalArgs::checkpoint(
         out.clone(),
-        moe_train::backend::Backend::Ndarray,
+        moe_train::runtime::backend::BackendChoice::Ndarray,
     ))
     .unwrap();
     assert!((report.evaluation.loss - summary.val_losses.last().unwrap().1).abs() < 1e-4);
@@ -55,7 +55,7 @@ fn a_short_run_lowers_the_loss_and_leaves_its_files() {
         out,
         "春",
         10,
-        moe_train::backend::Backend::Ndarray,
+        moe_train::runtime::backend::BackendChoice::Ndarray,
     ))
     .unwrap();
     assert!(text.starts_with('春') && text.chars().count() > 1, "{text}");
@@ -90,10 +90,10 @@ fn resuming_repeats_the_uninterrupted_losses() {
     assert_eq!(second_half.train_losses, whole.train_losses[4..].to_vec());
     assert_eq!(second_half.val_losses, whole.val_losses);
     // The metrics log of the resumed run has every step once.
-    let rows = moe_train::metrics::read(&dir.join("halves/metrics.jsonl")).unwrap();
+    let rows = moe_train::store::metrics::read(&dir.join("halves/metrics.jsonl")).unwrap();
     let steps: Vec<usize> = rows
         .iter()
-        .filter(|r| matches!(r, moe_train::metrics::Row::Train(_)))
+        .filter(|r| matches!(r, moe_train::store::metrics::Row::Train(_)))
         .map(|r| r.step())
         .collect();
     assert_eq!(steps, (1..=8).collect::<Vec<_>>());
@@ -137,7 +137,7 @@ fn an_interrupt_saves_a_checkpoint() {
     .unwrap();
     assert!(summary.interrupted);
     assert_eq!(summary.last_step, 0);
-    assert!(moe_train::checkpoint::resolve(&dir.join("run")).is_ok());
+    assert!(moe_train::store::checkpoint::resolve(&dir.join("run")).is_ok());
 }
 
 #[test]
@@ -169,7 +169,7 @@ fn corpora_too_short_or_empty_are_refused_with_their_name() {
 fn the_multimodal_tasks_train_with_the_same_machinery() {
     let _serial = crate::common::serial();
     let dir = temp_dir("run-digits");
-    for task in [Task::Caption, Task::TextToImage] {
+    for task in [TaskKind::Caption, TaskKind::TextToImage] {
         let mut config = tiny_config(dir.join("unused.txt"), 30);
         config.data.text = None;
         config.task = task;
@@ -186,8 +186,8 @@ fn the_multimodal_tasks_train_with_the_same_machinery() {
             out.join("expert_load_image.png").exists() && out.join("expert_load_text.png").exists()
         );
         assert_eq!(summary.samples.len(), 2);
-        let rows = moe_train::metrics::read(&out.join("metrics.jsonl")).unwrap();
-        let moe_train::metrics::Row::Train(row) = &rows[0] else {
+        let rows = moe_train::store::metrics::read(&out.join("metrics.jsonl")).unwrap();
+        let moe_train::store::metrics::Row::Train(row) = &rows[0] else {
             panic!("first row is a training row")
         };
         assert!(row.image_expert_load.is_some() && row.text_expert_load.is_some());

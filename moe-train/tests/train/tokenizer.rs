@@ -1,6 +1,6 @@
 //! Tokenizers round-trip.
 
-use moe_train::tokenizer::{CharTokenizer, Tokenizer, BOS, EOS, UNK};
+use moe_train::data::tokenizer::{CharTokenizer, Tokenizer, BOS, EOS, UNK};
 
 use crate::common::temp_dir;
 

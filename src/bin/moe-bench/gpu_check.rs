@@ -20,8 +20,8 @@ use std::time::Instant;
 use burn::tensor::{Device, Distribution, FloatDType, Tensor};
 use burn_moe::core::RoutingMode;
 use burn_moe::kernels::parity::{compare, Sizes};
-use burn_moe::train::backend::{select, Backend, Precision, SelectedDevice};
 use burn_moe::train::config::Preset;
+use burn_moe::train::runtime::backend::{select, BackendChoice, Precision, SelectedDevice};
 use serde_json::{json, Value};
 
 use crate::{grouped, scaling, step};
@@ -57,7 +57,7 @@ impl Tally {
 /// Runs the check; returns the exit status.
 pub fn run(args: &GpuCheckArgs) -> i32 {
     let started = Instant::now();
-    let selected = match select(Backend::Wgpu, Precision::F32) {
+    let selected = match select(BackendChoice::Wgpu, Precision::F32) {
         Ok(selected) => selected,
         Err(error) => {
             eprintln!("gpu-check: no wgpu adapter: {error}");
@@ -324,7 +324,7 @@ fn train_both(selected: &SelectedDevice, half: bool, tally: &mut Tally) -> Value
                     "{}: 40 steps in {seconds:.1} s, loss {:.4} -> {final_loss:.4} ({} on {})",
                     precision.name(),
                     losses.first().copied().unwrap_or(f64::NAN),
-                    Backend::Wgpu.name(),
+                    BackendChoice::Wgpu.name(),
                     selected.adapter
                 );
                 tally.check(
@@ -364,8 +364,8 @@ fn train_tiny(
     corpus: &std::path::Path,
     precision: Precision,
 ) -> Result<Vec<f64>, String> {
-    use burn_moe::train::metrics::{read, Row};
-    use burn_moe::train::trainer::{train, RunOptions};
+    use burn_moe::train::store::metrics::{read, Row};
+    use burn_moe::train::training::{train, RunOptions};
     let mut config = Preset::Tiny.config();
     config.data.text = Some(corpus.to_path_buf());
     config.run.steps = 40;
@@ -374,7 +374,7 @@ fn train_tiny(
     config.run.eval_batches = 2;
     config.run.checkpoint_every = 40;
     config.run.samples = 0;
-    config.run.backend = Backend::Wgpu;
+    config.run.backend = BackendChoice::Wgpu;
     config.run.precision = precision;
     config.optim.warmup_steps = 10;
     let out = dir.join(precision.name());

@@ -29,9 +29,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::rc::Rc;
 
-use burn_moe::train::backend::{select, Backend, Precision};
 use burn_moe::train::config::Preset;
-use burn_moe::train::threads::run_on_compute_threads;
+use burn_moe::train::runtime::backend::{select, BackendChoice, Precision};
+use burn_moe::train::runtime::threads::run_on_compute_threads;
 use clap::Parser;
 use serde_json::{json, Value};
 
@@ -47,8 +47,8 @@ use torch::{TorchLayerRow, TorchResults, TorchServer};
 )]
 struct Args {
     /// Backend to measure.
-    #[arg(long, value_enum, default_value_t = Backend::Flex)]
-    backend: Backend,
+    #[arg(long, value_enum, default_value_t = BackendChoice::Flex)]
+    backend: BackendChoice,
     /// One repetition, fewer shapes: checks that every row still runs.
     #[arg(long)]
     quick: bool,
@@ -113,11 +113,12 @@ enum Only {
 fn main() {
     let args = Args::parse();
     if let Some(Mode::GpuCheck(check)) = &args.mode {
-        burn_moe::train::backend::quiet_display_probes();
+        burn_moe::train::runtime::backend::quiet_display_probes();
         let status = run_on_compute_threads(|| gpu_check::run(check));
         std::process::exit(status);
     }
-    let heap_reuse = !args.no_heap_reuse && burn_moe::train::allocator::reuse_heap_memory();
+    let heap_reuse =
+        !args.no_heap_reuse && burn_moe::train::runtime::allocator::reuse_heap_memory();
     if args.main_thread {
         bench(&args, heap_reuse);
     } else {
@@ -529,7 +530,7 @@ fn w5(device: &burn::tensor::Device, args: &Args, warmup: usize, repeats: usize)
 /// host reads.
 #[cfg(feature = "wgpu")]
 fn observe_wgpu(args: &Args) -> bool {
-    args.backend == Backend::Wgpu
+    args.backend == BackendChoice::Wgpu
         && burn_moe::kernels::launches::install_host_read_counter()
             .map_err(|error| eprintln!("W2: host reads not counted: {error}"))
             .is_ok()

@@ -6,8 +6,8 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Device, Distribution, Int, Tensor};
 use burn_moe::models::MoeTransformerConfig;
 use burn_moe::train::config::{Preset, TrainConfig};
-use burn_moe::train::memory::kib_field;
-use burn_moe::train::optimizer::FusedAdamW;
+use burn_moe::train::runtime::memory::kib_field;
+use burn_moe::train::training::optimizer::FusedAdamW;
 use serde::{Deserialize, Serialize};
 
 use crate::timing::median_seconds;

@@ -1,0 +1,143 @@
+//! `burn-moe eval`: validation loss, perplexity and expert load of a checkpoint.
+
+use crate::cli::EvalArgs;
+use crate::commands::form::{self, FormShare};
+use crate::commands::loading::{load_finite, no_model};
+use crate::config::{TaskKind, TrainConfig};
+use crate::data::tasks::digits::DigitsTask;
+use crate::data::tasks::text::TextTask;
+use crate::data::tasks::{Evaluation, Task};
+use crate::data::tokenizer::Tokenizer;
+use crate::error::{Result, TrainError};
+use crate::runtime::backend::{self, Precision};
+use crate::store::checkpoint;
+
+/// Longest sample `eval --form` draws: room for a poem of eight seven-character lines.
+const FORM_MAX_TOKENS: usize = 64;
+
+/// What `burn-moe eval` reports.
+#[derive(Debug, Clone)]
+pub struct EvalReport {
+    /// Step of the checkpoint.
+    pub step: usize,
+    /// Validation loss and expert load.
+    pub evaluation: Evaluation,
+    /// With `--form`: how well samples keep their prompt's line length.
+    pub form: Vec<FormShare>,
+    /// A warning when the loss is far above the lowest validation loss its run logged (by
+    /// the run's `[run.explosion]` thresholds).
+    pub history_warning: Option<String>,
+}
+
+/// Evaluates a checkpoint on its run's validation data.
+pub fn evaluate(args: &EvalArgs) -> Result<EvalReport> {
+    if args.batches == Some(0) {
+        return Err(TrainError::Argument(
+            "`--batches` must be at least 1, got 0".into(),
+        ));
+    }
+    if args.form && args.form_samples == 0 {
+        return Err(TrainError::Argument(
+            "`--form-samples` must be at least 1 (samples per line length for `--form`), got 0"
+                .into(),
+        ));
+    }
+    let checkpoint = args.checkpoint.as_ref().ok_or_else(no_model)?;
+    let verify = crate::cli::verify_flag(args.no_verify);
+    let opened = checkpoint::open(checkpoint, verify)?;
+    let (folder, state, mut config) = (opened.folder, opened.state, opened.config);
+    if let Some(batches) = args.batches {
+        config.run.eval_batches = batches;
+    }
+    if args.form && config.task != TaskKind::Text {
+        return Err(TrainError::Argument(
+            "`--form` measures generated poems: it needs a text run".into(),
+        ));
+    }
+    let device = backend::select_and_report(args.backend, Precision::F32)?.device;
+    let mut form = Vec::new();
+    let evaluation = match config.task {
+        TaskKind::Text => {
+            let tokenizer = Tokenizer::load(&folder.join(checkpoint::TOKENIZER_FILE))?;
+            let task = TextTask::new(&config, Some(tokenizer), opened.data.as_ref(), true)?;
+            let model = load_finite(&folder, task.build_model(&device)?)?;
+            if args.form {
+                form = form::measure(
+                    &model,
+                    task.tokenizer().expect("a text task has a tokenizer"),
+                    task.validation_documents(),
+                    args.form_samples,
+                    FORM_MAX_TOKENS,
+                    config.run.seed,
+                );
+            }
+            task.evaluate(&model, &device)
+        }
+        TaskKind::Caption | TaskKind::TextToImage => {
+            let task = DigitsTask::new(&config, true)?;
+            let model = load_finite(&folder, task.build_model(&device)?)?;
+            task.evaluate(&model, &device)
+        }
+    };
+    if !evaluation.loss.is_finite() {
+        return Err(TrainError::NonFiniteModel {
+            path: folder.clone(),
+            detail: format!("its validation loss is {}", evaluation.loss),
+            alternatives: checkpoint::alternatives_of(&folder),
+        });
+    }
+    let history_warning = far_above_history(&folder, evaluation.loss, &config);
+    Ok(EvalReport {
+        step: state.step,
+        evaluation,
+        form,
+        history_warning,
+    })
+}
+
+/// A warning when `loss` (the checkpoint in `folder`'s) is far above the lowest validation
+/// loss its run logged, by the run's own explosion thresholds (`[run.explosion]` `ratio` and
+/// `nats`): a finite checkpoint may still hold weights from a blow-up. `None` when the run's
+/// metrics are not beside the checkpoint or the loss is in line with them.
+fn far_above_history(folder: &std::path::Path, loss: f64, config: &TrainConfig) -> Option<String> {
+    let run = folder.parent()?.parent()?;
+    let rows = crate::store::metrics::read(&run.join("metrics.jsonl")).ok()?;
+    let (step, lowest) = rows
+        .iter()
+        .filter_map(|row| match row {
+            crate::store::metrics::Row::Eval(row) if row.val_loss.is_finite() => {
+                Some((row.step, row.val_loss))
+            }
+            _ => None,
+        })
+        .min_by(|a, b| a.1.total_cmp(&b.1))?;
+    let rule = config.run.explosion;
+    (loss > rule.ratio * lowest && loss > lowest + rule.nats).then(|| {
+        format!(
+            "this checkpoint's validation loss {loss:.4} is {:.1}x the lowest its run logged ({lowest:.4} at step {step}): its weights may come from a blow-up{}",
+            loss / lowest,
+            checkpoint::alternatives_of(folder)
+        )
+    })
+}
+
+/// A few lines about each MoE layer's load: shares and max/mean.
+pub fn load_summary(expert_load: &[Vec<f64>]) -> String {
+    expert_load
+        .iter()
+        .enumerate()
+        .map(|(layer, shares)| {
+            let max = shares.iter().cloned().fold(0.0, f64::max);
+            let percent: Vec<String> = shares
+                .iter()
+                .map(|s| format!("{:.0}%", 100.0 * s))
+                .collect();
+            format!(
+                "MoE layer {layer}: load {} (max/mean {:.2})",
+                percent.join(" "),
+                max * shares.len() as f64
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}

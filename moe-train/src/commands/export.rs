@@ -1,0 +1,117 @@
+//! `burn-moe export`: a checkpoint's text model as a folder other programs read.
+//!
+//! When the model's options fit one of the Hugging Face MoE architectures
+//! ([`moe_models::hf::fitting_architecture`]), the folder is that architecture's:
+//! `config.json` and `model.safetensors` under its tensor names, which transformers loads.
+//! Otherwise it is ours, documented here:
+//!
+//! - `config.json`: the [`moe_models::MoeTransformerConfig`] (Burn's config JSON);
+//! - `model.safetensors` (f32), one tensor per parameter, named by its module path, with
+//!   linear weights stored `[in, out]` (Burn's layout), e.g. `token_embedding.weight`
+//!   `[vocab, d]`, `stack.blocks.{i}.attention.{query,key,value,output}.{weight,bias}`,
+//!   `stack.blocks.{i}.{attention_norm,ffn_norm}.{rms.gamma | layer.gamma, layer.beta}`,
+//!   `stack.blocks.{i}.ffn.moe.router.weight` `[d, E]`,
+//!   `stack.blocks.{i}.ffn.moe.experts.{w_in,w_gate}` `[E, d, h]`, `.w_out` `[E, h, d]`,
+//!   `.b_in` `[E, h]`, `.b_out` `[E, d]`, `stack.blocks.{i}.ffn.dense.*` (one expert),
+//!   `stack.final_norm.*`, and `lm_head.weight` `[d, vocab]` when it is not tied;
+//! - the tokenizer as the checkpoint holds it (`tokenizer.json`, burn-moe's format).
+//!
+//! A run fine-tuned from a Hugging Face model (`train --init-hf`) exports to its own
+//! architecture, with its own `tokenizer.json`; a LoRA run's adapters are merged into the
+//! weights, `W = W_0 + (alpha / r) A B`.
+
+use burn::module::Module;
+use burn_store::{ModuleSnapshot, SafetensorsStore};
+use moe_models::hf::{self, HfArchitecture};
+
+use crate::cli::ExportArgs;
+use crate::commands::load_finite;
+use crate::config::TaskKind;
+use crate::data::tasks::text::text_model;
+use crate::data::tokenizer::Tokenizer;
+use crate::error::{io, Result, TrainError};
+use crate::runtime::backend::{self, Precision};
+use crate::store::checkpoint;
+
+/// The layout `export` wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportLayout {
+    /// A Hugging Face folder of this architecture.
+    HuggingFace(HfArchitecture),
+    /// burn-moe's own names (see the module documentation).
+    BurnMoe,
+}
+
+/// Writes the checkpoint's model into `args.out`, which must be empty or absent; returns the
+/// layout used.
+pub fn export(args: &ExportArgs) -> Result<ExportLayout> {
+    let out = &args.out;
+    if out.exists() && !out.is_dir() {
+        return Err(TrainError::Argument(format!(
+            "{} is a file, not a folder; export writes a model folder (config.json, safetensors, tokenizer.json): name a new or empty folder with `--out`",
+            out.display()
+        )));
+    }
+    if out.exists() && std::fs::read_dir(out).map_err(io(out))?.next().is_some() {
+        return Err(TrainError::Argument(format!(
+            "{} is not empty; export writes into an empty or new folder so that nothing is overwritten",
+            out.display()
+        )));
+    }
+    let verify = crate::cli::verify_flag(args.no_verify);
+    let opened = checkpoint::open(&args.checkpoint, verify)?;
+    if opened.config.task != TaskKind::Text {
+        return Err(TrainError::Argument(
+            "export writes text models; this checkpoint is of a digits task".into(),
+        ));
+    }
+    let tokenizer_path = opened.folder.join(checkpoint::TOKENIZER_FILE);
+    let tokenizer = Tokenizer::load(&tokenizer_path)?;
+    let config = opened.config.text_model_config(tokenizer.vocab_size());
+    let layout = match args.arch {
+        Some(arch) => {
+            hf::to_hf_config(&config, arch.into())?;
+            ExportLayout::HuggingFace(arch.into())
+        }
+        None => hf::fitting_architecture(&config)
+            .map_or(ExportLayout::BurnMoe, ExportLayout::HuggingFace),
+    };
+    let device = backend::select_and_report(args.backend, Precision::F32)?.device;
+    let model = text_model(&opened.config, tokenizer.vocab_size(), &device, false)?;
+    // A LoRA run's adapters merge into the weights they adapt.
+    let model = load_finite(&opened.folder, model)?.materialize();
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    match layout {
+        ExportLayout::HuggingFace(arch) => {
+            // The special ids of a fine-tuned Hugging Face model's tokenizer go back into its
+            // config, where transformers' generation reads them.
+            let base = matches!(tokenizer, Tokenizer::Hf(_)).then(|| {
+                let specials = tokenizer.specials();
+                serde_json::json!({
+                    "bos_token_id": specials.bos,
+                    "eos_token_id": specials.eos,
+                    "pad_token_id": specials.pad,
+                })
+            });
+            hf::save(&model, arch, out, base.as_ref())?
+        }
+        ExportLayout::BurnMoe => {
+            let config_path = out.join("config.json");
+            let json = burn::config::config_to_json(model.config());
+            std::fs::write(&config_path, json).map_err(io(&config_path))?;
+            let weights = out.join("model.safetensors");
+            model
+                .save_into(&mut SafetensorsStore::from_file(&weights))
+                .map_err(|e| TrainError::Argument(format!("{}: {e}", weights.display())))?;
+        }
+    }
+    let tokenizer_path = out.join("tokenizer.json");
+    match (layout, tokenizer.hf_json()) {
+        // A fine-tuned Hugging Face model keeps its own tokenizer, which transformers reads.
+        (ExportLayout::HuggingFace(_), Some(json)) => {
+            std::fs::write(&tokenizer_path, json).map_err(io(&tokenizer_path))?
+        }
+        _ => tokenizer.save(&tokenizer_path)?,
+    }
+    Ok(layout)
+}

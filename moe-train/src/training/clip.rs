@@ -1,0 +1,95 @@
+//! Global-norm gradient clipping (Pascanu et al. 2013): all gradients are scaled together by
+//! `min(1, max_norm / ||g||)`, `||g||` the norm of every gradient of the model seen as one
+//! vector. (Burn's own clipping scales each parameter's gradient separately.)
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::Tensor;
+
+struct SquaredNorm<'a> {
+    grads: &'a GradientsParams,
+    total: Option<Tensor<1>>,
+}
+
+impl ModuleVisitor for SquaredNorm<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(grad) = self.grads.get::<D>(param.id) {
+            let squares = grad.square().sum();
+            // Experts placed on other devices: their part of the sum comes to the first's.
+            self.total = Some(match self.total.take() {
+                Some(total) => {
+                    let home = total.device();
+                    total + squares.to_device(&home)
+                }
+                None => squares,
+            });
+        }
+    }
+}
+
+struct Scale<'a> {
+    grads: &'a mut GradientsParams,
+    scale: Tensor<1>,
+}
+
+impl ModuleVisitor for Scale<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(grad) = self.grads.remove::<D>(param.id) {
+            let scale = self.scale.clone().to_device(&grad.device()).reshape([1; D]);
+            self.grads.register(param.id, grad * scale);
+        }
+    }
+}
+
+/// Clips `grads` of `module` to global norm `max_norm` (no-op when `max_norm <= 0`); returns the
+/// norm before clipping, `[1]`, on the device (read it only when logging).
+pub fn clip_global_norm<M: Module>(
+    grads: &mut GradientsParams,
+    module: &M,
+    max_norm: f64,
+) -> Option<Tensor<1>> {
+    unscale_and_clip(grads, module, None, max_norm).map(|norms| norms.norm)
+}
+
+/// The norms [`unscale_and_clip`] measured.
+pub struct GradientNorms {
+    /// The global norm of the gradients as computed (scaled by the loss scale, when there is
+    /// one), `[1]`: not finite when the scaled backward pass overflowed.
+    pub scaled: Tensor<1>,
+    /// The global norm of the loss's gradients before clipping, `[1]`.
+    pub norm: Tensor<1>,
+}
+
+/// Multiplies `grads` of `module` by `unscale` (`1 / S` under loss scaling,
+/// [`crate::training::loss_scale`]) and clips the result to global norm `max_norm` (no clipping
+/// when `max_norm <= 0`), in one multiplication per gradient; `None` when the module has no
+/// gradient.
+pub fn unscale_and_clip<M: Module>(
+    grads: &mut GradientsParams,
+    module: &M,
+    unscale: Option<Tensor<1>>,
+    max_norm: f64,
+) -> Option<GradientNorms> {
+    let mut squares = SquaredNorm { grads, total: None };
+    module.visit(&mut squares);
+    let scaled = squares.total?.sqrt();
+    let norm = match &unscale {
+        Some(unscale) => scaled.clone() * unscale.clone(),
+        None => scaled.clone(),
+    };
+    let clip = (max_norm > 0.0).then(|| {
+        (norm.clone().add_scalar(1e-6))
+            .recip()
+            .mul_scalar(max_norm)
+            .clamp_max(1.0)
+    });
+    let factor = match (unscale, clip) {
+        (Some(unscale), Some(clip)) => Some(unscale * clip),
+        (Some(factor), None) | (None, Some(factor)) => Some(factor),
+        (None, None) => None,
+    };
+    if let Some(scale) = factor {
+        module.visit(&mut Scale { grads, scale });
+    }
+    Some(GradientNorms { scaled, norm })
+}

@@ -28,7 +28,7 @@ use crate::{CapacityConfig, DropPolicy, ExpertConfig, Experts, Router, RoutingMo
 ///     .with_gate(GateConfig::gshard())
 ///     .with_capacity(CapacityConfig::new().with_train_factor(1.25));
 /// ```
-#[derive(Config, Debug)]
+#[derive(Config, Debug, PartialEq)]
 pub struct MoeConfig {
     /// Token width.
     pub d_model: usize,
@@ -74,23 +74,6 @@ pub struct MoeConfig {
     /// how much of the always-on block it takes.
     #[config(default = false)]
     pub shared_gate: bool,
-}
-
-impl PartialEq for MoeConfig {
-    fn eq(&self, other: &Self) -> bool {
-        self.d_model == other.d_model
-            && self.num_experts == other.num_experts
-            && self.expert == other.expert
-            && self.top_k == other.top_k
-            && self.gate == other.gate
-            && self.capacity == other.capacity
-            && self.losses == other.losses
-            && self.shared_experts == other.shared_experts
-            && self.balance_bias == other.balance_bias
-            && self.routed_scale == other.routed_scale
-            && self.shared_d_hidden == other.shared_d_hidden
-            && self.shared_gate == other.shared_gate
-    }
 }
 
 impl MoeConfig {

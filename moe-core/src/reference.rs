@@ -279,18 +279,3 @@ pub fn random_values(len: usize, seed: u64) -> Vec<f32> {
     let mut rng = SplitMix64(seed);
     (0..len).map(|_| rng.uniform() as f32).collect()
 }
-
-/// Asserts `|actual - expected| <= tolerance * (1 + |expected|)` elementwise.
-///
-/// # Panics
-///
-/// With a message naming `what` and the first element out of tolerance.
-pub fn assert_close(actual: &[f64], expected: &[f64], tolerance: f64, what: &str) {
-    assert_eq!(actual.len(), expected.len(), "{what}: lengths differ");
-    for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
-        assert!(
-            (a - e).abs() <= tolerance * (1.0 + e.abs()),
-            "{what}: element {i} is {a}, expected {e} (tolerance {tolerance})"
-        );
-    }
-}

@@ -174,16 +174,6 @@ impl RoutingStats {
 }
 
 impl RoutingSummary {
-    /// Load imbalance `max_e load_e / mean_e load_e` of the processed assignments (1 is perfect).
-    pub fn max_over_mean_load(&self) -> f64 {
-        let total: u64 = self.tokens_per_expert.iter().sum();
-        let max = self.tokens_per_expert.iter().copied().max().unwrap_or(0);
-        if total == 0 {
-            return 0.0;
-        }
-        max as f64 * self.tokens_per_expert.len() as f64 / total as f64
-    }
-
     /// Share of the routed assignments lost to the capacity limit (0 when none were routed).
     pub fn drop_rate(&self) -> f64 {
         let routed: u64 = self.routed_per_expert.iter().sum();

@@ -75,6 +75,7 @@ pub mod rotary;
 pub mod routing;
 pub mod silu;
 pub mod softmax;
+pub mod testing;
 pub mod top_k;
 
 #[cfg(feature = "wgpu")]

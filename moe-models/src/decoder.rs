@@ -50,7 +50,7 @@ pub enum RotaryPairing {
 /// assert!(decoder.validate().is_ok());
 /// assert_eq!(decoder.moe_layers(), vec![1, 3]);
 /// ```
-#[derive(Config, Debug)]
+#[derive(Config, Debug, PartialEq)]
 pub struct DecoderConfig {
     /// Longest sequence the model sees.
     pub context_length: usize,
@@ -103,12 +103,6 @@ pub struct DecoderConfig {
     /// Dropout probability (residual and attention).
     #[config(default = 0.0)]
     pub dropout: f64,
-}
-
-impl PartialEq for DecoderConfig {
-    fn eq(&self, other: &Self) -> bool {
-        burn::config::config_to_json(self) == burn::config::config_to_json(other)
-    }
 }
 
 impl DecoderConfig {

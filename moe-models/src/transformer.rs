@@ -27,7 +27,7 @@ use crate::projection;
 /// assert!(config.validate().is_ok());
 /// assert_eq!(config.num_moe_layers(), 2);
 /// ```
-#[derive(Config, Debug)]
+#[derive(Config, Debug, PartialEq)]
 pub struct MoeTransformerConfig {
     /// Vocabulary size.
     pub vocab_size: usize,
@@ -36,12 +36,6 @@ pub struct MoeTransformerConfig {
     /// Share the input embedding with the output projection.
     #[config(default = true)]
     pub tie_embeddings: bool,
-}
-
-impl PartialEq for MoeTransformerConfig {
-    fn eq(&self, other: &Self) -> bool {
-        burn::config::config_to_json(self) == burn::config::config_to_json(other)
-    }
 }
 
 /// Parameter counts of a model (computed from its config).

@@ -8,6 +8,7 @@ use burn::module::Module;
 use burn::tensor::Device;
 use burn_store::{bridge, ModuleStore, SafetensorsStore};
 use moe_core::lora::{LoraConfig, LoraTarget};
+use moe_kernels::testing::max_difference;
 use moe_models::hf::{self, HfArchitecture};
 use moe_models::{MoeTransformer, SamplingConfig};
 use moe_train::cli::{EvalArgs, ExportArgs, GenerateArgs};
@@ -144,14 +145,6 @@ fn logits_of(model: &MoeTransformer, ids: &[usize], device: &Device) -> Vec<f32>
         .into_data()
         .try_to_vec::<f32>()
         .unwrap()
-}
-
-fn max_difference(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 /// Fine-tunes the Hugging Face folder `base` for 30 steps on a generated corpus in `dir`, in

@@ -10,9 +10,11 @@ pub fn cpu() -> Device {
 }
 
 #[allow(unused_imports)]
-pub use moe_core::reference::{assert_close, random_values};
+pub use moe_core::reference::random_values;
 #[allow(unused_imports)]
 pub use moe_core::rng::SplitMix64;
+#[allow(unused_imports)]
+pub use moe_kernels::testing::assert_close;
 
 /// A `[rows, columns]` tensor from row-major values.
 pub fn matrix(values: &[f32], rows: usize, columns: usize, device: &Device) -> Tensor<2> {

@@ -46,7 +46,7 @@ fn position_policy_keeps_the_earliest_tokens() {
     // Slots: e0 = [token 0, token 1], e1 = [token 1, token 3].
     assert_eq!(ints(plan.token_of_slot.clone()), vec![0, 1, 1, 3]);
     let w = values(plan.weight_of_slot.clone());
-    crate::common::assert_close(&w, &[0.9, 0.6, 0.4, 0.7], 1e-6, "slot weights");
+    crate::common::assert_close("slot weights", &w, &[0.9, 0.6, 0.4, 0.7], 1e-6);
 }
 
 #[test]
@@ -95,10 +95,10 @@ fn empty_slots_have_zero_weight_and_the_capacity_never_overflows() {
     );
     let w = values(plan.weight_of_slot.clone());
     crate::common::assert_close(
+        "slot weights",
         &w,
         &[0.9, 0.6, 0.95, 0.6, 0.4, 0.7, 0.3, 0.0],
         1e-6,
-        "slot weights",
     );
 }
 
@@ -132,10 +132,10 @@ fn dropless_plans_lay_the_candidates_out_ragged() {
     );
     let w = values(plan.weight_of_slot.clone());
     crate::common::assert_close(
+        "slot weights",
         &w,
         &[0.9, 0.6, 0.95, 0.6, 0.4, 0.7, 0.3, 0.0, 0.0, 0.0],
         1e-6,
-        "slot weights",
     );
     assert!(kept(&plan)
         .iter()

@@ -72,10 +72,10 @@ fn a_users_gate_routes_through_the_same_dispatch() {
             }
         }
         assert_close(
+            "round robin",
             &crate::common::values(out.output),
             &expected,
             1e-5,
-            "round robin",
         );
         // Each expert gets the tokens the rule sends it: 9 tokens, two each, over 4 experts.
         assert_eq!(ints(out.stats.tokens_per_expert), vec![5, 5, 4, 4]);

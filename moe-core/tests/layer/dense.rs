@@ -47,6 +47,6 @@ fn one_expert_top_one_equals_a_dense_ffn_with_the_same_weights() {
         let dense =
             linear_out.forward(burn::tensor::activation::gelu(linear_in.forward(x.clone())));
         let moe_output = moe.forward(x).output;
-        assert_close(&values(moe_output), &values(dense), 1e-6, gate.name());
+        assert_close(gate.name(), &values(moe_output), &values(dense), 1e-6);
     }
 }

@@ -142,7 +142,7 @@ fn adapters_sit_under_their_weights_and_merge_to_the_hand_sum() {
                 .unwrap(),
         ),
     ] {
-        assert_close(&values(weight.val()), &merged_by_hand(weight), 1e-6, name);
+        assert_close(name, &values(weight.val()), &merged_by_hand(weight), 1e-6);
     }
 }
 
@@ -164,13 +164,13 @@ fn adapted_layer_matches_the_reference_on_merged_weights() {
             let reference = ReferenceMoe::from_module(&moe)
                 .forward(&x.iter().map(|&v| f64::from(v)).collect::<Vec<_>>());
             let what = format!("{kind:?}, {name}");
-            assert_close(&values(out.output.clone()), &reference.output, 1e-5, &what);
+            assert_close(&what, &values(out.output.clone()), &reference.output, 1e-5);
 
             // Merging the adapters into the weights gives the same layer.
             let merged = moe.clone().materialize();
             assert_eq!(lora::adapter_count(&merged), 0, "{what}: merged");
             let again = merged.forward(matrix(&x, tokens, 6, &device));
-            assert_close(&values(again.output), &values(out.output), 1e-5, &what);
+            assert_close(&what, &values(again.output), &values(out.output), 1e-5);
         }
     }
 }

@@ -176,5 +176,5 @@ fn smooth_load_by_hand() {
     // e1 and e2 must beat the largest, 1.5: Phi((0 - 1.5) / 1), Phi((-1 - 1.5) / 2) = Phi(-1.25).
     // Normal table: Phi(0.8) = 0.788145, Phi(-1.5) = 0.066807, Phi(-1.25) = 0.105650.
     let load = values(smooth_load(clean, noisy, scale, chosen, 1));
-    assert_close(&load, &[0.788145, 0.066807, 0.105650], 1e-5, "smooth load");
+    assert_close("smooth load", &load, &[0.788145, 0.066807, 0.105650], 1e-5);
 }

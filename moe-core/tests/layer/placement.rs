@@ -104,16 +104,16 @@ fn experts_on_several_devices_match_one_device() {
             let expected = run(&single, &x, tokens, 9);
             let actual = run(&placed, &x, tokens, 9);
             for ((label, want), (_, got)) in expected.iter().zip(&actual) {
-                assert_close(got, want, 1e-5, &format!("{what}: {label}"));
+                assert_close(&format!("{what}: {label}"), got, want, 1e-5);
             }
             // Gathered back, the layer is the single-device one again.
             let gathered = placed.gathered();
             assert!(gathered.placed_experts.is_empty());
             assert_close(
+                &what,
                 &values(gathered.experts.w_in.val()),
                 &values(single.experts.w_in.val()),
                 0.0,
-                &what,
             );
             checked += 1;
         }

@@ -118,10 +118,10 @@ fn fast_dispatch_matches_reference_for_every_gate_kind_and_shape() {
                     .forward(&x.iter().map(|&v| v as f64).collect::<Vec<_>>());
                 let what = format!("{} gate, {kind:?}, {}", gate.name(), shape.name);
                 assert_close(
+                    &what,
                     &crate::common::values(out.output),
                     &reference.output,
                     1e-5,
-                    &what,
                 );
 
                 let mut expected_per_expert = vec![0i64; shape.experts];

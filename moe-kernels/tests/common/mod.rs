@@ -101,18 +101,7 @@ pub fn host<const D: usize>(t: Tensor<D>) -> Vec<f64> {
     t.try_into_vec_as::<f64>().unwrap()
 }
 
-/// Every element within `tolerance` relative to `1 + |expected|`; infinities must match.
-pub fn assert_close(what: &str, got: &[f64], expected: &[f64], tolerance: f64) {
-    assert_eq!(got.len(), expected.len(), "{what}: length");
-    for (i, (&got, &expected)) in got.iter().zip(expected).enumerate() {
-        let close = if expected.is_infinite() {
-            got == expected
-        } else {
-            (got - expected).abs() <= tolerance * (1.0 + expected.abs())
-        };
-        assert!(close, "{what}[{i}]: {got}, expected {expected}");
-    }
-}
+pub use moe_kernels::testing::assert_close;
 
 /// Asserts that the gradients of both operands of a product, `x` and `w`, are in `grads` and
 /// close to `grad_x` and `grad_w`.

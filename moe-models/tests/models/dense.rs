@@ -40,5 +40,5 @@ fn dense_and_single_expert_models_agree() {
     let ids = tokens(&random_ids(20, VOCAB, 4), 2, &device);
     let a = values(moe_model.forward(ids.clone()).logits);
     let b = values(dense_model.forward(ids).logits);
-    moe_core::reference::assert_close(&a, &b, 1e-5, "logits");
+    moe_kernels::testing::assert_close("logits", &a, &b, 1e-5);
 }

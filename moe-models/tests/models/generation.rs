@@ -31,7 +31,7 @@ fn cached_decoding_equals_the_full_forward_pass() {
             ));
         }
         assert_eq!(cache.len, 12);
-        moe_core::reference::assert_close(&incremental, &full, 1e-5, "cached logits");
+        moe_kernels::testing::assert_close("cached logits", &incremental, &full, 1e-5);
     }
 }
 

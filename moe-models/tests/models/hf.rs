@@ -11,6 +11,7 @@ use moe_models::hf::{self, HfArchitecture};
 use moe_models::{KvCache, MoeTransformer};
 
 use crate::common::cpu;
+use moe_kernels::testing::max_difference;
 
 /// The fixture folder of `arch`.
 pub fn fixture(arch: HfArchitecture) -> PathBuf {
@@ -43,14 +44,6 @@ fn logits(model: &MoeTransformer, ids: &[i64], device: &Device) -> Vec<f32> {
         .convert::<f32>()
         .try_to_vec::<f32>()
         .unwrap()
-}
-
-fn max_difference(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 fn devices() -> Vec<Device> {

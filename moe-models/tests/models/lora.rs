@@ -11,6 +11,7 @@ use moe_models::{KvCache, MoeTransformer};
 
 use crate::common::{cpu, values};
 use crate::hf::{expected, fixture};
+use moe_kernels::testing::max_difference;
 
 fn ids_tensor(ids: &[i64], device: &Device) -> Tensor<2, Int> {
     Tensor::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), device)
@@ -18,14 +19,6 @@ fn ids_tensor(ids: &[i64], device: &Device) -> Tensor<2, Int> {
 
 fn logits(model: &MoeTransformer, ids: &[i64], device: &Device) -> Vec<f64> {
     values(model.forward(ids_tensor(ids, device)).logits)
-}
-
-fn max_difference(a: &[f64], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
 }
 
 fn every_target(rank: usize) -> LoraConfig {

@@ -56,7 +56,7 @@ fn a_placed_model_trains_and_decodes_as_on_one_device() {
             .iter()
             .zip(loss_and_gradients(&placed, &home))
         {
-            moe_core::reference::assert_close(&got, want, 1e-5, "placed model");
+            moe_kernels::testing::assert_close("placed model", &got, want, 1e-5);
         }
 
         // Decoding with the cache, in evaluation form.
@@ -71,7 +71,7 @@ fn a_placed_model_trains_and_decodes_as_on_one_device() {
                     .logits,
             )
         };
-        moe_core::reference::assert_close(&decode(&placed), &decode(&single), 1e-5, "cache");
+        moe_kernels::testing::assert_close("cache", &decode(&placed), &decode(&single), 1e-5);
 
         let gathered = placed.gathered();
         let experts = |model: &MoeTransformer| {
@@ -140,7 +140,7 @@ fn replicas_average_their_gradients_into_the_model() {
         let loss = slice_loss(&model, &rows(0..12), &home, &home, 0.5)
             + slice_loss(&replica, &rows(12..24), &flex, &home, 0.5);
         for (want, got) in whole.iter().zip(gradients(&model, loss)) {
-            moe_core::reference::assert_close(&got, want, 1e-5, name);
+            moe_kernels::testing::assert_close(name, &got, want, 1e-5);
         }
     }
 }

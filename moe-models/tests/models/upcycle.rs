@@ -41,7 +41,7 @@ fn gates_whose_weights_sum_to_one_reproduce_the_dense_model() {
             MoeTransformer::upcycle(&dense, moe(gate.clone(), top_k), 1, &device).unwrap();
         assert_eq!(upcycled.config().num_moe_layers(), 2);
         let actual = values(upcycled.forward(ids.clone()).logits);
-        moe_core::reference::assert_close(&actual, &expected, 1e-5, gate.name());
+        moe_kernels::testing::assert_close(gate.name(), &actual, &expected, 1e-5);
     }
 }
 
@@ -75,7 +75,7 @@ fn switch_with_a_uniform_router_scales_the_ffn_by_one_over_e() {
             .into_iter()
             .map(|v| v * scale)
             .collect();
-        moe_core::reference::assert_close(&got, &want, 1e-5, gate.name());
+        moe_kernels::testing::assert_close(gate.name(), &got, &want, 1e-5);
     }
 }
 

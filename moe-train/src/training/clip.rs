@@ -41,16 +41,6 @@ impl ModuleVisitor for Scale<'_> {
     }
 }
 
-/// Clips `grads` of `module` to global norm `max_norm` (no-op when `max_norm <= 0`); returns the
-/// norm before clipping, `[1]`, on the device (read it only when logging).
-pub fn clip_global_norm<M: Module>(
-    grads: &mut GradientsParams,
-    module: &M,
-    max_norm: f64,
-) -> Option<Tensor<1>> {
-    unscale_and_clip(grads, module, None, max_norm).map(|norms| norms.norm)
-}
-
 /// The norms [`unscale_and_clip`] measured.
 pub struct GradientNorms {
     /// The global norm of the gradients as computed (scaled by the loss scale, when there is

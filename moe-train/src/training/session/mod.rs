@@ -14,7 +14,7 @@ use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
-use moe_core::rng::SplitMix64;
+use moe_core::rng::{SplitMix64, GOLDEN_GAMMA};
 use moe_models::ExpertParallel;
 
 use crate::config::TrainConfig;
@@ -296,7 +296,7 @@ impl<'a, T: Task> Session<'a, T> {
         let config = self.config;
         let seed = config.run.seed;
         self.device
-            .seed(seed ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            .seed(seed ^ (step as u64).wrapping_mul(GOLDEN_GAMMA));
         let mut accumulator = GradientsAccumulator::new();
         let mut last = None;
         let mut step_loss: Option<Tensor<1>> = None;

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
 
+use crate::cli::TrainArgs;
 use crate::config::TrainConfig;
 use crate::error::{Result, TrainError};
 use crate::store::metrics::{self, Row};
@@ -223,4 +224,49 @@ fn plot(path: &Path, moe: &Curve, dense: &Curve) -> std::result::Result<(), Stri
         }
     }
     root.present().map_err(|e| e.to_string())
+}
+
+/// `burn-moe compare`: trains the MoE config and its dense twin and prints both runs and the
+/// verdict.
+pub fn run(args: TrainArgs) -> Result<()> {
+    if args.resume || args.dense || args.stop_after.is_some() {
+        return Err(TrainError::Config(
+            "`compare` trains two whole new runs, the MoE config and its dense twin: `--resume`, `--dense` and `--stop-after` do not apply".into(),
+        ));
+    }
+    let config = args.resolve()?;
+    for warning in args.warnings(&config) {
+        eprintln!("warning: {warning}");
+    }
+    let out = args.compare_dir();
+    let options = RunOptions {
+        overwrite: args.overwrite,
+        show_progress: true,
+        interrupt: Some(crate::commands::train::ctrl_c_interrupts()),
+        remote_token: crate::cli::token_or_env(&args.token),
+        ..RunOptions::new(out.clone())
+    };
+    let comparison = compare(&config, &out, options)?;
+    for (name, run) in [("MoE", &comparison.moe), ("dense", &comparison.dense)] {
+        if let Some(accuracy) = run.accuracy {
+            println!(
+                "{name}: captions right {:.1} % of the validation images (chance: 10 %)",
+                100.0 * accuracy
+            );
+        }
+        let last = run
+            .val_losses
+            .last()
+            .map(|(_, loss)| *loss)
+            .unwrap_or(f64::NAN);
+        println!(
+            "{name}: {} parameters, {} active per token; validation loss {last:.4}; {:.0} tokens/s",
+            run.parameters.0, run.parameters.1, run.tokens_per_second
+        );
+    }
+    println!("{}", comparison.verdict());
+    if let Some(plot) = &comparison.plot {
+        println!("plot: {}", plot.display());
+    }
+    Ok(())
 }

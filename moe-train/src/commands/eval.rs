@@ -141,3 +141,56 @@ pub fn load_summary(expert_load: &[Vec<f64>]) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// `burn-moe eval`: a checkpoint's report, or with `--hf` a Hugging Face model's perplexity on
+/// `--text`, printed.
+pub fn run(args: &EvalArgs) -> Result<()> {
+    if args.hf.is_some() {
+        return run_hf(args);
+    }
+    let report = evaluate(args)?;
+    if let Some(warning) = &report.history_warning {
+        eprintln!("warning: {warning}");
+    }
+    println!(
+        "checkpoint at step {}: validation loss {:.4}, perplexity {}",
+        report.step,
+        report.evaluation.loss,
+        crate::training::perplexity(report.evaluation.loss)
+    );
+    if let Some(accuracy) = report.evaluation.accuracy {
+        println!(
+            "captions right: {:.1} % of the validation images (chance: 10 %)",
+            100.0 * accuracy
+        );
+    }
+    println!("{}", load_summary(&report.evaluation.expert_load));
+    for share in &report.form {
+        println!(
+            "form: {}-character prompts: {:.0} % of {} generated lines keep {} characters ({} samples)",
+            share.length,
+            100.0 * share.share(),
+            share.lines,
+            share.length,
+            share.samples
+        );
+    }
+    Ok(())
+}
+
+/// `eval --hf DIR --text FILE`: tokens, loss and perplexity of the text under the model.
+fn run_hf(args: &EvalArgs) -> Result<()> {
+    let (dir, text) = (args.hf.as_deref(), args.text.as_deref());
+    let (Some(dir), Some(text)) = (dir, text) else {
+        unreachable!("clap requires --text with --hf")
+    };
+    let report = crate::commands::hf::evaluate_text(dir, text, args.window, args.backend)?;
+    println!(
+        "{}: {} tokens, loss {:.4}, perplexity {}",
+        text.display(),
+        report.tokens,
+        report.loss,
+        crate::training::perplexity(report.loss)
+    );
+    Ok(())
+}

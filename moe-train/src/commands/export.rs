@@ -115,3 +115,18 @@ pub fn export(args: &ExportArgs) -> Result<ExportLayout> {
     }
     Ok(layout)
 }
+
+/// `burn-moe export`: writes the folder and says which layout it used.
+pub fn run(args: &ExportArgs) -> Result<()> {
+    let layout = export(args)?;
+    let what = match layout {
+        ExportLayout::HuggingFace(arch) => {
+            format!("a Hugging Face {} folder", arch.class_name())
+        }
+        ExportLayout::BurnMoe => {
+            "burn-moe's own names (the model fits no Hugging Face architecture)".into()
+        }
+    };
+    println!("wrote {} as {what}", args.out.display());
+    Ok(())
+}

@@ -1,6 +1,7 @@
-//! The subcommands besides `train` (whose loop is [`crate::training`]): each file one
-//! command, printing its own results.
+//! The subcommands, each file one command, printing its own results (`train`'s loop is
+//! [`crate::training`]).
 //!
+//! - [`train`](mod@train): the training command around the loop;
 //! - [`generate`](mod@generate): text or digit images from a checkpoint, streamed;
 //! - [`eval`]: validation loss, perplexity and expert load of a checkpoint, and with `--form`
 //!   whether sampled poems keep their form ([`form`]);
@@ -20,6 +21,7 @@ pub mod hf;
 pub mod loading;
 pub mod serve;
 pub mod stream;
+pub mod train;
 
 pub use eval::{evaluate, load_summary, EvalReport};
 pub use generate::generate;

@@ -111,8 +111,7 @@ fn far_above_history(folder: &std::path::Path, loss: f64, config: &TrainConfig) 
             _ => None,
         })
         .min_by(|a, b| a.1.total_cmp(&b.1))?;
-    let rule = config.run.explosion;
-    (loss > rule.ratio * lowest && loss > lowest + rule.nats).then(|| {
+    config.run.explosion.is_far_above(loss, lowest).then(|| {
         format!(
             "this checkpoint's validation loss {loss:.4} is {:.1}x the lowest its run logged ({lowest:.4} at step {step}): its weights may come from a blow-up{}",
             loss / lowest,

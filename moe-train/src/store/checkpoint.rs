@@ -443,20 +443,17 @@ pub fn verify(folder: &Path) -> Result<()> {
         }
         let actual = file_entry(&file)?;
         for (record, files) in records {
-            match files.get(name) {
-                Some(expected) if *expected != actual => {
-                    return Err(TrainError::Checkpoint {
-                        path: file,
-                        reason: format!(
-                            "changed or damaged after the checkpoint was written ({} bytes, sha256 {}; {record} says {} bytes, sha256 {})",
-                            actual.bytes,
-                            short(&actual.sha256),
-                            expected.bytes,
-                            short(&expected.sha256)
-                        ),
-                    })
-                }
-                _ => {}
+            if let Some(expected) = files.get(name).filter(|expected| **expected != actual) {
+                return Err(TrainError::Checkpoint {
+                    path: file,
+                    reason: format!(
+                        "changed or damaged after the checkpoint was written ({} bytes, sha256 {}; {record} says {} bytes, sha256 {})",
+                        actual.bytes,
+                        short(&actual.sha256),
+                        expected.bytes,
+                        short(&expected.sha256)
+                    ),
+                });
             }
         }
     }

@@ -172,6 +172,14 @@ pub struct ExplosionRule {
     pub logged_steps: usize,
 }
 
+impl ExplosionRule {
+    /// Whether `loss` is far above `reference` by this rule: more than `ratio` times it and
+    /// `nats` above it.
+    pub fn is_far_above(&self, loss: f64, reference: f64) -> bool {
+        loss > self.ratio * reference && loss > reference + self.nats
+    }
+}
+
 impl Default for ExplosionRule {
     fn default() -> Self {
         Self {
@@ -227,11 +235,7 @@ impl SpikeDetector {
         }
         let rule = self.rule;
         let spike = match self.mean {
-            Some(mean)
-                if self.seen >= SPIKE_WARM_UP
-                    && loss > rule.ratio * mean
-                    && loss > mean + rule.nats =>
-            {
+            Some(mean) if self.seen >= SPIKE_WARM_UP && rule.is_far_above(loss, mean) => {
                 let (since, in_a_row) = self.streak.map_or((step, 1), |(since, n)| (since, n + 1));
                 self.streak = Some((since, in_a_row));
                 Some(Spike {

@@ -6,7 +6,8 @@
 //! - [`kernels`] (`moe-kernels`): fused element-wise operations with a kernel per backend;
 //! - [`models`] (`moe-models`): MoE transformers built from the layer;
 //! - [`train`] (`moe-train`): training, generation and the backend chooser;
-//! - [`parity`]: the backend parity cases that the tests and `moe-bench gpu-check` run.
+//! - [`parity`]: the backend parity cases that the tests and `moe-bench gpu-check` run;
+//! - [`bench`](mod@bench): the report `moe-bench` writes, its rows and their typed keys.
 
 pub use moe_core as core;
 pub use moe_kernels as kernels;
@@ -15,4 +16,5 @@ pub use moe_train as train;
 
 pub use moe_core::burn;
 
+pub mod bench;
 pub mod parity;

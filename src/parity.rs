@@ -37,6 +37,7 @@ pub struct Case {
 
 /// The layer cases: every gate with both expert forms under a capacity (by position and by
 /// probability) and dropless; 16 fine experts top-4; and ties (a zero router, identical tokens).
+/// A table, one entry per case, long by design.
 pub fn cases() -> Vec<Case> {
     let gates = [
         (GateConfig::naive(), 2),

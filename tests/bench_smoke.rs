@@ -5,12 +5,13 @@
 
 use std::process::Command;
 
+use burn_moe::bench::{row_of, Capacity, LayerKey, Report, TorchSide, TOKENS};
 use serde_json::Value;
 
 /// Rows the quick run must produce: W1 for top-1 and top-2, a dense row each plus E in
 /// {4, 8, 64} with and without capacity; W2 for the `tiny` preset (the quick run leaves `small`
 /// out); W3 for the dense shape and the two E=8 top-2 buffers.
-const QUICK_EXPERTS: [u64; 3] = [4, 8, 64];
+const QUICK_EXPERTS: [usize; 3] = [4, 8, 64];
 
 /// Seconds the stand-in reports for a W1 run: the first run of each configuration (the quick
 /// run's warm-up round) is `WARMUP_SECONDS`, every later one `MEASURED_SECONDS`.
@@ -86,26 +87,19 @@ fn quick_run_prints_and_writes_every_row() {
     #[cfg(unix)]
     let _ = std::fs::remove_dir_all(&stand_in_dir);
 
-    let w1 = report["w1"].as_array().expect("w1 rows");
-    for top_k in [1u64, 2] {
-        let of_k = |kind: &str, experts: u64, capacity: &str| {
-            w1.iter()
-                .filter(|r| {
-                    r["kind"] == kind
-                        && r["experts"] == experts
-                        && r["top_k"] == top_k
-                        && r["capacity"] == capacity
-                })
-                .count()
-        };
-        assert_eq!(of_k("dense", 1, "-"), 1, "dense row for top-{top_k}");
+    let report: Report = serde_json::from_value(report).expect("the report's own types read it");
+    let w1 = &report.w1;
+    let count = |key: LayerKey| w1.iter().filter(|row| row.key == key).count();
+    for top_k in [1, 2] {
+        assert_eq!(
+            count(LayerKey::dense(top_k)),
+            1,
+            "dense row for top-{top_k}"
+        );
         for experts in QUICK_EXPERTS {
-            for capacity in ["dropless", "capacity 1.25"] {
-                assert_eq!(
-                    of_k("moe", experts, capacity),
-                    1,
-                    "W1 row E={experts} top-{top_k} {capacity}"
-                );
+            for capacity in Capacity::LIMITS {
+                let key = LayerKey::moe(experts, top_k, capacity);
+                assert_eq!(count(key), 1, "W1 row {key:?}");
                 // The printed table has the same row.
                 let printed = stdout.lines().any(|line| {
                     let words: Vec<&str> = line.split_whitespace().collect();
@@ -113,53 +107,40 @@ fn quick_run_prints_and_writes_every_row() {
                         && words[0] == "moe"
                         && words[1] == experts.to_string()
                         && words[2] == top_k.to_string()
-                        && line.contains(capacity)
+                        && line.contains(capacity.label())
                 });
-                assert!(
-                    printed,
-                    "no printed row E={experts} top-{top_k} {capacity}\n{stdout}"
-                );
+                assert!(printed, "no printed row {key:?}\n{stdout}");
             }
         }
     }
     assert_eq!(w1.len(), 2 * (1 + 2 * QUICK_EXPERTS.len()));
     for row in w1 {
-        let seconds = row["seconds"].as_f64().expect("seconds");
-        assert!(seconds.is_finite() && seconds > 0.0, "bad time in {row}");
-        // A dropless buffer holds at least the average load; a capped one exactly the capacity.
-        let (experts, top_k) = (
-            row["experts"].as_u64().unwrap(),
-            row["top_k"].as_u64().unwrap(),
+        assert!(
+            row.seconds.is_finite() && row.seconds > 0.0,
+            "bad time in {row:?}"
         );
-        let slots = row["capacity_slots"].as_u64().expect("slots");
-        let average = (4096 * top_k).div_ceil(experts);
-        match row["capacity"].as_str().unwrap() {
-            "capacity 1.25" => assert_eq!(slots, (4096 * top_k * 5).div_ceil(4 * experts)),
-            "dropless" => assert!(slots >= average && slots <= 4096, "slots {slots} in {row}"),
-            _ => assert_eq!(slots, 4096),
+        // A dropless buffer holds at least the average load; a capped one exactly the capacity.
+        let (experts, top_k, slots) = (row.key.experts, row.key.top_k, row.capacity_slots);
+        let average = (TOKENS * top_k).div_ceil(experts);
+        match row.key.capacity {
+            Capacity::Factor125 => assert_eq!(slots, (TOKENS * top_k * 5).div_ceil(4 * experts)),
+            Capacity::Dropless => assert!(slots >= average && slots <= TOKENS, "{row:?}"),
+            Capacity::Unlimited => assert_eq!(slots, TOKENS),
         }
     }
 
-    let presets: Vec<&str> = report["w2"]
-        .as_array()
-        .expect("w2 rows")
-        .iter()
-        .map(|r| r["preset"].as_str().unwrap())
-        .collect();
+    let presets: Vec<&str> = report.w2.iter().map(|r| r.preset.as_str()).collect();
     assert_eq!(presets, ["tiny"]);
-    assert_eq!(report["w3"].as_array().expect("w3 rows").len(), 3);
-    for key in [
-        "p1_moe_efficiency",
-        "p2_expert_scaling",
-        "p3_vs_pytorch",
-        "p4_gemm_efficiency",
-        "peak_rss_ratio",
-    ] {
-        assert!(report[key].is_object(), "no {key} in the report");
-    }
-    assert_eq!(report["p1_moe_efficiency"].as_object().unwrap().len(), 4);
-    assert_eq!(report["p2_expert_scaling"].as_object().unwrap().len(), 4);
-    assert_eq!(report["p4_gemm_efficiency"].as_object().unwrap().len(), 2);
+    assert_eq!(report.w3.len(), 3);
+    let ratios = &report.ratios;
+    assert_eq!(ratios.p1_moe_efficiency.len(), 4);
+    assert_eq!(ratios.p2_expert_scaling.len(), 4);
+    assert_eq!(ratios.p4_gemm_efficiency.len(), 2);
+    // P1 divides the MoE row's tokens/s by the dense row's, looked up here by key.
+    let tokens_per_second = |key: LayerKey| row_of(w1, key).expect("a row").tokens_per_second;
+    let moe = LayerKey::moe(8, 2, Capacity::Dropless);
+    let expected = tokens_per_second(moe) / tokens_per_second(LayerKey::dense(2));
+    assert!((ratios.p1_moe_efficiency[&moe.name()] - expected).abs() < 1e-3);
     #[cfg(unix)]
     check_torch_side(&report);
     #[cfg(not(unix))]
@@ -168,46 +149,36 @@ fn quick_run_prints_and_writes_every_row() {
 
 /// PyTorch's rows are the stand-in's measured (not warm-up) answers, and P3 divides ours by them.
 #[cfg(unix)]
-fn check_torch_side(report: &Value) {
-    let torch_w1 = report["w4"]["w1"].as_array().expect("PyTorch W1 rows");
-    assert_eq!(torch_w1.len(), 2, "{torch_w1:?}");
-    for row in torch_w1 {
-        assert_eq!(row["seconds"].as_f64(), Some(MEASURED_SECONDS), "{row}");
+fn check_torch_side(report: &Report) {
+    let TorchSide::Measured(torch) = &report.w4 else {
+        panic!("PyTorch's side not measured: {:?}", report.w4);
+    };
+    assert_eq!(torch.w1.len(), 2, "{:?}", torch.w1);
+    for row in &torch.w1 {
+        assert_eq!(row.seconds, MEASURED_SECONDS, "{row:?}");
     }
-    let ours = |kind: &str, experts: u64, capacity: &str| -> f64 {
-        report["w1"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| {
-                r["kind"] == kind
-                    && r["experts"] == experts
-                    && r["top_k"] == 1
-                    && r["capacity"] == capacity
-            })
-            .and_then(|r| r["tokens_per_second"].as_f64())
-            .expect("our row")
+    let ours = |key: LayerKey| row_of(&report.w1, key).expect("our row").tokens_per_second;
+    let torch_tokens_per_second = TOKENS as f64 / MEASURED_SECONDS;
+    let p3 = &report.ratios.p3_vs_pytorch;
+    let expect = |name: String, ours: f64| {
+        let ratio = p3
+            .get(&name)
+            .unwrap_or_else(|| panic!("no {name} in {p3:?}"));
+        assert!(
+            (ratio - ours).abs() < 1e-3,
+            "{name}: {ratio} against {ours}"
+        );
     };
-    let torch_tokens_per_second = 4096.0 / MEASURED_SECONDS;
-    let p3 = report["p3_vs_pytorch"].as_object().expect("P3");
-    let expect = |key: &str, ours: f64| {
-        let ratio = p3[key]
-            .as_f64()
-            .unwrap_or_else(|| panic!("no {key} in {p3:?}"));
-        assert!((ratio - ours).abs() < 1e-3, "{key}: {ratio} against {ours}");
-    };
+    for key in [LayerKey::moe(4, 1, Capacity::Dropless), LayerKey::dense(1)] {
+        expect(
+            format!("W1_{}", key.name()),
+            ours(key) / torch_tokens_per_second,
+        );
+    }
     expect(
-        "W1_E4_top1_dropless",
-        ours("moe", 4, "dropless") / torch_tokens_per_second,
+        "W2_tiny".into(),
+        report.w2[0].tokens_per_second / STEP_TOKENS_PER_SECOND,
     );
-    expect(
-        "W1_dense_hidden1024",
-        ours("dense", 1, "-") / torch_tokens_per_second,
-    );
-    let our_step = report["w2"][0]["tokens_per_second"]
-        .as_f64()
-        .expect("W2 tiny");
-    expect("W2_tiny", our_step / STEP_TOKENS_PER_SECOND);
     // Only the configurations the script measured have a ratio.
     assert_eq!(p3.len(), 3, "{p3:?}");
 }

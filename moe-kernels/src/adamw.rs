@@ -20,8 +20,9 @@
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::Autodiff;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{backend_extension, AutodiffBackend, Backend, Dispatch};
+use burn::backend::{AutodiffBackend, Backend, Dispatch};
 use burn::tensor::Tensor;
+use moe_macros::moe_extension;
 
 /// The hyper-parameters of one AdamW update, and the step it is.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -117,14 +118,7 @@ pub fn adamw_update<const D: usize>(
 
 /// Backends that run an AdamW update as one operation. The default body composes Burn's ops
 /// (correct everywhere); flex overrides it with one pass, cube with one kernel launch.
-#[backend_extension(
-    Autodiff,
-    NdArray: cfg(feature = "ndarray"),
-    Remote: cfg(feature = "remote"),
-    Flex: cfg(feature = "flex"),
-    Cube: cfg(feature = "wgpu"),
-    Fusion: cfg(feature = "wgpu")
-)]
+#[moe_extension(fusion)]
 pub trait AdamWBackend: Backend {
     /// See [`adamw_update`]: `(θ, m, v)` after the step.
     #[fusion(meta = |param, _grad, _moment_1, _moment_2, _step| (param.clone(), param.clone(), param.clone()))]

@@ -21,9 +21,10 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::Autodiff;
 use burn::backend::tensor::{FloatTensor, IntTensor};
-use burn::backend::{backend_extension, Backend, Dispatch, TensorMetadata};
+use burn::backend::{Backend, Dispatch, TensorMetadata};
 use burn::tensor::ops::IndexingUpdateOp;
 use burn::tensor::{Int, Shape, Tensor};
+use moe_macros::moe_extension;
 
 /// `-ln softmax(logits[r])[targets[r]]` for each row `r` of `logits: [rows, classes]`, as
 /// `[rows]`; differentiable in `logits`. Average it (over the rows that count) for the usual
@@ -50,14 +51,7 @@ pub fn cross_entropy(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
 /// Backends that compute a cross-entropy as one operation. The default bodies compose Burn's
 /// ops (correct everywhere); flex overrides both with one pass over the rows, cube with one
 /// launch each.
-#[backend_extension(
-    Autodiff,
-    NdArray: cfg(feature = "ndarray"),
-    Remote: cfg(feature = "remote"),
-    Flex: cfg(feature = "flex"),
-    Cube: cfg(feature = "wgpu"),
-    Fusion: cfg(feature = "wgpu")
-)]
+#[moe_extension(fusion)]
 pub trait CrossEntropyBackend: Backend {
     /// [`cross_entropy`]: the loss of each row, `[rows]`.
     #[fusion(default)]

@@ -14,8 +14,9 @@
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::Autodiff;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{backend_extension, AutodiffBackend, Backend, Dispatch, TensorMetadata};
+use burn::backend::{AutodiffBackend, Backend, Dispatch, TensorMetadata};
 use burn::tensor::{Distribution, Tensor};
+use moe_macros::moe_extension;
 
 /// `x` with each element zeroed with probability `prob` and the others scaled by
 /// `1 / (1 - prob)`, differentiable in `x` (the mask is a constant).
@@ -44,13 +45,7 @@ pub fn dropout<const D: usize>(x: Tensor<D>, prob: f64) -> Tensor<D> {
 }
 
 /// Backends that draw a dropout mask as one operation.
-#[backend_extension(
-    Autodiff,
-    NdArray: cfg(feature = "ndarray"),
-    Remote: cfg(feature = "remote"),
-    Flex: cfg(feature = "flex"),
-    Cube: cfg(feature = "wgpu")
-)]
+#[moe_extension]
 pub trait DropoutBackend: Backend {
     /// A mask of `x`'s shape and dtype: `1 / (1 - prob)` with probability `1 - prob`, else
     /// `0`, each element independently. `key` (two uniform numbers in `[0, 1)`, drawn from

@@ -30,9 +30,10 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::Autodiff;
 use burn::backend::tensor::{FloatTensor, IntTensor};
-use burn::backend::{backend_extension, Backend, Dispatch, TensorMetadata};
+use burn::backend::{Backend, Dispatch, TensorMetadata};
 use burn::tensor::ops::IndexingUpdateOp;
 use burn::tensor::{Int, Shape, Slice, Tensor};
+use moe_macros::moe_extension;
 
 /// `y[s] = x[index[s]]`: the rows of `x: [tokens, d]` that `index: [slots]` names, as
 /// `[slots, d]`; differentiable in `x`. A slot whose index is outside `0..tokens` (padding)
@@ -100,14 +101,7 @@ pub fn combine_rows(
 /// Backends that gather and scatter token rows. The default bodies compose Burn's ops
 /// (correct everywhere); flex overrides them with one pass over the rows each, and cube
 /// overrides the scatter-adds (each token sums its own rows, so no float atomics).
-#[backend_extension(
-    Autodiff,
-    NdArray: cfg(feature = "ndarray"),
-    Remote: cfg(feature = "remote"),
-    Flex: cfg(feature = "flex"),
-    Cube: cfg(feature = "wgpu"),
-    Fusion: cfg(feature = "wgpu")
-)]
+#[moe_extension(fusion)]
 pub trait GatherScatterBackend: Backend {
     /// `y[s] = x[index[s]]` (see [`gather_rows`]).
     #[fusion(dtype = x, shape = Shape::new([index[0], x[1]]))]

@@ -37,8 +37,9 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::Autodiff;
 use burn::backend::tensor::{FloatTensor, IntTensor};
-use burn::backend::{backend_extension, AutodiffBackend, Backend, Dispatch, TensorMetadata};
+use burn::backend::{AutodiffBackend, Backend, Dispatch, TensorMetadata};
 use burn::tensor::{Int, Shape, Slice, Tensor};
+use moe_macros::moe_extension;
 
 /// `y[s] = x[s] · w[e]` for the rows `s` of group `e` (see the [module docs](self) for how
 /// `offsets` delimit the groups), zero for the rows no group covers; differentiable in `x`
@@ -124,14 +125,7 @@ pub fn grouped_weight_grad(x: Tensor<2>, grad: Tensor<2>, offsets: Tensor<1, Int
 
 /// Backends that multiply ragged groups of rows. The default bodies read the offsets and run
 /// Burn's ops group by group; flex and wgpu override them.
-#[backend_extension(
-    Autodiff,
-    NdArray: cfg(feature = "ndarray"),
-    Remote: cfg(feature = "remote"),
-    Flex: cfg(feature = "flex"),
-    Cube: cfg(feature = "wgpu"),
-    Fusion: cfg(feature = "wgpu")
-)]
+#[moe_extension(fusion)]
 pub trait GroupedMatmulBackend: Backend {
     /// `[S, K] x [E, K, N] -> [S, N]`, group by group (see [`grouped_matmul`]).
     #[fusion(dtype = x, shape = Shape::new([x[0], w[2]]))]

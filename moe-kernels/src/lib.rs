@@ -5,7 +5,9 @@
 //! composes Burn's own ops (right on every backend), and a hand-written kernel for the backends
 //! that need one. moe-core calls the plain `Tensor` functions of this crate and never sees a
 //! backend. The flex kernels are Rust (`flex/`), the wgpu ones CubeCL (`cube/`);
-//! [`launches`] counts the kernels work launches and the reads it makes on wgpu.
+//! [`launches`] counts the kernels work launches and the reads it makes on wgpu. Each trait is
+//! declared with `#[moe_extension]` (crate `moe-macros`), which names the backends every
+//! operation dispatches to in one place.
 //!
 //! - [`gelu()`]: the exact GELU, `x Φ(x)`, with its exact gradient `Φ(x) + x φ(x)`. On flex its
 //!   forward and backward are single vectorised passes (Burn composes it from six ops, and flex
@@ -55,6 +57,7 @@
 
 #![warn(missing_docs)]
 
+pub mod activation;
 pub mod adamw;
 #[cfg(feature = "wgpu")]
 pub mod adapter;
@@ -63,7 +66,6 @@ pub mod counter_rng;
 pub mod cross_entropy;
 pub mod dropout;
 pub mod gather_scatter;
-pub mod gelu;
 pub mod grouped_matmul;
 #[cfg(feature = "wgpu")]
 pub mod launches;
@@ -73,7 +75,6 @@ pub mod parity;
 pub mod rms_norm;
 pub mod rotary;
 pub mod routing;
-pub mod silu;
 pub mod softmax;
 pub mod testing;
 pub mod top_k;
@@ -83,16 +84,15 @@ mod cube;
 #[cfg(feature = "flex")]
 mod flex;
 
+pub use activation::{gelu, silu, ActivationBackend};
 pub use adamw::{adamw_update, AdamWBackend, AdamWStep};
 pub use cross_entropy::{cross_entropy, CrossEntropyBackend};
 pub use dropout::{dropout, DropoutBackend};
 pub use gather_scatter::{combine_rows, gather_rows, permute_rows, GatherScatterBackend};
-pub use gelu::{gelu, GeluBackend};
 pub use grouped_matmul::{grouped_bias, grouped_matmul, GroupedMatmulBackend};
 pub use matmul::{batched_matmul, matmul, multi_head_matmul, HeadLayout, MatmulBackend};
 pub use rms_norm::{rms_norm, RmsNormBackend};
 pub use rotary::{rotary, RotaryBackend};
 pub use routing::{exclusive_cumsum, invert_slots, RoutingBackend};
-pub use silu::{silu, SiluBackend};
 pub use softmax::{causal_softmax, log_softmax, softmax, SoftmaxBackend};
 pub use top_k::{top_k_indices, TopKBackend};

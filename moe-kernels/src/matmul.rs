@@ -19,8 +19,9 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::Autodiff;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{backend_extension, Backend, Dispatch};
+use burn::backend::{Backend, Dispatch};
 use burn::tensor::Tensor;
+use moe_macros::moe_extension;
 
 /// `y = x · w` for `x: [..., K]` and `w: [K, N]`, giving `[..., N]`; differentiable in both.
 ///
@@ -114,13 +115,7 @@ pub fn multi_head_matmul(x: Tensor<4>, w: Tensor<4>, layout: HeadLayout) -> Tens
 
 /// Backends that multiply matrices. The default bodies are Burn's matmul; flex overrides them
 /// with GEMM calls that write their output once.
-#[backend_extension(
-    Autodiff,
-    NdArray: cfg(feature = "ndarray"),
-    Remote: cfg(feature = "remote"),
-    Flex: cfg(feature = "flex"),
-    Cube: cfg(feature = "wgpu")
-)]
+#[moe_extension]
 pub trait MatmulBackend: Backend {
     /// `[M, K] x [K, N] -> [M, N]` (see [`matmul`]).
     fn matmul_2d(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {

@@ -179,11 +179,12 @@ fn group_offsets(rows: usize, experts: usize) -> Vec<i64> {
 
 type Case = (&'static str, fn(&Maker, &Sizes) -> Results);
 
-/// The operations, each with its forward and backward passes.
+/// The operations, each with its forward and backward passes: a table, one entry per
+/// operation, long by design.
 fn cases() -> Vec<Case> {
     vec![
-        ("gelu", |m, s| elementwise(m, s, |x| crate::gelu(x))),
-        ("silu", |m, s| elementwise(m, s, |x| crate::silu(x))),
+        ("gelu", |m, s| elementwise(m, s, crate::gelu)),
+        ("silu", |m, s| elementwise(m, s, crate::silu)),
         ("softmax", |m, s| {
             elementwise(m, s, |x| crate::softmax(x, 1))
         }),

@@ -19,8 +19,9 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::Autodiff;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{backend_extension, Backend, Dispatch, TensorMetadata};
+use burn::backend::{Backend, Dispatch, TensorMetadata};
 use burn::tensor::{Shape, Tensor};
+use moe_macros::moe_extension;
 
 /// RMSNorm of `x` along its last dimension with the scale `gamma` (`[n]`), differentiable in
 /// both.
@@ -44,13 +45,7 @@ pub fn rms_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, epsilon: f64) ->
 
 /// Backends that run RMSNorm as one operation. The default bodies compose Burn's ops (correct
 /// everywhere); flex overrides both with one pass over the rows.
-#[backend_extension(
-    Autodiff,
-    NdArray: cfg(feature = "ndarray"),
-    Remote: cfg(feature = "remote"),
-    Flex: cfg(feature = "flex"),
-    Cube: cfg(feature = "wgpu")
-)]
+#[moe_extension]
 pub trait RmsNormBackend: Backend {
     /// `γ ⊙ x / √(mean(x²) + ε)` along the last dimension of `x`.
     fn rms_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, epsilon: f64) -> FloatTensor<Self> {

@@ -20,8 +20,9 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::Autodiff;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{backend_extension, Backend, Dispatch, TensorMetadata};
+use burn::backend::{Backend, Dispatch, TensorMetadata};
 use burn::tensor::{Shape, Slice, Tensor};
+use moe_macros::moe_extension;
 
 /// `x: [..., positions, d]` with each pair `(x[2i], x[2i + 1])` of the row at position `p`
 /// rotated by the angle whose cosine and sine are `cos[p, i]` and `sin[p, i]`
@@ -54,13 +55,7 @@ pub fn rotary<const D: usize>(x: Tensor<D>, cos: Tensor<2>, sin: Tensor<2>) -> T
 
 /// Backends that rotate feature pairs as one operation (see [`rotary`]). The default body
 /// composes Burn's ops (correct everywhere); flex overrides it with one pass over the rows.
-#[backend_extension(
-    Autodiff,
-    NdArray: cfg(feature = "ndarray"),
-    Remote: cfg(feature = "remote"),
-    Flex: cfg(feature = "flex"),
-    Cube: cfg(feature = "wgpu")
-)]
+#[moe_extension]
 pub trait RotaryBackend: Backend {
     /// `x: [..., positions, 2 * pairs]` with pair `i` of the row at position `p` rotated by
     /// the angle of cosine `cos[p, i]` and sine `sin[p, i]`. Rotating by `(cos, -sin)` undoes

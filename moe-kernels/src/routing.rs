@@ -18,9 +18,10 @@
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::Autodiff;
 use burn::backend::tensor::IntTensor;
-use burn::backend::{backend_extension, Backend, Dispatch, TensorMetadata};
+use burn::backend::{Backend, Dispatch, TensorMetadata};
 use burn::tensor::ops::IndexingUpdateOp;
 use burn::tensor::{Int, IntDType, Shape, Tensor};
+use moe_macros::moe_extension;
 
 /// `y[t, e] = Σ_{t' < t} x[t', e]`: the exclusive prefix sum of each column of `x: [T, E]`.
 pub fn exclusive_cumsum(x: Tensor<2, Int>) -> Tensor<2, Int> {
@@ -49,14 +50,7 @@ pub fn invert_slots(slot_of_pair: Tensor<2, Int>, slots: usize) -> Tensor<1, Int
 
 /// Backends that compute dispatch plans. The default bodies compose Burn's ops (right on every
 /// backend, linear on the CPU backends); flex and cube override both.
-#[backend_extension(
-    Autodiff,
-    NdArray: cfg(feature = "ndarray"),
-    Remote: cfg(feature = "remote"),
-    Flex: cfg(feature = "flex"),
-    Cube: cfg(feature = "wgpu"),
-    Fusion: cfg(feature = "wgpu")
-)]
+#[moe_extension(fusion)]
 pub trait RoutingBackend: Backend {
     /// See [`exclusive_cumsum`].
     #[fusion(dtype = x, shape = x)]

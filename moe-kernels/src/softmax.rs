@@ -15,8 +15,9 @@
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::Autodiff;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{backend_extension, Backend, Dispatch, TensorMetadata};
+use burn::backend::{Backend, Dispatch, TensorMetadata};
 use burn::tensor::{FloatDType, Tensor, TensorData};
+use moe_macros::moe_extension;
 
 use crate::autodiff::{unary, Saved};
 
@@ -78,13 +79,7 @@ pub fn log_softmax<const D: usize>(x: Tensor<D>, dim: usize) -> Tensor<D> {
 
 /// Backends that run a softmax along the last dimension as one operation. The default bodies
 /// compose Burn's ops (correct everywhere); flex overrides both with one pass per row.
-#[backend_extension(
-    Autodiff,
-    NdArray: cfg(feature = "ndarray"),
-    Remote: cfg(feature = "remote"),
-    Flex: cfg(feature = "flex"),
-    Cube: cfg(feature = "wgpu")
-)]
+#[moe_extension]
 pub trait SoftmaxBackend: Backend {
     /// Softmax along the last dimension of `x`.
     fn softmax_last(x: FloatTensor<Self>) -> FloatTensor<Self> {

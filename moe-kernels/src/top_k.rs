@@ -11,8 +11,9 @@
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::Autodiff;
 use burn::backend::tensor::{FloatTensor, IntTensor};
-use burn::backend::{backend_extension, get_device_settings, Backend, Dispatch, TensorMetadata};
+use burn::backend::{get_device_settings, Backend, Dispatch, TensorMetadata};
 use burn::tensor::{Int, Tensor};
+use moe_macros::moe_extension;
 
 /// The indices of the `k` largest values of each row of `x: [rows, columns]`, largest first,
 /// equal values in increasing index order (as Burn's `argtopk`), `[rows, k]`; `k` may equal
@@ -35,13 +36,7 @@ pub fn top_k_indices(x: Tensor<2>, k: usize) -> Tensor<2, Int> {
 
 /// Backends that pick each row's largest values. The default body is Burn's `argtopk` (a
 /// reduction on cube); flex and ndarray select on the host.
-#[backend_extension(
-    Autodiff,
-    NdArray: cfg(feature = "ndarray"),
-    Remote: cfg(feature = "remote"),
-    Flex: cfg(feature = "flex"),
-    Cube: cfg(feature = "wgpu")
-)]
+#[moe_extension]
 pub trait TopKBackend: Backend {
     /// See [`top_k_indices`].
     fn top_k_indices(x: FloatTensor<Self>, k: usize) -> IntTensor<Self> {

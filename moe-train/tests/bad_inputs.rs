@@ -16,7 +16,7 @@ const PROGRAM: &str = env!("CARGO_BIN_EXE_burn-moe");
 
 /// The shape the fixture's runs train: small enough that a run of a few steps takes well under a
 /// second on the CPU.
-const TINY_TOML: &str = "[model]\nd_model = 32\nnum_layers = 2\nnum_heads = 2\ncontext_length = 16\nd_ff = 64\nexpert_hidden = 32\nexperts = 4\ntop_k = 2\nmoe_every = 2\ndropless = false\n\n[optim]\nbatch_size = 8\nwarmup_steps = 2\n\n[run]\nsteps = 4\nlog_every = 1\neval_every = 4\neval_batches = 2\ncheckpoint_every = 2\nsamples = 0\n";
+const TINY_TOML: &str = "[model]\nd_model = 32\nnum_layers = 2\nnum_heads = 2\ncontext_length = 16\nd_ff = 64\nmoe_every = 2\n\n[model.moe]\nnum_experts = 4\ntop_k = 2\nexpert.d_hidden = 32\ncapacity.dropless = false\n\n[optim]\nbatch_size = 8\nwarmup_steps = 2\n\n[run]\nsteps = 4\nlog_every = 1\neval_every = 4\neval_batches = 2\ncheckpoint_every = 2\nsamples = 0\n";
 
 /// The Qwen2-MoE fixture folder (a Hugging Face model to fine-tune).
 const QWEN2_MOE: &str = concat!(
@@ -141,6 +141,8 @@ fn flip_a_byte(path: &Path) {
     std::fs::write(path, bytes).unwrap();
 }
 
+/// Every bad input with the exit status and the words its message must hold: a table, one
+/// row per case, long by design (the suite asserts it keeps at least 150 rows).
 fn cases() -> Vec<Case> {
     let eval = |extra: &'static str| -> Vec<&'static str> {
         vec!["eval", "--checkpoint", extra, "--backend", "flex"]
@@ -160,11 +162,11 @@ fn cases() -> Vec<Case> {
         case("NaN lr", &train(&["--lr", "NaN"]), 1, &["optim.lr", "NaN"]),
         case("infinite lr", &train(&["--lr", "inf"]), 1, &["optim.lr", "inf"]),
         case("negative clipping", &train(&["--grad-clip=-1"]), 1, &["optim.grad_clip"]),
-        case("no experts", &train(&["--experts", "0"]), 1, &["model.experts", "got 0"]),
-        case("top-k zero", &train(&["--top-k", "0"]), 1, &["model.top_k"]),
-        case("top-k above experts", &train(&["--experts", "4", "--top-k", "5"]), 1, &["model.top_k", "[1, 4]", "got 5"]),
-        case("zero context", &train(&["--context", "0"]), 1, &["model.context_length"]),
-        case("huge context", &train(&["--context", "5000000"]), 1, &["model.context_length", "5000000"]),
+        case("no experts", &train(&["--experts", "0"]), 1, &["model.moe.num_experts", "--experts", "got 0"]),
+        case("top-k zero", &train(&["--top-k", "0"]), 1, &["model.moe.top_k", "--top-k"]),
+        case("top-k above experts", &train(&["--experts", "4", "--top-k", "5"]), 1, &["model.moe.top_k", "--top-k", "(5)", "cannot exceed", "model.moe.num_experts", "(4)"]),
+        case("zero context", &train(&["--context", "0"]), 1, &["model.context_length", "--context"]),
+        case("huge context", &train(&["--context", "5000000"]), 1, &["model.context_length", "--context", "5000000"]),
         // LoRA settings.
         case("LoRA without a base", &train(&["--lora-rank", "4"]), 2, &["--init-hf"]),
         case("LoRA rank zero", &train(&["--init-hf", QWEN2_MOE, "--lora-rank", "0"]), 1, &["lora.rank", "got 0"]),
@@ -179,8 +181,9 @@ fn cases() -> Vec<Case> {
         case("batch that does not split", &train(&["--devices", "flex,ndarray", "--batch-size", "3"]), 1, &["--batch-size", "does not divide by 2", "--parallel experts"]),
         case("more devices than experts", &train(&["--devices", "flex,ndarray,ws://127.0.0.1:9", "--experts", "2", "--top-k", "1", "--batch-size", "6"]), 1, &["2 experts", "3 devices", "--parallel data"]),
         case("server that is not there", &train(&["--devices", "local,ws://127.0.0.1:9"]), 1, &["ws://127.0.0.1:9", "could not connect", "burn-moe serve"]),
-        case("negative balance weight", &train(&["--aux-loss-weight=-1"]), 1, &["model.aux_loss_weight"]),
-        case("NaN balance weight", &train(&["--aux-loss-weight", "nan"]), 1, &["model.aux_loss_weight"]),
+        case("negative balance weight", &train(&["--aux-loss-weight=-1"]), 1, &["model.moe.losses.balance_weight", "--aux-loss-weight"]),
+        case("NaN balance weight", &train(&["--aux-loss-weight", "nan"]), 1, &["model.moe.losses.balance_weight", "--aux-loss-weight"]),
+        case("negative z-loss weight", &train(&["--z-loss-weight=-0.5"]), 1, &["model.moe.losses.z_loss_weight", "--z-loss-weight", "-0.5"]),
         case("min-freq zero", &train(&["--min-freq", "0"]), 1, &["data.min_freq"]),
         case("min-freq leaves only unk", &train(&["--min-freq", "100000"]), 1, &["min_freq", "<unk>", "--min-freq"]),
         case("eval every zero", &train(&["--eval-every", "0"]), 1, &["run.eval_every"]),
@@ -253,7 +256,7 @@ fn cases() -> Vec<Case> {
         config_case("dropout of 1.5", |dir, _| std::fs::write(dir.join("bad.toml"), TINY_TOML.replace("num_layers = 2", "num_layers = 2\ndropout = 1.5")).unwrap(), &["model.dropout", "1.5"]),
         config_case("validation share 0.7", |dir, _| write_config(dir, "[data]\nval_fraction = 0.7\n"), &["data.val_fraction", "0.7"]),
         config_case("validation share 0", |dir, _| write_config(dir, "[data]\nval_fraction = 0.0\n"), &["data.val_fraction"]),
-        config_case("capacity factor 0", |dir, _| std::fs::write(dir.join("bad.toml"), TINY_TOML.replace("num_layers = 2", "num_layers = 2\ncapacity_factor = 0.0")).unwrap(), &["model.capacity_factor"]),
+        config_case("capacity factor 0", |dir, _| std::fs::write(dir.join("bad.toml"), TINY_TOML.replace("capacity.dropless = false", "capacity.dropless = false\ncapacity.train_factor = 0.0")).unwrap(), &["model.moe.capacity.train_factor"]),
         config_case("weight decay 5", |dir, _| std::fs::write(dir.join("bad.toml"), TINY_TOML.replace("warmup_steps = 2", "warmup_steps = 2\nweight_decay = 5.0")).unwrap(), &["optim.weight_decay"]),
         config_case("heads that do not divide", |dir, _| std::fs::write(dir.join("bad.toml"), TINY_TOML.replace("num_heads = 2", "num_heads = 3")).unwrap(), &["num_heads"]),
         config_case("one image level", |dir, _| write_config(dir, "[data]\nimage_levels = 1\n"), &["data.image_levels"]),
@@ -305,7 +308,7 @@ fn cases() -> Vec<Case> {
         case("eval with a swapped config", &eval("{dir}/run"), 1, &["config.json", "changed or damaged"]).prepared(|dir, fix| {
             copy_run(dir, fix);
             let path = newest(dir).join("config.json");
-            let text = std::fs::read_to_string(&path).unwrap().replace("\"experts\": 4", "\"experts\": 8");
+            let text = std::fs::read_to_string(&path).unwrap().replace("\"num_experts\": 4", "\"num_experts\": 8");
             std::fs::write(&path, text).unwrap();
         }),
         case("eval with a broken manifest", &eval("{dir}/run"), 1, &["manifest.json", "broken"]).prepared(|dir, fix| {
@@ -389,7 +392,7 @@ fn cases() -> Vec<Case> {
             // With no checksums to check, the model must still not load.
             let folder = without_checksums(dir);
             let path = folder.join("config.json");
-            let text = std::fs::read_to_string(&path).unwrap().replace("\"expert_hidden\": 32", "\"expert_hidden\": 48");
+            let text = std::fs::read_to_string(&path).unwrap().replace("\"d_hidden\": 32", "\"d_hidden\": 48");
             std::fs::write(&path, text).unwrap();
         }),
         case("eval with zero batches", &["eval", "--checkpoint", "{fix}/run", "--batches", "0", "--backend", "flex"], 1, &["--batches", "got 0"]),

@@ -20,7 +20,7 @@ const STEPS: usize = 60;
 const KILLS: usize = 20;
 
 /// Checkpoints every other step, so that many kills land in a checkpoint write.
-const CONFIG: &str = "[model]\nd_model = 32\nnum_layers = 2\nnum_heads = 2\ncontext_length = 16\nd_ff = 64\nexpert_hidden = 32\nexperts = 4\ntop_k = 2\nmoe_every = 2\ndropless = false\n\n[optim]\nbatch_size = 8\nwarmup_steps = 5\n\n[run]\nlog_every = 1\neval_every = 10\neval_batches = 2\ncheckpoint_every = 2\nkeep_checkpoints = 2\nsamples = 0\n";
+const CONFIG: &str = "[model]\nd_model = 32\nnum_layers = 2\nnum_heads = 2\ncontext_length = 16\nd_ff = 64\nmoe_every = 2\n\n[model.moe]\nnum_experts = 4\ntop_k = 2\nexpert.d_hidden = 32\ncapacity.dropless = false\n\n[optim]\nbatch_size = 8\nwarmup_steps = 5\n\n[run]\nlog_every = 1\neval_every = 10\neval_batches = 2\ncheckpoint_every = 2\nkeep_checkpoints = 2\nsamples = 0\n";
 
 fn command(dir: &Path, out: &Path, resume: bool) -> Command {
     let mut command = Command::new(PROGRAM);

@@ -91,7 +91,7 @@ fn reads_per_step(dropless: bool) -> Vec<usize> {
     let mut config = common::tiny_config(corpus, STEPS);
     config.run.backend = BackendChoice::Wgpu;
     config.run.log_every = LOG_EVERY;
-    config.model.dropless = dropless;
+    config.model.moe.capacity.dropless = dropless;
 
     let boundaries = Arc::new(Mutex::new(Vec::new()));
     let record = boundaries.clone();

@@ -122,11 +122,11 @@ fn run(dir: &std::path::Path, corpus: &std::path::Path, precision: Precision) ->
     // Four experts of width 256, two per token, in every other block: the same operations in
     // 16 bits as the preset's 64 experts of width 32, with fewer rows to dispatch, since this
     // test already takes most of the suite's time on llvmpipe.
-    config.model.experts = 4;
-    config.model.top_k = 2;
-    config.model.expert_hidden = 256;
+    config.model.moe.num_experts = 4;
+    config.model.moe.top_k = 2;
+    config.model.moe.expert.d_hidden = 256;
     config.model.moe_every = 2;
-    config.model.dropless = false;
+    config.model.moe.capacity.dropless = false;
     config.data.text = Some(corpus.to_path_buf());
     config.run.steps = STEPS;
     config.run.log_every = 1;

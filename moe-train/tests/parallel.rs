@@ -19,7 +19,7 @@ use burn::tensor::{Device, Distribution, Tensor};
 use common::tiny_run;
 use moe_core::placement::ExpertPlacement;
 use moe_core::{CapacityConfig, ExpertConfig, GateConfig, MoeConfig};
-use moe_train::config::{GateChoice, TrainConfig};
+use moe_train::config::TrainConfig;
 use moe_train::runtime::backend::BackendChoice;
 use moe_train::store::checkpoint;
 use moe_train::training::parallel::Parallelism;
@@ -85,7 +85,7 @@ impl Drop for Server {
 fn config(name: &str, steps: usize) -> (common::TempDir, TrainConfig) {
     let (dir, mut config) = tiny_run(name, steps);
     config.run.backend = BackendChoice::Flex;
-    config.model.gate = GateChoice::SoftmaxTopK;
+    config.model.moe.gate = moe_core::GateConfig::softmax_top_k();
     config.optim.batch_size = 6;
     (dir, config)
 }

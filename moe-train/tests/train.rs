@@ -17,6 +17,8 @@ mod export;
 mod guards;
 #[path = "train/mnist.rs"]
 mod mnist;
+#[path = "train/old_files.rs"]
+mod old_files;
 #[path = "train/runs.rs"]
 mod runs;
 #[path = "train/tokenizer.rs"]

@@ -33,6 +33,7 @@ use burn::config::Config;
 use burn::tensor::{Bool, IndexingUpdateOp, Int, Tensor};
 
 use crate::error::MoeError;
+use crate::losses::load_balancing_loss;
 use crate::precision::to_dtype;
 use crate::{Router, RoutingMode};
 
@@ -170,6 +171,33 @@ pub struct GateOutput {
     pub weights: Tensor<2>,
     /// The gate's balancing loss (unweighted), if it has one.
     pub balance_loss: Option<Tensor<1>>,
+}
+
+impl GateOutput {
+    /// The end that token-choice gates with the Switch balancing loss share (naive, softmax
+    /// top-k, Switch): each token's `k` chosen weights `chosen: [tokens, k]` at the experts
+    /// `indices: [tokens, k]` spread onto the `[tokens, experts]` matrices, and the loss
+    /// `E * sum_e f_e P_e` (Fedus et al. 2021, eq. 4; [`load_balancing_loss`]) from the
+    /// fraction `f` of assignments each expert received and the router's mean probability
+    /// `P`.
+    pub(crate) fn token_choice(
+        logits: Tensor<2>,
+        probs: Tensor<2>,
+        indices: Tensor<2, Int>,
+        chosen: Tensor<2>,
+    ) -> Self {
+        let [_, num_experts] = logits.dims();
+        let [_, k] = indices.dims();
+        let (weights, candidates) = to_expert_matrix(indices, chosen, num_experts);
+        let fraction = assignment_fraction(candidates.clone(), k);
+        GateOutput {
+            balance_loss: Some(load_balancing_loss(probs.clone(), fraction)),
+            logits,
+            probs,
+            candidates,
+            weights,
+        }
+    }
 }
 
 /// Indices of the `k` largest scores of each row, `[rows, k]`. `k == columns` is allowed (all

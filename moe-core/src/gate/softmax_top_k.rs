@@ -1,8 +1,7 @@
 use burn::config::Config;
 use moe_kernels::softmax;
 
-use super::{assignment_fraction, to_expert_matrix, top_k_indices, GateInput, GateOutput};
-use crate::losses::load_balancing_loss;
+use super::{top_k_indices, GateInput, GateOutput};
 
 /// Softmax over all experts, then the top `k` probabilities as combine weights.
 ///
@@ -22,21 +21,12 @@ pub struct SoftmaxTopKGate {
 impl SoftmaxTopKGate {
     pub(crate) fn route(&self, input: GateInput<'_>) -> GateOutput {
         let logits = input.router.logits(input.x);
-        let num_experts = input.router.num_experts();
         let probs = softmax(logits.clone(), 1);
         let indices = top_k_indices(input.router.selection_scores(logits.clone()), input.top_k);
         let mut chosen = probs.clone().gather(1, indices.clone());
         if self.renormalize {
             chosen = chosen.clone() / chosen.sum_dim(1);
         }
-        let (weights, candidates) = to_expert_matrix(indices, chosen, num_experts);
-        let fraction = assignment_fraction(candidates.clone(), input.top_k);
-        GateOutput {
-            balance_loss: Some(load_balancing_loss(probs.clone(), fraction)),
-            logits,
-            probs,
-            candidates,
-            weights,
-        }
+        GateOutput::token_choice(logits, probs, indices, chosen)
     }
 }

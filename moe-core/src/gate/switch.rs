@@ -2,9 +2,8 @@ use burn::config::Config;
 use burn::tensor::Distribution;
 use moe_kernels::softmax;
 
-use super::{assignment_fraction, to_expert_matrix, top_k_indices, GateInput, GateOutput};
+use super::{top_k_indices, GateInput, GateOutput};
 use crate::error::{check_unit_interval, MoeError};
-use crate::losses::load_balancing_loss;
 use crate::RoutingMode;
 
 /// Switch Transformer's top-1 gate.
@@ -32,7 +31,6 @@ impl SwitchGate {
     }
 
     pub(crate) fn route(&self, input: GateInput<'_>) -> GateOutput {
-        let num_experts = input.router.num_experts();
         let x = input.x;
         let router_input = if input.mode == RoutingMode::Train && self.jitter > 0.0 {
             let jitter = x.random_like(Distribution::Uniform(1.0 - self.jitter, 1.0 + self.jitter));
@@ -44,14 +42,6 @@ impl SwitchGate {
         let probs = softmax(logits.clone(), 1);
         let indices = top_k_indices(input.router.selection_scores(logits.clone()), 1);
         let chosen = probs.clone().gather(1, indices.clone());
-        let (weights, candidates) = to_expert_matrix(indices, chosen, num_experts);
-        let fraction = assignment_fraction(candidates.clone(), 1);
-        GateOutput {
-            balance_loss: Some(load_balancing_loss(probs.clone(), fraction)),
-            logits,
-            probs,
-            candidates,
-            weights,
-        }
+        GateOutput::token_choice(logits, probs, indices, chosen)
     }
 }

@@ -113,8 +113,8 @@ impl Tiling {
             && tm > 0
             && tn > 0
             && units <= 256
-            && (side * tm / WIDTH * STEP) % units == 0
-            && (side * tn / WIDTH * STEP) % units == 0
+            && (side * tm / WIDTH * STEP).is_multiple_of(units)
+            && (side * tn / WIDTH * STEP).is_multiple_of(units)
             && side * (tm + tn) * STEP * 4 <= SHARED_MEMORY_BYTES as usize
     }
 
@@ -365,6 +365,8 @@ struct TilePlace {
 
 /// Tile `tile` of the tiles of `tile_rows` rows each group is cut into (a group of `n` rows has
 /// `ceil(n / tile_rows)`, numbered group after group). Reads the `E + 1` offsets.
+// `#[cube]` code is expanded into CubeCL's IR, which has no `div_ceil`.
+#[allow(clippy::manual_div_ceil)]
 #[cube]
 fn find_tile<I: Int>(offsets: &Tensor<I>, tile: usize, tile_rows: usize, rows: usize) -> TilePlace {
     let experts = offsets.shape(0) - 1;
@@ -437,6 +439,8 @@ fn zero_uncovered_rows<F: Float>(
 
 /// `(chunks before group expert, chunks of group expert)` for chunks of `chunk_rows` rows
 /// (see [`find_tile`]).
+// `#[cube]` code is expanded into CubeCL's IR, which has no `div_ceil`.
+#[allow(clippy::manual_div_ceil)]
 #[cube]
 fn group_chunks<I: Int>(
     offsets: &Tensor<I>,

@@ -11,16 +11,17 @@ use burn::backend::TensorMetadata;
 use burn::tensor::{DType, TensorData};
 use rayon::prelude::*;
 
-use crate::gelu::{composed_gelu, composed_gelu_backward, GeluBackend};
+use crate::activation::{
+    composed_gelu, composed_gelu_backward, composed_silu, composed_silu_backward, ActivationBackend,
+};
 use crate::math;
-use crate::silu::{composed_silu, composed_silu_backward, SiluBackend};
 
 use super::{contiguous, Float};
 
 /// Elements per rayon task: large enough to amortise the task, small enough to balance cores.
 const CHUNK: usize = 1 << 15;
 
-impl GeluBackend for Flex {
+impl ActivationBackend for Flex {
     fn gelu_exact(x: FlexTensor) -> FlexTensor {
         forward(x, (gelu_f32, gelu_f64), composed_gelu::<Flex>)
     }
@@ -29,9 +30,7 @@ impl GeluBackend for Flex {
         let kernels: Kernels = (gelu_backward_f32, gelu_backward_f64);
         backward(x, grad, kernels, composed_gelu_backward::<Flex>)
     }
-}
 
-impl SiluBackend for Flex {
     fn silu_forward(x: FlexTensor) -> FlexTensor {
         forward(x, (silu_f32, silu_f64), composed_silu::<Flex>)
     }

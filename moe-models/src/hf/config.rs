@@ -124,7 +124,8 @@ impl Fields<'_> {
     }
 }
 
-/// The architecture and our model config for a parsed `config.json`.
+/// The architecture and our model config for a parsed `config.json`. One statement per
+/// field of the file, in one place so that each mapping can be read beside the others.
 pub fn from_hf_config(json: &Value) -> Result<(HfArchitecture, MoeTransformerConfig), HfError> {
     let map = json
         .as_object()
@@ -280,7 +281,8 @@ fn refuse_unsupported(f: &Fields<'_>, arch: HfArchitecture) -> Result<(), HfErro
 }
 
 /// The `config.json` of `config` in `arch`'s form, when its options fit that architecture;
-/// the error names the first option that does not.
+/// the error names the first option that does not. One statement per field of the file,
+/// the inverse of [`from_hf_config`] line by line.
 pub fn to_hf_config(config: &MoeTransformerConfig, arch: HfArchitecture) -> Result<Value, HfError> {
     let d = &config.decoder;
     let moe = &d.moe;

@@ -217,7 +217,8 @@ fn transposed(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-/// Where each parameter of `model` comes from in `arch`'s files.
+/// Where each parameter of `model` comes from in `arch`'s files: one entry per tensor name
+/// pattern of the three architectures, a table long by design.
 fn sources(model: &MoeTransformer, arch: HfArchitecture) -> Vec<Source> {
     let names = HfNames(arch);
     let mut out = vec![Source::plain(

@@ -75,15 +75,15 @@ impl Comparison {
 /// (or a Hugging Face model, which has no dense twin here) fails at once, not after the MoE
 /// side's training.
 pub fn compare(config: &TrainConfig, out: &Path, options: RunOptions) -> Result<Comparison> {
-    if config.model.hf.is_some() {
+    if config.variant.hf.is_some() {
         return Err(TrainError::Config(
             "`compare` trains an MoE model and its dense twin from scratch; a Hugging Face model (`--init-hf`) has no dense twin here: fine-tune it with `train`".into(),
         ));
     }
     let mut moe_config = config.clone();
-    moe_config.model.dense = false;
+    moe_config.variant.dense = false;
     let mut dense_config = config.clone();
-    dense_config.model.dense = true;
+    dense_config.variant.dense = true;
     let claim = if options.overwrite {
         Claim::Overwrite
     } else {

@@ -18,7 +18,6 @@ use moe_models::{
     DecoderConfig, MoeTransformerConfig, MultimodalMoeTransformerConfig, NormKind, PositionKind,
 };
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::error::{io, Result, TrainError};
 use crate::runtime::backend::{BackendChoice, Precision};
@@ -26,10 +25,13 @@ use crate::training::divergence::{ExplosionRule, OnNonFinite};
 use crate::training::parallel::{DeviceSpec, Parallelism};
 
 mod file;
+mod legacy;
 mod presets;
 mod validate;
+mod variant;
 
 pub use presets::Preset;
+pub use variant::{HfInit, Variant};
 
 /// What the run trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -94,34 +96,6 @@ pub enum TokenizerKind {
     Bpe,
 }
 
-/// The gate of the MoE layers, by name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum GateChoice {
-    /// FastMoE's naive top-k gate.
-    Naive,
-    /// Softmax then top-k (Mixtral).
-    SoftmaxTopK,
-    /// Noisy top-k (Shazeer 2017).
-    Noisy,
-    /// GShard top-2 (needs top-k 2).
-    Gshard,
-    /// Switch top-1 (needs top-k 1).
-    Switch,
-}
-
-/// The form of the experts, by name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum ExpertChoice {
-    /// GELU feed-forward.
-    Ffn,
-    /// ReLU feed-forward.
-    Relu,
-    /// SwiGLU.
-    Swiglu,
-}
-
 /// Where the data comes from and how it is tokenized.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -163,131 +137,6 @@ impl DataConfig {
         }
         Ok(())
     }
-}
-
-/// Model shape.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelConfig {
-    /// Model width.
-    pub d_model: usize,
-    /// Blocks.
-    pub num_layers: usize,
-    /// Attention heads.
-    pub num_heads: usize,
-    /// Context length in tokens.
-    pub context_length: usize,
-    /// Hidden size of the dense FFN layers.
-    pub d_ff: usize,
-    /// Experts per MoE layer.
-    pub experts: usize,
-    /// Experts per token.
-    pub top_k: usize,
-    /// Hidden size of one expert.
-    pub expert_hidden: usize,
-    /// MoE in every `moe_every`-th block.
-    pub moe_every: usize,
-    /// Shared experts per MoE layer.
-    pub shared_experts: usize,
-    /// The gate.
-    pub gate: GateChoice,
-    /// Expert form.
-    pub expert: ExpertChoice,
-    /// Capacity factor in training.
-    pub capacity_factor: f64,
-    /// Capacity factor in evaluation.
-    pub eval_capacity_factor: f64,
-    /// No capacity limit.
-    pub dropless: bool,
-    /// Weight of the balancing loss.
-    pub aux_loss_weight: f64,
-    /// Weight of the router z-loss.
-    pub z_loss_weight: f64,
-    /// Factor on the routed experts' weighted sum (see `MoeConfig::routed_scale`); 1 for
-    /// none. Configs written before it existed read as 1.
-    #[serde(default = "one")]
-    pub routed_scale: f64,
-    /// Dropout probability.
-    pub dropout: f64,
-    /// Train the dense model with the same active parameters instead.
-    pub dense: bool,
-    /// Start from a Hugging Face model (`train --init-hf DIR`): its architecture and weights
-    /// replace the shape fields above, its tokenizer the corpus-built one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hf: Option<HfInit>,
-    /// Fine-tune the Hugging Face model with LoRA adapters instead of every weight
-    /// (`train --lora-rank R [--lora-alpha A] [--lora-targets ...]`): its weights stay frozen
-    /// and checkpoints hold the adapters alone.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lora: Option<LoraConfig>,
-}
-
-/// The Hugging Face model a run starts from (`train --init-hf DIR`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HfInit {
-    /// The folder its weights and tokenizer are read from at the start of the run.
-    pub dir: PathBuf,
-    /// Its `model_type` (`mixtral`, `qwen2_moe`, `olmoe`).
-    pub model_type: String,
-    /// Its config mapped onto ours, kept here so that the run's checkpoints open without the
-    /// folder (full fine-tuning; a LoRA run reads its frozen weights from the folder).
-    pub config: MoeTransformerConfig,
-    /// SHA-256 of its `config.json` and of the names and sizes of its weight files, to notice
-    /// a folder changed under a LoRA run, whose adapters fit only the weights they were
-    /// trained on. Absent in configs written before it existed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fingerprint: Option<String>,
-}
-
-impl HfInit {
-    /// Reads the folder's `config.json`.
-    pub fn read(dir: &Path) -> Result<Self> {
-        let (arch, config, _) = moe_models::hf::read_config(dir)?;
-        Ok(Self {
-            dir: std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf()),
-            model_type: arch.model_type().into(),
-            config,
-            fingerprint: Some(fingerprint(dir)?),
-        })
-    }
-
-    /// Refuses a folder whose config or weight files are not those the run started from.
-    pub fn check_unchanged(&self) -> Result<()> {
-        let Some(expected) = &self.fingerprint else {
-            return Ok(());
-        };
-        if fingerprint(&self.dir)? != *expected {
-            return Err(TrainError::Config(format!(
-                "the Hugging Face model in {} has changed since this LoRA run started (its config.json or weight files differ); the run's adapters fit only the weights they were trained on",
-                self.dir.display()
-            )));
-        }
-        Ok(())
-    }
-}
-
-/// SHA-256 of a Hugging Face folder's `config.json` followed by the name and size of each of
-/// its `.safetensors` files, in name order: a change of weights shows in their sizes or their
-/// index far more cheaply than by hashing gigabytes.
-fn fingerprint(dir: &Path) -> Result<String> {
-    let config = dir.join("config.json");
-    let mut hasher = Sha256::new();
-    hasher.update(std::fs::read(&config).map_err(io(&config))?);
-    let mut weights: Vec<(String, u64)> = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
-        let entry = entry.map_err(io(dir))?;
-        let name = entry.file_name().to_string_lossy().to_string();
-        if name.ends_with(".safetensors") || name.ends_with(".safetensors.index.json") {
-            let size = entry.metadata().map_err(io(&entry.path()))?.len();
-            weights.push((name, size));
-        }
-    }
-    weights.sort();
-    for (name, size) in weights {
-        hasher.update(format!("\n{name} {size}"));
-    }
-    Ok(crate::checksum::hex(&hasher.finalize()))
 }
 
 /// Optimiser and batches.
@@ -359,8 +208,14 @@ pub struct TrainConfig {
     pub task: TaskKind,
     /// Data.
     pub data: DataConfig,
-    /// Model shape.
-    pub model: ModelConfig,
+    /// The model's shape: moe-models' own decoder config, with its MoE layer's (moe-core's
+    /// [`MoeConfig`]) in `model.moe`. `model.moe.d_model` follows `model.d_model` in config
+    /// files (see `file.rs`).
+    pub model: DecoderConfig,
+    /// Which model is trained from that shape: the MoE model, its dense twin, or a Hugging
+    /// Face model (whole or by LoRA). Configs written before it existed read as the MoE model.
+    #[serde(default)]
+    pub variant: Variant,
     /// Optimiser.
     pub optim: OptimConfig,
     /// Length and bookkeeping.
@@ -368,69 +223,14 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
-    /// The MoE layer config.
-    pub fn moe_config(&self) -> MoeConfig {
-        let m = &self.model;
-        let kind = match m.expert {
-            ExpertChoice::Ffn => ExpertKind::Ffn(Activation::Gelu),
-            ExpertChoice::Relu => ExpertKind::Ffn(Activation::Relu),
-            ExpertChoice::Swiglu => ExpertKind::SwiGlu,
-        };
-        let gate = match m.gate {
-            GateChoice::Naive => GateConfig::naive(),
-            GateChoice::SoftmaxTopK => GateConfig::softmax_top_k(),
-            GateChoice::Noisy => GateConfig::noisy(),
-            GateChoice::Gshard => GateConfig::gshard(),
-            GateChoice::Switch => GateConfig::switch(),
-        };
-        MoeConfig::new(
-            m.d_model,
-            m.experts,
-            ExpertConfig::new(m.expert_hidden).with_kind(kind),
-        )
-        .with_top_k(m.top_k)
-        .with_gate(gate)
-        .with_shared_experts(m.shared_experts)
-        .with_routed_scale(m.routed_scale)
-        .with_capacity(
-            CapacityConfig::new()
-                .with_train_factor(m.capacity_factor)
-                .with_eval_factor(m.eval_capacity_factor)
-                .with_dropless(m.dropless),
-        )
-        .with_losses(
-            LossConfig::new()
-                .with_balance_weight(m.aux_loss_weight)
-                .with_z_loss_weight(m.z_loss_weight),
-        )
-    }
-
-    /// The decoder stack both models embed: the one place the trainer's `model` section is
-    /// mapped onto the models' config.
-    pub fn decoder_config(&self) -> DecoderConfig {
-        let m = &self.model;
-        DecoderConfig::new(
-            m.context_length,
-            m.d_model,
-            m.num_layers,
-            m.num_heads,
-            m.d_ff,
-            self.moe_config(),
-        )
-        .with_moe_every(m.moe_every)
-        .with_norm(NormKind::RmsNorm)
-        .with_positions(PositionKind::Rotary)
-        .with_dropout(m.dropout)
-    }
-
     /// The text model config for a vocabulary of `vocab_size` (the dense equivalent with
-    /// `model.dense`).
+    /// `variant.dense`).
     pub fn text_model_config(&self, vocab_size: usize) -> MoeTransformerConfig {
-        if let Some(hf) = &self.model.hf {
+        if let Some(hf) = &self.variant.hf {
             return hf.config.clone();
         }
-        let config = MoeTransformerConfig::new(vocab_size, self.decoder_config());
-        if self.model.dense {
+        let config = MoeTransformerConfig::new(vocab_size, self.model.clone());
+        if self.variant.dense {
             config.dense_equivalent()
         } else {
             config
@@ -438,7 +238,7 @@ impl TrainConfig {
     }
 
     /// The multimodal model config for the digits task (the dense equivalent with
-    /// `model.dense`).
+    /// `variant.dense`).
     pub fn multimodal_model_config(
         &self,
         text_vocab_size: usize,
@@ -448,7 +248,7 @@ impl TrainConfig {
             self.data.image_levels,
             moe_models::digits::IMAGE_SIZE,
             PATCH_SIZE,
-            self.decoder_config(),
+            self.model.clone(),
         );
         // The task fixes the sequence: image patches then a two-token caption, or a two-token
         // prompt then one token per pixel. A shorter context would not hold it.
@@ -457,7 +257,7 @@ impl TrainConfig {
             _ => config.patches_per_image() + 2 - 1,
         };
         config.decoder.context_length = config.decoder.context_length.max(positions);
-        if self.model.dense {
+        if self.variant.dense {
             config.dense_equivalent()
         } else {
             config
@@ -471,11 +271,6 @@ impl TrainConfig {
             .clone()
             .unwrap_or_else(default_cache_dir)
     }
-}
-
-/// serde's default for factors that were 1 before they could be set.
-fn one() -> f64 {
-    1.0
 }
 
 /// Side of the digits tasks' image patches, in pixels.

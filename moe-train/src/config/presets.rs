@@ -42,33 +42,8 @@ impl Preset {
                 image_levels: 4,
                 digits: DigitSource::Drawn,
             },
-            model: ModelConfig {
-                d_model: 128,
-                num_layers: 4,
-                num_heads: 4,
-                context_length: 64,
-                d_ff: 512,
-                // Fine-grained experts (DeepSeekMoE, OLMoE): 64 of width 32, 16 per token, in
-                // every block, so a token visits the same width (512) as the dense FFN; of
-                // the designs BENCHMARKS.md lists, this one beat its dense twin by the most.
-                experts: 64,
-                top_k: 16,
-                expert_hidden: 32,
-                moe_every: 1,
-                shared_experts: 0,
-                gate: GateChoice::SoftmaxTopK,
-                expert: ExpertChoice::Ffn,
-                capacity_factor: 1.25,
-                eval_capacity_factor: 2.0,
-                dropless: true,
-                aux_loss_weight: 0.01,
-                z_loss_weight: 0.001,
-                routed_scale: 1.0,
-                dropout: 0.0,
-                dense: false,
-                hf: None,
-                lora: None,
-            },
+            model: tiny_model(),
+            variant: Variant::default(),
             optim: OptimConfig {
                 lr: 3e-3,
                 min_lr: 3e-4,
@@ -101,20 +76,13 @@ impl Preset {
             Preset::Small => {
                 let mut c = tiny;
                 c.data.min_freq = 5;
-                c.model.dropout = 0.1;
-                c.model = ModelConfig {
-                    d_model: 256,
-                    num_layers: 6,
-                    num_heads: 8,
-                    context_length: 128,
-                    d_ff: 1024,
-                    experts: 8,
-                    top_k: 2,
-                    expert_hidden: 512,
-                    moe_every: 2,
-                    dropless: false,
-                    ..c.model
-                };
+                let m = &mut c.model;
+                (m.d_model, m.num_layers, m.num_heads) = (256, 6, 8);
+                (m.context_length, m.d_ff, m.moe_every, m.dropout) = (128, 1024, 2, 0.1);
+                let moe = &mut m.moe;
+                (moe.d_model, moe.num_experts, moe.top_k) = (256, 8, 2);
+                moe.expert.d_hidden = 512;
+                moe.capacity.dropless = false;
                 c.optim = OptimConfig {
                     lr: 1e-3,
                     min_lr: 1e-4,
@@ -131,21 +99,13 @@ impl Preset {
                 let mut c = tiny;
                 c.data.corpus = CorpusChoice::All;
                 c.data.min_freq = 5;
-                c.model.dropout = 0.1;
-                c.model = ModelConfig {
-                    d_model: 512,
-                    num_layers: 8,
-                    num_heads: 8,
-                    context_length: 256,
-                    d_ff: 2048,
-                    experts: 16,
-                    top_k: 2,
-                    expert_hidden: 1024,
-                    moe_every: 2,
-                    dropless: false,
-                    expert: ExpertChoice::Swiglu,
-                    ..c.model
-                };
+                let m = &mut c.model;
+                (m.d_model, m.num_layers, m.num_heads) = (512, 8, 8);
+                (m.context_length, m.d_ff, m.moe_every, m.dropout) = (256, 2048, 2, 0.1);
+                let moe = &mut m.moe;
+                (moe.d_model, moe.num_experts, moe.top_k) = (512, 16, 2);
+                moe.expert = ExpertConfig::new(1024).with_kind(ExpertKind::SwiGlu);
+                moe.capacity.dropless = false;
                 c.optim = OptimConfig {
                     lr: 6e-4,
                     min_lr: 6e-5,
@@ -160,4 +120,30 @@ impl Preset {
             }
         }
     }
+}
+
+/// The tiny preset's model: 4 blocks of width 128, every FFN an MoE layer of fine-grained
+/// experts (DeepSeekMoE, OLMoE): 64 of width 32, 16 per token, so a token visits the same width
+/// (512) as the dense FFN. Of the designs BENCHMARKS.md lists, this one beat its dense twin by
+/// the most.
+fn tiny_model() -> DecoderConfig {
+    let moe = MoeConfig::new(128, 64, ExpertConfig::new(32))
+        .with_top_k(16)
+        .with_gate(GateConfig::softmax_top_k())
+        .with_capacity(
+            CapacityConfig::new()
+                .with_train_factor(1.25)
+                .with_eval_factor(2.0)
+                .with_dropless(true),
+        )
+        .with_losses(
+            LossConfig::new()
+                .with_balance_weight(0.01)
+                .with_z_loss_weight(0.001),
+        );
+    DecoderConfig::new(64, 128, 4, 4, 512, moe)
+        .with_moe_every(1)
+        .with_norm(NormKind::RmsNorm)
+        .with_positions(PositionKind::Rotary)
+        .with_dropout(0.0)
 }

@@ -55,71 +55,90 @@ impl TrainConfig {
     }
 
     fn validate_model(&self) -> Result<()> {
-        let m = &self.model;
-        if let Some(lora) = &m.lora {
-            if m.hf.is_none() {
+        let (m, v) = (&self.model, &self.variant);
+        if let Some(lora) = &v.lora {
+            if v.hf.is_none() {
                 return bad("LoRA (`--lora-rank`) fine-tunes a Hugging Face model: give it with `--init-hf DIR`".into());
             }
             lora.validate()
                 .map_err(|error| TrainError::Config(error.to_string()))?;
         }
-        if let Some(hf) = &m.hf {
-            if self.task != TaskKind::Text || m.dense {
+        if let Some(hf) = &v.hf {
+            if self.task != TaskKind::Text || v.dense {
                 return bad("`--init-hf` fine-tunes a Hugging Face text model: it needs `--task text` and no `--dense`".into());
             }
-            if let Some(lora) = &m.lora {
+            if let Some(lora) = &v.lora {
                 check_lora_rank(lora, &hf.config.decoder)?;
             }
             let context = hf.config.decoder.context_length;
             if m.context_length > context {
                 return bad(format!(
-                    "`model.context_length` {} is longer than the Hugging Face model's context ({context})",
+                    "`model.context_length` (`--context`) {} is longer than the Hugging Face model's context ({context})",
                     m.context_length
                 ));
             }
         }
-        in_range("model.d_model", m.d_model, 1, 1 << 16)?;
-        in_range("model.num_layers", m.num_layers, 1, 1024)?;
-        in_range("model.num_heads", m.num_heads, 1, m.d_model)?;
-        in_range("model.context_length", m.context_length, 1, 1 << 20)?;
-        in_range("model.d_ff", m.d_ff, 1, 1 << 20)?;
-        in_range("model.experts", m.experts, 1, 1 << 20)?;
-        in_range("model.top_k", m.top_k, 1, m.experts)?;
-        in_range("model.expert_hidden", m.expert_hidden, 1, 1 << 20)?;
-        in_range("model.shared_experts", m.shared_experts, 0, 64)?;
-        if !m.dense {
-            if m.moe_every == 0 {
-                return bad("`model.moe_every` is 0, which leaves no MoE layer; train the dense model with `--dense` instead".into());
-            }
-            if m.moe_every > m.num_layers {
-                return bad(format!(
-                    "`model.moe_every` {} is larger than `model.num_layers` {}, which leaves no MoE layer (MoE goes in every `moe_every`-th block)",
+        m.validate()
+            .map_err(|error| TrainError::Config(for_the_user(&error)))?;
+        self.check_limits()?;
+        if !v.dense && m.num_moe_layers() == 0 {
+            return bad(if m.moe_every == 0 {
+                "`model.moe_every` is 0, which leaves no MoE layer; train the dense model with `--dense` instead".into()
+            } else {
+                format!(
+                    "`model.moe_every` {} leaves no MoE layer in `model.num_layers` {} (MoE goes in every `moe_every`-th block, counted from 1, except `model.dense_layers`)",
                     m.moe_every, m.num_layers
+                )
+            });
+        }
+        Ok(())
+    }
+
+    /// The largest sizes and factors this program trains with, beyond the models' own rules
+    /// (which have no upper bounds): a value past them is a slip of the finger, better named
+    /// now than met as an allocation failure.
+    fn check_limits(&self) -> Result<()> {
+        let (m, moe) = (&self.model, &self.model.moe);
+        for (name, value, high) in [
+            ("model.d_model", m.d_model, 1 << 16),
+            ("model.num_layers", m.num_layers, 1024),
+            ("model.context_length", m.context_length, 1 << 20),
+            ("model.d_ff", m.d_ff, 1 << 20),
+            ("model.moe.num_experts", moe.num_experts, 1 << 20),
+            ("model.moe.expert.d_hidden", moe.expert.d_hidden, 1 << 20),
+            ("model.moe.shared_experts", moe.shared_experts, 64),
+        ] {
+            in_range(name, value, 0, high)?;
+        }
+        for (name, value, high) in [
+            (
+                "model.moe.capacity.train_factor",
+                moe.capacity.train_factor,
+                1000.0,
+            ),
+            (
+                "model.moe.capacity.eval_factor",
+                moe.capacity.eval_factor,
+                1000.0,
+            ),
+            ("model.moe.routed_scale", moe.routed_scale, 1000.0),
+            (
+                "model.moe.losses.balance_weight",
+                moe.losses.balance_weight,
+                100.0,
+            ),
+            (
+                "model.moe.losses.z_loss_weight",
+                moe.losses.z_loss_weight,
+                100.0,
+            ),
+        ] {
+            if value > high {
+                return bad(format!(
+                    "{} must be at most {high}, got {value}",
+                    with_flag(name)
                 ));
             }
-        }
-        for (name, value) in [
-            ("model.capacity_factor", m.capacity_factor),
-            ("model.eval_capacity_factor", m.eval_capacity_factor),
-            ("model.routed_scale", m.routed_scale),
-        ] {
-            if !(value.is_finite() && value > 0.0 && value <= 1000.0) {
-                return bad(format!("`{name}` must be in (0, 1000], got {value}"));
-            }
-        }
-        for (name, value) in [
-            ("model.aux_loss_weight", m.aux_loss_weight),
-            ("model.z_loss_weight", m.z_loss_weight),
-        ] {
-            if !(value.is_finite() && (0.0..=100.0).contains(&value)) {
-                return bad(format!("`{name}` must be in [0, 100], got {value}"));
-            }
-        }
-        if !(m.dropout.is_finite() && (0.0..1.0).contains(&m.dropout)) {
-            return bad(format!(
-                "`model.dropout` must be in [0, 1), got {}",
-                m.dropout
-            ));
         }
         Ok(())
     }
@@ -187,7 +206,10 @@ impl TrainConfig {
             1 << 20,
         )?;
         let replicas = r.devices.len();
-        if replicas > 1 && r.parallel.splits_batch() && self.optim.batch_size % replicas != 0 {
+        if replicas > 1
+            && r.parallel.splits_batch()
+            && !self.optim.batch_size.is_multiple_of(replicas)
+        {
             return bad(format!(
                 "`--parallel {}` splits each micro-batch over the {replicas} devices, but `--batch-size` {} does not divide by {replicas}: give a multiple of {replicas}, or `--parallel experts`",
                 r.parallel.name(),
@@ -195,9 +217,9 @@ impl TrainConfig {
             ));
         }
         // (A Hugging Face model's own expert count is checked when its experts are placed.)
-        let preset_experts = !self.model.dense && self.model.hf.is_none();
+        let preset_experts = !self.variant.dense && self.variant.hf.is_none();
         if replicas > 1 && r.parallel.places_experts() && preset_experts {
-            let experts = self.model.experts;
+            let experts = self.model.moe.num_experts;
             if experts < replicas {
                 return bad(format!(
                     "`--parallel {}` spreads each MoE layer's {experts} experts over the {replicas} devices: give at most {experts} devices, or `--parallel data`",
@@ -252,7 +274,7 @@ fn bad(message: String) -> Result<()> {
     Err(TrainError::Config(message))
 }
 
-/// Checks `low <= value <= high`, naming the field.
+/// Checks `low <= value <= high`, naming the field (and its flag).
 fn in_range(name: &str, value: usize, low: usize, high: usize) -> Result<()> {
     if value < low || value > high {
         let range = if high == usize::MAX {
@@ -260,7 +282,42 @@ fn in_range(name: &str, value: usize, low: usize, high: usize) -> Result<()> {
         } else {
             format!("in [{low}, {high}]")
         };
-        return bad(format!("`{name}` must be {range}, got {value}"));
+        return bad(format!("{} must be {range}, got {value}", with_flag(name)));
     }
     Ok(())
+}
+
+/// `name` (a config key) quoted, followed by the flag that sets it if one does:
+/// "`model.moe.top_k` (`--top-k`)".
+fn with_flag(name: &str) -> String {
+    match crate::cli::flag_for(name) {
+        Some(flag) => format!("`{name}` (`{flag}`)"),
+        None => format!("`{name}`"),
+    }
+}
+
+/// A model crate's error with each field it names (by its path in the crate's config:
+/// `top_k`, `capacity.train_factor`) written as the user knows it: its key in the config file
+/// (`model.moe.top_k`) and the flag that sets it (`--top-k`).
+fn for_the_user(error: &moe_models::ModelError) -> String {
+    let (section, message) = match error {
+        moe_models::ModelError::Moe(_) => ("model.moe.", error.to_string()),
+        _ => ("model.", error.to_string()),
+    };
+    let is_field = |part: &str| {
+        !part.is_empty()
+            && part
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.')
+    };
+    // Between backticks are the odd parts of the split.
+    let mut out = String::new();
+    for (index, part) in message.split('`').enumerate() {
+        match index % 2 {
+            1 if is_field(part) => out.push_str(&with_flag(&format!("{section}{part}"))),
+            1 => out.push_str(&format!("`{part}`")),
+            _ => out.push_str(part),
+        }
+    }
+    out
 }

@@ -403,7 +403,7 @@ fn open_wgpu(kind: burn::tensor::DeviceKind) -> Result<SelectedDevice, BackendEr
             .to_string(),
         workgroup_memory: adapter_limits.max_compute_workgroup_storage_size as u64,
         invocations_per_workgroup: adapter_limits.max_compute_invocations_per_workgroup as u64,
-        storage_binding: adapter_limits.max_storage_buffer_binding_size as u64,
+        storage_binding: adapter_limits.max_storage_buffer_binding_size,
         buffer: adapter_limits.max_buffer_size,
         shader_f16: setup
             .adapter

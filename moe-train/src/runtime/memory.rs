@@ -66,7 +66,7 @@ pub fn estimate(config: &TrainConfig, model: &MoeTransformerConfig) -> Estimate 
     let blocks = s.num_layers as f64 * attention + dense_layers * dense_ffn + moe_layers * moe_ffn;
     let logits = 3.0 * tokens * model.vocab_size as f64;
     // LoRA trains the adapters alone: the frozen weights are held once.
-    let state = match &config.model.lora {
+    let state = match &config.variant.lora {
         Some(lora) => parameters + copies * model.decoder.lora_params(lora) as f64,
         None => copies * parameters,
     };

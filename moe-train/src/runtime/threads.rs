@@ -15,9 +15,8 @@
 //! every thread on one allocator arena: the buffers the worker frees are the ones the next
 //! operation reuses.
 
-/// Stack of each compute thread: the size of a Linux main thread's default stack, since the
-/// work moved onto the thread used to run on the main thread (Rust's default for spawned
-/// threads is 2 MiB).
+/// Stack of each compute thread: the size of a Linux main thread's default stack, which the
+/// work on this thread is written for (Rust's default for spawned threads is 2 MiB).
 pub const STACK_BYTES: usize = 8 << 20;
 
 /// Runs `work` on a thread of a new rayon pool of one thread per core (`RAYON_NUM_THREADS`

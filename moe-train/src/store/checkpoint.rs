@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
@@ -28,9 +28,9 @@ use burn::tensor::Bytes;
 use moe_core::lora;
 use moe_core::placement::ShardedParam;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-use crate::checksum::{hex, short};
+use super::manifest::{checksums_of, file_entry};
+pub use super::manifest::{verify, FileEntry, Manifest};
 use crate::config::TrainConfig;
 use crate::data::tokenizer::Tokenizer;
 use crate::error::{catch_panic_quietly, io, Result, TrainError};
@@ -80,13 +80,6 @@ struct StateFileOut<'a> {
     files: &'a BTreeMap<String, FileEntry>,
 }
 
-/// The checksums `state.json` records (none in checkpoints written before it recorded them).
-#[derive(Deserialize)]
-struct StateFileChecksums {
-    #[serde(default)]
-    files: BTreeMap<String, FileEntry>,
-}
-
 /// Whether opening a checkpoint checks its files against their recorded checksums.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Verify {
@@ -111,22 +104,6 @@ pub struct DataRecord {
     pub sha256: String,
     /// Indices (in source order) of the validation documents.
     pub validation: Vec<usize>,
-}
-
-/// Size and SHA-256 of each file of a checkpoint.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Manifest {
-    /// By file name.
-    pub files: BTreeMap<String, FileEntry>,
-}
-
-/// One file of a [`Manifest`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileEntry {
-    /// Size in bytes.
-    pub bytes: u64,
-    /// SHA-256, in hex.
-    pub sha256: String,
 }
 
 /// Everything a checkpoint holds.
@@ -287,21 +264,6 @@ fn write_records(staging: &Path, state: &TrainingState) -> Result<()> {
     sync(staging)
 }
 
-/// Size and checksum of every file in `folder` (each synced to disk on the way).
-fn checksums_of(folder: &Path) -> Result<BTreeMap<String, FileEntry>> {
-    let mut files = BTreeMap::new();
-    for entry in std::fs::read_dir(folder).map_err(io(folder))? {
-        let path = entry.map_err(io(folder))?.path();
-        let name = path
-            .file_name()
-            .map(|name| name.to_string_lossy().to_string())
-            .unwrap_or_default();
-        files.insert(name, file_entry(&path)?);
-        sync(&path)?;
-    }
-    Ok(files)
-}
-
 /// The checkpoint folder for `path`: `path` itself if it is a checkpoint folder, or the one its
 /// `latest` file names (a run folder).
 pub fn resolve(path: &Path) -> Result<PathBuf> {
@@ -406,68 +368,7 @@ pub fn open(path: &Path, check: Verify) -> Result<Opened> {
 /// with [`open`], which checks them: hashing a large model once is enough).
 pub fn read_config(path: &Path) -> Result<TrainConfig> {
     let folder = resolve(path)?;
-    read_json(&folder.join(CONFIG_FILE)).map_err(|error| with_alternatives(error, &folder))
-}
-
-/// Checks every file of a checkpoint against the sizes and checksums recorded for it: the
-/// manifest's and those in `state.json` (either alone is enough to check every file). A
-/// checkpoint with neither record cannot be verified and is refused, naming `--no-verify`.
-pub fn verify(folder: &Path) -> Result<()> {
-    let manifest_path = folder.join(MANIFEST_FILE);
-    let manifest = if manifest_path.exists() {
-        read_json::<Manifest>(&manifest_path)?.files
-    } else {
-        BTreeMap::new()
-    };
-    let in_state = recorded_in_state(folder);
-    if manifest.is_empty() && in_state.is_empty() {
-        return Err(TrainError::Checkpoint {
-            path: folder.to_path_buf(),
-            reason: format!(
-                "cannot be verified: it has no {MANIFEST_FILE} and its {STATE_FILE} records no checksums (written by an older burn-moe, or its manifest was deleted), so a damaged or swapped file would go unnoticed; if you trust its files, pass `--no-verify` to load it unchecked"
-            ),
-        });
-    }
-    let records = [(MANIFEST_FILE, &manifest), (STATE_FILE, &in_state)];
-    // `state.json` first: when it is what changed, its own record is not to be believed.
-    let mut names: Vec<&String> = manifest.keys().chain(in_state.keys()).collect();
-    names.sort_by_key(|name| (name.as_str() != STATE_FILE, name.as_str()));
-    names.dedup();
-    for name in names {
-        let file = folder.join(name);
-        if !file.exists() {
-            return Err(TrainError::Checkpoint {
-                path: file,
-                reason: "missing: deleted after the checkpoint was written".into(),
-            });
-        }
-        let actual = file_entry(&file)?;
-        for (record, files) in records {
-            if let Some(expected) = files.get(name).filter(|expected| **expected != actual) {
-                return Err(TrainError::Checkpoint {
-                    path: file,
-                    reason: format!(
-                        "changed or damaged after the checkpoint was written ({} bytes, sha256 {}; {record} says {} bytes, sha256 {})",
-                        actual.bytes,
-                        short(&actual.sha256),
-                        expected.bytes,
-                        short(&expected.sha256)
-                    ),
-                });
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The checksums `state.json` records (empty when it records none or cannot be read: reading
-/// the state reports that).
-fn recorded_in_state(folder: &Path) -> BTreeMap<String, FileEntry> {
-    std::fs::read_to_string(folder.join(STATE_FILE))
-        .ok()
-        .and_then(|text| serde_json::from_str::<StateFileChecksums>(&text).ok())
-        .map(|record| record.files)
-        .unwrap_or_default()
+    read_run_config(&folder.join(CONFIG_FILE)).map_err(|error| with_alternatives(error, &folder))
 }
 
 /// The other checkpoints of the run that `folder` belongs to which pass [`verify`].
@@ -527,7 +428,7 @@ fn with_alternatives(error: TrainError, folder: &Path) -> TrainError {
 pub fn read_state(folder: &Path) -> Result<(TrainingState, TrainConfig)> {
     Ok((
         read_json(&folder.join(STATE_FILE))?,
-        read_json(&folder.join(CONFIG_FILE))?,
+        read_run_config(&folder.join(CONFIG_FILE))?,
     ))
 }
 
@@ -612,7 +513,7 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     std::fs::write(path, json).map_err(io(path))
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+pub(super) fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|error| TrainError::Checkpoint {
         path: path.to_path_buf(),
         reason: format!("cannot read: {error}"),
@@ -623,27 +524,16 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     })
 }
 
-/// Size and SHA-256 of a file.
-fn file_entry(path: &Path) -> Result<FileEntry> {
-    let mut file = File::open(path).map_err(io(path))?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 1 << 20];
-    let mut bytes = 0u64;
-    loop {
-        let read = file.read(&mut buffer).map_err(io(path))?;
-        if read == 0 {
-            break;
-        }
-        bytes += read as u64;
-        hasher.update(&buffer[..read]);
-    }
-    Ok(FileEntry {
-        bytes,
-        sha256: hex(&hasher.finalize()),
+/// A saved run config, in today's layout or an earlier release's
+/// ([`TrainConfig::from_saved`]).
+fn read_run_config(path: &Path) -> Result<TrainConfig> {
+    TrainConfig::from_saved(read_json(path)?).map_err(|error| TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        reason: format!("broken: {error}"),
     })
 }
 
-fn sync(path: &Path) -> Result<()> {
+pub(super) fn sync(path: &Path) -> Result<()> {
     File::open(path)
         .and_then(|f| f.sync_all())
         .map_err(io(path))

@@ -342,7 +342,8 @@ mod tests {
 
     /// A training row whose experts alternate between twice the fair share and idle.
     fn row(step: usize, layers: usize, experts: usize) -> TrainRow {
-        let share = |expert: usize| if expert % 2 == 0 { 2.0 } else { 0.0 } / experts as f64;
+        let share =
+            |expert: usize| if expert.is_multiple_of(2) { 2.0 } else { 0.0 } / experts as f64;
         TrainRow {
             step,
             loss: 3.0,

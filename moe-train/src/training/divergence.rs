@@ -3,7 +3,7 @@
 //! A run whose loss turns NaN keeps running and produces nothing of value; worse, its
 //! checkpoints replace the finite ones. [`NonFiniteWatch`] notices the first step whose loss or
 //! gradient norm is not finite, without reading anything back on the steps that are not logged
-//! (issue 17: a training step does no host read): it keeps on the device the first such step
+//! (a training step does no host read; `tests/host_reads.rs`): it keeps on the device the first such step
 //! and its values, and the training loop reads them with the logged step's values and before
 //! every evaluation and checkpoint. Then the run stops ([`OnNonFinite::Stop`], the default) or,
 //! if the user asked, such steps are skipped ([`OnNonFinite::Skip`]: the optimizer leaves

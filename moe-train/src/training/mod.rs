@@ -15,4 +15,4 @@ pub mod schedule;
 mod session;
 mod step;
 
-pub use run::{perplexity, run, train, Resumed, RunOptions, RunSummary, StepHook};
+pub use run::{loss_digits, perplexity, run, train, Resumed, RunOptions, RunSummary, StepHook};

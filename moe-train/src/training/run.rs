@@ -113,6 +113,32 @@ pub struct RunSummary {
     pub parameters: (usize, usize),
 }
 
+impl RunSummary {
+    /// The summary of a run about to train on `device` from `last_step`, before anything is
+    /// logged.
+    pub(super) fn starting(
+        device: String,
+        data: String,
+        last_step: usize,
+        parameters: (usize, usize),
+    ) -> Self {
+        Self {
+            device,
+            data,
+            last_step,
+            train_losses: Vec::new(),
+            val_losses: Vec::new(),
+            accuracy: None,
+            checkpoint: PathBuf::new(),
+            interrupted: false,
+            samples: Vec::new(),
+            plots: Vec::new(),
+            tokens_per_second: 0.0,
+            parameters,
+        }
+    }
+}
+
 /// A checkpoint a run continues from.
 pub struct Resumed {
     /// Its folder.
@@ -164,7 +190,7 @@ pub fn train(mut config: TrainConfig, options: RunOptions) -> Result<RunSummary>
     });
     match config.task {
         TaskKind::Text => {
-            let (tokenizer, record) = match (&opened, &config.model.hf) {
+            let (tokenizer, record) = match (&opened, &config.variant.hf) {
                 (Some(opened), _) => (
                     Some(Tokenizer::load(
                         &opened.folder.join(checkpoint::TOKENIZER_FILE),
@@ -322,6 +348,17 @@ pub fn run<T: Task>(
     session.finish(diverged)
 }
 
+/// A loss as `eval` and `train` print it: six significant digits (`3.10740`, `0.0123457`),
+/// enough to compare with another tool's figure; non-finite values as Rust writes them.
+pub fn loss_digits(loss: f64) -> String {
+    if !loss.is_finite() || loss == 0.0 {
+        return format!("{loss}");
+    }
+    let magnitude = loss.abs().log10().floor() as i32;
+    let decimals = (5 - magnitude).max(0) as usize;
+    format!("{loss:.decimals$}")
+}
+
 /// `exp(loss)` for people: two decimals, or powers of ten once it is huge.
 pub fn perplexity(loss: f64) -> String {
     let value = loss.exp();
@@ -329,5 +366,19 @@ pub fn perplexity(loss: f64) -> String {
         format!("{value:.2}")
     } else {
         format!("{value:.3e}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::loss_digits;
+
+    #[test]
+    fn losses_print_with_six_significant_digits() {
+        assert_eq!(loss_digits(3.107_432_1), "3.10743");
+        assert_eq!(loss_digits(0.012_345_678), "0.0123457");
+        assert_eq!(loss_digits(12.345_678_9), "12.3457");
+        assert_eq!(loss_digits(123_456.7), "123457");
+        assert_eq!(loss_digits(f64::NAN), "NaN");
     }
 }

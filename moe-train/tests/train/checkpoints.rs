@@ -20,9 +20,10 @@ fn a_saved_model_loads_with_identical_outputs() {
     let dir = temp_dir("checkpoint-roundtrip");
     let mut config = Preset::Tiny.config();
     config.model.d_model = 32;
+    config.model.moe.d_model = 32;
     config.model.num_heads = 2;
     config.model.d_ff = 64;
-    config.model.expert_hidden = 32;
+    config.model.moe.expert.d_hidden = 32;
     let model_config = config.text_model_config(50);
     let device = cpu();
     device.seed(1);

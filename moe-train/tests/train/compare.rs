@@ -35,7 +35,7 @@ fn both_runs_see_the_same_batches_and_the_plot_is_drawn() {
         checkpoint::read_state(&checkpoint::resolve(&out.join("dense")).unwrap()).unwrap();
     assert_eq!(moe_state.data_rng, dense_state.data_rng);
     assert_eq!(moe_state.tokens_seen, dense_state.tokens_seen);
-    assert!(!moe_config.model.dense && dense_config.model.dense);
+    assert!(!moe_config.variant.dense && dense_config.variant.dense);
     // Equal work per token: the dense twin has the MoE model's active parameters... less the
     // routers.
     assert!(comparison.dense.parameters.0 < comparison.moe.parameters.0);

@@ -9,11 +9,22 @@ use crate::common::temp_dir;
 fn a_toml_file_changes_only_what_it_names() {
     let dir = temp_dir("config-toml");
     let path = dir.join("run.toml");
-    std::fs::write(&path, "[model]\nexperts = 8\n\n[run]\nsteps = 77\n").unwrap();
+    std::fs::write(&path, "[model.moe]\nnum_experts = 8\n\n[run]\nsteps = 77\n").unwrap();
     let config = TrainConfig::from_preset_and_file(Preset::Tiny, Some(&path)).unwrap();
     let mut expected = Preset::Tiny.config();
-    expected.model.experts = 8;
+    expected.model.moe.num_experts = 8;
     expected.run.steps = 77;
+    assert_eq!(config, expected);
+
+    // Another gate replaces the preset's whole; the MoE layer's width follows the model's.
+    let text = "[model]\nd_model = 64\n\n[model.moe]\ngate = { Switch = { jitter = 0.5 } }\n";
+    std::fs::write(&path, text).unwrap();
+    let config = TrainConfig::from_preset_and_file(Preset::Tiny, Some(&path)).unwrap();
+    let mut expected = Preset::Tiny.config();
+    expected.model.d_model = 64;
+    expected.model.moe.d_model = 64;
+    expected.model.moe.gate =
+        moe_core::GateConfig::Switch(moe_core::gate::SwitchGate::new().with_jitter(0.5));
     assert_eq!(config, expected);
 
     let json = dir.join("run.json");
@@ -109,4 +120,36 @@ fn the_schedule_warms_up_then_decays_by_cosine() {
     // Half-way through the decay: the mean of lr and min_lr.
     assert!((learning_rate(600, total, &optim) - 1.65e-3).abs() < 1e-12);
     assert!((learning_rate(1100, total, &optim) - 3e-4).abs() < 1e-12);
+}
+
+/// Each model flag lands in the field of the config that owns it.
+#[test]
+fn flags_write_into_the_models_own_fields() {
+    use clap::Parser;
+    use moe_train::cli::{Cli, Command};
+    let cli = Cli::try_parse_from([
+        "burn-moe",
+        "train",
+        "--experts",
+        "8",
+        "--gate",
+        "switch",
+        "--aux-loss-weight",
+        "0.25",
+        "--z-loss-weight",
+        "0.5",
+        "--context",
+        "32",
+    ])
+    .unwrap();
+    let Command::Train(args) = cli.command else {
+        panic!("not a train command");
+    };
+    let config = args.resolve().unwrap();
+    let moe = &config.model.moe;
+    assert_eq!((moe.num_experts, moe.top_k), (8, 1));
+    assert_eq!(moe.gate, moe_core::GateConfig::switch());
+    assert_eq!(moe.losses.balance_weight, 0.25);
+    assert_eq!(moe.losses.z_loss_weight, 0.5);
+    assert_eq!(config.model.context_length, 32);
 }

@@ -324,7 +324,7 @@ fn resuming_the_log_drops_later_rows_and_a_cut_line() {
 #[test]
 fn the_memory_estimate_counts_the_parameters_and_refuses_with_figures() {
     let mut config = moe_train::config::Preset::Tiny.config();
-    config.model.experts = 80;
+    config.model.moe.num_experts = 80;
     let model = config.text_model_config(500);
     let built = model.init(&cpu()).unwrap();
     let estimate = moe_train::runtime::memory::estimate(&config, &model);

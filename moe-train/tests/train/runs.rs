@@ -68,7 +68,7 @@ fn resuming_repeats_the_uninterrupted_losses() {
     let corpus = dir.join("corpus.txt");
     write_generated_corpus(&corpus);
     let mut config = tiny_config(corpus, 8);
-    config.model.gate = moe_train::config::GateChoice::Noisy; // gate noise must repeat too
+    config.model.moe.gate = moe_core::GateConfig::noisy(); // gate noise must repeat too
     config.model.dropout = 0.1;
     config.run.checkpoint_every = 4;
 
@@ -108,7 +108,7 @@ fn resuming_refuses_changed_settings() {
     let config = tiny_config(corpus, 2);
     train(config.clone(), options(dir.join("run"), false)).unwrap();
     let mut changed = config;
-    changed.model.experts = 8;
+    changed.model.moe.num_experts = 8;
     changed.run.steps = 4;
     let message = train(changed, options(dir.join("run"), true))
         .unwrap_err()

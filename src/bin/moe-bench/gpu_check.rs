@@ -90,44 +90,11 @@ pub fn run(args: &GpuCheckArgs) -> i32 {
     let (warmup, repeats) = if args.quick { (1, 1) } else { (1, 3) };
     let mut tally = Tally::default();
     let mut report = json!({ "adapter": adapter });
-
-    section("kernels against flex at GPU sizes");
     let half = device.supports_dtype(FloatDType::F16);
-    let mut kernels = Vec::new();
-    for dtype in [FloatDType::F32, FloatDType::F16] {
-        if dtype == FloatDType::F16 && !half {
-            println!("f16: not run (the adapter has no shader f16)");
-            continue;
-        }
-        for outcome in compare(&flex, &device, &Sizes::gpu(), dtype) {
-            let verdict = if outcome.passed() { "ok" } else { "FAILED" };
-            println!(
-                "{:<34} {:<4} difference {:.2e} (tolerance {:.0e}) {verdict}",
-                outcome.name, outcome.dtype, outcome.difference, outcome.tolerance
-            );
-            tally.check(
-                outcome.passed(),
-                format!("kernel {} {}", outcome.name, outcome.dtype),
-            );
-            kernels.push(json!({
-                "name": outcome.name, "dtype": outcome.dtype,
-                "difference": finite_or_null(outcome.difference), "passed": outcome.passed(),
-            }));
-        }
-    }
-    report["kernels"] = json!(kernels);
 
-    section("whole-model parity against flex");
-    let mut models = Vec::new();
-    for (name, result) in burn_moe::parity::run(&flex, &device) {
-        match &result {
-            Ok(()) => println!("{name} ... ok"),
-            Err(message) => println!("{name} ... FAILED: {message}"),
-        }
-        tally.check(result.is_ok(), format!("parity: {name}"));
-        models.push(json!({ "case": name, "error": result.err() }));
-    }
-    report["model_parity"] = json!(models);
+    report["kernels"] = check_kernels(&flex, &device, half, &mut tally);
+
+    report["model_parity"] = check_models(&flex, &device, &mut tally);
 
     section("determinism");
     let equal = same_twice(&device);
@@ -142,55 +109,7 @@ pub fn run(args: &GpuCheckArgs) -> i32 {
     tally.check(equal, "determinism");
     report["deterministic"] = json!(equal);
 
-    section("timings");
-    let w5 = scaling::measure(&device, 1024, warmup, repeats);
-    for row in &w5 {
-        println!(
-            "W5 {:<14} E={:<3} {:>6} tokens {:>9.1} ms",
-            row.capacity,
-            row.experts,
-            row.tokens,
-            row.seconds * 1e3
-        );
-    }
-    report["w5"] = json!({ "rows": w5, "ratios": scaling::ratios(&w5, 1024) });
-    let mut w7 = grouped::measure(
-        &device,
-        &grouped::gpu_shapes(),
-        FloatDType::F32,
-        warmup,
-        repeats,
-    );
-    if half {
-        w7.extend(grouped::measure(
-            &device,
-            &grouped::gpu_shapes(),
-            FloatDType::F16,
-            warmup,
-            repeats,
-        ));
-    }
-    grouped::print(&w7);
-    report["w7"] = json!({
-        "rows": w7,
-        "grouped_matmul_ratio": grouped::mean_ratio(&w7),
-        "batched_capacity_ratio": grouped::mean_batched_ratio(&w7),
-    });
-    let mut steps = Vec::new();
-    for preset in [Preset::Tiny, Preset::Small] {
-        let name = format!("{preset:?}").to_lowercase();
-        let row = step::step_row(&device, preset, &name, warmup, repeats, true);
-        println!(
-            "W2 {:<6} {:>9.1} ms a step, {:>9.0} tokens/s, {} launches, {} host reads",
-            row.preset,
-            row.seconds * 1e3,
-            row.tokens_per_second,
-            row.launches_per_step.unwrap_or(0),
-            row.host_reads_per_step.unwrap_or(0)
-        );
-        steps.push(row);
-    }
-    report["w2"] = json!(steps);
+    let w7 = timings(&device, half, warmup, repeats, &mut report);
 
     section("training the tiny preset 40 steps, f32 and f16");
     let training = train_both(&selected, half, &mut tally);
@@ -222,6 +141,109 @@ pub fn run(args: &GpuCheckArgs) -> i32 {
         }
     }
     i32::from(!tally.failures.is_empty())
+}
+
+/// The kernels against flex's at GPU sizes, in f32 and (where the adapter has it) f16.
+fn check_kernels(flex: &Device, device: &Device, half: bool, tally: &mut Tally) -> Value {
+    section("kernels against flex at GPU sizes");
+    let mut kernels = Vec::new();
+    for dtype in [FloatDType::F32, FloatDType::F16] {
+        if dtype == FloatDType::F16 && !half {
+            println!("f16: not run (the adapter has no shader f16)");
+            continue;
+        }
+        for outcome in compare(flex, device, &Sizes::gpu(), dtype) {
+            let verdict = if outcome.passed() { "ok" } else { "FAILED" };
+            println!(
+                "{:<34} {:<4} difference {:.2e} (tolerance {:.0e}) {verdict}",
+                outcome.name, outcome.dtype, outcome.difference, outcome.tolerance
+            );
+            tally.check(
+                outcome.passed(),
+                format!("kernel {} {}", outcome.name, outcome.dtype),
+            );
+            kernels.push(json!({
+                "name": outcome.name, "dtype": outcome.dtype,
+                "difference": finite_or_null(outcome.difference), "passed": outcome.passed(),
+            }));
+        }
+    }
+    json!(kernels)
+}
+
+/// The whole-model parity cases against flex.
+fn check_models(flex: &Device, device: &Device, tally: &mut Tally) -> Value {
+    section("whole-model parity against flex");
+    let mut models = Vec::new();
+    for (name, result) in burn_moe::parity::run(flex, device) {
+        match &result {
+            Ok(()) => println!("{name} ... ok"),
+            Err(message) => println!("{name} ... FAILED: {message}"),
+        }
+        tally.check(result.is_ok(), format!("parity: {name}"));
+        models.push(json!({ "case": name, "error": result.err() }));
+    }
+    json!(models)
+}
+
+/// W5, W7 and W2 on the adapter, written into `report`; W7's rows for the summary.
+fn timings(
+    device: &Device,
+    half: bool,
+    warmup: usize,
+    repeats: usize,
+    report: &mut Value,
+) -> Vec<grouped::GroupedRow> {
+    section("timings");
+    let w5 = scaling::measure(device, 1024, warmup, repeats);
+    for row in &w5 {
+        println!(
+            "W5 {:<14} E={:<3} {:>6} tokens {:>9.1} ms",
+            row.capacity,
+            row.experts,
+            row.tokens,
+            row.seconds * 1e3
+        );
+    }
+    report["w5"] = json!({ "rows": w5, "ratios": scaling::ratios(&w5, 1024) });
+    let mut w7 = grouped::measure(
+        device,
+        &grouped::gpu_shapes(),
+        FloatDType::F32,
+        warmup,
+        repeats,
+    );
+    if half {
+        w7.extend(grouped::measure(
+            device,
+            &grouped::gpu_shapes(),
+            FloatDType::F16,
+            warmup,
+            repeats,
+        ));
+    }
+    grouped::print(&w7);
+    report["w7"] = json!({
+        "rows": w7,
+        "grouped_matmul_ratio": grouped::mean_ratio(&w7),
+        "batched_capacity_ratio": grouped::mean_batched_ratio(&w7),
+    });
+    let mut steps = Vec::new();
+    for preset in [Preset::Tiny, Preset::Small] {
+        let name = format!("{preset:?}").to_lowercase();
+        let row = step::step_row(device, preset, &name, warmup, repeats, true);
+        println!(
+            "W2 {:<6} {:>9.1} ms a step, {:>9.0} tokens/s, {} launches, {} host reads",
+            row.preset,
+            row.seconds * 1e3,
+            row.tokens_per_second,
+            row.launches_per_step.unwrap_or(0),
+            row.host_reads_per_step.unwrap_or(0)
+        );
+        steps.push(row);
+    }
+    report["w2"] = json!(steps);
+    w7
 }
 
 fn section(title: &str) {

@@ -5,40 +5,12 @@ use std::cell::Cell;
 use std::rc::Rc;
 
 use burn::tensor::{Device, Distribution, Tensor};
+use burn_moe::bench::{Capacity, LayerKey, LayerRow, MatmulRow};
+pub use burn_moe::bench::{D_HIDDEN, D_MODEL, TOKENS};
 use burn_moe::core::{
     Activation, CapacityConfig, ExpertConfig, ExpertKind, GateConfig, LossConfig, MoeConfig,
     RoutingMode,
 };
-use serde::Serialize;
-
-/// W1's sizes.
-pub const TOKENS: usize = 4096;
-/// Model width.
-pub const D_MODEL: usize = 512;
-/// Hidden size of one expert.
-pub const D_HIDDEN: usize = 1024;
-
-/// One measured W1 configuration.
-#[derive(Debug, Clone, Serialize)]
-pub struct LayerRow {
-    /// "moe" or "dense".
-    pub kind: String,
-    /// Experts (1 for dense).
-    pub experts: usize,
-    /// Experts per token (the dense FFN has `top_k * 1024` hidden units).
-    pub top_k: usize,
-    /// "dropless", "capacity 1.25" or "-" for dense.
-    pub capacity: String,
-    /// Median seconds of forward + backward.
-    pub seconds: f64,
-    /// Tokens per second.
-    pub tokens_per_second: f64,
-    /// Useful FLOPs (routed tokens only, no padding) per second, forward + backward.
-    pub gflops: f64,
-    /// Rows per expert of the expert buffer (MoE): the capacity `C`, or for dropless the
-    /// mean load `tokens x top_k / E` (the ragged buffer holds exactly the routed rows).
-    pub capacity_slots: usize,
-}
 
 /// FLOPs of the expert (or dense FFN) matmuls for `tokens * top_k` routed rows, forward and
 /// backward: two matmuls, each `2 * rows * d * h` forward and twice that backward.
@@ -82,21 +54,14 @@ pub fn benchmark_layer(
 
 /// One W1 configuration being timed: what its row will say besides the time.
 pub struct LayerCase {
-    kind: &'static str,
-    experts: usize,
-    top_k: usize,
-    capacity: String,
+    /// What it measures.
+    pub key: LayerKey,
     /// Rows per expert of the expert buffer (see [`LayerRow::capacity_slots`]; set by the
     /// pass itself under a capacity limit).
     slots: Rc<Cell<usize>>,
 }
 
 impl LayerCase {
-    /// Whether this is the MoE layer with `experts` experts and `top_k` experts per token.
-    pub fn is_moe(&self, experts: usize, top_k: usize) -> bool {
-        self.kind == "moe" && self.experts == experts && self.top_k == top_k
-    }
-
     /// Rows per expert of the expert buffer (0 before the first pass under a capacity limit).
     pub fn slots(&self) -> usize {
         self.slots.get()
@@ -110,14 +75,11 @@ impl LayerCase {
     /// The row of this configuration, given the median seconds of its pass.
     pub fn row(&self, seconds: f64) -> LayerRow {
         LayerRow {
-            kind: self.kind.into(),
-            experts: self.experts,
-            top_k: self.top_k,
-            capacity: self.capacity.clone(),
+            key: self.key,
             seconds,
             tokens_per_second: TOKENS as f64 / seconds,
             // The dense FFN's hidden `top_k * D_HIDDEN` gives the same count.
-            gflops: ffn_flops(TOKENS * self.top_k, D_MODEL, D_HIDDEN) / seconds / 1e9,
+            gflops: ffn_flops(TOKENS * self.key.top_k, D_MODEL, D_HIDDEN) / seconds / 1e9,
             capacity_slots: self.slots.get(),
         }
     }
@@ -138,15 +100,13 @@ pub fn moe_case(
     let x = Tensor::<2>::random([TOKENS, D_MODEL], Distribution::Normal(0.0, 1.0), &device);
     let mean_load = (TOKENS * top_k).div_ceil(experts);
     let slots = Rc::new(Cell::new(if dropless { mean_load } else { 0 }));
+    let capacity = if dropless {
+        Capacity::Dropless
+    } else {
+        Capacity::Factor125
+    };
     let case = LayerCase {
-        kind: "moe",
-        experts,
-        top_k,
-        capacity: if dropless {
-            "dropless".into()
-        } else {
-            "capacity 1.25".into()
-        },
+        key: LayerKey::moe(experts, top_k, capacity),
         slots: slots.clone(),
     };
     let run = Box::new(move || {
@@ -174,10 +134,7 @@ pub fn dense_case(device: &Device, top_k: usize) -> (LayerCase, LayerRun) {
         &device,
     );
     let case = LayerCase {
-        kind: "dense",
-        experts: 1,
-        top_k,
-        capacity: "-".into(),
+        key: LayerKey::dense(top_k),
         slots: Rc::new(Cell::new(TOKENS)),
     };
     let run = Box::new(move || {
@@ -186,23 +143,6 @@ pub fn dense_case(device: &Device, top_k: usize) -> (LayerCase, LayerRun) {
         let _ = loss.backward();
     });
     (case, run)
-}
-
-/// One W3 measurement.
-#[derive(Debug, Clone, Serialize)]
-pub struct MatmulRow {
-    /// Batch (experts) of the batched matmul.
-    pub batch: usize,
-    /// Rows per batch entry.
-    pub rows: usize,
-    /// Inner size.
-    pub inner: usize,
-    /// Columns.
-    pub columns: usize,
-    /// Median seconds of one forward matmul.
-    pub seconds: f64,
-    /// Achieved GFLOP/s.
-    pub gflops: f64,
 }
 
 /// One W3 product being timed: its shape, for the row.

@@ -24,7 +24,6 @@ mod timing;
 mod torch;
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
 use std::rc::Rc;
@@ -35,7 +34,8 @@ use burn_moe::train::runtime::threads::run_on_compute_threads;
 use clap::Parser;
 use serde_json::{json, Value};
 
-use layer::{LayerRow, MatmulRow, D_HIDDEN, D_MODEL, TOKENS};
+use burn_moe::bench::{LayerForm, LayerRow, MatmulRow, Ratios, Report, TorchSide};
+use layer::{D_HIDDEN, D_MODEL, TOKENS};
 use step::StepRow;
 use torch::{TorchLayerRow, TorchResults, TorchServer};
 
@@ -139,54 +139,13 @@ fn bench(args: &Args, heap_reuse: bool) {
     let (warmup, repeats) = if args.quick { (1, 1) } else { (2, 5) };
 
     if let Some(preset) = args.w2_child {
-        let baseline = step::memory_status().map(|(_, rss)| rss);
-        let observe = observe_wgpu(args);
-        let mut row = step::step_row(
-            &device,
-            preset,
-            &preset_name(preset),
-            warmup,
-            repeats,
-            observe,
-        );
-        row.peak_rss = step::memory_status().map(|(peak, _)| peak);
-        row.baseline_rss = baseline;
-        println!("{}", serde_json::to_string(&row).expect("serialises"));
+        w2_child(args, &device, preset, warmup, repeats);
         return;
     }
 
-    match args.only {
-        Some(Only::W5) => {
-            let w5 = w5(&device, args, warmup, repeats);
-            write_json(args, json!({ "backend": selected.to_string(), "w5": w5 }));
-            return;
-        }
-        Some(Only::W6) => {
-            let w6 = w6(&device, warmup, repeats);
-            write_json(args, json!({ "backend": selected.to_string(), "w6": w6 }));
-            return;
-        }
-        Some(Only::W6Ops) => {
-            let (warmup, repeats) = if args.quick { (1, 1) } else { (3, 15) };
-            let rows = breakdown::measure(&device, warmup, repeats);
-            breakdown::print(&rows);
-            write_json(
-                args,
-                json!({ "backend": selected.to_string(), "w6_ops": rows }),
-            );
-            return;
-        }
-        Some(Only::W7) => {
-            let w7 = w7(&device, args.quick, warmup, repeats);
-            write_json(args, json!({ "backend": selected.to_string(), "w7": w7 }));
-            return;
-        }
-        Some(Only::W2) => {
-            let (w2, _) = w2(args, &mut Err("--only w2".into()), warmup, repeats);
-            write_json(args, json!({ "backend": selected.to_string(), "w2": w2 }));
-            return;
-        }
-        None => {}
+    if let Some(only) = args.only {
+        run_only(args, only, &device, &selected.to_string(), warmup, repeats);
+        return;
     }
 
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -202,8 +161,112 @@ fn bench(args: &Args, heap_reuse: bool) {
     };
 
     // W4's PyTorch runs alternate with ours: its script runs beside the benchmark as a server.
+    let mut server = start_torch(args, threads, &experts);
+
+    let (w1, w3, torch_w1) = w1_and_w3(&device, &experts, &mut server, warmup, repeats);
+
+    let (w2, torch_w2) = w2(args, &mut server, warmup, repeats);
+
+    // W4
+    let torch = server.map(|server| TorchResults {
+        torch: server.torch.clone(),
+        threads: server.threads,
+        w1: torch_w1,
+        w2: torch_w2,
+    });
+    print_torch(&torch);
+
+    let w5 = w5(&device, args, warmup, repeats);
+    let w6 = w6(&device, warmup, repeats);
+    let w7 = w7(&device, args.quick, warmup, repeats);
+
+    let ratios = Ratios::of(&w1, &w2, &w3, torch.as_ref().ok());
+    println!("\nratios (targets: P1 >= 0.90 at E=8 top-2, P2 <= 1.10, P3 >= 1.0, P4 >= 0.80, memory <= 1.5)");
+    let printed = serde_json::to_value(&ratios).expect("ratios serialise");
+    for (name, values) in printed.as_object().expect("ratios are an object") {
+        println!("{name}: {values}");
+    }
+    let report = Report {
+        backend: selected.to_string(),
+        threads,
+        heap_reuse,
+        on_compute_thread: !args.main_thread,
+        quick: args.quick,
+        w1,
+        w2,
+        w3,
+        w4: match torch {
+            Ok(results) => TorchSide::Measured(results),
+            Err(reason) => TorchSide::NotMeasured {
+                not_measured: reason,
+            },
+        },
+        w5,
+        w6: json!(w6),
+        w7,
+        ratios,
+    };
+    write_json(args, json!(report));
+}
+
+/// `--w2-child PRESET`: W2 for one preset in this process, its row printed as one JSON line
+/// with the process's peak memory (the parent reads it, `w2_in_child`).
+fn w2_child(
+    args: &Args,
+    device: &burn::tensor::Device,
+    preset: Preset,
+    warmup: usize,
+    repeats: usize,
+) {
+    let baseline = step::memory_status().map(|(_, rss)| rss);
+    let observe = observe_wgpu(args);
+    let name = preset_name(preset);
+    let mut row = step::step_row(device, preset, &name, warmup, repeats, observe);
+    row.peak_rss = step::memory_status().map(|(peak, _)| peak);
+    row.baseline_rss = baseline;
+    println!("{}", serde_json::to_string(&row).expect("serialises"));
+}
+
+/// One workload alone (`--only`), its rows written to `--json`.
+fn run_only(
+    args: &Args,
+    only: Only,
+    device: &burn::tensor::Device,
+    backend: &str,
+    warmup: usize,
+    repeats: usize,
+) {
+    match only {
+        Only::W5 => {
+            let w5 = w5(device, args, warmup, repeats);
+            write_json(args, json!({ "backend": backend, "w5": w5 }));
+        }
+        Only::W6 => {
+            let w6 = w6(device, warmup, repeats);
+            write_json(args, json!({ "backend": backend, "w6": w6 }));
+        }
+        Only::W6Ops => {
+            let (warmup, repeats) = if args.quick { (1, 1) } else { (3, 15) };
+            let rows = breakdown::measure(device, warmup, repeats);
+            breakdown::print(&rows);
+            write_json(args, json!({ "backend": backend, "w6_ops": rows }));
+        }
+        Only::W7 => {
+            let w7 = w7(device, args.quick, warmup, repeats);
+            write_json(args, json!({ "backend": backend, "w7": w7 }));
+        }
+        Only::W2 => {
+            let (w2, _) = w2(args, &mut Err("--only w2".into()), warmup, repeats);
+            write_json(args, json!({ "backend": backend, "w2": w2 }));
+        }
+    }
+}
+
+/// `bench/torch_moe.py --serve` with W1's configurations built, or why it is not running
+/// (`--no-torch`, no Python with torch).
+fn start_torch(args: &Args, threads: usize, experts: &[usize]) -> Result<TorchServer, String> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let mut server = if args.no_torch {
+    if args.no_torch {
         Err("--no-torch".to_string())
     } else {
         match args
@@ -213,14 +276,25 @@ fn bench(args: &Args, heap_reuse: bool) {
         {
             Some(python) => {
                 println!("W4: PyTorch eager (bench/torch_moe.py --serve), building its layers ...");
-                TorchServer::start(&python, &root.join("bench/torch_moe.py"), threads, &experts)
+                TorchServer::start(&python, &root.join("bench/torch_moe.py"), threads, experts)
             }
             None => Err(
                 "no Python with torch: see bench/README.md (or pass --torch-python)".to_string(),
             ),
         }
-    };
+    }
+}
 
+/// W1 and W3 timed in interleaved rounds with PyTorch's W1 configurations (when its server
+/// runs): our W1 rows, our W3 rows and PyTorch's W1 rows. A PyTorch failure leaves `server`
+/// holding its reason.
+fn w1_and_w3(
+    device: &burn::tensor::Device,
+    experts: &[usize],
+    server: &mut Result<TorchServer, String>,
+    warmup: usize,
+    repeats: usize,
+) -> (Vec<LayerRow>, Vec<MatmulRow>, Vec<TorchLayerRow>) {
     // W1
     let mut w1: Vec<LayerRow> = Vec::new();
     println!("W1: MoE layer, forward + backward, {TOKENS} tokens, d_model {D_MODEL}, expert hidden {D_HIDDEN}");
@@ -237,12 +311,12 @@ fn bench(args: &Args, heap_reuse: bool) {
     let mut cases = Vec::new();
     let mut runs = Vec::new();
     for top_k in [1, 2] {
-        let (case, run) = layer::dense_case(&device, top_k);
+        let (case, run) = layer::dense_case(device, top_k);
         cases.push(case);
         runs.push(run);
-        for &e in &experts {
+        for &e in experts {
             for dropless in [true, false] {
-                let (case, run) = layer::moe_case(&device, e, top_k, dropless);
+                let (case, run) = layer::moe_case(device, e, top_k, dropless);
                 cases.push(case);
                 runs.push(run);
             }
@@ -255,19 +329,19 @@ fn bench(args: &Args, heap_reuse: bool) {
     let mut w3_cases = Vec::new();
     let mut shapes = vec![(1, TOKENS, 2 * D_HIDDEN)];
     for (case, run) in cases.iter().zip(&mut runs) {
-        if case.is_moe(8, 2) {
+        if case.key.kind == LayerForm::Moe && (case.key.experts, case.key.top_k) == (8, 2) {
             run();
             shapes.push((8, case.slots(), D_HIDDEN));
         }
     }
     for (batch, rows, columns) in shapes {
-        let (case, run) = layer::matmul_case(&device, batch, rows, D_MODEL, columns);
+        let (case, run) = layer::matmul_case(device, batch, rows, D_MODEL, columns);
         w3_cases.push(case);
         runs.push(run);
     }
     // PyTorch's configurations join the rounds; their times are the ones the script measures.
     let ours = runs.len();
-    if let Ok(server) = &mut server {
+    if let Ok(server) = server.as_mut() {
         let server = Rc::new(RefCell::new(server));
         for case in 0..torch_cases {
             let (server, times, error) = (server.clone(), &torch_times, &torch_error);
@@ -277,15 +351,15 @@ fn bench(args: &Args, heap_reuse: bool) {
             }));
         }
     }
-    let mut seconds = timing::interleaved_median_seconds(&device, warmup, repeats, &mut runs);
+    let mut seconds = timing::interleaved_median_seconds(device, warmup, repeats, &mut runs);
     seconds.truncate(ours);
     let w3_seconds = seconds.split_off(layers);
     // The 22 layers' weights (about 2 GB) are not needed by the workloads that follow.
     drop(runs);
     let mut torch_w1 = Vec::new();
     if let Some(reason) = torch_error.into_inner() {
-        server = Err(reason);
-    } else if let Ok(server) = &server {
+        *server = Err(reason);
+    } else if let Ok(server) = &*server {
         for (case, mut times) in server.cases.iter().zip(torch_times.into_inner()) {
             // The first `warmup` runs were the warm-up rounds.
             let measured = times.split_off(warmup.min(times.len()));
@@ -294,7 +368,7 @@ fn bench(args: &Args, heap_reuse: bool) {
             }
             let median = timing::median(measured);
             torch_w1.push(TorchLayerRow {
-                case: case.clone(),
+                case: *case,
                 seconds: median,
                 tokens_per_second: TOKENS as f64 / median,
             });
@@ -314,17 +388,12 @@ fn bench(args: &Args, heap_reuse: bool) {
         print_matmul(&row);
         w3.push(row);
     }
+    (w1, w3, torch_w1)
+}
 
-    let (w2, torch_w2) = w2(args, &mut server, warmup, repeats);
-
-    // W4
-    let torch = server.map(|server| TorchResults {
-        torch: server.torch.clone(),
-        threads: server.threads,
-        w1: torch_w1,
-        w2: torch_w2,
-    });
-    if let Ok(results) = &torch {
+/// W4: PyTorch's rows, or why they were not measured.
+fn print_torch(torch: &Result<TorchResults, String>) {
+    if let Ok(results) = torch {
         println!("torch {} on {} threads", results.torch, results.threads);
         for row in &results.w1 {
             println!(
@@ -346,42 +415,9 @@ fn bench(args: &Args, heap_reuse: bool) {
                 row.parameters
             );
         }
-    } else if let Err(reason) = &torch {
+    } else if let Err(reason) = torch {
         println!("\nW4: PyTorch not measured: {reason}");
     }
-
-    let w5 = w5(&device, args, warmup, repeats);
-    let w6 = w6(&device, warmup, repeats);
-    let w7 = w7(&device, args.quick, warmup, repeats);
-
-    let report = ratios(&w1, &w2, &w3, torch.as_ref().ok());
-    println!("\nratios (targets: P1 >= 0.90 at E=8 top-2, P2 <= 1.10, P3 >= 1.0, P4 >= 0.80, memory <= 1.5)");
-    for key in [
-        "p1_moe_efficiency",
-        "p2_expert_scaling",
-        "p3_vs_pytorch",
-        "p4_gemm_efficiency",
-        "peak_rss_ratio",
-    ] {
-        println!("{key}: {}", report[key]);
-    }
-    let mut output = report;
-    output["backend"] = json!(selected.to_string());
-    output["threads"] = json!(threads);
-    output["heap_reuse"] = json!(heap_reuse);
-    output["on_compute_thread"] = json!(!args.main_thread);
-    output["quick"] = json!(args.quick);
-    output["w1"] = json!(w1);
-    output["w2"] = json!(w2);
-    output["w3"] = json!(w3);
-    output["w4"] = match &torch {
-        Ok(results) => json!(results),
-        Err(reason) => json!({ "not_measured": reason }),
-    };
-    output["w5"] = w5;
-    output["w6"] = json!(w6);
-    output["w7"] = w7;
-    write_json(args, output);
 }
 
 /// W2, each preset in its own process so that its peak memory is its own, with PyTorch's step
@@ -565,10 +601,10 @@ fn preset_name(preset: Preset) -> String {
 fn print_layer(row: &LayerRow) {
     println!(
         "{:<6} {:>4} {:>3} {:<14} {:>6} {:>10.1} {:>12.0} {:>9.1}",
-        row.kind,
-        row.experts,
-        row.top_k,
-        row.capacity,
+        row.key.kind,
+        row.key.experts,
+        row.key.top_k,
+        row.key.capacity,
         row.capacity_slots,
         row.seconds * 1e3,
         row.tokens_per_second,
@@ -622,126 +658,4 @@ fn w2_in_child(args: &Args, preset: Preset) -> Result<StepRow, String> {
         .find(|l| l.starts_with('{'))
         .ok_or("no result")?;
     serde_json::from_str(line).map_err(|e| e.to_string())
-}
-
-fn find<'a>(
-    rows: &'a [LayerRow],
-    kind: &str,
-    experts: usize,
-    top_k: usize,
-    capacity: &str,
-) -> Option<&'a LayerRow> {
-    rows.iter().find(|r| {
-        r.kind == kind
-            && r.experts == experts
-            && r.top_k == top_k
-            && (capacity.is_empty() || r.capacity == capacity)
-    })
-}
-
-/// The ratios the issue asks for, from the measured rows.
-fn ratios(
-    w1: &[LayerRow],
-    w2: &[StepRow],
-    w3: &[MatmulRow],
-    torch: Option<&torch::TorchResults>,
-) -> Value {
-    let mut p1 = BTreeMap::new();
-    let mut p2 = BTreeMap::new();
-    let mut p3 = BTreeMap::new();
-    let mut p4 = BTreeMap::new();
-    let mut memory = BTreeMap::new();
-    for capacity in ["dropless", "capacity 1.25"] {
-        for top_k in [1, 2] {
-            if let (Some(moe), Some(dense)) = (
-                find(w1, "moe", 8, top_k, capacity),
-                find(w1, "dense", 1, top_k, ""),
-            ) {
-                p1.insert(
-                    format!("E8_top{top_k}_{capacity}"),
-                    json!(round(moe.tokens_per_second / dense.tokens_per_second)),
-                );
-            }
-            if let (Some(big), Some(small)) = (
-                find(w1, "moe", 64, top_k, capacity),
-                find(w1, "moe", 4, top_k, capacity),
-            ) {
-                p2.insert(
-                    format!("top{top_k}_{capacity}"),
-                    json!(round(big.seconds / small.seconds)),
-                );
-            }
-        }
-        if let Some(moe) = find(w1, "moe", 8, 2, capacity) {
-            if let Some(gemm) = w3
-                .iter()
-                .find(|m| m.batch == 8 && m.rows == moe.capacity_slots)
-            {
-                p4.insert(
-                    format!("E8_top2_{capacity}"),
-                    json!(round(moe.gflops / gemm.gflops)),
-                );
-            }
-        }
-    }
-    if let Some(torch) = torch {
-        for row in w1.iter().filter(|r| r.kind == "moe") {
-            let best = torch
-                .w1
-                .iter()
-                .filter(|t| {
-                    t.case.form != "dense"
-                        && t.case.experts == row.experts
-                        && t.case.top_k == row.top_k
-                        && t.case.capacity == row.capacity
-                })
-                .map(|t| t.tokens_per_second)
-                .fold(0.0, f64::max);
-            if best > 0.0 {
-                p3.insert(
-                    format!("W1_E{}_top{}_{}", row.experts, row.top_k, row.capacity),
-                    json!(round(row.tokens_per_second / best)),
-                );
-            }
-        }
-        for row in w1.iter().filter(|r| r.kind == "dense") {
-            if let Some(t) = torch
-                .w1
-                .iter()
-                .find(|t| t.case.form == "dense" && t.case.top_k == row.top_k)
-            {
-                p3.insert(
-                    format!("W1_dense_hidden{}", row.top_k * D_HIDDEN),
-                    json!(round(row.tokens_per_second / t.tokens_per_second)),
-                );
-            }
-        }
-        for row in w2 {
-            if let Some(t) = torch.w2.iter().find(|t| t.preset == row.preset) {
-                p3.insert(
-                    format!("W2_{}", row.preset),
-                    json!(round(row.tokens_per_second / t.tokens_per_second)),
-                );
-            }
-        }
-    }
-    for row in w2 {
-        if let (Some(peak), Some(baseline)) = (row.peak_rss, row.baseline_rss) {
-            memory.insert(
-                row.preset.clone(),
-                json!(round(peak as f64 / (row.estimated_bytes + baseline) as f64)),
-            );
-        }
-    }
-    json!({
-        "p1_moe_efficiency": p1,
-        "p2_expert_scaling": p2,
-        "p3_vs_pytorch": p3,
-        "p4_gemm_efficiency": p4,
-        "peak_rss_ratio": memory,
-    })
-}
-
-fn round(value: f64) -> f64 {
-    (value * 1000.0).round() / 1000.0
 }

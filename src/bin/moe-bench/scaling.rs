@@ -8,6 +8,7 @@
 //! at most 4.5x the time, and 64 experts at most 1.3x the time of 4.
 
 use burn::tensor::{Device, Distribution, Tensor};
+use burn_moe::bench::{round, Capacity};
 use burn_moe::core::RoutingMode;
 use serde::Serialize;
 
@@ -28,8 +29,8 @@ pub const TOKEN_FACTORS: [usize; 3] = [1, 4, 16];
 /// One measured configuration.
 #[derive(Debug, Clone, Serialize)]
 pub struct ScalingRow {
-    /// "dropless" or "capacity 1.25".
-    pub capacity: String,
+    /// Dropless or capacity factor 1.25.
+    pub capacity: Capacity,
     /// Experts.
     pub experts: usize,
     /// Tokens in the pass.
@@ -63,12 +64,13 @@ pub fn measure(
 ) -> Vec<ScalingRow> {
     let mut rows = Vec::new();
     let mut runs = Vec::new();
-    for dropless in [true, false] {
+    for capacity in Capacity::LIMITS {
+        let dropless = capacity == Capacity::Dropless;
         for experts in EXPERTS {
             for factor in TOKEN_FACTORS {
                 let tokens = base_tokens * factor;
                 rows.push(ScalingRow {
-                    capacity: capacity_name(dropless).into(),
+                    capacity,
                     experts,
                     tokens,
                     seconds: 0.0,
@@ -84,16 +86,8 @@ pub fn measure(
     rows
 }
 
-fn capacity_name(dropless: bool) -> &'static str {
-    if dropless {
-        "dropless"
-    } else {
-        "capacity 1.25"
-    }
-}
-
 /// The seconds of the row with these settings.
-fn seconds(rows: &[ScalingRow], capacity: &str, experts: usize, tokens: usize) -> Option<f64> {
+fn seconds(rows: &[ScalingRow], capacity: Capacity, experts: usize, tokens: usize) -> Option<f64> {
     rows.iter()
         .find(|r| r.capacity == capacity && r.experts == experts && r.tokens == tokens)
         .map(|r| r.seconds)
@@ -104,8 +98,7 @@ fn seconds(rows: &[ScalingRow], capacity: &str, experts: usize, tokens: usize) -
 pub fn ratios(rows: &[ScalingRow], base_tokens: usize) -> serde_json::Value {
     let mut tokens_4x = serde_json::Map::new();
     let mut experts_64_over_4 = serde_json::Map::new();
-    for dropless in [true, false] {
-        let capacity = capacity_name(dropless);
+    for capacity in Capacity::LIMITS {
         for experts in EXPERTS {
             for pair in TOKEN_FACTORS.windows(2) {
                 let (small, large) = (base_tokens * pair[0], base_tokens * pair[1]);
@@ -137,8 +130,4 @@ pub fn ratios(rows: &[ScalingRow], base_tokens: usize) -> serde_json::Value {
         "tokens_4x_time_ratio": tokens_4x,
         "experts_64_over_4_time_ratio": experts_64_over_4,
     })
-}
-
-fn round(value: f64) -> f64 {
-    (value * 1000.0).round() / 1000.0
 }

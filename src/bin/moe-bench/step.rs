@@ -4,45 +4,16 @@
 use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Distribution, Int, Tensor};
+pub use burn_moe::bench::StepRow;
 use burn_moe::models::MoeTransformerConfig;
 use burn_moe::train::config::{Preset, TrainConfig};
 use burn_moe::train::runtime::memory::kib_field;
 use burn_moe::train::training::optimizer::FusedAdamW;
-use serde::{Deserialize, Serialize};
 
 use crate::timing::median_seconds;
 
 /// Vocabulary used for the presets (about what the tiny preset's corpus gives).
 pub const VOCAB: usize = 4500;
-
-/// One measured W2 configuration.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StepRow {
-    /// Preset name.
-    pub preset: String,
-    /// Total parameters.
-    pub parameters: usize,
-    /// Active parameters per token.
-    pub active_parameters: usize,
-    /// Tokens per step.
-    pub tokens: usize,
-    /// Median seconds of one step (forward, backward, AdamW update).
-    pub seconds: f64,
-    /// Tokens per second.
-    pub tokens_per_second: f64,
-    /// Peak resident memory of a process that only ran this, bytes (`None`: not measured).
-    pub peak_rss: Option<u64>,
-    /// Resident memory of that process before building the model, bytes.
-    pub baseline_rss: Option<u64>,
-    /// Hand estimate of what training needs, bytes (see [`estimate_bytes`]).
-    pub estimated_bytes: u64,
-    /// Kernel launches of one step, on wgpu (`None`: not counted).
-    #[serde(default)]
-    pub launches_per_step: Option<usize>,
-    /// Reads from the device to the host during one step, on wgpu (`None`: not counted).
-    #[serde(default)]
-    pub host_reads_per_step: Option<usize>,
-}
 
 /// The preset's text-model config.
 pub fn preset_config(preset: Preset) -> (TrainConfig, MoeTransformerConfig) {

@@ -5,63 +5,14 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
-/// One PyTorch W1 row: a configuration and its median time.
-#[derive(Debug, Clone, Serialize)]
-pub struct TorchLayerRow {
-    /// The configuration (its fields sit at the row's top level in JSON).
-    #[serde(flatten)]
-    pub case: TorchCase,
-    /// Median seconds.
-    pub seconds: f64,
-    /// Tokens per second.
-    pub tokens_per_second: f64,
-}
-
-/// One PyTorch W2 row.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TorchStepRow {
-    /// Preset.
-    pub preset: String,
-    /// Median seconds per step.
-    pub seconds: f64,
-    /// Tokens per second.
-    pub tokens_per_second: f64,
-    /// Parameters of the PyTorch model.
-    pub parameters: usize,
-}
-
-/// PyTorch's side of the benchmark.
-#[derive(Debug, Clone, Serialize)]
-pub struct TorchResults {
-    /// torch version.
-    pub torch: String,
-    /// Threads torch used.
-    pub threads: usize,
-    /// W1 rows.
-    pub w1: Vec<TorchLayerRow>,
-    /// W2 rows.
-    pub w2: Vec<TorchStepRow>,
-}
+pub use burn_moe::bench::{TorchCase, TorchLayerRow, TorchResults, TorchStepRow};
 
 /// The Python of `bench/.venv` if it exists.
 pub fn default_python(root: &Path) -> Option<PathBuf> {
     let python = root.join("bench/.venv/bin/python");
     python.exists().then_some(python)
-}
-
-/// One of W1's configurations as the script names it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TorchCase {
-    /// "loop", "sorted" or "dense".
-    pub form: String,
-    /// Experts.
-    pub experts: usize,
-    /// Experts per token.
-    pub top_k: usize,
-    /// "dropless", "capacity 1.25" or "-".
-    pub capacity: String,
 }
 
 /// The first line the script prints in `--serve` mode.

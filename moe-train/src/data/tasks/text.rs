@@ -27,7 +27,7 @@ pub struct TextTask {
     description: String,
     validation_documents: Vec<String>,
     record: DataRecord,
-    /// Load the Hugging Face weights `config.model.hf` names into the models it builds.
+    /// Load the Hugging Face weights `config.variant.hf` names into the models it builds.
     hf_weights: bool,
 }
 
@@ -128,9 +128,9 @@ impl TextTask {
     }
 
     /// The task building its models with the weights of the Hugging Face folder
-    /// `config.model.hf` names (a new `--init-hf` run), when `load` is true.
+    /// `config.variant.hf` names (a new `--init-hf` run), when `load` is true.
     pub fn with_hf_weights(mut self, load: bool) -> Self {
-        self.hf_weights = load && self.config.model.hf.is_some();
+        self.hf_weights = load && self.config.variant.hf.is_some();
         self
     }
 
@@ -159,7 +159,7 @@ impl TextTask {
 }
 
 /// The text model of `config` with a `vocab`-token vocabulary on `device`: freshly drawn; with
-/// the weights of the Hugging Face model `config.model.hf` names when `hf_weights` is set (a new
+/// the weights of the Hugging Face model `config.variant.hf` names when `hf_weights` is set (a new
 /// `--init-hf` run); and for a LoRA run always with those weights, frozen, and fresh adapters
 /// (after checking that the folder is the one the run started from). A checkpoint's weights or
 /// adapters then load over it ([`crate::store::checkpoint::load_model`]).
@@ -170,8 +170,8 @@ pub fn text_model(
     hf_weights: bool,
 ) -> Result<MoeTransformer> {
     let mut model = config.text_model_config(vocab).init(device)?;
-    let lora = config.model.lora.as_ref();
-    if let Some(hf) = &config.model.hf {
+    let lora = config.variant.lora.as_ref();
+    if let Some(hf) = &config.variant.hf {
         if lora.is_some() {
             hf.check_unchanged()?;
         }

@@ -6,7 +6,7 @@ mod finish;
 use finish::write_config;
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -99,13 +99,7 @@ impl<'a, T: Task> Session<'a, T> {
             adamw = adamw.with_veto(veto.clone());
         }
         let mut optimizer = adamw.init();
-        let mut state = TrainingState {
-            step: 0,
-            data_rng: seed ^ DATA_STREAM,
-            tokens_seen: 0,
-            elapsed_seconds: 0.0,
-            loss_scale: None,
-        };
+        let mut state = fresh_state(seed);
         if let Some(resumed) = resume {
             model = checkpoint::load_model(&resumed.folder, model)?;
         }
@@ -126,23 +120,11 @@ impl<'a, T: Task> Session<'a, T> {
         write_config(out, config)?;
         let log = MetricsLog::open(out, resume.map(|r| r.state.step))?;
         let steps = config.run.steps;
-        let summary = RunSummary {
-            device: match layout.is_multi() {
-                true => layout.describe(),
-                false => selected.to_string(),
-            },
-            data: task.describe(),
-            last_step: state.step,
-            train_losses: Vec::new(),
-            val_losses: Vec::new(),
-            accuracy: None,
-            checkpoint: PathBuf::new(),
-            interrupted: false,
-            samples: Vec::new(),
-            plots: Vec::new(),
-            tokens_per_second: 0.0,
-            parameters,
+        let device_name = match layout.is_multi() {
+            true => layout.describe(),
+            false => selected.to_string(),
         };
+        let summary = RunSummary::starting(device_name, task.describe(), state.step, parameters);
         let session = Self {
             task,
             config,
@@ -206,7 +188,7 @@ impl<'a, T: Task> Session<'a, T> {
             config.optim.batch_size,
             config.optim.grad_accum
         ));
-        if let Some(lora) = &config.model.lora {
+        if let Some(lora) = &config.variant.lora {
             let trained = moe_core::lora::adapter_params(self.model());
             let targets: Vec<&str> = lora.targets.iter().map(|t| t.name()).collect();
             self.say(format!(
@@ -405,7 +387,7 @@ impl<'a, T: Task> Session<'a, T> {
         if let Some((scale, skipped)) = readout.loss_scale {
             message += &format!(" | loss scale {scale} ({skipped} steps skipped)");
         }
-        if self.plain_lines && (step % self.line_every == 0 || step == steps) {
+        if self.plain_lines && (step.is_multiple_of(self.line_every) || step == steps) {
             eprintln!("step {step:>6}/{steps}: {message}");
         }
         self.bar.set_message(message);
@@ -519,16 +501,27 @@ fn train_row(readout: &StepReadout, step: usize, lr: f64, tokens_per_second: f64
     }
 }
 
+/// The state of a run at step 0: its data sampler seeded from the run's seed.
+fn fresh_state(seed: u64) -> TrainingState {
+    TrainingState {
+        step: 0,
+        data_rng: seed ^ DATA_STREAM,
+        tokens_seen: 0,
+        elapsed_seconds: 0.0,
+        loss_scale: None,
+    }
+}
+
 /// Active parameters per token: all parameters minus the experts a token does not visit in
 /// each MoE layer of the model's stack (a Hugging Face model's under `--init-hf`).
 fn count_active<M: Module>(config: &TrainConfig, model: &M) -> usize {
     let total = model.num_params();
-    if config.model.dense {
+    if config.variant.dense {
         return total;
     }
-    let decoder = match &config.model.hf {
+    let decoder = match &config.variant.hf {
         Some(hf) => hf.config.decoder.clone(),
-        None => config.decoder_config(),
+        None => config.model.clone(),
     };
     let moe = &decoder.moe;
     total - decoder.num_moe_layers() * (moe.num_params() - moe.num_active_params())

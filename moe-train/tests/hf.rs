@@ -49,6 +49,10 @@ fn the_tokenizer_gives_the_ids_transformers_gave() {
         let (ids, _) = expected(arch);
         assert_eq!(tokenizer.encode(&prompt(arch)).unwrap(), ids, "{arch:?}");
         assert_eq!(tokenizer.decode(&ids), prompt(arch), "{arch:?}");
+        // A checkpoint fine-tuned from the folder reads a prompt as transformers does (no
+        // start token these tokenizers' templates do not add), as `generate --hf` does.
+        let ours = moe_train::data::tokenizer::Tokenizer::load_hf(&fixture(arch), &config).unwrap();
+        assert_eq!(ours.encode_prompt(&prompt(arch)), ids, "{arch:?}");
     }
 }
 
@@ -131,7 +135,6 @@ fn bad_arguments_are_named() {
 }
 
 #[path = "train/common.rs"]
-#[allow(dead_code)]
 mod common;
 
 /// The logits of `model` for the token ids `ids`, `[1, T, vocab]` flattened.
@@ -160,8 +163,8 @@ fn fine_tune(
     let corpus = dir.join("corpus.txt");
     common::write_generated_corpus(&corpus);
     let mut config = common::tiny_config(corpus, 30);
-    config.model.hf = Some(HfInit::read(base).unwrap());
-    config.model.lora = lora;
+    config.variant.hf = Some(HfInit::read(base).unwrap());
+    config.variant.lora = lora;
     config.optim.lr = lr;
     config.optim.min_lr = lr / 10.0;
     let run = dir.join("run");
@@ -201,7 +204,7 @@ fn run_model(run: &Path) -> MoeTransformer {
     let opened =
         moe_train::store::checkpoint::open(run, moe_train::store::checkpoint::Verify::Checked)
             .unwrap();
-    let vocab = opened.config.model.hf.as_ref().unwrap().config.vocab_size;
+    let vocab = opened.config.variant.hf.as_ref().unwrap().config.vocab_size;
     let model = text_model(&opened.config, vocab, &device, false).unwrap();
     moe_train::commands::load_finite(&opened.folder, model).unwrap()
 }
@@ -270,7 +273,7 @@ fn lora_fine_tuning_trains_adapters_alone_and_merges_them_on_export() {
     let adapters = std::fs::metadata(opened.folder.join(ADAPTERS_FILE))
         .unwrap()
         .len();
-    let hf_config = &config.model.hf.as_ref().unwrap().config;
+    let hf_config = &config.variant.hf.as_ref().unwrap().config;
     let expected_bytes = 4 * hf_config.decoder.lora_params(&lora) as u64;
     assert!(
         adapters >= expected_bytes && adapters < expected_bytes + 64 * 1024,
@@ -325,16 +328,27 @@ fn lora_fine_tuning_trains_adapters_alone_and_merges_them_on_export() {
     );
     assert_eq!(moe_core::lora::adapter_count(&trained.materialize()), 0);
 
-    // A base folder changed or gone under the run is named.
+    // A base folder changed or gone under the run is named: a weight changed in place (every
+    // size kept), then a file grown.
     let weights = base.join("model.safetensors");
-    let mut bytes = std::fs::read(&weights).unwrap();
-    bytes.extend_from_slice(&[0; 8]);
-    std::fs::write(&weights, bytes).unwrap();
+    let original_bytes = std::fs::read(&weights).unwrap();
+    let mut bytes = original_bytes.clone();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&weights, &bytes).unwrap();
     let eval_error = || {
         moe_train::commands::evaluate(&EvalArgs::checkpoint(run.clone(), BackendChoice::Ndarray))
             .unwrap_err()
             .to_string()
     };
+    let error = eval_error();
+    assert!(
+        error.contains("has changed since this LoRA run started"),
+        "a weight changed in place: {error}"
+    );
+    let mut bytes = original_bytes;
+    bytes.extend_from_slice(&[0; 8]);
+    std::fs::write(&weights, bytes).unwrap();
     let error = eval_error();
     assert!(
         error.contains("has changed since this LoRA run started"),

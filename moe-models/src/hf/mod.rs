@@ -139,18 +139,85 @@ pub fn hf_tensors(
     weights::hf_tensors(model, arch)
 }
 
+/// The precision a Hugging Face folder's weights are written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// 32-bit floats.
+    F32,
+    /// bfloat16 (how most MoE checkpoints ship).
+    Bf16,
+    /// IEEE half precision.
+    F16,
+}
+
+impl WeightFormat {
+    /// The format a `config.json` names (`torch_dtype`, or transformers 5's `dtype`:
+    /// `"float32"`, `"bfloat16"`, `"float16"`); f32 when it names none or another.
+    pub fn of_config(config: &serde_json::Value) -> Self {
+        let named = ["torch_dtype", "dtype"]
+            .iter()
+            .find_map(|key| config.get(*key).and_then(|value| value.as_str()));
+        match named {
+            Some("bfloat16") => Self::Bf16,
+            Some("float16") => Self::F16,
+            _ => Self::F32,
+        }
+    }
+
+    /// The name `config.json` gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "float32",
+            Self::Bf16 => "bfloat16",
+            Self::F16 => "float16",
+        }
+    }
+
+    /// `data` (f32) in this format, with its safetensors type.
+    fn encode(self, data: &burn::tensor::TensorData) -> (safetensors::Dtype, Vec<u8>) {
+        match self {
+            Self::F32 => (safetensors::Dtype::F32, data.as_bytes().to_vec()),
+            Self::Bf16 => {
+                let data = data.clone().convert::<burn::tensor::bf16>();
+                (safetensors::Dtype::BF16, data.as_bytes().to_vec())
+            }
+            Self::F16 => {
+                let data = data.clone().convert::<burn::tensor::f16>();
+                (safetensors::Dtype::F16, data.as_bytes().to_vec())
+            }
+        }
+    }
+}
+
 /// Writes `model` into `dir` as a Hugging Face `arch` folder: `config.json` and
-/// `model.safetensors` (f32), which transformers' `AutoModelForCausalLM.from_pretrained`
-/// loads. Fields of `base` (the `config.json` the model was loaded from, if any: token ids,
-/// names) are kept unless ours replace them. The tokenizer is the caller's to write.
-///
-/// The tensors are gathered on the host before the file is written: exporting holds the
-/// model and one more copy of its weights.
+/// `model.safetensors`, which transformers' `AutoModelForCausalLM.from_pretrained` loads.
+/// Fields of `base` (the `config.json` the model was loaded from, if any: token ids, names)
+/// are kept unless ours replace them, and the weights are written in the precision `base`
+/// names ([`WeightFormat::of_config`]: a bf16 folder exports as bf16), f32 without one; see
+/// [`save_as`] to choose. The tokenizer is the caller's to write.
 pub fn save(
     model: &MoeTransformer,
     arch: HfArchitecture,
     dir: &Path,
     base: Option<&serde_json::Value>,
+) -> Result<(), HfError> {
+    let format = base.map_or(WeightFormat::F32, WeightFormat::of_config);
+    save_as(model, arch, dir, base, format)
+}
+
+/// A tensor as `save_as` writes it: its safetensors type, bytes and shape.
+type Encoded = (safetensors::Dtype, Vec<u8>, Vec<usize>);
+
+/// [`save`] with the weights written in `format`.
+///
+/// The tensors are gathered on the host before the file is written: exporting holds the
+/// model and one more copy of its weights.
+pub fn save_as(
+    model: &MoeTransformer,
+    arch: HfArchitecture,
+    dir: &Path,
+    base: Option<&serde_json::Value>,
+    format: WeightFormat,
 ) -> Result<(), HfError> {
     let ours = to_hf_config(model.config(), arch)?;
     let mut config = match base.and_then(|b| b.as_object()) {
@@ -171,7 +238,14 @@ pub fn save(
         );
     }
     config.remove("dtype");
-    let tensors = weights::hf_tensors(model, arch)?;
+    config.insert("torch_dtype".into(), format.name().into());
+    let tensors: Vec<(String, Encoded)> = weights::hf_tensors(model, arch)?
+        .into_iter()
+        .map(|(name, data)| {
+            let (dtype, bytes) = format.encode(&data);
+            (name, (dtype, bytes, data.shape().to_vec()))
+        })
+        .collect();
     std::fs::create_dir_all(dir).map_err(|e| HfError::io(dir, e))?;
     let config_path = dir.join("config.json");
     let text = serde_json::to_string_pretty(&serde_json::Value::Object(config))
@@ -179,14 +253,10 @@ pub fn save(
     std::fs::write(&config_path, text).map_err(|e| HfError::io(&config_path, e))?;
     let views = tensors
         .iter()
-        .map(|(name, data)| {
-            safetensors::tensor::TensorView::new(
-                safetensors::Dtype::F32,
-                data.shape().to_vec(),
-                data.as_bytes(),
-            )
-            .map(|view| (name.clone(), view))
-            .map_err(|e| HfError::Weights(format!("{name}: {e}")))
+        .map(|(name, (dtype, bytes, shape))| {
+            safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
+                .map(|view| (name.clone(), view))
+                .map_err(|e| HfError::Weights(format!("{name}: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
     let path = dir.join("model.safetensors");

@@ -228,3 +228,52 @@ fn configs_that_do_not_fit_an_architecture_are_named() {
     let error = hf::to_hf_config(&mixtral, HfArchitecture::Olmoe).unwrap_err();
     assert!(error.to_string().contains("OlmoeForCausalLM"), "{error}");
 }
+
+/// A model loaded from a bf16 folder exports in bf16 (`hf::save` keeps its base's precision):
+/// every tensor is BF16 in the file, `torch_dtype` says so, and each value is the f32 export's
+/// rounded to bf16 (widened here by shifting its bits, not by the code under test).
+#[test]
+fn a_bf16_folder_saves_as_bf16() {
+    let device = cpu();
+    let arch = HfArchitecture::Qwen2Moe;
+    let loaded = hf::load(&fixture(arch), &device).unwrap();
+    let root = std::env::temp_dir().join(format!("hf-bf16-{}", std::process::id()));
+    let (f32_dir, bf16_dir) = (root.join("f32"), root.join("bf16"));
+    hf::save(&loaded.model, arch, &f32_dir, Some(&loaded.config_json)).unwrap();
+    let mut base = loaded.config_json.clone();
+    base["dtype"] = "bfloat16".into();
+    hf::save(&loaded.model, arch, &bf16_dir, Some(&base)).unwrap();
+
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bf16_dir.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["torch_dtype"], "bfloat16");
+    let wide = std::fs::read(f32_dir.join("model.safetensors")).unwrap();
+    let narrow = std::fs::read(bf16_dir.join("model.safetensors")).unwrap();
+    let wide = safetensors::SafeTensors::deserialize(&wide).unwrap();
+    let narrow = safetensors::SafeTensors::deserialize(&narrow).unwrap();
+    assert_eq!(wide.names().len(), narrow.names().len());
+    for (name, view) in narrow.tensors() {
+        assert_eq!(view.dtype(), safetensors::Dtype::BF16, "{name}");
+        let exact = wide.tensor(&name).unwrap();
+        let exact = exact
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        let rounded = view
+            .data()
+            .chunks_exact(2)
+            .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16));
+        for (exact, rounded) in exact.zip(rounded) {
+            // bf16 keeps 8 significant bits: rounding to nearest is off by at most 2^-9 of it.
+            assert!(
+                (exact - rounded).abs() <= exact.abs() / 256.0,
+                "{name}: {exact} stored as {rounded}"
+            );
+        }
+    }
+    // And it loads back.
+    let again = hf::load(&bf16_dir, &device).unwrap();
+    assert_eq!(again.model.config(), loaded.model.config());
+    std::fs::remove_dir_all(&root).unwrap();
+}

@@ -152,9 +152,9 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         eprintln!("warning: {warning}");
     }
     println!(
-        "checkpoint at step {}: validation loss {:.4}, perplexity {}",
+        "checkpoint at step {}: validation loss {}, perplexity {}",
         report.step,
-        report.evaluation.loss,
+        crate::training::loss_digits(report.evaluation.loss),
         crate::training::perplexity(report.evaluation.loss)
     );
     if let Some(accuracy) = report.evaluation.accuracy {
@@ -185,10 +185,10 @@ fn run_hf(args: &EvalArgs) -> Result<()> {
     };
     let report = crate::commands::hf::evaluate_text(dir, text, args.window, args.backend)?;
     println!(
-        "{}: {} tokens, loss {:.4}, perplexity {}",
+        "{}: {} tokens, loss {}, perplexity {}",
         text.display(),
         report.tokens,
-        report.loss,
+        crate::training::loss_digits(report.loss),
         crate::training::perplexity(report.loss)
     );
     Ok(())

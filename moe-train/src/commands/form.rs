@@ -94,8 +94,7 @@ pub fn measure(
         for i in 0..samples_per_length {
             let prompt = &prompts[i % prompts.len()];
             let specials = tokenizer.specials();
-            let mut ids = vec![specials.bos];
-            ids.extend(tokenizer.encode(prompt));
+            let ids = tokenizer.encode_prompt(prompt);
             let config = GenerationConfig {
                 max_new_tokens: max_tokens,
                 sampling: SamplingConfig {

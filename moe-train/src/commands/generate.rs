@@ -54,8 +54,13 @@ pub fn generate(args: &GenerateArgs) -> Result<String> {
                     "warning: the prompt's characters {listed:?} are not in the model's vocabulary; the model reads each as <unk>"
                 );
             }
-            let mut prompt = vec![specials.bos];
-            prompt.extend(tokenizer.encode(&args.prompt));
+            let prompt = tokenizer.encode_prompt(&args.prompt);
+            if prompt.is_empty() {
+                return Err(TrainError::Argument(
+                    "the prompt is empty and the tokenizer adds no start token; give `--prompt`"
+                        .into(),
+                ));
+            }
             let generation = GenerationConfig {
                 max_new_tokens: args.max_tokens,
                 sampling,

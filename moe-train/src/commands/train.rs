@@ -50,7 +50,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     );
     if let Some((step, loss)) = summary.val_losses.last() {
         println!(
-            "validation loss at step {step}: {loss:.4} (perplexity {})",
+            "validation loss at step {step}: {} (perplexity {})",
+            training::loss_digits(*loss),
             training::perplexity(*loss)
         );
     }

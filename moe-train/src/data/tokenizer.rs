@@ -270,12 +270,34 @@ impl Tokenizer {
         }
     }
 
-    /// `<bos> text <eos>`, with the tokenizer's own special ids.
+    /// `text` as the start of a document, which is how a prompt is read: burn-moe's own
+    /// tokenizers put `<bos>` first; a Hugging Face tokenizer encodes it as its
+    /// `tokenizer.json` says (its post-processor: Mixtral's adds `<s>`, OLMoE's and
+    /// Qwen2-MoE's add nothing), as transformers and `generate --hf` do. So a model fine-tuned
+    /// from a folder and the folder itself read a prompt alike.
+    pub fn encode_prompt(&self, text: &str) -> Vec<usize> {
+        match self {
+            Tokenizer::Hf(t) => t
+                .inner
+                .encode(text, true)
+                .map(|e| e.get_ids().iter().map(|&id| id as usize).collect())
+                .unwrap_or_default(),
+            _ => {
+                let mut ids = vec![self.specials().bos];
+                ids.extend(self.encode(text));
+                ids
+            }
+        }
+    }
+
+    /// A training document: [`encode_prompt`](Self::encode_prompt) of `text`, then the end of
+    /// sequence (unless the tokenizer's template already ends with it).
     pub fn encode_document(&self, text: &str) -> Vec<usize> {
-        let specials = self.specials();
-        let mut ids = vec![specials.bos];
-        ids.extend(self.encode(text));
-        ids.push(specials.eos);
+        let eos = self.specials().eos;
+        let mut ids = self.encode_prompt(text);
+        if ids.last() != Some(&eos) {
+            ids.push(eos);
+        }
         ids
     }
 

@@ -103,6 +103,11 @@ fn greedy_generation_continues_with_the_most_likely_token() {
             top_p: None,
             seed: 0,
         },
+        offload_experts: false,
+    };
+    let offloaded = GenerationSettings {
+        offload_experts: true,
+        ..settings.clone()
     };
     let text = generate(
         &fixture(arch),
@@ -113,6 +118,18 @@ fn greedy_generation_continues_with_the_most_likely_token() {
     .unwrap();
     let (_, _, config) = hf::read_config(&fixture(arch)).unwrap();
     let tokenizer = HfTokenizer::load(&fixture(arch), &config).unwrap();
+    assert_eq!(
+        text,
+        format!("{}{}", prompt(arch), tokenizer.decode(&[best]))
+    );
+    // With the experts in CPU memory on flex (`--offload-experts`), the same token.
+    let text = generate(
+        &fixture(arch),
+        &prompt(arch),
+        offloaded,
+        BackendChoice::Ndarray,
+    )
+    .unwrap();
     assert_eq!(
         text,
         format!("{}{}", prompt(arch), tokenizer.decode(&[best]))

@@ -137,6 +137,10 @@ pub struct GenerateArgs {
     /// Where to run.
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     pub backend: BackendChoice,
+    /// Keep every MoE layer's experts in CPU memory, the rest of the model on the GPU (text
+    /// models).
+    #[arg(long)]
+    pub offload_experts: bool,
 }
 
 impl GenerateArgs {
@@ -159,6 +163,7 @@ impl GenerateArgs {
             seed: 0,
             no_verify: false,
             backend,
+            offload_experts: false,
         }
     }
 

@@ -103,6 +103,10 @@ pub struct TrainArgs {
     /// over them (`both`, the default), or only one of the two.
     #[arg(long, value_enum)]
     pub parallel: Option<Parallelism>,
+    /// Keep every MoE layer's experts (and their optimizer state) in CPU memory, the rest of
+    /// the model on the GPU.
+    #[arg(long)]
+    pub offload_experts: bool,
     /// The token the `ws://` servers were started with (default: the `BURN_MOE_TOKEN`
     /// environment variable). Never saved.
     #[arg(long)]
@@ -274,6 +278,9 @@ impl TrainArgs {
         set(&mut run.backend, self.backend);
         set(&mut run.devices, self.devices.clone());
         set(&mut run.parallel, self.parallel);
+        if self.offload_experts {
+            run.offload_experts = true;
+        }
         set(&mut run.precision, self.precision);
         set(&mut run.on_nonfinite, self.on_nonfinite);
         set(&mut run.seed, self.seed);

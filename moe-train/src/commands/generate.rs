@@ -2,7 +2,7 @@
 
 use burn::module::Module;
 use moe_models::digits::{NUMERALS, TEXT_VOCAB};
-use moe_models::{GenerationConfig, SamplingConfig};
+use moe_models::{ExpertParallel, GenerationConfig, MoeTransformer, SamplingConfig};
 
 use crate::cli::GenerateArgs;
 use crate::commands::hf;
@@ -30,6 +30,7 @@ pub fn generate(args: &GenerateArgs) -> Result<String> {
             let settings = hf::GenerationSettings {
                 max_tokens: args.max_tokens,
                 sampling,
+                offload_experts: args.offload_experts,
             };
             return hf::generate(dir, &args.prompt, settings, args.backend);
         }
@@ -45,7 +46,10 @@ pub fn generate(args: &GenerateArgs) -> Result<String> {
             let tokenizer = Tokenizer::load(&folder.join(checkpoint::TOKENIZER_FILE))?;
             let model = text_model(&config, tokenizer.vocab_size(), &device, false)?;
             // LoRA adapters merged: decoding then runs the plain weights.
-            let model = load_finite(&folder, model)?.materialize();
+            let model = offloaded(
+                load_finite(&folder, model)?.materialize(),
+                args.offload_experts,
+            )?;
             let specials = tokenizer.specials();
             let unknown = tokenizer.unknown_characters(&args.prompt);
             if !unknown.is_empty() {
@@ -91,4 +95,14 @@ pub fn generate(args: &GenerateArgs) -> Result<String> {
             Ok(text)
         }
     }
+}
+
+/// `model` with its experts in CPU memory when `offload` (`--offload-experts`), else as it is.
+pub(crate) fn offloaded(model: MoeTransformer, offload: bool) -> Result<MoeTransformer> {
+    if !offload {
+        return Ok(model);
+    }
+    let device = backend::offload_device();
+    eprintln!("experts in CPU memory ({device:?}); the rest of the model on its device");
+    Ok(model.with_expert_placement(&[device])?)
 }

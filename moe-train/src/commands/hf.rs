@@ -95,17 +95,19 @@ pub fn generate(
         stop_tokens: tokenizer.eos.clone(),
         banned_tokens: Vec::new(),
     };
-    crate::commands::stream::stream(&loaded.model, prompt, &ids, &config, |ids| {
-        tokenizer.decode(ids)
-    })
+    let model = crate::commands::generate::offloaded(loaded.model, generation.offload_experts)?;
+    crate::commands::stream::stream(&model, prompt, &ids, &config, |ids| tokenizer.decode(ids))
 }
 
 /// How `generate --hf` samples.
+#[derive(Debug, Clone)]
 pub struct GenerationSettings {
     /// Tokens to generate at most.
     pub max_tokens: usize,
     /// Temperature, top-k, top-p and seed.
     pub sampling: SamplingConfig,
+    /// Keep the experts in CPU memory (`--offload-experts`).
+    pub offload_experts: bool,
 }
 
 /// What `burn-moe eval --hf DIR --text FILE` measured.

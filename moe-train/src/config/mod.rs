@@ -198,6 +198,12 @@ pub struct RunConfig {
     /// How a run on several devices uses them.
     #[serde(default)]
     pub parallel: Parallelism,
+    /// Keep every MoE layer's experts, with their gradients and AdamW moments, in CPU memory
+    /// (the flex backend) and the rest of the model on the run's device (`--offload-experts`):
+    /// for a GPU whose memory holds the model without its experts. Built on expert placement:
+    /// each layer sends its routed rows to the CPU and their outputs back.
+    #[serde(default)]
+    pub offload_experts: bool,
 }
 
 /// A whole training config.

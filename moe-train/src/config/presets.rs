@@ -69,6 +69,7 @@ impl Preset {
                 explosion: ExplosionRule::default(),
                 devices: Vec::new(),
                 parallel: Parallelism::Both,
+                offload_experts: false,
             },
         };
         match self {

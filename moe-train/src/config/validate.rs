@@ -206,6 +206,17 @@ impl TrainConfig {
             1 << 20,
         )?;
         let replicas = r.devices.len();
+        if r.offload_experts {
+            if self.variant.dense {
+                return bad("`--offload-experts` keeps the experts in CPU memory, but `--dense` trains a model without experts: leave one of them out".into());
+            }
+            if replicas > 1 && r.parallel.places_experts() {
+                return bad(format!(
+                    "`--offload-experts` keeps every expert in CPU memory, but `--parallel {}` spreads them over the {replicas} devices: give `--parallel data`, or leave `--offload-experts` out",
+                    r.parallel.name()
+                ));
+            }
+        }
         if replicas > 1
             && r.parallel.splits_batch()
             && !self.optim.batch_size.is_multiple_of(replicas)

@@ -321,6 +321,19 @@ pub fn select_and_report(
     Ok(selected)
 }
 
+/// The CPU device `--offload-experts` keeps the experts on: flex, the fastest CPU backend
+/// here (ndarray in a build without flex).
+pub fn offload_device() -> Device {
+    #[cfg(feature = "flex")]
+    let device = Device::flex();
+    #[cfg(all(not(feature = "flex"), feature = "ndarray"))]
+    #[allow(deprecated)]
+    let device = Device::ndarray();
+    #[cfg(not(any(feature = "flex", feature = "ndarray")))]
+    let device = Device::default();
+    device
+}
+
 fn cpu(backend: BackendChoice) -> Result<SelectedDevice, BackendError> {
     let device = match backend {
         #[cfg(feature = "flex")]

@@ -104,7 +104,10 @@ impl<'a, T: Task> Session<'a, T> {
             model = checkpoint::load_model(&resumed.folder, model)?;
         }
         // Experts are placed after loading: the checkpoint holds them gathered.
-        let expert_devices = layout.expert_devices();
+        let expert_devices = match config.run.offload_experts {
+            true => vec![crate::runtime::backend::offload_device().autodiff()],
+            false => layout.expert_devices(),
+        };
         if !expert_devices.is_empty() {
             model = model.with_expert_placement(&expert_devices)?;
         }
@@ -120,10 +123,13 @@ impl<'a, T: Task> Session<'a, T> {
         write_config(out, config)?;
         let log = MetricsLog::open(out, resume.map(|r| r.state.step))?;
         let steps = config.run.steps;
-        let device_name = match layout.is_multi() {
+        let mut device_name = match layout.is_multi() {
             true => layout.describe(),
             false => selected.to_string(),
         };
+        if config.run.offload_experts {
+            device_name += "; every expert in CPU memory (--offload-experts)";
+        }
         let summary = RunSummary::starting(device_name, task.describe(), state.step, parameters);
         let session = Self {
             task,
@@ -188,6 +194,9 @@ impl<'a, T: Task> Session<'a, T> {
             config.optim.batch_size,
             config.optim.grad_accum
         ));
+        if config.run.offload_experts {
+            self.say(offload_note(config));
+        }
         if let Some(lora) = &config.variant.lora {
             let trained = moe_core::lora::adapter_params(self.model());
             let targets: Vec<&str> = lora.targets.iter().map(|t| t.name()).collect();
@@ -499,6 +508,26 @@ fn train_row(readout: &StepReadout, step: usize, lr: f64, tokens_per_second: f64
             .map(|report| report.skipped)
             .filter(|&skipped| skipped > 0),
     }
+}
+
+/// What `--offload-experts` keeps off the run's device, from the shapes: the routed experts'
+/// parameters, and in training their gradients and AdamW's two moments (16 bytes each in
+/// f32).
+fn offload_note(config: &TrainConfig) -> String {
+    let decoder = match &config.variant.hf {
+        Some(hf) => &hf.config.decoder,
+        None => &config.model,
+    };
+    let moe = &decoder.moe;
+    let experts =
+        decoder.num_moe_layers() * moe.num_experts * moe.expert.params_per_expert(moe.d_model);
+    format!(
+        "experts in CPU memory: {experts} parameters in {} MoE layers, {:.0} MB of weights and \
+         {:.0} MB with their gradients and AdamW moments kept off the device",
+        decoder.num_moe_layers(),
+        experts as f64 * 4.0 / 1e6,
+        experts as f64 * 16.0 / 1e6
+    )
 }
 
 /// The state of a run at step 0: its data sampler seeded from the run's seed.

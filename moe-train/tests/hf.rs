@@ -234,6 +234,7 @@ fn export_as(run: &Path, out: &Path, arch: HfArchitecture) -> MoeTransformer {
         arch: None,
         no_verify: false,
         backend: BackendChoice::Ndarray,
+        weights: None,
     })
     .unwrap();
     assert_eq!(layout, ExportLayout::HuggingFace(arch));
@@ -375,4 +376,58 @@ fn lora_fine_tuning_trains_adapters_alone_and_merges_them_on_export() {
     std::fs::remove_dir_all(&base).unwrap();
     let error = eval_error();
     assert!(error.contains(&base.display().to_string()), "{error}");
+}
+
+/// A run fine-tuned from a bf16 folder exports in bf16 (the source's precision, recorded in
+/// the run's config); `--weights f32` writes f32. Read from the files' own headers.
+#[test]
+fn export_keeps_the_source_precision_unless_told() {
+    let dir = common::temp_dir("hf-export-dtype");
+    let base = dir.join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    for entry in std::fs::read_dir(fixture(HfArchitecture::Qwen2Moe)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), base.join(entry.file_name())).unwrap();
+    }
+    let config_path = base.join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    json["dtype"] = "bfloat16".into();
+    std::fs::write(&config_path, json.to_string()).unwrap();
+    let corpus = dir.join("corpus.txt");
+    common::write_generated_corpus(&corpus);
+    let mut config = common::tiny_config(corpus, 2);
+    config.variant.hf = Some(HfInit::read(&base).unwrap());
+    let run = dir.join("run");
+    train(config, RunOptions::new(run.clone())).unwrap();
+
+    let exported = |out: &str, weights| {
+        let out = dir.join(out);
+        export(&ExportArgs {
+            checkpoint: run.clone(),
+            out: out.clone(),
+            arch: None,
+            no_verify: false,
+            backend: BackendChoice::Ndarray,
+            weights,
+        })
+        .unwrap();
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                .unwrap();
+        let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+        let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let dtypes: std::collections::BTreeSet<String> = file
+            .tensors()
+            .iter()
+            .map(|(_, view)| format!("{:?}", view.dtype()))
+            .collect();
+        (config["torch_dtype"].as_str().unwrap().to_string(), dtypes)
+    };
+    let (named, dtypes) = exported("as-source", None);
+    assert_eq!(named, "bfloat16");
+    assert_eq!(dtypes.into_iter().collect::<Vec<_>>(), ["BF16"]);
+    let (named, dtypes) = exported("f32", Some(moe_train::cli::ExportWeights::F32));
+    assert_eq!(named, "float32");
+    assert_eq!(dtypes.into_iter().collect::<Vec<_>>(), ["F32"]);
 }

@@ -264,6 +264,31 @@ pub struct ExportArgs {
     /// Where to load the model.
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     pub backend: BackendChoice,
+    /// The precision of a Hugging Face folder's weights (default: the precision of the folder
+    /// the run started from, f32 for a run trained from scratch).
+    #[arg(long, value_enum)]
+    pub weights: Option<ExportWeights>,
+}
+
+/// The precisions `export --weights` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportWeights {
+    /// 32-bit floats.
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// IEEE half precision.
+    F16,
+}
+
+impl From<ExportWeights> for moe_models::hf::WeightFormat {
+    fn from(weights: ExportWeights) -> Self {
+        match weights {
+            ExportWeights::F32 => Self::F32,
+            ExportWeights::Bf16 => Self::Bf16,
+            ExportWeights::F16 => Self::F16,
+        }
+    }
 }
 
 /// A Hugging Face MoE architecture, as `--arch` names it.

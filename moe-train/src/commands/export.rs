@@ -93,7 +93,17 @@ pub fn export(args: &ExportArgs) -> Result<ExportLayout> {
                     "pad_token_id": specials.pad,
                 })
             });
-            hf::save(&model, arch, out, base.as_ref())?
+            // The source folder's precision unless `--weights` says otherwise.
+            let source = opened.config.variant.hf.as_ref();
+            let named = source.and_then(|hf| hf.torch_dtype.as_ref());
+            let format = match (args.weights, named) {
+                (Some(weights), _) => weights.into(),
+                (None, Some(name)) => {
+                    hf::WeightFormat::of_config(&serde_json::json!({ "torch_dtype": name }))
+                }
+                (None, None) => hf::WeightFormat::F32,
+            };
+            hf::save_as(&model, arch, out, base.as_ref(), format)?
         }
         ExportLayout::BurnMoe => {
             let config_path = out.join("config.json");

@@ -50,17 +50,27 @@ pub struct HfInit {
     /// either.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<String>,
+    /// The precision its `config.json` names (`torch_dtype`, or transformers 5's `dtype`:
+    /// `bfloat16`, ...), which `export` writes the weights in unless told otherwise. Absent
+    /// when it names none, and in configs written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub torch_dtype: Option<String>,
 }
 
 impl HfInit {
     /// Reads the folder's `config.json`.
     pub fn read(dir: &Path) -> Result<Self> {
-        let (arch, config, _) = moe_models::hf::read_config(dir)?;
+        let (arch, config, json) = moe_models::hf::read_config(dir)?;
+        let torch_dtype = ["torch_dtype", "dtype"]
+            .iter()
+            .find_map(|key| json.get(*key).and_then(|value| value.as_str()))
+            .map(str::to_string);
         Ok(Self {
             dir: std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf()),
             model_type: arch.model_type().into(),
             config,
             fingerprint: Some(format!("{CONTENT}{}", content_fingerprint(dir)?)),
+            torch_dtype,
         })
     }
 

@@ -215,8 +215,9 @@ fn check_within(
 /// The largest single tensor of a training step, bytes (f32), and what it is: the logits
 /// `[N, V]` (and their gradient), the attention scores `[B, heads, T, T]`, the expert buffer
 /// `[S, max(d, h)]` (`S`: the routed rows, `N k` dropless or `E C` under a capacity), the
-/// token embedding `[V, d]` or one stacked expert weight `[E, d, h]`. A GPU holds each tensor in
-/// one buffer, so each must fit the adapter's largest.
+/// token embedding `[V, d]` or one stacked expert weight `[E, d, h]` (the last two not with
+/// `--offload-experts`, which keeps them in CPU memory). A GPU holds each tensor in one
+/// buffer, so each must fit the adapter's largest.
 pub fn largest_tensor_bytes(config: &TrainConfig, model: &MoeTransformerConfig) -> (f64, String) {
     const F32: f64 = 4.0;
     let s = &model.decoder;
@@ -248,8 +249,11 @@ pub fn largest_tensor_bytes(config: &TrainConfig, model: &MoeTransformerConfig) 
             "one stacked expert weight",
         ),
     ];
+    // `--offload-experts` keeps the expert buffer and the experts' weights in CPU memory.
+    let on_device = |what: &str| !(config.run.offload_experts && what.contains("expert"));
     let (elements, what) = candidates
         .into_iter()
+        .filter(|(_, what)| on_device(what))
         .max_by_key(|(elements, _)| *elements)
         .expect("candidates");
     (elements as f64 * F32, what.to_string())
@@ -268,8 +272,12 @@ pub fn check_adapter(
     if needed <= largest {
         return Ok(());
     }
+    let offload = match what.contains("expert") {
+        true => ", `--offload-experts` (the experts in CPU memory)",
+        false => "",
+    };
     Err(TrainError::Memory(format!(
-        "{what} of a step ({} for a micro-batch of {} x {} tokens) is larger than the largest buffer the wgpu adapter {adapter} allows ({}); lower `--batch-size`, `--context` or the model's width, or use `--backend flex`",
+        "{what} of a step ({} for a micro-batch of {} x {} tokens) is larger than the largest buffer the wgpu adapter {adapter} allows ({}); lower `--batch-size`, `--context` or the model's width{offload}, or use `--backend flex`",
         bytes(needed),
         config.optim.batch_size,
         config.model.context_length,

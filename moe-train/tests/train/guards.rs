@@ -365,6 +365,27 @@ fn an_adapter_whose_buffers_are_too_small_is_refused_with_figures() {
         is_cpu: false,
     };
     moe_train::runtime::memory::check_adapter(&config, &model, "a GPU", &limits(1 << 30)).unwrap();
+    // With 4,096 experts of width 32 the stacked expert weights are the largest (4,096 x 128 x
+    // 32 x 4 bytes, 67 MB); `--offload-experts` keeps them off the GPU, so the logits are.
+    let mut wide = config.clone();
+    wide.model.moe.num_experts = 4096;
+    let wide_model = wide.text_model_config(4500);
+    let (bytes, what) = moe_train::runtime::memory::largest_tensor_bytes(&wide, &wide_model);
+    assert_eq!(
+        (what.as_str(), bytes),
+        ("one stacked expert weight", 4096.0 * 128.0 * 32.0 * 4.0)
+    );
+    let message =
+        moe_train::runtime::memory::check_adapter(&wide, &wide_model, "a GPU", &limits(1 << 25))
+            .unwrap_err()
+            .to_string();
+    assert!(message.contains("--offload-experts"), "{message}");
+    wide.run.offload_experts = true;
+    let (bytes, what) = moe_train::runtime::memory::largest_tensor_bytes(&wide, &wide_model);
+    assert_eq!(
+        (what.as_str(), bytes),
+        ("the logits", 16.0 * 64.0 * 4500.0 * 4.0)
+    );
     let message =
         moe_train::runtime::memory::check_adapter(&config, &model, "a GPU", &limits(1 << 20))
             .unwrap_err()

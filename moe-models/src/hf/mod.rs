@@ -139,6 +139,14 @@ pub fn hf_tensors(
     weights::hf_tensors(model, arch)
 }
 
+/// The precision a `config.json` names for its weights: `torch_dtype`, or transformers 5's
+/// `dtype`.
+pub fn config_dtype(config: &serde_json::Value) -> Option<&str> {
+    ["torch_dtype", "dtype"]
+        .iter()
+        .find_map(|key| config.get(*key).and_then(|value| value.as_str()))
+}
+
 /// The precision a Hugging Face folder's weights are written in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightFormat {
@@ -151,15 +159,17 @@ pub enum WeightFormat {
 }
 
 impl WeightFormat {
-    /// The format a `config.json` names (`torch_dtype`, or transformers 5's `dtype`:
-    /// `"float32"`, `"bfloat16"`, `"float16"`); f32 when it names none or another.
+    /// The format a `config.json` names ([`config_dtype`]); f32 when it names none.
     pub fn of_config(config: &serde_json::Value) -> Self {
-        let named = ["torch_dtype", "dtype"]
-            .iter()
-            .find_map(|key| config.get(*key).and_then(|value| value.as_str()));
-        match named {
-            Some("bfloat16") => Self::Bf16,
-            Some("float16") => Self::F16,
+        config_dtype(config).map_or(Self::F32, Self::named)
+    }
+
+    /// The format `name` is in a `config.json` (`"float32"`, `"bfloat16"`, `"float16"`); f32
+    /// for any other.
+    pub fn named(name: &str) -> Self {
+        match name {
+            "bfloat16" => Self::Bf16,
+            "float16" => Self::F16,
             _ => Self::F32,
         }
     }

@@ -11,7 +11,7 @@ use crate::store::checkpoint;
 
 mod train;
 
-pub use train::{flag_for, GateFlag, LoraTargetChoice, TrainArgs};
+pub use train::{flag_for, LoraTargetChoice, TrainArgs};
 
 /// burn-moe: train Mixture-of-Experts models on a laptop GPU or the CPU.
 #[derive(Debug, Parser)]

@@ -5,9 +5,10 @@ use std::path::PathBuf;
 
 use clap::Args;
 use moe_core::lora::{LoraConfig, LoraTarget};
-use moe_core::GateConfig;
 
-use crate::config::{CorpusChoice, DigitSource, Preset, TaskKind, TokenizerKind, TrainConfig};
+use crate::config::{
+    CorpusChoice, DigitSource, GateName, Preset, TaskKind, TokenizerKind, TrainConfig,
+};
 use crate::error::{Result, TrainError};
 use crate::runtime::backend::{BackendChoice, Precision};
 use crate::store::checkpoint;
@@ -146,7 +147,7 @@ pub struct TrainArgs {
     pub dense: bool,
     /// The MoE gate (`model.moe.gate`, with that gate's defaults).
     #[arg(long, value_enum)]
-    pub gate: Option<GateFlag>,
+    pub gate: Option<GateName>,
     /// Experts per MoE layer.
     #[arg(long)]
     pub experts: Option<usize>,
@@ -318,8 +319,8 @@ impl TrainArgs {
         if let Some(gate) = self.gate {
             moe.gate = gate.config();
             match gate {
-                GateFlag::Switch => moe.top_k = self.top_k.unwrap_or(1),
-                GateFlag::Gshard => moe.top_k = self.top_k.unwrap_or(2),
+                GateName::Switch => moe.top_k = self.top_k.unwrap_or(1),
+                GateName::Gshard => moe.top_k = self.top_k.unwrap_or(2),
                 _ => {}
             }
         }
@@ -463,35 +464,6 @@ impl TrainArgs {
             "`--seed` has no effect with `--resume` (the run continues its saved random streams and data order)",
         );
         warnings
-    }
-}
-
-/// The gates `--gate` offers, each with its defaults (expert choice is left out: it is not
-/// causal, so the decoder refuses it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum GateFlag {
-    /// FastMoE's naive top-k gate.
-    Naive,
-    /// Softmax then top-k (Mixtral).
-    SoftmaxTopK,
-    /// Noisy top-k (Shazeer 2017).
-    Noisy,
-    /// GShard top-2 (sets top-k 2 unless `--top-k` is given).
-    Gshard,
-    /// Switch top-1 (sets top-k 1 unless `--top-k` is given).
-    Switch,
-}
-
-impl GateFlag {
-    /// The gate's config.
-    pub fn config(self) -> GateConfig {
-        match self {
-            GateFlag::Naive => GateConfig::naive(),
-            GateFlag::SoftmaxTopK => GateConfig::softmax_top_k(),
-            GateFlag::Noisy => GateConfig::noisy(),
-            GateFlag::Gshard => GateConfig::gshard(),
-            GateFlag::Switch => GateConfig::switch(),
-        }
     }
 }
 

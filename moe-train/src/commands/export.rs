@@ -98,9 +98,7 @@ pub fn export(args: &ExportArgs) -> Result<ExportLayout> {
             let named = source.and_then(|hf| hf.torch_dtype.as_ref());
             let format = match (args.weights, named) {
                 (Some(weights), _) => weights.into(),
-                (None, Some(name)) => {
-                    hf::WeightFormat::of_config(&serde_json::json!({ "torch_dtype": name }))
-                }
+                (None, Some(name)) => hf::WeightFormat::named(name),
                 (None, None) => hf::WeightFormat::F32,
             };
             hf::save_as(&model, arch, out, base.as_ref(), format)?

@@ -120,19 +120,16 @@ fn insert_at(slot: &mut Value, path: &[&str], value: Value) {
 
 /// The flat layout's gate name (`"softmax-top-k"`, ...) as today's [`GateConfig`].
 fn gate_config(name: &Value) -> Result<Value> {
-    let gate = match name.as_str() {
-        Some("naive") => GateConfig::naive(),
-        Some("softmax-top-k") => GateConfig::softmax_top_k(),
-        Some("noisy") => GateConfig::noisy(),
-        Some("gshard") => GateConfig::gshard(),
-        Some("switch") => GateConfig::switch(),
-        _ => {
-            return Err(TrainError::Config(format!(
+    // The flat layout named gates as `--gate` does.
+    let gate = name
+        .as_str()
+        .and_then(|name| <GateName as clap::ValueEnum>::from_str(name, false).ok())
+        .ok_or_else(|| {
+            TrainError::Config(format!(
                 "`model.gate` is {name}; give one of \"naive\", \"softmax-top-k\", \"noisy\", \"gshard\", \"switch\" (or today's `model.moe.gate`)"
-            )))
-        }
-    };
-    Ok(serde_json::to_value(gate).expect("a gate config serialises"))
+            ))
+        })?;
+    Ok(serde_json::to_value(gate.config()).expect("a gate config serialises"))
 }
 
 /// The flat layout's expert form (`"ffn"`, `"relu"`, `"swiglu"`) as today's [`ExpertKind`].

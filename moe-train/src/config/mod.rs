@@ -96,6 +96,36 @@ pub enum TokenizerKind {
     Bpe,
 }
 
+/// A gate by the name `--gate` and the flat config layout of earlier releases give it
+/// (`softmax-top-k`, ...), with that gate's defaults. Expert choice is left out: it is not
+/// causal, so the decoder refuses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GateName {
+    /// FastMoE's naive top-k gate.
+    Naive,
+    /// Softmax then top-k (Mixtral).
+    SoftmaxTopK,
+    /// Noisy top-k (Shazeer 2017).
+    Noisy,
+    /// GShard top-2 (`--gate` sets top-k 2 unless `--top-k` is given).
+    Gshard,
+    /// Switch top-1 (`--gate` sets top-k 1 unless `--top-k` is given).
+    Switch,
+}
+
+impl GateName {
+    /// The gate's config.
+    pub fn config(self) -> GateConfig {
+        match self {
+            GateName::Naive => GateConfig::naive(),
+            GateName::SoftmaxTopK => GateConfig::softmax_top_k(),
+            GateName::Noisy => GateConfig::noisy(),
+            GateName::Gshard => GateConfig::gshard(),
+            GateName::Switch => GateConfig::switch(),
+        }
+    }
+}
+
 /// Where the data comes from and how it is tokenized.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -61,10 +61,7 @@ impl HfInit {
     /// Reads the folder's `config.json`.
     pub fn read(dir: &Path) -> Result<Self> {
         let (arch, config, json) = moe_models::hf::read_config(dir)?;
-        let torch_dtype = ["torch_dtype", "dtype"]
-            .iter()
-            .find_map(|key| json.get(*key).and_then(|value| value.as_str()))
-            .map(str::to_string);
+        let torch_dtype = moe_models::hf::config_dtype(&json).map(str::to_string);
         Ok(Self {
             dir: std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf()),
             model_type: arch.model_type().into(),

@@ -59,8 +59,7 @@ impl MoeTransformer {
     /// The loss and the outputs burn-train's metrics read, for `batch`.
     fn sequence_output(&self, batch: TextBatch) -> SequenceOutput {
         let out = self.forward(batch.tokens);
-        let logits =
-            moe_core::precision::to_dtype(out.logits, self.token_embedding.weight.val().dtype());
+        let logits = moe_core::precision::to_dtype(out.logits, self.loss_dtype());
         let loss =
             masked_cross_entropy(logits.clone(), batch.targets.clone(), batch.mask) + out.aux_loss;
         SequenceOutput::new(loss, logits, None, batch.targets)

@@ -32,6 +32,7 @@ mod norm;
 mod parallel;
 mod projection;
 mod sampling;
+pub mod storage;
 mod transformer;
 mod upcycle;
 

@@ -3,7 +3,7 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Embedding, Linear};
-use burn::tensor::{Bool, Device, FloatDType, Int, Tensor};
+use burn::tensor::{Bool, DType, Device, FloatDType, Int, Tensor};
 use moe_core::precision::{param_for, to_dtype};
 use moe_core::RoutingStats;
 use moe_kernels::cross_entropy;
@@ -226,6 +226,16 @@ impl MoeTransformer {
         Ok(self)
     }
 
+    /// The type the loss (and the logits it reads) is computed in: the parameters' master
+    /// type, f64 for an f64 model and f32 otherwise, also when the frozen weights are held
+    /// in 16 bits or fewer (`hf::Storage`) or the activations are computed in 16 bits.
+    pub fn loss_dtype(&self) -> DType {
+        match self.token_embedding.weight.val().dtype() {
+            DType::F64 => DType::F64,
+            _ => DType::F32,
+        }
+    }
+
     /// The type activations are computed in, when it is not the parameters' (see
     /// [`MoeTransformer::with_compute_dtype`]).
     pub fn compute_dtype(&self) -> Option<FloatDType> {
@@ -270,7 +280,7 @@ impl MoeTransformer {
     ) -> LossOutput {
         let out = self.forward(tokens);
         // The loss in the parameters' precision: a sum over the vocabulary and the batch.
-        let logits = to_dtype(out.logits, self.token_embedding.weight.val().dtype());
+        let logits = to_dtype(out.logits, self.loss_dtype());
         let cross_entropy = masked_cross_entropy(logits, targets, mask);
         LossOutput {
             loss: cross_entropy.clone() + out.aux_loss.clone(),

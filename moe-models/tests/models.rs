@@ -28,5 +28,7 @@ mod overfit;
 mod parameters;
 #[path = "models/placement.rs"]
 mod placement;
+#[path = "models/storage.rs"]
+mod storage;
 #[path = "models/upcycle.rs"]
 mod upcycle;

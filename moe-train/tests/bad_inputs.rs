@@ -384,6 +384,10 @@ fn cases() -> Vec<Case> {
         case("export without --out", &["export", "--checkpoint", "{fix}/run"], 2, &["--out"]),
         case("no-verify with a Hugging Face model", &["generate", "--hf", QWEN2_MOE, "--no-verify", "--max-tokens", "2"], 2, &["--no-verify", "--hf"]),
         case("no-verify in eval with a Hugging Face model", &["eval", "--hf", QWEN2_MOE, "--text", "{fix}/corpus.txt", "--no-verify"], 2, &["--no-verify", "--hf"]),
+        case("bf16 weights on a backend without bf16", &["generate", "--hf", QWEN2_MOE, "--weights", "bf16", "--backend", "ndarray", "--max-tokens", "2"], 1, &["cannot hold weights in bf16", "f32", "flex"]),
+        case("eval in bf16 on a backend without bf16", &["eval", "--checkpoint", "{fix}/run", "--weights", "bf16", "--backend", "ndarray", "--batches", "1"], 1, &["cannot hold weights in bf16", "f32", "flex"]),
+        case("generate in bf16 on a backend without bf16", &["generate", "--checkpoint", "{fix}/run", "--weights", "bf16", "--backend", "ndarray", "--max-tokens", "2"], 1, &["cannot hold weights in bf16", "f32", "flex"]),
+        case("an unknown weight format", &["generate", "--hf", QWEN2_MOE, "--weights", "q3"], 2, &["--weights", "q3"]),
         case("export in an unknown layout", &["export", "--checkpoint", "{fix}/run", "--out", "{dir}/hf", "--arch", "llama"], 2, &["--arch", "llama"]),
         case("eval without the model file", &eval("{dir}/run"), 1, &["model.bpk", "missing"]).prepared(|dir, fix| {
             copy_run(dir, fix);

@@ -9,6 +9,7 @@ use burn::tensor::Device;
 use burn_store::{bridge, ModuleStore, SafetensorsStore};
 use moe_core::lora::{LoraConfig, LoraTarget};
 use moe_kernels::testing::max_difference;
+use moe_models::hf::Storage;
 use moe_models::hf::{self, HfArchitecture};
 use moe_models::{MoeTransformer, SamplingConfig};
 use moe_train::cli::{EvalArgs, ExportArgs, GenerateArgs};
@@ -72,7 +73,14 @@ fn perplexity_matches_transformers_logits() {
         let reference = total / (ids.len() - 1) as f64;
 
         let text = fixture(arch).join("prompt.txt");
-        let ours = evaluate_text(&fixture(arch), &text, None, BackendChoice::Ndarray).unwrap();
+        let ours = evaluate_text(
+            &fixture(arch),
+            &text,
+            None,
+            BackendChoice::Ndarray,
+            Storage::F32,
+        )
+        .unwrap();
         assert_eq!(ours.tokens, ids.len() - 1);
         assert!(
             (ours.loss - reference).abs() < 1e-5,
@@ -80,9 +88,59 @@ fn perplexity_matches_transformers_logits() {
             ours.loss
         );
         // Windows of 5 tokens predict 4 of them each; the count says the text was cut.
-        let windowed =
-            evaluate_text(&fixture(arch), &text, Some(5), BackendChoice::Ndarray).unwrap();
+        let windowed = evaluate_text(
+            &fixture(arch),
+            &text,
+            Some(5),
+            BackendChoice::Ndarray,
+            Storage::F32,
+        )
+        .unwrap();
         assert_eq!(windowed.tokens, ids.len() - ids.len().div_ceil(5));
+    }
+}
+
+/// Greedy generation of `max_tokens` with the weights held in `weights`.
+fn greedy(max_tokens: usize, weights: Storage) -> GenerationSettings {
+    GenerationSettings {
+        max_tokens,
+        sampling: SamplingConfig {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            seed: 0,
+        },
+        offload_experts: false,
+        weights,
+    }
+}
+
+/// `eval --hf --weights` and `generate --hf --weights` run end to end in every held format on
+/// flex (what each format computes is checked in moe-models' `storage` tests).
+#[test]
+fn held_weights_evaluate_and_generate() {
+    let arch = HfArchitecture::Olmoe;
+    let text = fixture(arch).join("prompt.txt");
+    let f32_loss = evaluate_text(
+        &fixture(arch),
+        &text,
+        None,
+        BackendChoice::Flex,
+        Storage::F32,
+    )
+    .unwrap()
+    .loss;
+    for storage in [Storage::Bf16, Storage::Q8, Storage::Q4] {
+        let held =
+            evaluate_text(&fixture(arch), &text, None, BackendChoice::Flex, storage).unwrap();
+        assert!(
+            held.loss.is_finite() && held.loss != f32_loss,
+            "{storage}: {}",
+            held.loss
+        );
+        let settings = greedy(2, storage);
+        let out = generate(&fixture(arch), &prompt(arch), settings, BackendChoice::Flex).unwrap();
+        assert!(out.starts_with(&prompt(arch)), "{storage}: {out}");
     }
 }
 
@@ -95,16 +153,7 @@ fn greedy_generation_continues_with_the_most_likely_token() {
     let best = (0..vocab)
         .max_by(|&a, &b| last[a].total_cmp(&last[b]))
         .unwrap();
-    let settings = GenerationSettings {
-        max_tokens: 1,
-        sampling: SamplingConfig {
-            temperature: 0.0,
-            top_k: None,
-            top_p: None,
-            seed: 0,
-        },
-        offload_experts: false,
-    };
+    let settings = greedy(1, Storage::F32);
     let offloaded = GenerationSettings {
         offload_experts: true,
         ..settings.clone()
@@ -140,10 +189,24 @@ fn greedy_generation_continues_with_the_most_likely_token() {
 fn bad_arguments_are_named() {
     let arch = HfArchitecture::Olmoe;
     let text = fixture(arch).join("prompt.txt");
-    let error = evaluate_text(&fixture(arch), &text, Some(1), BackendChoice::Ndarray).unwrap_err();
+    let error = evaluate_text(
+        &fixture(arch),
+        &text,
+        Some(1),
+        BackendChoice::Ndarray,
+        Storage::F32,
+    )
+    .unwrap_err();
     assert!(error.to_string().contains("--window"), "{error}");
     let missing = fixture(arch).join("no-such-file.txt");
-    let error = evaluate_text(&fixture(arch), &missing, None, BackendChoice::Ndarray).unwrap_err();
+    let error = evaluate_text(
+        &fixture(arch),
+        &missing,
+        None,
+        BackendChoice::Ndarray,
+        Storage::F32,
+    )
+    .unwrap_err();
     assert!(error.to_string().contains("no-such-file.txt"), "{error}");
     let error = HfTokenizer::load(Path::new("/nonexistent"), &serde_json::Value::Null)
         .err()

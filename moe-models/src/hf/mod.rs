@@ -6,7 +6,9 @@
 //! config maps onto [`crate::DecoderConfig`]'s options ([`from_hf_config`]); the weights are
 //! read with Burn's `burn-store` from memory-mapped files, one parameter at a time
 //! ([`weights`](self)), so loading never holds a second copy of the model. The model's logits
-//! match transformers' within 1e-4 on the fixtures in `tests/fixtures/hf`.
+//! match transformers' within 1e-4 on the fixtures in `tests/fixtures/hf`. [`load_with`] holds
+//! the weights in bf16 or 8 or 4 bits instead ([`crate::storage`]), converting each tensor as
+//! it is read.
 //!
 //! ```no_run
 //! use burn::tensor::Device;
@@ -25,6 +27,7 @@ use std::path::{Path, PathBuf};
 use burn::tensor::Device;
 use thiserror::Error;
 
+pub use crate::storage::{Storage, StorageOptions};
 pub use config::{fitting_architecture, from_hf_config, to_hf_config, HfArchitecture};
 
 use crate::{ModelError, MoeTransformer};
@@ -107,11 +110,31 @@ pub fn read_config(
     Ok((arch, config, json))
 }
 
-/// Loads the model of the folder `dir` on `device`.
+/// Loads the model of the folder `dir` on `device`, in f32.
 pub fn load(dir: &Path, device: &Device) -> Result<HfModel, HfError> {
+    load_with(dir, device, &StorageOptions::default())
+}
+
+/// Loads the model of the folder `dir` on `device`, its weights held as `options` says
+/// ([`Storage`]: f32, bf16, 8 or 4 bits).
+///
+/// The model is built without values ([`moe_core::init::deferred`]) and each parameter is
+/// read from the memory-mapped files, converted and placed on `device` one at a time, so
+/// the peak holds the model in its storage plus one parameter in f32 (one layer's stacked
+/// expert projection for an MoE model), never a second copy of the model. Below f32 the
+/// model computes its activations in f32 ([`MoeTransformer::with_compute_dtype`]).
+pub fn load_with(
+    dir: &Path,
+    device: &Device,
+    options: &StorageOptions,
+) -> Result<HfModel, HfError> {
     let (architecture, config, config_json) = read_config(dir)?;
-    let mut model = config.init(device)?;
-    load_into(&mut model, architecture, dir)?;
+    options.check_device(device).map_err(HfError::Unsupported)?;
+    let mut model = moe_core::init::deferred(|| config.init(device))?;
+    weights::load_weights(&mut model, architecture, dir, options)?;
+    if !options.is_f32() {
+        model = model.with_compute_dtype(Some(burn::tensor::FloatDType::F32));
+    }
     Ok(HfModel {
         model,
         architecture,
@@ -120,13 +143,13 @@ pub fn load(dir: &Path, device: &Device) -> Result<HfModel, HfError> {
 }
 
 /// Loads the weights of the `arch` folder `dir` into `model`, which must have been built from
-/// that folder's config ([`read_config`]).
+/// that folder's config ([`read_config`]), in f32.
 pub fn load_into(
     model: &mut MoeTransformer,
     arch: HfArchitecture,
     dir: &Path,
 ) -> Result<(), HfError> {
-    weights::load_weights(model, arch, dir)
+    weights::load_weights(model, arch, dir, &StorageOptions::default())
 }
 
 /// Our parameters under `arch`'s tensor names and layout (`[out, in]` linears, one tensor per

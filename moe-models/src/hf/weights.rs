@@ -11,17 +11,20 @@
 //!   into our `[E, d, h]` / `[E, h, d]` experts, transposed on the way;
 //! - the router `[E, d]` becomes `[d, E]`, Qwen2-MoE's `shared_expert_gate` `[1, d]` our
 //!   `[d, 1]`;
-//! - bf16 and f16 files are widened to f32.
+//! - each tensor is then held as [`StorageOptions`] say for its path: bf16 and f16
+//!   files are widened to f32 one tensor at a time, then narrowed or quantized again where the
+//!   model holds them in fewer bits.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use burn::tensor::{DType, Shape, TensorData};
+use burn::tensor::{Shape, TensorData};
 use burn_store::burn_pack::Tensor as PackTensor;
 use burn_store::{bridge, ModuleSnapshot, ModuleStore, SafetensorsStore};
 
 use super::{HfArchitecture, HfError};
+use crate::storage::StorageOptions;
 use crate::MoeTransformer;
 
 /// Where one of our parameters comes from.
@@ -37,6 +40,7 @@ struct Source {
 }
 
 impl Source {
+    /// A norm's gain or a bias, as the file has it.
     fn plain(path: String, name: String) -> Self {
         Self {
             path,
@@ -46,6 +50,7 @@ impl Source {
         }
     }
 
+    /// An `nn.Linear` weight, transposed.
     fn linear(path: String, name: String) -> Self {
         Self {
             transpose: true,
@@ -53,6 +58,7 @@ impl Source {
         }
     }
 
+    /// Per-expert weights stacked into one `[E, d_in, d_out]` parameter.
     fn stacked(path: String, names: Vec<String>) -> Self {
         Self {
             path,
@@ -104,18 +110,20 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, HfError> {
     }
 }
 
-/// Loads the tensors of `dir` into `model` (built from the folder's `config.json`).
+/// Loads the tensors of `dir` into `model` (built from the folder's `config.json`), each held
+/// as `options` says.
 pub(crate) fn load_weights(
     model: &mut MoeTransformer,
     arch: HfArchitecture,
     dir: &Path,
+    options: &StorageOptions,
 ) -> Result<(), HfError> {
     let tensors = Arc::new(open_tensors(dir)?);
     let sources = sources(model, arch);
     let mut snapshots = Vec::with_capacity(sources.len());
     let mut missing = Vec::new();
     for source in sources {
-        match deferred(&source, &tensors) {
+        match deferred(&source, options, &tensors) {
             Ok(snapshot) => snapshots.push(snapshot),
             Err(names) => missing.extend(names),
         }
@@ -159,9 +167,10 @@ pub(crate) fn load_weights(
     Ok(())
 }
 
-/// A deferred f32 tensor for `source`, or the names the file lacks.
+/// A deferred tensor for `source` held as `options` say, or the names the file lacks.
 fn deferred(
     source: &Source,
+    options: &StorageOptions,
     tensors: &Arc<HashMap<String, PackTensor>>,
 ) -> Result<PackTensor, Vec<String>> {
     let absent: Vec<String> = source
@@ -183,9 +192,11 @@ fn deferred(
     }
     let names = source.names.clone();
     let (transpose, tensors) = (source.transpose, tensors.clone());
+    let storage = options.storage_of(&source.path, dims.len());
+    let dtype = storage.dtype(&dims);
     Ok(bridge::deferred(
         source.path.clone(),
-        DType::F32,
+        dtype,
         Shape::from(dims.clone()),
         None,
         move || {
@@ -201,7 +212,9 @@ fn deferred(
                     _ => values.extend(data),
                 }
             }
-            Ok(TensorData::new(values, dims.clone()))
+            storage
+                .encode(TensorData::new(values, dims.clone()))
+                .map_err(burn_store::burn_pack::Error::ValidationError)
         },
     ))
 }

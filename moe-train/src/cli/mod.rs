@@ -141,6 +141,35 @@ pub struct GenerateArgs {
     /// models).
     #[arg(long)]
     pub offload_experts: bool,
+    /// How the model (a text checkpoint or `--hf` folder) holds its attention, expert and
+    /// feed-forward weights: f32, bf16, or quantized to 8 or 4 bits with a scale per 64
+    /// values (norms and routers stay f32; embeddings bf16 below f32).
+    #[arg(long, value_enum, default_value_t = HeldWeights::F32)]
+    pub weights: HeldWeights,
+}
+
+/// The formats `--weights` holds a Hugging Face model's weights in (`moe_models::hf::Storage`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum HeldWeights {
+    /// 32-bit floats.
+    F32,
+    /// bfloat16 (how most checkpoints ship).
+    Bf16,
+    /// 8-bit integers, a scale per block of 64.
+    Q8,
+    /// 4-bit integers, a scale per block of 64.
+    Q4,
+}
+
+impl From<HeldWeights> for moe_models::hf::Storage {
+    fn from(weights: HeldWeights) -> Self {
+        match weights {
+            HeldWeights::F32 => Self::F32,
+            HeldWeights::Bf16 => Self::Bf16,
+            HeldWeights::Q8 => Self::Q8,
+            HeldWeights::Q4 => Self::Q4,
+        }
+    }
 }
 
 impl GenerateArgs {
@@ -164,6 +193,7 @@ impl GenerateArgs {
             no_verify: false,
             backend,
             offload_experts: false,
+            weights: HeldWeights::F32,
         }
     }
 
@@ -205,6 +235,7 @@ impl EvalArgs {
             form_samples: 100,
             no_verify: false,
             backend,
+            weights: HeldWeights::F32,
         }
     }
 }
@@ -242,6 +273,11 @@ pub struct EvalArgs {
     /// Where to run.
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     pub backend: BackendChoice,
+    /// How the model (a text checkpoint or `--hf` folder) holds its attention, expert and
+    /// feed-forward weights while it is evaluated (see `generate --weights`): what a format
+    /// costs in loss.
+    #[arg(long, value_enum, default_value_t = HeldWeights::F32)]
+    pub weights: HeldWeights,
 }
 
 /// `burn-moe export`.

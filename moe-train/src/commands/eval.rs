@@ -2,7 +2,7 @@
 
 use crate::cli::EvalArgs;
 use crate::commands::form::{self, FormShare};
-use crate::commands::loading::{load_finite, no_model};
+use crate::commands::loading::{held, load_finite, no_model, refuse_held_digits};
 use crate::config::{TaskKind, TrainConfig};
 use crate::data::tasks::digits::DigitsTask;
 use crate::data::tasks::text::TextTask;
@@ -61,6 +61,7 @@ pub fn evaluate(args: &EvalArgs) -> Result<EvalReport> {
             let tokenizer = Tokenizer::load(&folder.join(checkpoint::TOKENIZER_FILE))?;
             let task = TextTask::new(&config, Some(tokenizer), opened.data.as_ref(), true)?;
             let model = load_finite(&folder, task.build_model(&device)?)?;
+            let model = held(model, args.weights.into(), &device)?;
             if args.form {
                 form = form::measure(
                     &model,
@@ -74,6 +75,7 @@ pub fn evaluate(args: &EvalArgs) -> Result<EvalReport> {
             task.evaluate(&model, &device)
         }
         TaskKind::Caption | TaskKind::TextToImage => {
+            refuse_held_digits(args.weights)?;
             let task = DigitsTask::new(&config, true)?;
             let model = load_finite(&folder, task.build_model(&device)?)?;
             task.evaluate(&model, &device)
@@ -183,7 +185,13 @@ fn run_hf(args: &EvalArgs) -> Result<()> {
     let (Some(dir), Some(text)) = (dir, text) else {
         unreachable!("clap requires --text with --hf")
     };
-    let report = crate::commands::hf::evaluate_text(dir, text, args.window, args.backend)?;
+    let report = crate::commands::hf::evaluate_text(
+        dir,
+        text,
+        args.window,
+        args.backend,
+        args.weights.into(),
+    )?;
     println!(
         "{}: {} tokens, loss {}, perplexity {}",
         text.display(),

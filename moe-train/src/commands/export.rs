@@ -16,9 +16,12 @@
 //!   `stack.final_norm.*`, and `lm_head.weight` `[d, vocab]` when it is not tied;
 //! - the tokenizer as the checkpoint holds it (`tokenizer.json`, burn-moe's format).
 //!
-//! A run fine-tuned from a Hugging Face model (`train --init-hf`) exports to its own
-//! architecture, with its own `tokenizer.json`; a LoRA run's adapters are merged into the
-//! weights, `W = W_0 + (alpha / r) A B`.
+//! A Hugging Face folder's `tokenizer.json` is in the `tokenizers` format transformers reads
+//! ([`crate::data::tokenizer::Tokenizer::hf_json`]): a run fine-tuned from a Hugging Face
+//! model (`train --init-hf`) exports to its own architecture with its own tokenizer, a run
+//! trained here with its character or BPE vocabulary in that format, and the tokenizer's
+//! special ids go into `config.json`. A LoRA run's adapters are merged into the weights,
+//! `W = W_0 + (alpha / r) A B`.
 
 use burn::module::Module;
 use burn_store::{ModuleSnapshot, SafetensorsStore};
@@ -83,16 +86,14 @@ pub fn export(args: &ExportArgs) -> Result<ExportLayout> {
     std::fs::create_dir_all(out).map_err(io(out))?;
     match layout {
         ExportLayout::HuggingFace(arch) => {
-            // The special ids of a fine-tuned Hugging Face model's tokenizer go back into its
-            // config, where transformers' generation reads them.
-            let base = matches!(tokenizer, Tokenizer::Hf(_)).then(|| {
-                let specials = tokenizer.specials();
-                serde_json::json!({
-                    "bos_token_id": specials.bos,
-                    "eos_token_id": specials.eos,
-                    "pad_token_id": specials.pad,
-                })
-            });
+            // The tokenizer's special ids go into the config, where transformers' generation
+            // and `generate --hf` read them.
+            let specials = tokenizer.specials();
+            let base = Some(serde_json::json!({
+                "bos_token_id": specials.bos,
+                "eos_token_id": specials.eos,
+                "pad_token_id": specials.pad,
+            }));
             // The source folder's precision unless `--weights` says otherwise.
             let source = opened.config.variant.hf.as_ref();
             let named = source.and_then(|hf| hf.torch_dtype.as_ref());
@@ -114,12 +115,13 @@ pub fn export(args: &ExportArgs) -> Result<ExportLayout> {
         }
     }
     let tokenizer_path = out.join("tokenizer.json");
-    match (layout, tokenizer.hf_json()) {
-        // A fine-tuned Hugging Face model keeps its own tokenizer, which transformers reads.
-        (ExportLayout::HuggingFace(_), Some(json)) => {
+    match layout {
+        // In the `tokenizers` format, which transformers and `generate --hf` read.
+        ExportLayout::HuggingFace(_) => {
+            let json = tokenizer.hf_json()?;
             std::fs::write(&tokenizer_path, json).map_err(io(&tokenizer_path))?
         }
-        _ => tokenizer.save(&tokenizer_path)?,
+        ExportLayout::BurnMoe => tokenizer.save(&tokenizer_path)?,
     }
     Ok(layout)
 }

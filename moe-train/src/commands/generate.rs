@@ -6,7 +6,7 @@ use moe_models::{ExpertParallel, GenerationConfig, MoeTransformer, SamplingConfi
 
 use crate::cli::GenerateArgs;
 use crate::commands::hf;
-use crate::commands::loading::{load_finite, no_model};
+use crate::commands::loading::{held, load_finite, no_model, refuse_held_digits};
 use crate::commands::stream::stream;
 use crate::config::TaskKind;
 use crate::data::tasks::digits::{caption_digit, draw_numeral};
@@ -31,6 +31,7 @@ pub fn generate(args: &GenerateArgs) -> Result<String> {
                 max_tokens: args.max_tokens,
                 sampling,
                 offload_experts: args.offload_experts,
+                weights: args.weights.into(),
             };
             return hf::generate(dir, &args.prompt, settings, args.backend);
         }
@@ -46,10 +47,9 @@ pub fn generate(args: &GenerateArgs) -> Result<String> {
             let tokenizer = Tokenizer::load(&folder.join(checkpoint::TOKENIZER_FILE))?;
             let model = text_model(&config, tokenizer.vocab_size(), &device, false)?;
             // LoRA adapters merged: decoding then runs the plain weights.
-            let model = offloaded(
-                load_finite(&folder, model)?.materialize(),
-                args.offload_experts,
-            )?;
+            let model = load_finite(&folder, model)?.materialize();
+            let model = held(model, args.weights.into(), &device)?;
+            let model = offloaded(model, args.offload_experts)?;
             let specials = tokenizer.specials();
             let unknown = tokenizer.unknown_characters(&args.prompt);
             if !unknown.is_empty() {
@@ -76,6 +76,7 @@ pub fn generate(args: &GenerateArgs) -> Result<String> {
             })
         }
         TaskKind::Caption | TaskKind::TextToImage => {
+            refuse_held_digits(args.weights)?;
             let digit = NUMERALS
                 .iter()
                 .position(|n| args.prompt.contains(n))

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
-use moe_models::hf::{self, HfModel};
+use moe_models::hf::{self, HfModel, Storage, StorageOptions};
 use moe_models::{GenerationConfig, SamplingConfig};
 use serde_json::Value;
 
@@ -47,19 +47,25 @@ impl HfTokenizer {
     }
 }
 
-/// Loads the model of `dir` on the device `backend` selects, saying what it loaded.
-fn open(dir: &Path, backend: BackendChoice) -> Result<(HfModel, HfTokenizer, Device)> {
+/// Loads the model of `dir` on the device `backend` selects, its weights held in `storage`,
+/// saying what it loaded.
+fn open(
+    dir: &Path,
+    backend: BackendChoice,
+    storage: Storage,
+) -> Result<(HfModel, HfTokenizer, Device)> {
     let device = backend::select_and_report(backend, Precision::F32)?.device;
     let started = std::time::Instant::now();
-    let loaded = hf::load(dir, &device)?;
+    let loaded = hf::load_with(dir, &device, &StorageOptions::new(storage))?;
     let tokenizer = HfTokenizer::load(dir, &loaded.config_json)?;
     let count = loaded.model.config().parameter_count();
     eprintln!(
-        "loaded {} from {} in {:.1} s: {} parameters, {} active per token",
+        "loaded {} from {} in {:.1} s: {} parameters ({} weights), {} active per token",
         loaded.architecture.class_name(),
         dir.display(),
         started.elapsed().as_secs_f64(),
         in_words(count.total),
+        storage,
         in_words(count.active),
     );
     Ok((loaded, tokenizer, device))
@@ -82,7 +88,7 @@ pub fn generate(
     generation: GenerationSettings,
     backend: BackendChoice,
 ) -> Result<String> {
-    let (loaded, tokenizer, _) = open(dir, backend)?;
+    let (loaded, tokenizer, _) = open(dir, backend, generation.weights)?;
     let ids = tokenizer.encode(prompt)?;
     if ids.is_empty() {
         return Err(TrainError::Argument(
@@ -108,6 +114,8 @@ pub struct GenerationSettings {
     pub sampling: SamplingConfig,
     /// Keep the experts in CPU memory (`--offload-experts`).
     pub offload_experts: bool,
+    /// How the weights are held (`--weights`).
+    pub weights: Storage,
 }
 
 /// What `burn-moe eval --hf DIR --text FILE` measured.
@@ -126,10 +134,11 @@ pub fn evaluate_text(
     file: &Path,
     window: Option<usize>,
     backend: BackendChoice,
+    storage: Storage,
 ) -> Result<TextEvaluation> {
     let text = std::fs::read_to_string(file)
         .map_err(|e| TrainError::Argument(format!("{}: {e}", file.display())))?;
-    let (loaded, tokenizer, device) = open(dir, backend)?;
+    let (loaded, tokenizer, device) = open(dir, backend, storage)?;
     let context = loaded.model.config().decoder.context_length;
     let window = window.unwrap_or(context.min(1024));
     if window < 2 || window > context {

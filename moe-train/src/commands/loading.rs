@@ -1,5 +1,8 @@
 //! What `generate`, `eval` and `export` share: the model a checkpoint holds, refused when it
-//! is not finite.
+//! is not finite, and held in the format `--weights` names.
+
+use moe_models::storage::{Storage, StorageOptions};
+use moe_models::MoeTransformer;
 
 use crate::error::{Result, TrainError};
 use crate::store::checkpoint;
@@ -9,6 +12,28 @@ use crate::training::divergence::non_finite_parameters;
 /// first).
 pub(crate) fn no_model() -> TrainError {
     TrainError::Argument("give `--checkpoint DIR` or `--hf DIR`".into())
+}
+
+/// `model` with its weights held in `weights` (`--weights`; see [`moe_models::storage`]),
+/// refused where `device` cannot hold them.
+pub(crate) fn held(
+    model: MoeTransformer,
+    weights: Storage,
+    device: &burn::tensor::Device,
+) -> Result<MoeTransformer> {
+    let options = StorageOptions::new(weights);
+    options.check_device(device).map_err(TrainError::Argument)?;
+    Ok(moe_models::storage::hold(model, &options))
+}
+
+/// Refuses `--weights` other than f32 for the digits models, which stay f32.
+pub(crate) fn refuse_held_digits(weights: crate::cli::HeldWeights) -> Result<()> {
+    if weights == crate::cli::HeldWeights::F32 {
+        return Ok(());
+    }
+    Err(TrainError::Argument(
+        "`--weights` holds a text model's weights; the digits models stay f32".into(),
+    ))
 }
 
 /// Loads a checkpoint's model and refuses it if any weight is NaN or infinite: such a model

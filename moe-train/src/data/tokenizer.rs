@@ -206,12 +206,24 @@ impl Tokenizer {
         }
     }
 
-    /// The `tokenizer.json` of a Hugging Face tokenizer (for `export`), `None` for ours.
-    pub fn hf_json(&self) -> Option<String> {
-        match self {
-            Tokenizer::Hf(t) => t.inner.to_string(true).ok(),
-            _ => None,
-        }
+    /// Its `tokenizer.json` in the Hugging Face `tokenizers` format (for `export`), which
+    /// transformers' `AutoTokenizer` and `generate --hf` read and which encodes as
+    /// [`encode_prompt`](Self::encode_prompt) does: a folder's own tokenizer as it came;
+    /// burn-moe's character vocabulary as a `WordLevel` model over single characters (a
+    /// `Split` pre-tokenizer isolating each one, a `Fuse` decoder joining them back); its
+    /// byte-level BPE as it is. burn-moe's two put `<bos>` first through a
+    /// `TemplateProcessing` post-processor.
+    pub fn hf_json(&self) -> Result<String> {
+        let json = match self {
+            Tokenizer::Hf(t) => return Ok(tokenizer_json(&t.inner)?.to_string()),
+            Tokenizer::Char(t) => char_tokenizer_json(&t.tokens),
+            Tokenizer::Bpe(t) => {
+                let mut json = tokenizer_json(t)?;
+                json["post_processor"] = bos_template();
+                json
+            }
+        };
+        Ok(serde_json::to_string_pretty(&json).expect("a tokenizer serialises"))
     }
 
     /// Vocabulary size.
@@ -378,6 +390,54 @@ impl Tokenizer {
             }
         }
     }
+}
+
+/// The `tokenizer.json` of a character vocabulary (`tokens[id]`, the specials first).
+fn char_tokenizer_json(tokens: &[String]) -> serde_json::Value {
+    let vocab: serde_json::Map<String, serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(id, token)| (token.clone(), id.into()))
+        .collect();
+    let added: Vec<serde_json::Value> = SPECIALS
+        .iter()
+        .enumerate()
+        .map(|(id, content)| {
+            serde_json::json!({
+                "id": id, "content": content, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {
+            "type": "Split",
+            "pattern": { "Regex": "[\\s\\S]" },
+            "behavior": "Isolated",
+            "invert": false,
+        },
+        "post_processor": bos_template(),
+        "decoder": { "type": "Fuse" },
+        "model": { "type": "WordLevel", "vocab": vocab, "unk_token": SPECIALS[UNK] },
+    })
+}
+
+/// A post-processor that puts `<bos>` before a sequence (and before each of a pair).
+fn bos_template() -> serde_json::Value {
+    let bos = SPECIALS[BOS];
+    let special = serde_json::json!({ "SpecialToken": { "id": bos, "type_id": 0 } });
+    let sequence = |id: &str| serde_json::json!({ "Sequence": { "id": id, "type_id": 0 } });
+    serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [special.clone(), sequence("A")],
+        "pair": [special.clone(), sequence("A"), special, sequence("B")],
+        "special_tokens": { bos: { "id": bos, "ids": [BOS], "tokens": [bos] } },
+    })
 }
 
 /// A `tokenizers` tokenizer as JSON.

@@ -73,3 +73,34 @@ fn a_broken_tokenizer_file_is_named() {
         "{message}"
     );
 }
+
+/// `hf_json` (what `export` writes as a Hugging Face folder's `tokenizer.json`), read back by
+/// the `tokenizers` crate as transformers and `generate --hf` read it, encodes a prompt as our
+/// tokenizer does (`<bos>` first, unknown characters as `<unk>`) and decodes text it knows
+/// back, for the character vocabulary and for byte-level BPE.
+#[test]
+fn the_exported_tokenizer_json_encodes_as_ours() {
+    let docs = ["床前明月光，疑是地上霜。", "举头望明月，\n低头思故乡。"];
+    let text = "the quick brown fox jumps over the lazy dog";
+    let english: Vec<String> = (0..50).map(|i| format!("{text} {i}")).collect();
+    let cases = [
+        (
+            Tokenizer::Char(CharTokenizer::build(docs.iter().copied(), 1)),
+            "明月\n光龍霜",
+        ),
+        (
+            Tokenizer::train_bpe(english.iter().map(String::as_str), 300).unwrap(),
+            "the lazy fox 7",
+        ),
+    ];
+    for (ours, sample) in cases {
+        let json = ours.hf_json().unwrap();
+        let theirs: tokenizers::Tokenizer = json.parse().unwrap();
+        let encoded = theirs.encode(sample, true).unwrap();
+        let ids: Vec<usize> = encoded.get_ids().iter().map(|&id| id as usize).collect();
+        assert_eq!(ids, ours.encode_prompt(sample), "{sample}");
+        let known: String = sample.chars().filter(|&c| c != '龍').collect();
+        let encoded = theirs.encode(known.as_str(), true).unwrap();
+        assert_eq!(theirs.decode(encoded.get_ids(), true).unwrap(), known);
+    }
+}

@@ -1,0 +1,314 @@
+//! How a model holds its weights: f32, bf16, or block-quantized to 8 or 4 bits.
+//!
+//! The people who run and fine-tune MoE checkpoints on their own machines hold the frozen
+//! weights in fewer bits than f32 (bf16 as the checkpoints ship; 8 or 4 bits as llama.cpp,
+//! mlx-lm and QLoRA, Dettmers et al. 2023, do). Here the big matrices (attention, experts,
+//! dense and shared feed-forward projections) are held in the chosen [`Storage`]; the norms,
+//! biases and routers (small, and what routing decisions hang on) stay f32; the embeddings and
+//! an untied output head are held in bf16 for any format below f32 unless
+//! [`StorageOptions::embeddings`] says otherwise ([`Held`] is that rule, by parameter path).
+//! Each use reads a weight in the activations' type ([`moe_core::precision::to_dtype`]): the
+//! products compute in f32.
+//!
+//! A Hugging Face folder loads straight into its storage ([`crate::hf::load_with`]); a model
+//! already in memory (a burn-moe checkpoint) converts with [`hold`]. Held weights are frozen:
+//! they are for inference and as the base of LoRA adapters (QLoRA).
+//!
+//! Quantization is Burn's symmetric scheme ([`QuantValue::Q8S`], [`QuantValue::Q4S`]): per
+//! block of 64 consecutive values along a weight's last axis (the output features in our
+//! `[.., d_in, d_out]` layout; QLoRA's block size) one f32 scale `s = max|x| / q_max`, and
+//! `x ~ s round(x / s)` with `q_max` 127 or 7. A weight whose last axis is not a multiple of 64
+//! takes the largest of 32, 16, 8, 4, 2 that divides it (the committed fixtures are that
+//! small), else one scale for the tensor. The rounding error of a value is at most `s / 2`.
+//! Blocks of 64 rather than llama.cpp's 32 because Burn's flex backend keeps each scale as an
+//! f32 beside the values and a spare 4 bytes per block in the values' buffer: 0.125 bytes a
+//! weight at 64, not 0.25.
+
+use burn::module::{Module, ModuleMapper, Param};
+use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue, ScaleDtype};
+use burn::tensor::{DType, Tensor, TensorData};
+
+use crate::MoeTransformer;
+
+/// The format the weights of a loaded model are held in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Storage {
+    /// 32-bit floats (4 bytes a weight).
+    #[default]
+    F32,
+    /// bfloat16 (2 bytes), how most checkpoints ship: a bf16 file loads without rounding.
+    Bf16,
+    /// Symmetric 8-bit integers with a scale per block of 64 (1 byte plus 1/16).
+    Q8,
+    /// Symmetric 4-bit integers with a scale per block of 64 (half a byte plus 1/16 where the
+    /// backend packs them; Burn's flex backend holds one value a byte, so q4 takes what q8
+    /// takes there).
+    Q4,
+}
+
+/// The block sizes a quantized weight takes: the largest that divides its last axis.
+const BLOCK_SIZES: [u8; 6] = [64, 32, 16, 8, 4, 2];
+
+impl Storage {
+    /// Every format, in order of size.
+    pub const ALL: [Storage; 4] = [Self::F32, Self::Bf16, Self::Q8, Self::Q4];
+
+    /// Its name on the command line: `f32`, `bf16`, `q8`, `q4`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::Q8 => "q8",
+            Self::Q4 => "q4",
+        }
+    }
+
+    /// The format called `name` ([`Storage::name`]).
+    pub fn named(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|format| format.name() == name)
+    }
+
+    /// Bytes a weight takes (the values; block scales add 4/64 to q8 and q4).
+    pub fn bytes_per_weight(self) -> f64 {
+        match self {
+            Self::F32 => 4.0,
+            Self::Bf16 => 2.0,
+            Self::Q8 => 1.0 + 0.0625,
+            Self::Q4 => 0.5 + 0.0625,
+        }
+    }
+
+    /// The format embeddings take when the weights take `self`: bf16 below f32 (a lookup
+    /// reads one row, and 8-bit rows would cost the logits most; see the module docs).
+    pub fn for_embeddings(self) -> Self {
+        match self {
+            Self::F32 => Self::F32,
+            _ => Self::Bf16,
+        }
+    }
+
+    /// The Burn quantization scheme for a weight of `shape`, `None` for the float formats.
+    pub(crate) fn scheme(self, shape: &[usize]) -> Option<QuantScheme> {
+        let value = match self {
+            Self::F32 | Self::Bf16 => return None,
+            Self::Q8 => QuantValue::Q8S,
+            Self::Q4 => QuantValue::Q4S,
+        };
+        let scheme = QuantScheme::default().with_value(value);
+        let last = shape.last().copied().unwrap_or(1);
+        Some(
+            match BLOCK_SIZES
+                .into_iter()
+                .find(|&b| last.is_multiple_of(b as usize))
+            {
+                Some(block) => scheme.per_block([block], ScaleDtype::F32),
+                None => scheme.per_tensor(ScaleDtype::F32),
+            },
+        )
+    }
+
+    /// The Burn type a weight of `shape` is held in.
+    pub(crate) fn dtype(self, shape: &[usize]) -> DType {
+        match self.scheme(shape) {
+            // Quantizing on flex gives one value a byte ("native" storage).
+            Some(scheme) => DType::QFloat(scheme.with_store(QuantStore::Native)),
+            None if self == Self::Bf16 => DType::BF16,
+            None => DType::F32,
+        }
+    }
+
+    /// `tensor` (a float tensor) in this format.
+    fn convert<const D: usize>(self, tensor: Tensor<D>) -> Tensor<D> {
+        match self.scheme(&tensor.dims()) {
+            Some(scheme) => tensor.quantize_dynamic(&scheme),
+            None if self == Self::Bf16 => tensor.cast(DType::BF16),
+            None => tensor,
+        }
+    }
+
+    /// `data` (f32) in this format: f32 as it is, bf16 converted, q8/q4 quantized on the host,
+    /// ready for `Tensor::from_data` on any device.
+    pub(crate) fn encode(self, data: TensorData) -> Result<TensorData, String> {
+        match self {
+            Self::F32 => Ok(data),
+            Self::Bf16 => Ok(data.convert_dtype(DType::BF16)),
+            Self::Q8 | Self::Q4 => {
+                let scheme = self.scheme(data.shape()).expect("a quantized format");
+                quantized(data, &scheme)
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// `data` (f32) quantized with `scheme` on the host, on every core: for each run of values
+/// that shares a scale (a block along the last axis, or the whole tensor) `s = 2 max|x| /
+/// (q_max - q_min)` (`max|x| / q_max` for the symmetric values), `q = round(x / s)` clamped to
+/// the value's range, computed as Burn's flex backend does (`x * (1 / s)`, a zero scale
+/// replaced by the smallest normal f32), so either gives the same bytes.
+fn quantized(data: TensorData, scheme: &QuantScheme) -> Result<TensorData, String> {
+    use rayon::prelude::*;
+    let shape = data.shape().to_vec();
+    let values = data
+        .try_into_vec::<f32>()
+        .map_err(|e| format!("quantizing needs f32 values: {e:?}"))?;
+    let run = match scheme.block_size() {
+        Some(block) => *block.as_slice().last().unwrap_or(&1) as usize,
+        None => values.len().max(1),
+    };
+    let (low, high) = scheme.value.range();
+    let scale_of = |run: &[f32]| {
+        let peak = run.iter().fold(0.0f32, |peak, x| peak.max(x.abs()));
+        let scale = 2.0 * peak / (high - low);
+        if scale > 0.0 && scale.is_finite() {
+            scale
+        } else {
+            f32::MIN_POSITIVE
+        }
+    };
+    let scales: Vec<f32> = values.par_chunks(run).map(scale_of).collect();
+    // Room for the scales Burn appends to the values' buffer (aligned), so that appending
+    // them does not reallocate it to twice its size, slack the backend would keep.
+    let mut quantized = Vec::with_capacity(values.len() + 4 * scales.len() + 64);
+    quantized.resize(values.len(), 0i8);
+    quantized
+        .par_chunks_mut(run)
+        .zip(values.par_chunks(run))
+        .zip(scales.par_iter())
+        .for_each(|((out, values), &scale)| {
+            let inverse = 1.0 / scale;
+            for (q, &x) in out.iter_mut().zip(values) {
+                *q = (x * inverse).round().clamp(low, high) as i8;
+            }
+        });
+    let scheme = scheme.with_store(QuantStore::Native);
+    Ok(TensorData::quantized(
+        quantized, shape, scheme, &scales, None,
+    ))
+}
+
+/// The formats a model's parameters are held in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StorageOptions {
+    /// The format of the attention, expert and feed-forward weights.
+    pub weights: Storage,
+    /// The format of the token embeddings and an untied output head; `None` for
+    /// [`Storage::for_embeddings`] of `weights`.
+    pub embeddings: Option<Storage>,
+}
+
+impl StorageOptions {
+    /// The weights in `weights`, the embeddings as [`Storage::for_embeddings`] says.
+    pub fn new(weights: Storage) -> Self {
+        Self {
+            weights,
+            embeddings: None,
+        }
+    }
+
+    /// The format of the embeddings and the output head.
+    pub fn embedding_storage(&self) -> Storage {
+        self.embeddings
+            .unwrap_or_else(|| self.weights.for_embeddings())
+    }
+
+    /// The format of the parameter at `path` (our module path) with `rank` dimensions.
+    pub fn storage_of(&self, path: &str, rank: usize) -> Storage {
+        match Held::of(path, rank) {
+            Held::Small => Storage::F32,
+            Held::Embedding => self.embedding_storage(),
+            Held::Weight => self.weights,
+        }
+    }
+
+    /// Refuses a `device` whose backend cannot hold these formats, naming it.
+    ///
+    /// Only bf16 is asked about: Burn's backends answer no for every quantized type, yet the
+    /// ones we run (flex, the cube backends) hold them.
+    pub fn check_device(&self, device: &burn::tensor::Device) -> Result<(), String> {
+        for storage in [self.weights, self.embedding_storage()] {
+            if storage == Storage::Bf16 && !device.supports_dtype(DType::BF16) {
+                return Err(format!(
+                    "{device:?} cannot hold weights in {storage}: hold them in f32, or run on \
+                     the flex backend, which holds every format"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether every parameter stays f32.
+    pub fn is_f32(&self) -> bool {
+        self.weights == Storage::F32 && self.embedding_storage() == Storage::F32
+    }
+}
+
+/// What a parameter is, for the format it is held in: the one rule of the module docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Held {
+    /// Norm gains, biases (every 1-D parameter), routers and the shared-expert gate: f32.
+    Small,
+    /// The token embeddings and an untied output head.
+    Embedding,
+    /// Attention, expert and feed-forward matrices.
+    Weight,
+}
+
+impl Held {
+    /// The kind of the parameter at `path` (our module path, e.g.
+    /// `stack.blocks.0.ffn.moe.router.weight`) with `rank` dimensions.
+    pub fn of(path: &str, rank: usize) -> Self {
+        let parts: Vec<&str> = path.split('.').collect();
+        let small =
+            |part: &&str| part.contains("norm") || *part == "router" || *part == "shared_gate";
+        if rank < 2 || parts.iter().any(small) {
+            Self::Small
+        } else if matches!(parts.first(), Some(&"token_embedding") | Some(&"lm_head")) {
+            Self::Embedding
+        } else {
+            Self::Weight
+        }
+    }
+}
+
+/// `model` with its parameters converted to the formats `options` gives them: bf16 by a
+/// cast, q8/q4 by Burn's dynamic block quantization on the device they are on. Call it before
+/// attaching LoRA adapters (the adapters stay f32). Below f32 the model computes in f32.
+pub fn hold(model: MoeTransformer, options: &StorageOptions) -> MoeTransformer {
+    if options.is_f32() {
+        return model;
+    }
+    let mut holder = Holder {
+        path: Vec::new(),
+        options: *options,
+    };
+    model
+        .map(&mut holder)
+        .with_compute_dtype(Some(burn::tensor::FloatDType::F32))
+}
+
+/// Converts each float parameter as [`StorageOptions::storage_of`] its path says.
+struct Holder {
+    path: Vec<String>,
+    options: StorageOptions,
+}
+
+impl ModuleMapper for Holder {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let storage = self.options.storage_of(&self.path.join("."), D);
+        param.map(|tensor| storage.convert(tensor))
+    }
+}

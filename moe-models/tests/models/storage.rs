@@ -1,0 +1,251 @@
+//! Hugging Face models held in bf16, 8 or 4 bits (`hf::Storage`), against transformers' f32
+//! logits and against the f32 model whose weights are rounded by a plain loop here.
+
+use std::path::Path;
+
+use burn::tensor::{bf16, DType, Device, Int, Tensor, TensorData};
+use moe_models::hf::{self, HfArchitecture, Storage, StorageOptions};
+use moe_models::MoeTransformer;
+
+use crate::hf::{expected, fixture};
+use moe_kernels::testing::max_difference;
+
+fn logits(model: &MoeTransformer, ids: &[i64], device: &Device) -> Vec<f32> {
+    let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), device);
+    let logits = model.forward(tokens).logits;
+    assert_eq!(logits.dtype(), DType::F32, "the logits are computed in f32");
+    logits.into_data().try_to_vec::<f32>().unwrap()
+}
+
+/// How the loader holds the Hugging Face tensor `name`, by the rule its docs state.
+#[derive(Debug, PartialEq)]
+enum Kind {
+    Kept,
+    Embedding,
+    Weight,
+}
+
+fn kind(name: &str) -> Kind {
+    if name.contains("embed_tokens") || name.starts_with("lm_head") {
+        Kind::Embedding
+    } else if name.ends_with(".bias")
+        || name.contains("norm")
+        || name.ends_with(".gate.weight")
+        || name.contains("shared_expert_gate")
+    {
+        Kind::Kept
+    } else {
+        Kind::Weight
+    }
+}
+
+/// `values` (`[out, in]`, as the file has it) rounded as symmetric `bits`-bit integers with one
+/// scale per block of `block` consecutive outputs of each input column (the last axis of our
+/// `[in, out]` layout): `s = max|x| / q_max`, `x -> s round(x / s)`.
+fn rounded(values: &[f32], out: usize, inputs: usize, q_max: f32) -> Vec<f32> {
+    let block = [64, 32, 16, 8, 4, 2]
+        .into_iter()
+        .find(|b| out.is_multiple_of(*b))
+        .unwrap_or(out);
+    let mut result = values.to_vec();
+    for column in 0..inputs {
+        for start in (0..out).step_by(block) {
+            let rows = start..start + block;
+            let peak = rows
+                .clone()
+                .map(|r| values[r * inputs + column].abs())
+                .fold(0.0f32, f32::max);
+            let scale = peak / q_max;
+            for r in rows {
+                let x = values[r * inputs + column];
+                // `x / s` as `x * (1 / s)`: the two round differently at exact halves, and
+                // Burn's flex quantizer multiplies.
+                let inverse = 1.0 / scale;
+                result[r * inputs + column] = if scale == 0.0 {
+                    0.0
+                } else {
+                    (x * inverse).round().clamp(-q_max, q_max) * scale
+                };
+            }
+        }
+    }
+    result
+}
+
+/// `x` rounded to bf16 (to nearest, ties to even) and widened again.
+fn to_bf16(x: f32) -> f32 {
+    bf16::from_f32(x).to_f32()
+}
+
+/// A copy of the fixture of `arch` in f32 with its weights rounded as `storage` holds them.
+fn rounded_copy(arch: HfArchitecture, storage: Storage, dir: &Path) {
+    let q_max = match storage {
+        Storage::Q8 => 127.0,
+        Storage::Q4 => 7.0,
+        _ => 0.0,
+    };
+    let bytes = std::fs::read(fixture(arch).join("model.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors = Vec::new();
+    for (name, view) in file.tensors() {
+        assert_eq!(
+            view.dtype(),
+            safetensors::Dtype::F32,
+            "the fixtures are f32"
+        );
+        let values: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let shape = view.shape().to_vec();
+        let values = match kind(&name) {
+            Kind::Kept => values,
+            Kind::Embedding => values.iter().map(|&x| to_bf16(x)).collect(),
+            Kind::Weight if storage == Storage::Bf16 => {
+                values.iter().map(|&x| to_bf16(x)).collect()
+            }
+            Kind::Weight => rounded(&values, shape[0], shape[1], q_max),
+        };
+        let data: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+        tensors.push((name, shape, data));
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(fixture(arch).join("config.json"), dir.join("config.json")).unwrap();
+    let views: Vec<_> = tensors
+        .iter()
+        .map(|(name, shape, data)| {
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data);
+            (name.clone(), view.unwrap())
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+}
+
+#[test]
+#[allow(deprecated)]
+fn a_device_that_cannot_hold_the_format_is_named() {
+    let device = Device::ndarray();
+    let error = hf::load_with(
+        &fixture(HfArchitecture::Olmoe),
+        &device,
+        &StorageOptions::new(Storage::Bf16),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("cannot hold weights in bf16"), "{error}");
+}
+
+#[test]
+fn bf16_weights_compute_as_the_rounded_f32_model() {
+    let device = Device::flex();
+    let root = std::env::temp_dir().join(format!("hf-bf16-held-{}", std::process::id()));
+    for arch in HfArchitecture::ALL {
+        let (ids, expected) = expected(arch);
+        let options = StorageOptions::new(Storage::Bf16);
+        let model = hf::load_with(&fixture(arch), &device, &options)
+            .unwrap()
+            .model;
+        let block = &model.stack.blocks[0];
+        assert_eq!(block.attention.query.weight.val().dtype(), DType::BF16);
+        let norm = block.attention_norm.rms.as_ref().unwrap();
+        assert_eq!(norm.gamma.val().dtype(), DType::F32);
+        assert_eq!(model.token_embedding.weight.val().dtype(), DType::BF16);
+        let ours = logits(&model, &ids, &device);
+
+        let dir = root.join(format!("{arch:?}"));
+        rounded_copy(arch, Storage::Bf16, &dir);
+        let reference = hf::load(&dir, &device).unwrap().model;
+        let diff = max_difference(&ours, &logits(&reference, &ids, &device));
+        let from_transformers = max_difference(&ours, &expected);
+        eprintln!(
+            "{arch:?} in bf16: {diff:.2e} from the rounded f32 model, \
+             {from_transformers:.2e} from transformers"
+        );
+        assert!(
+            diff < 1e-4,
+            "{arch:?} in bf16: {diff} from the rounded model"
+        );
+    }
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn quantized_weights_compute_as_the_rounded_f32_model() {
+    let device = Device::flex();
+    let root = std::env::temp_dir().join(format!("hf-quantized-{}", std::process::id()));
+    for storage in [Storage::Q8, Storage::Q4] {
+        for arch in HfArchitecture::ALL {
+            let (ids, expected) = expected(arch);
+            let options = StorageOptions::new(storage);
+            let model = hf::load_with(&fixture(arch), &device, &options)
+                .unwrap()
+                .model;
+            let moe = model.stack.blocks.iter().find_map(|b| b.ffn.moe.as_ref());
+            let experts = &moe.expect("an MoE layer").experts;
+            assert!(matches!(experts.w_in.val().dtype(), DType::QFloat(_)));
+            let ours = logits(&model, &ids, &device);
+
+            let dir = root.join(format!("{arch:?}-{storage}"));
+            rounded_copy(arch, storage, &dir);
+            let reference = hf::load(&dir, &device).unwrap().model;
+            let diff = max_difference(&ours, &logits(&reference, &ids, &device));
+            let from_transformers = max_difference(&ours, &expected);
+            eprintln!(
+                "{arch:?} in {storage}: {diff:.2e} from the rounded f32 model, \
+                 {from_transformers:.2e} from transformers"
+            );
+            assert!(
+                diff < 1e-4,
+                "{arch:?} in {storage}: {diff} from the rounded model"
+            );
+        }
+    }
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// `storage::hold` converts a model in memory by the same rule, parameter by parameter, as
+/// `hf::load_with` reads one: the same formats and the same logits.
+#[test]
+fn holding_a_loaded_model_gives_what_loading_held_gives() {
+    let device = Device::flex();
+    let arch = HfArchitecture::Qwen2Moe; // biases, a shared expert and its gate, a dense layer
+    let (ids, _) = expected(arch);
+    for storage in [Storage::Bf16, Storage::Q4] {
+        let options = StorageOptions::new(storage);
+        let f32_model = hf::load(&fixture(arch), &device).unwrap().model;
+        let held = moe_models::storage::hold(f32_model, &options);
+        let block = &held.stack.blocks[0];
+        let moe = block.ffn.moe.as_ref().unwrap();
+        let quantized = |dtype: DType| match storage {
+            Storage::Bf16 => dtype == DType::BF16,
+            _ => matches!(dtype, DType::QFloat(_)),
+        };
+        assert!(quantized(block.attention.query.weight.val().dtype()));
+        assert!(quantized(moe.experts.w_out.val().dtype()));
+        let shared = moe.shared_experts.as_ref().unwrap();
+        assert!(quantized(shared.w_in.val().dtype()));
+        let bias = block.attention.query.bias.as_ref().unwrap();
+        assert_eq!(bias.val().dtype(), DType::F32);
+        assert_eq!(moe.router.weight.val().dtype(), DType::F32);
+        assert_eq!(moe.shared_gate.as_ref().unwrap().val().dtype(), DType::F32);
+        assert_eq!(held.token_embedding.weight.val().dtype(), DType::BF16);
+        assert_eq!(
+            held.lm_head.as_ref().unwrap().weight.val().dtype(),
+            DType::BF16
+        );
+
+        let loaded = hf::load_with(&fixture(arch), &device, &options)
+            .unwrap()
+            .model;
+        let diff = max_difference(
+            &logits(&held, &ids, &device),
+            &logits(&loaded, &ids, &device),
+        );
+        assert!(
+            diff < 1e-6,
+            "{storage}: held and loaded models differ by {diff}"
+        );
+    }
+}

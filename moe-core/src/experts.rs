@@ -7,12 +7,12 @@ use burn::config::Config;
 use burn::module::{Module, Param, ParamId};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Int, Tensor};
-use moe_kernels::{batched_matmul, grouped_bias, grouped_matmul};
+use moe_kernels::{batched_matmul, grouped_bias, grouped_matmul_held};
 
 use crate::error::{check_nonzero, MoeError};
 use crate::init::uniform;
 use crate::lora;
-use crate::precision::param_for;
+use crate::precision::{param_for, to_dtype};
 
 /// Activation of an [`ExpertKind::Ffn`] expert.
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
@@ -137,7 +137,11 @@ impl Experts {
     /// Runs expert `e` on slice `e` of `x: [E, C, d_model]`, every row of it (a batched
     /// matmul): the shared experts, which see every token.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.run(x, batched_matmul, |y, bias| {
+        let product = |x: Tensor<3>, w| {
+            let w = to_dtype(w, x.dtype());
+            batched_matmul(x, w)
+        };
+        self.run(x, product, |y, bias| {
             let bias = param_for(bias, &y);
             y + bias.unsqueeze_dim(1)
         })
@@ -146,12 +150,13 @@ impl Experts {
     /// Runs expert `e` on rows `offsets[e]..offsets[e + 1]` of the ragged buffer
     /// `x: [S, d_model]` (see [`crate::dispatch`]), giving `[S, d_model]`: each product is a
     /// [`moe_kernels::grouped_matmul()`] over the experts' own rows, so no expert pays for
-    /// another's load. The rows after `offsets[E]` are padding: their output is zero (no bias
+    /// another's load (a weight held in fewer bits converts only the experts with rows where
+    /// the backend allows: [`moe_kernels::grouped_matmul_held`]). The rows after `offsets[E]` are padding: their output is zero (no bias
     /// is added there) and no gradient flows back through them.
     pub fn forward_grouped(&self, x: Tensor<2>, offsets: Tensor<1, Int>) -> Tensor<2> {
         self.run(
             x,
-            |x, weight| grouped_matmul(x, weight, offsets.clone()),
+            |x, weight| grouped_matmul_held(x, weight, offsets.clone()),
             |y, bias| {
                 let bias = param_for(bias, &y);
                 grouped_bias(y, bias, offsets.clone())
@@ -160,7 +165,7 @@ impl Experts {
     }
 
     /// The expert formula with the products and bias additions of one layout: `product(x, w)`
-    /// multiplies each expert's rows by its slice of `w` (a weight in the type of `x`),
+    /// multiplies each expert's rows by its slice of `w` (read in the type of `x`),
     /// `add_bias(y, b)` adds its row of `b`. A weight with a LoRA adapter adds its low-rank
     /// update ([`lora::project_experts`]).
     fn run<const D: usize>(

@@ -247,7 +247,8 @@ impl ModuleVisitor for AdapterCounter {
 }
 
 /// `x W` for `x: [..., d_in]` and a 2-D weight `W: [d_in, d_out]` that may carry an adapter,
-/// in the type of `x`; `matmul` multiplies by a 2-D matrix. With an adapter: `x W_0 + s (x A) B`
+/// in the type of `x`; `matmul(x, w)` multiplies by a 2-D matrix, reading `w` in the type of
+/// `x` (`w` may be the weight as it is held: [`crate::precision::to_dtype`]). With an adapter: `x W_0 + s (x A) B`
 /// (the same value as `x (W_0 + s A B)`, without forming the sum).
 pub fn project<const D: usize>(
     x: Tensor<D>,
@@ -259,7 +260,7 @@ pub fn project<const D: usize>(
 
 /// `x W` for stacked expert weights `W: [E, d_in, d_out]` that may carry an adapter, in the type
 /// of `x`; `product(x, w)` multiplies each expert's rows by its slice of `w` (a grouped or a
-/// batched matmul). With an adapter: `x W_0 + s (x A) B`, expert by expert.
+/// batched matmul), reading `w` in the type of `x` (`w` may be held in fewer bits). With an adapter: `x W_0 + s (x A) B`, expert by expert.
 pub fn project_experts<const D: usize>(
     x: Tensor<D>,
     weight: &Param<Tensor<3>>,
@@ -278,10 +279,10 @@ fn project_with<const D: usize, const W: usize>(
 ) -> Tensor<D> {
     let dtype = x.dtype();
     match weight.reparameterization::<LoraAdapter>() {
-        None => product(x, to_dtype(weight.val(), dtype)),
+        None => product(x, weight.val()),
         Some(adapter) => {
             let factor = |factor: &Param<Tensor<3>>| shaped(to_dtype(factor.val(), dtype));
-            let base = product(x.clone(), to_dtype(weight.base(), dtype));
+            let base = product(x.clone(), weight.base());
             let down = product(x, factor(&adapter.a));
             base + product(down, factor(&adapter.b)).mul_scalar(adapter.scale)
         }

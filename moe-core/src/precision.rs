@@ -15,17 +15,10 @@ use burn::tensor::{DType, Tensor};
 
 /// `tensor` in `dtype`: a cast where the types differ, the tensor itself where they do not
 /// (a cast to its own type would still add a node to the autodiff graph and an operation to
-/// fusion's queue). A quantized tensor is dequantized (to the device's float type), then cast.
+/// fusion's queue). A quantized tensor is dequantized (to the device's float type), then cast
+/// ([`moe_kernels::in_dtype`]).
 pub fn to_dtype<const D: usize>(tensor: Tensor<D>, dtype: DType) -> Tensor<D> {
-    let tensor = match tensor.dtype() {
-        DType::QFloat(_) => moe_kernels::dequantize(tensor),
-        _ => tensor,
-    };
-    if tensor.dtype() == dtype {
-        tensor
-    } else {
-        tensor.cast(dtype)
-    }
+    moe_kernels::in_dtype(tensor, dtype)
 }
 
 /// `param` in the type of `activations` (a cast under mixed precision, the parameter itself

@@ -46,7 +46,10 @@ impl Router {
     /// Router logits `x W`, `[tokens, num_experts]` (with a LoRA adapter on `W`, its update
     /// added: [`lora::project`]).
     pub fn logits(&self, x: Tensor<2>) -> Tensor<2> {
-        lora::project(x, &self.weight, |x, w| x.matmul(w))
+        lora::project(x, &self.weight, |x, w| {
+            let w = crate::precision::to_dtype(w, x.dtype());
+            x.matmul(w)
+        })
     }
 
     /// Scores used to **choose** experts: `logits + bias` when auxiliary-loss-free balancing

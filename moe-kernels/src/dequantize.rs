@@ -7,6 +7,9 @@
 //! a division per axis (about 0.1 s per million values here, minutes per token for a 7 B
 //! model); on flex this reads the values and scales once and multiplies them on every core, in
 //! the same order of operations, so the result is the same to the bit.
+//!
+//! A grouped product needs only the experts that received rows: [`dequantize_experts`] reads
+//! those alone (decoding a token routes to 8 of OLMoE's 64 experts).
 
 use burn::tensor::quantization::{QuantScheme, QuantizedBytes};
 use burn::tensor::{DType, Shape, Tensor, TensorData};
@@ -24,8 +27,36 @@ pub fn dequantize<const D: usize>(tensor: Tensor<D>) -> Tensor<D> {
     }
 }
 
+/// `tensor` in `dtype`: dequantized when it is quantized, then cast where the types differ,
+/// the tensor itself where they do not (a cast to its own type would still add a node to the
+/// autodiff graph and an operation to fusion's queue). The cast is differentiable.
+pub fn in_dtype<const D: usize>(tensor: Tensor<D>, dtype: DType) -> Tensor<D> {
+    let tensor = dequantize(tensor);
+    if tensor.dtype() == dtype {
+        tensor
+    } else {
+        tensor.cast(dtype)
+    }
+}
+
+/// Experts `experts` (indices along the first axis, in order) of the stack `w: [E, K, N]` in
+/// `dtype`, `[experts.len(), K, N]`: on flex a quantized stack dequantizes those experts'
+/// values alone; elsewhere, and for float stacks, a `select` then [`in_dtype`].
+pub fn dequantize_experts(w: Tensor<3>, experts: &[usize], dtype: DType) -> Tensor<3> {
+    if let DType::QFloat(scheme) = w.dtype() {
+        if let (true, Some(run)) = (on_flex(&w), trailing_block(&scheme, &w.shape())) {
+            return in_dtype(experts_on_host(w, experts, run), dtype);
+        }
+    }
+    let indices: Vec<i64> = experts.iter().map(|&e| e as i64).collect();
+    let count = indices.len();
+    let indices =
+        Tensor::<1, burn::tensor::Int>::from_data(TensorData::new(indices, [count]), &w.device());
+    in_dtype(w.select(0, indices), dtype)
+}
+
 /// Whether `tensor` lives on the flex backend.
-fn on_flex<const D: usize>(tensor: &Tensor<D>) -> bool {
+pub(crate) fn on_flex<const D: usize>(tensor: &Tensor<D>) -> bool {
     #[cfg(feature = "flex")]
     {
         let device = tensor.device().inner();
@@ -53,9 +84,9 @@ fn trailing_block(scheme: &QuantScheme, shape: &Shape) -> Option<usize> {
     (leading.iter().all(|&e| e == 1) && divides && last > 0).then_some(last)
 }
 
-/// Dequantizes on the host, `run` consecutive values per scale, on every core.
-fn on_host<const D: usize>(tensor: Tensor<D>, run: usize) -> Tensor<D> {
-    let device = tensor.device();
+/// The values and the combined scales (`m s_b`, one per run of `run` values) of a quantized
+/// tensor, read to the host.
+fn read_quantized<const D: usize>(tensor: Tensor<D>) -> (Vec<i8>, Vec<f32>) {
     let shape = tensor.shape();
     let data = tensor.into_data();
     let DType::QFloat(scheme) = data.dtype() else {
@@ -64,10 +95,16 @@ fn on_host<const D: usize>(tensor: Tensor<D>, run: usize) -> Tensor<D> {
     let bytes = QuantizedBytes {
         bytes: data.into_bytes(),
         scheme,
-        shape: shape.clone(),
+        shape,
     };
     let (values, scales) = bytes.into_vec_i8();
     let multiplier = scales.global.unwrap_or(1.0);
+    let scales = scales.block.iter().map(|&s| multiplier * s).collect();
+    (values, scales)
+}
+
+/// `scale * q` for each value, `run` consecutive values per scale, on every core.
+fn dequantized(values: &[i8], scales: &[f32], run: usize) -> Vec<f32> {
     let mut out = vec![0.0f32; values.len()];
     // Chunks of whole runs, about 64 K values each.
     let chunk = run * (65_536 / run).max(1);
@@ -77,13 +114,36 @@ fn on_host<const D: usize>(tensor: Tensor<D>, run: usize) -> Tensor<D> {
         .for_each(|(index, (out, values))| {
             let first_run = index * chunk / run;
             for (r, (out, values)) in out.chunks_mut(run).zip(values.chunks(run)).enumerate() {
-                let scale = multiplier * scales.block[first_run + r];
+                let scale = scales[first_run + r];
                 for (o, &q) in out.iter_mut().zip(values) {
                     *o = scale * q as f32;
                 }
             }
         });
+    out
+}
+
+/// Dequantizes on the host, `run` consecutive values per scale.
+fn on_host<const D: usize>(tensor: Tensor<D>, run: usize) -> Tensor<D> {
+    let (device, shape) = (tensor.device(), tensor.shape());
+    let (values, scales) = read_quantized(tensor);
+    let out = dequantized(&values, &scales, run);
     Tensor::from_data(TensorData::new(out, shape), &device)
+}
+
+/// Experts `experts` of the quantized stack `w`, dequantized on the host (`run` divides one
+/// expert's values, so each expert's scales are a slice of the tensor's).
+fn experts_on_host(w: Tensor<3>, experts: &[usize], run: usize) -> Tensor<3> {
+    let (device, [_, k, n]) = (w.device(), w.dims());
+    let (values, scales) = read_quantized(w);
+    let size = k * n;
+    let mut out = Vec::with_capacity(experts.len() * size);
+    for &e in experts {
+        let range = e * size..(e + 1) * size;
+        let scales = &scales[range.start / run..range.end.div_ceil(run)];
+        out.extend(dequantized(&values[range], scales, run));
+    }
+    Tensor::from_data(TensorData::new(out, [experts.len(), k, n]), &device)
 }
 
 #[cfg(all(test, feature = "flex"))]
@@ -92,6 +152,12 @@ mod tests {
     use burn::tensor::quantization::{QuantValue, ScaleDtype};
     use burn::tensor::{Device, Distribution};
 
+    fn block_scheme(value: QuantValue) -> QuantScheme {
+        QuantScheme::default()
+            .with_value(value)
+            .per_block([8], ScaleDtype::F32)
+    }
+
     /// The host path against Burn's own dequantization, bit for bit, for per-block scales
     /// (blocks of 8 along the last axis, a shape off any tile) and one scale per tensor.
     #[test]
@@ -99,9 +165,7 @@ mod tests {
         let device = Device::flex();
         let weight = Tensor::<3>::random([3, 5, 24], Distribution::Normal(0.0, 0.1), &device);
         for value in [QuantValue::Q8S, QuantValue::Q4S] {
-            let block = QuantScheme::default()
-                .with_value(value)
-                .per_block([8], ScaleDtype::F32);
+            let block = block_scheme(value);
             let tensor = QuantScheme::default()
                 .with_value(value)
                 .per_tensor(ScaleDtype::F32);
@@ -113,6 +177,17 @@ mod tests {
                 assert_eq!(ours.as_bytes(), burns.as_bytes(), "{scheme:?}");
             }
         }
+        // Experts 2 and 0 of the stack, alone, are those experts of the whole.
+        let quantized = weight
+            .clone()
+            .quantize_dynamic(&block_scheme(QuantValue::Q4S));
+        let picked = dequantize_experts(quantized.clone(), &[2, 0], DType::F32).into_data();
+        let whole = quantized.dequantize();
+        let expected = Tensor::cat(
+            vec![whole.clone().narrow(0, 2, 1), whole.narrow(0, 0, 1)],
+            0,
+        );
+        assert_eq!(picked.as_bytes(), expected.into_data().as_bytes());
         // A float tensor passes through.
         let same = dequantize(weight.clone()).into_data();
         assert_eq!(same.as_bytes(), weight.into_data().as_bytes());

@@ -38,7 +38,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::Autodiff;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{AutodiffBackend, Backend, Dispatch, TensorMetadata};
-use burn::tensor::{Int, Shape, Slice, Tensor};
+use burn::tensor::{Int, Shape, Slice, Tensor, TensorData};
 use moe_macros::moe_extension;
 
 /// `y[s] = x[s] · w[e]` for the rows `s` of group `e` (see the [module docs](self) for how
@@ -67,6 +67,56 @@ pub fn grouped_matmul(x: Tensor<2>, w: Tensor<3>, offsets: Tensor<1, Int>) -> Te
         w.into_dispatch(),
         offsets.into_dispatch(),
     ))
+}
+
+/// [`grouped_matmul`] with `w` read in the type of `x` where it is held in another (bf16, or
+/// quantized: [`crate::dequantize()`]). For inference on flex, when at most half the experts
+/// received rows, only those are converted (decoding a token converts the top-k of E
+/// experts' weights, not all E); otherwise the whole stack is converted, then multiplied. Shapes and panics as [`grouped_matmul`].
+pub fn grouped_matmul_held(x: Tensor<2>, w: Tensor<3>, offsets: Tensor<1, Int>) -> Tensor<2> {
+    let dtype = x.dtype();
+    if w.dtype() == dtype {
+        return grouped_matmul(x, w, offsets);
+    }
+    let device = x.device();
+    if !device.is_autodiff() && crate::dequantize::on_flex(&x) {
+        let [rows, _] = x.dims();
+        let bounds = offsets
+            .clone()
+            .into_data()
+            .convert::<i64>()
+            .try_to_vec::<i64>()
+            .unwrap_or_default();
+        let (experts, compact) = active_groups(&bounds, rows);
+        // Picking the experts copies them once more: worth it when at most half have rows.
+        if 2 * experts.len() <= w.dims()[0] {
+            let w = crate::dequantize_experts(w, &experts, dtype);
+            let count = compact.len();
+            let offsets = Tensor::from_data(TensorData::new(compact, [count]), &device);
+            return grouped_matmul(x, w, offsets);
+        }
+    }
+    grouped_matmul(x, crate::in_dtype(w, dtype), offsets)
+}
+
+/// The groups of `offsets` (see the [module docs](self)) over `rows` rows that hold rows, and
+/// the offsets of those groups alone. Each group starts where the one before it ends (the
+/// first where the first offset says), so leaving the empty ones out moves no row to another
+/// group.
+fn active_groups(offsets: &[i64], rows: usize) -> (Vec<usize>, Vec<i64>) {
+    let rows = rows as i64;
+    let first = offsets.first().map_or(0, |&o| o.clamp(0, rows));
+    let (mut experts, mut compact) = (Vec::new(), vec![first]);
+    let mut end = 0;
+    for (e, pair) in offsets.windows(2).enumerate() {
+        let start = pair[0].clamp(end, rows);
+        end = pair[1].clamp(start, rows);
+        if end > start {
+            experts.push(e);
+            compact.push(end);
+        }
+    }
+    (experts, compact)
 }
 
 /// `y[s] = x[s] + bias[e]` for the rows `s` of group `e`, `y[s] = x[s]` for the rows no group
@@ -491,3 +541,47 @@ impl<B: Backend + GroupedMatmulBackend, C: CheckpointStrategy> GroupedMatmulBack
 /// the server runs as Burn's own operations.
 #[cfg(feature = "remote")]
 impl GroupedMatmulBackend for burn::backend::Remote {}
+
+#[cfg(all(test, feature = "flex"))]
+mod held_tests {
+    use super::*;
+    use burn::tensor::quantization::{QuantScheme, QuantValue, ScaleDtype};
+    use burn::tensor::{DType, Device, Distribution};
+
+    /// With the weight held in bf16 or 8 bits and experts 1 and 3 empty, the product that
+    /// converts only experts 0 and 2 gives what converting the whole stack gives.
+    #[test]
+    fn converting_the_experts_with_rows_alone_changes_nothing() {
+        let device = Device::flex();
+        let x = Tensor::<2>::random([10, 24], Distribution::Normal(0.0, 1.0), &device);
+        let w = Tensor::<3>::random([4, 24, 16], Distribution::Normal(0.0, 0.1), &device);
+        let offsets =
+            Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 3, 3, 10, 10], [5]), &device);
+        let scheme = QuantScheme::default()
+            .with_value(QuantValue::Q8S)
+            .per_block([8], ScaleDtype::F32);
+        for held in [w.clone().cast(DType::BF16), w.quantize_dynamic(&scheme)] {
+            let whole = match held.dtype() {
+                DType::QFloat(_) => held.clone().dequantize(),
+                _ => held.clone().cast(DType::F32),
+            };
+            let expected = grouped_matmul(x.clone(), whole, offsets.clone()).into_data();
+            let ours = grouped_matmul_held(x.clone(), held, offsets.clone()).into_data();
+            assert_eq!(ours.as_bytes(), expected.as_bytes());
+        }
+    }
+
+    #[test]
+    fn the_groups_with_rows_and_their_offsets() {
+        // Experts 1 and 3 empty; offsets past the rows are clamped.
+        assert_eq!(
+            active_groups(&[0, 3, 3, 10, 12], 10),
+            (vec![0, 2], vec![0, 3, 10])
+        );
+        // Decreasing offsets give an empty group; the next starts where the last ended.
+        assert_eq!(active_groups(&[0, 4, 2, 6], 9), (vec![0, 2], vec![0, 4, 6]));
+        // The first group may start late: the rows before it stay padding.
+        assert_eq!(active_groups(&[2, 2, 5], 5), (vec![1], vec![2, 5]));
+        assert_eq!(active_groups(&[0, 0, 0], 5), (vec![], vec![0]));
+    }
+}

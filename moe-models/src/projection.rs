@@ -6,11 +6,14 @@
 
 use burn::nn::Linear;
 use burn::tensor::Tensor;
-use moe_core::precision::param_for;
+use moe_core::precision::{param_for, to_dtype};
 
 /// `x W + b` for `x: [..., d_input]`, as `Linear::forward` computes it.
 pub(crate) fn apply<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<D> {
-    let product = moe_core::lora::project(x, &linear.weight, moe_kernels::matmul);
+    let product = moe_core::lora::project(x, &linear.weight, |x, w| {
+        let w = to_dtype(w, x.dtype());
+        moe_kernels::matmul(x, w)
+    });
     match &linear.bias {
         Some(bias) => {
             let bias = param_for(bias, &product);

@@ -151,8 +151,9 @@ impl Experts {
     /// `x: [S, d_model]` (see [`crate::dispatch`]), giving `[S, d_model]`: each product is a
     /// [`moe_kernels::grouped_matmul()`] over the experts' own rows, so no expert pays for
     /// another's load (a weight held in fewer bits converts only the experts with rows where
-    /// the backend allows: [`moe_kernels::grouped_matmul_held`]). The rows after `offsets[E]` are padding: their output is zero (no bias
-    /// is added there) and no gradient flows back through them.
+    /// the backend allows: [`moe_kernels::grouped_matmul_held`]). The rows after `offsets[E]`
+    /// are padding: their output is zero (no bias is added there) and no gradient flows back
+    /// through them.
     pub fn forward_grouped(&self, x: Tensor<2>, offsets: Tensor<1, Int>) -> Tensor<2> {
         self.run(
             x,

@@ -248,8 +248,9 @@ impl ModuleVisitor for AdapterCounter {
 
 /// `x W` for `x: [..., d_in]` and a 2-D weight `W: [d_in, d_out]` that may carry an adapter,
 /// in the type of `x`; `matmul(x, w)` multiplies by a 2-D matrix, reading `w` in the type of
-/// `x` (`w` may be the weight as it is held: [`crate::precision::to_dtype`]). With an adapter: `x W_0 + s (x A) B`
-/// (the same value as `x (W_0 + s A B)`, without forming the sum).
+/// `x` (`w` may be the weight as it is held: [`crate::precision::to_dtype`]). With an
+/// adapter: `x W_0 + s (x A) B` (the same value as `x (W_0 + s A B)`, without forming the
+/// sum).
 pub fn project<const D: usize>(
     x: Tensor<D>,
     weight: &Param<Tensor<2>>,
@@ -260,7 +261,8 @@ pub fn project<const D: usize>(
 
 /// `x W` for stacked expert weights `W: [E, d_in, d_out]` that may carry an adapter, in the type
 /// of `x`; `product(x, w)` multiplies each expert's rows by its slice of `w` (a grouped or a
-/// batched matmul), reading `w` in the type of `x` (`w` may be held in fewer bits). With an adapter: `x W_0 + s (x A) B`, expert by expert.
+/// batched matmul), reading `w` in the type of `x` (`w` may be held in fewer bits). With an
+/// adapter: `x W_0 + s (x A) B`, expert by expert.
 pub fn project_experts<const D: usize>(
     x: Tensor<D>,
     weight: &Param<Tensor<3>>,

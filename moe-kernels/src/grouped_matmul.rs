@@ -72,7 +72,8 @@ pub fn grouped_matmul(x: Tensor<2>, w: Tensor<3>, offsets: Tensor<1, Int>) -> Te
 /// [`grouped_matmul`] with `w` read in the type of `x` where it is held in another (bf16, or
 /// quantized: [`crate::dequantize()`]). For inference on flex, when at most half the experts
 /// received rows, only those are converted (decoding a token converts the top-k of E
-/// experts' weights, not all E); otherwise the whole stack is converted, then multiplied. Shapes and panics as [`grouped_matmul`].
+/// experts' weights, not all E); otherwise the whole stack is converted, then multiplied.
+/// Shapes and panics as [`grouped_matmul`].
 pub fn grouped_matmul_held(x: Tensor<2>, w: Tensor<3>, offsets: Tensor<1, Int>) -> Tensor<2> {
     let dtype = x.dtype();
     if w.dtype() == dtype {

@@ -119,22 +119,24 @@ impl Storage {
 
     /// `tensor` (a float tensor) in this format.
     fn convert<const D: usize>(self, tensor: Tensor<D>) -> Tensor<D> {
-        match self.scheme(&tensor.dims()) {
-            Some(scheme) => tensor.quantize_dynamic(&scheme),
-            None if self == Self::Bf16 => tensor.cast(DType::BF16),
-            None => tensor,
+        if self == Self::F32 {
+            return tensor;
         }
+        let device = tensor.device();
+        let data = self.encode(tensor.into_data());
+        let dtype = data.dtype();
+        Tensor::from_data(data, (&device, dtype))
     }
 
-    /// `data` (f32) in this format: f32 as it is, bf16 converted, q8/q4 quantized on the host,
-    /// ready for `Tensor::from_data` on any device.
-    pub(crate) fn encode(self, data: TensorData) -> Result<TensorData, String> {
+    /// `data` (a float tensor's) in this format: f32 as it is, bf16 converted, q8/q4 quantized
+    /// on the host, ready for `Tensor::from_data` on any device.
+    pub(crate) fn encode(self, data: TensorData) -> TensorData {
         match self {
-            Self::F32 => Ok(data),
-            Self::Bf16 => Ok(data.convert_dtype(DType::BF16)),
+            Self::F32 => data,
+            Self::Bf16 => data.convert_dtype(DType::BF16),
             Self::Q8 | Self::Q4 => {
                 let scheme = self.scheme(data.shape()).expect("a quantized format");
-                quantized(data, &scheme)
+                quantized(data.convert::<f32>(), &scheme)
             }
         }
     }
@@ -151,12 +153,12 @@ impl std::fmt::Display for Storage {
 /// (q_max - q_min)` (`max|x| / q_max` for the symmetric values), `q = round(x / s)` clamped to
 /// the value's range, computed as Burn's flex backend does (`x * (1 / s)`, a zero scale
 /// replaced by the smallest normal f32), so either gives the same bytes.
-fn quantized(data: TensorData, scheme: &QuantScheme) -> Result<TensorData, String> {
+fn quantized(data: TensorData, scheme: &QuantScheme) -> TensorData {
     use rayon::prelude::*;
     let shape = data.shape().to_vec();
     let values = data
         .try_into_vec::<f32>()
-        .map_err(|e| format!("quantizing needs f32 values: {e:?}"))?;
+        .expect("the caller converts to f32");
     let run = match scheme.block_size() {
         Some(block) => *block.as_slice().last().unwrap_or(&1) as usize,
         None => values.len().max(1),
@@ -187,9 +189,7 @@ fn quantized(data: TensorData, scheme: &QuantScheme) -> Result<TensorData, Strin
             }
         });
     let scheme = scheme.with_store(QuantStore::Native);
-    Ok(TensorData::quantized(
-        quantized, shape, scheme, &scales, None,
-    ))
+    TensorData::quantized(quantized, shape, scheme, &scales, None)
 }
 
 /// The formats a model's parameters are held in.
@@ -276,9 +276,10 @@ impl Held {
     }
 }
 
-/// `model` with its parameters converted to the formats `options` gives them: bf16 by a
-/// cast, q8/q4 by Burn's dynamic block quantization on the device they are on. Call it before
-/// attaching LoRA adapters (the adapters stay f32). Below f32 the model computes in f32.
+/// `model` with its parameters converted to the formats `options` gives them, each read to
+/// the host and encoded as a loaded tensor is (bf16 rounding, q8/q4 by
+/// the one host quantizer). Call it before attaching LoRA adapters (the adapters stay f32).
+/// Below f32 the model computes in f32.
 pub fn hold(model: MoeTransformer, options: &StorageOptions) -> MoeTransformer {
     if options.is_f32() {
         return model;
@@ -287,9 +288,17 @@ pub fn hold(model: MoeTransformer, options: &StorageOptions) -> MoeTransformer {
         path: Vec::new(),
         options: *options,
     };
-    model
-        .map(&mut holder)
-        .with_compute_dtype(Some(burn::tensor::FloatDType::F32))
+    computing_in_f32(model.map(&mut holder), options)
+}
+
+/// `model` computing its activations in f32 when `options` hold a weight below f32 (the
+/// products read each weight in the activations' type).
+pub(crate) fn computing_in_f32(model: MoeTransformer, options: &StorageOptions) -> MoeTransformer {
+    if options.is_f32() {
+        model
+    } else {
+        model.with_compute_dtype(Some(burn::tensor::FloatDType::F32))
+    }
 }
 
 /// Converts each float parameter as [`StorageOptions::storage_of`] its path says.

@@ -132,11 +132,8 @@ pub fn load_with(
     options.check_device(device).map_err(HfError::Unsupported)?;
     let mut model = moe_core::init::deferred(|| config.init(device))?;
     weights::load_weights(&mut model, architecture, dir, options)?;
-    if !options.is_f32() {
-        model = model.with_compute_dtype(Some(burn::tensor::FloatDType::F32));
-    }
     Ok(HfModel {
-        model,
+        model: crate::storage::computing_in_f32(model, options),
         architecture,
         config_json,
     })

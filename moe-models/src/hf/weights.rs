@@ -212,9 +212,7 @@ fn deferred(
                     _ => values.extend(data),
                 }
             }
-            storage
-                .encode(TensorData::new(values, dims.clone()))
-                .map_err(burn_store::burn_pack::Error::ValidationError)
+            Ok(storage.encode(TensorData::new(values, dims.clone())))
         },
     ))
 }

@@ -7,12 +7,12 @@ use burn::config::Config;
 use burn::module::{Module, Param, ParamId};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Int, Tensor};
-use moe_kernels::{batched_matmul, grouped_bias, grouped_matmul_held};
+use moe_kernels::{batched_matmul_held, grouped_bias, grouped_matmul_held};
 
 use crate::error::{check_nonzero, MoeError};
 use crate::init::uniform;
 use crate::lora;
-use crate::precision::{param_for, to_dtype};
+use crate::precision::param_for;
 
 /// Activation of an [`ExpertKind::Ffn`] expert.
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
@@ -137,11 +137,7 @@ impl Experts {
     /// Runs expert `e` on slice `e` of `x: [E, C, d_model]`, every row of it (a batched
     /// matmul): the shared experts, which see every token.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let product = |x: Tensor<3>, w| {
-            let w = to_dtype(w, x.dtype());
-            batched_matmul(x, w)
-        };
-        self.run(x, product, |y, bias| {
+        self.run(x, batched_matmul_held, |y, bias| {
             let bias = param_for(bias, &y);
             y + bias.unsqueeze_dim(1)
         })

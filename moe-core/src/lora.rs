@@ -133,9 +133,13 @@ impl LoraAdapter {
 impl Reparameterization for LoraAdapter {
     const NAME: &'static str = "lora";
 
-    /// `W_0 + s A B`, in the base's type.
+    /// `W_0 + s A B`, in the base's type; in f32 for a quantized base (a merged update is not
+    /// re-quantized).
     fn apply<const D: usize>(&self, base: Tensor<D>) -> Tensor<D> {
-        let dtype = base.dtype();
+        let dtype = match base.dtype() {
+            DType::QFloat(_) => DType::F32,
+            dtype => dtype,
+        };
         let delta = self.delta().reshape(base.shape());
         to_dtype(to_dtype(base, DType::F32) + delta, dtype)
     }

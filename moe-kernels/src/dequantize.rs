@@ -72,7 +72,7 @@ pub(crate) fn on_flex<const D: usize>(tensor: &Tensor<D>) -> bool {
 /// The length of the runs of consecutive values that share a scale under `scheme` for a
 /// tensor of `shape`: the whole tensor for a per-tensor scale, the block's extent for blocks
 /// along the last axis only that divide it; `None` for any other block shape.
-fn trailing_block(scheme: &QuantScheme, shape: &Shape) -> Option<usize> {
+pub(crate) fn trailing_block(scheme: &QuantScheme, shape: &Shape) -> Option<usize> {
     let dims = shape.as_slice();
     let Some(block) = scheme.block_size() else {
         return Some(shape.num_elements().max(1));
@@ -88,7 +88,11 @@ fn trailing_block(scheme: &QuantScheme, shape: &Shape) -> Option<usize> {
 /// tensor, read to the host.
 fn read_quantized<const D: usize>(tensor: Tensor<D>) -> (Vec<i8>, Vec<f32>) {
     let shape = tensor.shape();
-    let data = tensor.into_data();
+    quantized_parts(tensor.into_data(), shape)
+}
+
+/// The values and the combined scales of quantized `data` of `shape`.
+fn quantized_parts(data: TensorData, shape: Shape) -> (Vec<i8>, Vec<f32>) {
     let DType::QFloat(scheme) = data.dtype() else {
         unreachable!("a quantized tensor reads back as quantized data")
     };
@@ -104,7 +108,7 @@ fn read_quantized<const D: usize>(tensor: Tensor<D>) -> (Vec<i8>, Vec<f32>) {
 }
 
 /// `scale * q` for each value, `run` consecutive values per scale, on every core.
-fn dequantized(values: &[i8], scales: &[f32], run: usize) -> Vec<f32> {
+pub(crate) fn dequantized(values: &[i8], scales: &[f32], run: usize) -> Vec<f32> {
     let mut out = vec![0.0f32; values.len()];
     // Chunks of whole runs, about 64 K values each.
     let chunk = run * (65_536 / run).max(1);

@@ -70,16 +70,21 @@ pub fn grouped_matmul(x: Tensor<2>, w: Tensor<3>, offsets: Tensor<1, Int>) -> Te
 }
 
 /// [`grouped_matmul`] with `w` read in the type of `x` where it is held in another (bf16, or
-/// quantized: [`crate::dequantize()`]). For inference on flex, when at most half the experts
-/// received rows, only those are converted (decoding a token converts the top-k of E
-/// experts' weights, not all E); otherwise the whole stack is converted, then multiplied.
-/// Shapes and panics as [`grouped_matmul`].
+/// quantized: [`crate::dequantize()`]). A frozen weight (one that takes no gradient) under
+/// autodiff goes through [`crate::frozen_grouped_matmul`], which keeps no converted copy for
+/// the backward pass. For inference on flex, when at most half the experts received rows,
+/// only those are converted (decoding a token converts the top-k of E experts' weights, not
+/// all E); otherwise the whole stack is converted, then multiplied. Shapes and panics as
+/// [`grouped_matmul`].
 pub fn grouped_matmul_held(x: Tensor<2>, w: Tensor<3>, offsets: Tensor<1, Int>) -> Tensor<2> {
     let dtype = x.dtype();
     if w.dtype() == dtype {
         return grouped_matmul(x, w, offsets);
     }
     let device = x.device();
+    if device.is_autodiff() && crate::frozen::is_frozen(&w) {
+        return crate::frozen_grouped_matmul(x, w, offsets);
+    }
     if !device.is_autodiff() && crate::dequantize::on_flex(&x) {
         let [rows, _] = x.dims();
         let bounds = offsets
@@ -241,7 +246,7 @@ pub fn uncovered_rows(groups: &[Range<usize>], rows: usize) -> [Range<usize>; 2]
 
 /// The groups of a backend's offsets tensor, read to the host (a wait on a GPU; free on the
 /// CPU backends).
-fn host_groups<B: Backend>(offsets: IntTensor<B>, rows: usize) -> Vec<Range<usize>> {
+pub(crate) fn host_groups<B: Backend>(offsets: IntTensor<B>, rows: usize) -> Vec<Range<usize>> {
     let data = burn::tensor::try_read_sync(B::int_into_data(offsets))
         .expect("reading back from a synchronous backend")
         .expect("group offsets read back to the host");
@@ -250,7 +255,7 @@ fn host_groups<B: Backend>(offsets: IntTensor<B>, rows: usize) -> Vec<Range<usiz
 }
 
 /// Rows `range` of a `[rows, columns]` tensor.
-fn row_slice<B: Backend>(x: FloatTensor<B>, range: Range<usize>) -> FloatTensor<B> {
+pub(crate) fn row_slice<B: Backend>(x: FloatTensor<B>, range: Range<usize>) -> FloatTensor<B> {
     B::float_slice(x, &[Slice::from(range), Slice::from(..)])
 }
 
@@ -273,7 +278,7 @@ fn stack_rows<B: Backend>(pieces: Vec<FloatTensor<B>>) -> FloatTensor<B> {
 
 /// Applies `each(group, rows)` to every group of `x: [S, ..]` and zero-fills (`columns` wide)
 /// the rows no group covers, keeping the row order.
-fn by_group<B: Backend>(
+pub(crate) fn by_group<B: Backend>(
     x: &FloatTensor<B>,
     groups: &[Range<usize>],
     columns: usize,

@@ -66,6 +66,7 @@ pub mod counter_rng;
 pub mod cross_entropy;
 pub mod dequantize;
 pub mod dropout;
+pub mod frozen;
 pub mod gather_scatter;
 pub mod grouped_matmul;
 #[cfg(feature = "wgpu")]
@@ -90,6 +91,9 @@ pub use adamw::{adamw_update, AdamWBackend, AdamWStep};
 pub use cross_entropy::{cross_entropy, CrossEntropyBackend};
 pub use dequantize::{dequantize, dequantize_experts, in_dtype};
 pub use dropout::{dropout, DropoutBackend};
+pub use frozen::{
+    batched_matmul_held, frozen_grouped_matmul, frozen_matmul, matmul_held, FrozenProductBackend,
+};
 pub use gather_scatter::{combine_rows, gather_rows, permute_rows, GatherScatterBackend};
 pub use grouped_matmul::{grouped_bias, grouped_matmul, grouped_matmul_held, GroupedMatmulBackend};
 pub use matmul::{batched_matmul, matmul, multi_head_matmul, HeadLayout, MatmulBackend};

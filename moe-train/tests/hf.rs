@@ -12,7 +12,7 @@ use moe_kernels::testing::max_difference;
 use moe_models::hf::Storage;
 use moe_models::hf::{self, HfArchitecture};
 use moe_models::{MoeTransformer, SamplingConfig};
-use moe_train::cli::{EvalArgs, ExportArgs, GenerateArgs};
+use moe_train::cli::{EvalArgs, ExportArgs, GenerateArgs, HeldWeights};
 use moe_train::commands::export::{export, ExportLayout};
 use moe_train::commands::hf::{evaluate_text, generate, GenerationSettings, HfTokenizer};
 use moe_train::config::{HfInit, TrainConfig};
@@ -240,10 +240,27 @@ fn fine_tune(
     lr: f64,
     fall: f64,
 ) -> (TrainConfig, PathBuf, RunSummary) {
+    let held = (HeldWeights::F32, BackendChoice::Ndarray);
+    fine_tune_held(dir, base, lora, held, lr, fall)
+}
+
+/// [`fine_tune`] with the base's frozen weights held as `weights` says (`train --weights`), on
+/// `backend`.
+fn fine_tune_held(
+    dir: &Path,
+    base: &Path,
+    lora: Option<LoraConfig>,
+    (weights, backend): (HeldWeights, BackendChoice),
+    lr: f64,
+    fall: f64,
+) -> (TrainConfig, PathBuf, RunSummary) {
     let corpus = dir.join("corpus.txt");
     common::write_generated_corpus(&corpus);
     let mut config = common::tiny_config(corpus, 30);
-    config.variant.hf = Some(HfInit::read(base).unwrap());
+    config.run.backend = backend;
+    let mut hf = HfInit::read(base).unwrap();
+    hf.weights = weights;
+    config.variant.hf = Some(hf);
     config.variant.lora = lora;
     config.optim.lr = lr;
     config.optim.min_lr = lr / 10.0;
@@ -261,42 +278,54 @@ fn fine_tune(
 /// `eval` and `generate` open the run's checkpoint: the loss is the run's last validation loss,
 /// the text continues the prompt.
 fn check_eval_and_generate(run: &Path, summary: &RunSummary) {
-    let report = moe_train::commands::evaluate(&EvalArgs::checkpoint(
-        run.to_path_buf(),
-        BackendChoice::Ndarray,
-    ))
-    .unwrap();
+    check_eval_and_generate_on(run, summary, BackendChoice::Ndarray);
+}
+
+/// [`check_eval_and_generate`] on `backend`.
+fn check_eval_and_generate_on(run: &Path, summary: &RunSummary, backend: BackendChoice) {
+    let report =
+        moe_train::commands::evaluate(&EvalArgs::checkpoint(run.to_path_buf(), backend)).unwrap();
     assert!((report.evaluation.loss - summary.val_losses.last().unwrap().1).abs() < 1e-4);
-    let text = moe_train::commands::generate(&GenerateArgs::greedy(
-        run.to_path_buf(),
-        "春",
-        4,
-        BackendChoice::Ndarray,
-    ))
-    .unwrap();
+    let text =
+        moe_train::commands::generate(&GenerateArgs::greedy(run.to_path_buf(), "春", 4, backend))
+            .unwrap();
     assert!(text.starts_with('春'), "{text}");
 }
 
 /// The run's model on ndarray (as the runs train), as eval builds it.
 fn run_model(run: &Path) -> MoeTransformer {
     #[allow(deprecated)]
-    let device = Device::ndarray();
+    run_model_on(run, &Device::ndarray())
+}
+
+/// [`run_model`] on `device`.
+fn run_model_on(run: &Path, device: &Device) -> MoeTransformer {
     let opened =
         moe_train::store::checkpoint::open(run, moe_train::store::checkpoint::Verify::Checked)
             .unwrap();
     let vocab = opened.config.variant.hf.as_ref().unwrap().config.vocab_size;
-    let model = text_model(&opened.config, vocab, &device, false).unwrap();
+    let model = text_model(&opened.config, vocab, device, false).unwrap();
     moe_train::commands::load_finite(&opened.folder, model).unwrap()
 }
 
 /// Exports the run into `out`, which must come out as an `arch` folder; the exported model.
 fn export_as(run: &Path, out: &Path, arch: HfArchitecture) -> MoeTransformer {
+    export_on(run, out, arch, BackendChoice::Ndarray)
+}
+
+/// [`export_as`], the run's model built on `backend`.
+fn export_on(
+    run: &Path,
+    out: &Path,
+    arch: HfArchitecture,
+    backend: BackendChoice,
+) -> MoeTransformer {
     let layout = export(&ExportArgs {
         checkpoint: run.to_path_buf(),
         out: out.to_path_buf(),
         arch: None,
         no_verify: false,
-        backend: BackendChoice::Ndarray,
+        backend,
         weights: None,
     })
     .unwrap();
@@ -439,6 +468,95 @@ fn lora_fine_tuning_trains_adapters_alone_and_merges_them_on_export() {
     std::fs::remove_dir_all(&base).unwrap();
     let error = eval_error();
     assert!(error.contains(&base.display().to_string()), "{error}");
+}
+
+/// Reads every parameter of `model` in f32 (dequantizing those held in 8 or 4 bits, widening
+/// bf16 ones).
+struct ReadInF32;
+
+impl burn::module::ModuleMapper for ReadInF32 {
+    fn map_float<const D: usize>(
+        &mut self,
+        param: burn::module::Param<burn::tensor::Tensor<D>>,
+    ) -> burn::module::Param<burn::tensor::Tensor<D>> {
+        param.map(|tensor| moe_kernels::in_dtype(tensor, burn::tensor::DType::F32))
+    }
+}
+
+/// A copy of the `arch` fixture in f32 holding the values its weights take in `storage`
+/// (rounded by the loader's own rule, which `moe-models`' storage tests check against a plain
+/// loop), in `dir`.
+fn rounded_fixture(arch: HfArchitecture, storage: Storage, dir: &Path) {
+    let device = Device::flex();
+    let options = moe_models::hf::StorageOptions::new(storage);
+    let held = hf::load_with(&fixture(arch), &device, &options).unwrap();
+    let rounded = held.model.map(&mut ReadInF32);
+    hf::save(&rounded, arch, dir, Some(&held.config_json)).unwrap();
+    for file in ["tokenizer.json", "tokenizer_config.json"] {
+        let source = fixture(arch).join(file);
+        if source.exists() {
+            std::fs::copy(source, dir.join(file)).unwrap();
+        }
+    }
+}
+
+/// QLoRA: a LoRA run on a base held in 4 bits (`train --weights q4`, the products reading the
+/// held weights through `moe_kernels::frozen_grouped_matmul`) gives the losses of the LoRA run
+/// on the f32 model holding the same rounded values (multiplied by Burn's f32 products). Its
+/// checkpoint evaluates and generates from the 4-bit base, and exports with the adapters
+/// merged into the dequantized weights: the exported f32 folder gives the run's logits.
+#[test]
+fn lora_on_a_4_bit_base_trains_as_on_its_values_in_f32() {
+    let _serial = common::serial();
+    let arch = HfArchitecture::Qwen2Moe;
+    let lora = LoraConfig::new(4).with_targets(LoraTarget::ALL.to_vec());
+    // flex: ndarray cannot hold the embeddings in bf16, as they are below f32.
+    let on_flex = |weights| (weights, BackendChoice::Flex);
+    let reference_dir = common::temp_dir("lora-rounded-base");
+    let rounded = reference_dir.join("base");
+    rounded_fixture(arch, Storage::Q4, &rounded);
+    let f32_base = on_flex(HeldWeights::F32);
+    let (_, _, reference) = fine_tune_held(
+        &reference_dir,
+        &rounded,
+        Some(lora.clone()),
+        f32_base,
+        1e-2,
+        0.8,
+    );
+    let dir = common::temp_dir("lora-q4-base");
+    let q4_base = on_flex(HeldWeights::Q4);
+    let (config, run, summary) =
+        fine_tune_held(&dir, &fixture(arch), Some(lora), q4_base, 1e-2, 0.8);
+    let losses = |summary: &RunSummary| -> Vec<f64> {
+        summary.train_losses.iter().map(|&(_, loss)| loss).collect()
+    };
+    moe_kernels::testing::assert_close(
+        "training losses on the 4-bit base, against its values in f32",
+        &losses(&summary),
+        &losses(&reference),
+        1e-3,
+    );
+    assert_eq!(config.variant.hf.as_ref().unwrap().weights, HeldWeights::Q4);
+
+    let device = Device::flex();
+    let trained = run_model_on(&run, &device);
+    let moe = trained.stack.blocks.iter().find_map(|b| b.ffn.moe.as_ref());
+    let experts = &moe.expect("an MoE layer").experts;
+    assert!(matches!(
+        experts.w_in.base().dtype(),
+        burn::tensor::DType::QFloat(_)
+    ));
+    check_eval_and_generate_on(&run, &summary, BackendChoice::Flex);
+    let exported = export_on(&run, &dir.join("export"), arch, BackendChoice::Flex);
+    let (ids, _) = expected(arch);
+    #[allow(deprecated)]
+    let read_back = Device::ndarray();
+    let diff = max_difference(
+        &logits_of(&exported, &ids, &read_back),
+        &logits_of(&trained, &ids, &device),
+    );
+    assert!(diff < 1e-4, "the merged export's logits differ by {diff}");
 }
 
 /// A run fine-tuned from a bf16 folder exports in bf16 (the source's precision, recorded in

@@ -133,6 +133,7 @@ mod activations;
 mod adamw;
 mod cross_entropy;
 mod dropout;
+mod frozen;
 mod gather_scatter;
 mod grouped_matmul;
 mod matmul;

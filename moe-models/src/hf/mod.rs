@@ -129,14 +129,28 @@ pub fn load_with(
     options: &StorageOptions,
 ) -> Result<HfModel, HfError> {
     let (architecture, config, config_json) = read_config(dir)?;
-    options.check_device(device).map_err(HfError::Unsupported)?;
-    let mut model = moe_core::init::deferred(|| config.init(device))?;
-    weights::load_weights(&mut model, architecture, dir, options)?;
     Ok(HfModel {
-        model: crate::storage::computing_in_f32(model, options),
+        model: build_with(&config, architecture, dir, device, options)?,
         architecture,
         config_json,
     })
+}
+
+/// The model of `config` (the `arch` folder `dir`'s, as [`read_config`] reads it, with run
+/// settings such as the context length changed) on `device`, with the folder's weights held
+/// as `options` says: [`load_with`] for a config the caller holds, with the same peak (no f32
+/// copy of the model).
+pub fn build_with(
+    config: &crate::MoeTransformerConfig,
+    arch: HfArchitecture,
+    dir: &Path,
+    device: &Device,
+    options: &StorageOptions,
+) -> Result<MoeTransformer, HfError> {
+    options.check_device(device).map_err(HfError::Unsupported)?;
+    let mut model = moe_core::init::deferred(|| config.init(device))?;
+    weights::load_weights(&mut model, arch, dir, options)?;
+    Ok(crate::storage::computing_in_f32(model, options))
 }
 
 /// Loads the weights of the `arch` folder `dir` into `model`, which must have been built from

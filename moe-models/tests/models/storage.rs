@@ -256,3 +256,121 @@ fn holding_a_loaded_model_gives_what_loading_held_gives() {
         );
     }
 }
+
+/// Draws every adapter's `B` (zero when attached, which would leave `A` without a gradient)
+/// from the device's seeded generator, keeping it trainable.
+struct DrawB {
+    path: Vec<String>,
+}
+
+impl burn::module::ModuleMapper for DrawB {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(
+        &mut self,
+        param: burn::module::Param<Tensor<D>>,
+    ) -> burn::module::Param<Tensor<D>> {
+        if !self.path.join(".").ends_with("lora.b") {
+            return param;
+        }
+        param.map(|b| {
+            let normal = burn::tensor::Distribution::Normal(0.0, 0.05);
+            Tensor::random(b.shape(), normal, &b.device()).require_grad()
+        })
+    }
+}
+
+/// Collects the gradients of the adapters' factors, in visiting order.
+struct AdapterGradients<'a> {
+    grads: &'a burn::tensor::Gradients,
+    path: Vec<String>,
+    values: Vec<f64>,
+}
+
+impl burn::module::ModuleVisitor for AdapterGradients<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+        if self.path.len() >= 2 && self.path[self.path.len() - 2] == "lora" {
+            let grad = param.val().grad(self.grads).expect("an adapter trains");
+            self.values.extend(grad.into_data().iter::<f64>());
+        }
+    }
+}
+
+/// `Σ logits · r` (a fixed `r`) of `model` with fresh adapters on every target and its
+/// adapters' gradients.
+fn adapted_loss_and_gradients(model: MoeTransformer, ids: &[i64], device: &Device) -> Vec<f64> {
+    use burn::module::Module;
+    use moe_core::lora::{LoraConfig, LoraTarget};
+    let config = LoraConfig::new(4).with_targets(vec![
+        LoraTarget::Attention,
+        LoraTarget::Router,
+        LoraTarget::Experts,
+    ]);
+    device.seed(11);
+    let model = model
+        .with_lora(&config)
+        .unwrap()
+        .map(&mut DrawB { path: Vec::new() });
+    let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), device);
+    let logits = model.forward(tokens).logits;
+    let count = logits.shape().num_elements();
+    let r: Vec<f32> = (0..count).map(|i| ((i * 7919) % 13) as f32 - 6.0).collect();
+    let r = Tensor::<3>::from_data(TensorData::new(r, logits.shape()), device);
+    let loss = (logits * r).sum();
+    let mut values = vec![loss.clone().into_scalar::<f64>()];
+    let grads = loss.backward();
+    let mut visitor = AdapterGradients {
+        grads: &grads,
+        path: Vec::new(),
+        values: Vec::new(),
+    };
+    model.visit(&mut visitor);
+    assert!(!visitor.values.is_empty());
+    values.extend(visitor.values);
+    values
+}
+
+/// LoRA on a base held in bf16 or 4 bits (QLoRA): the loss and every adapter's gradient equal
+/// those on the f32 model whose weights are rounded by a plain loop here, so the backward pass
+/// reads the held weights as the forward pass does (`moe_kernels::frozen_grouped_matmul`,
+/// which keeps no converted copy of them).
+#[test]
+fn adapters_on_a_held_base_train_as_on_the_rounded_f32_base() {
+    let device = Device::flex().autodiff();
+    let root = std::env::temp_dir().join(format!("hf-qlora-{}", std::process::id()));
+    for storage in [Storage::Bf16, Storage::Q4] {
+        for arch in HfArchitecture::ALL {
+            let (ids, _) = expected(arch);
+            let options = StorageOptions::new(storage);
+            let held = hf::load_with(&fixture(arch), &device, &options)
+                .unwrap()
+                .model;
+            let dir = root.join(format!("{arch:?}-{storage}"));
+            rounded_copy(arch, storage, &dir);
+            let reference = hf::load(&dir, &device).unwrap().model;
+            let ours = adapted_loss_and_gradients(held, &ids, &device);
+            let theirs = adapted_loss_and_gradients(reference, &ids, &device);
+            moe_kernels::testing::assert_close_to_largest(
+                &format!("{arch:?} in {storage}: loss, then adapter gradients"),
+                &ours,
+                &theirs,
+                1e-4,
+            );
+        }
+    }
+    std::fs::remove_dir_all(&root).unwrap();
+}

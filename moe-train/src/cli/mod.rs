@@ -149,9 +149,21 @@ pub struct GenerateArgs {
 }
 
 /// The formats `--weights` holds a Hugging Face model's weights in (`moe_models::hf::Storage`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum HeldWeights {
     /// 32-bit floats.
+    #[default]
     F32,
     /// bfloat16 (how most checkpoints ship).
     Bf16,
@@ -159,6 +171,13 @@ pub enum HeldWeights {
     Q8,
     /// 4-bit integers, a scale per block of 64.
     Q4,
+}
+
+impl HeldWeights {
+    /// Whether this is f32 (what a config leaves out).
+    pub fn is_f32(&self) -> bool {
+        *self == HeldWeights::F32
+    }
 }
 
 impl From<HeldWeights> for moe_models::hf::Storage {

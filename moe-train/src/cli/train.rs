@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::Args;
 use moe_core::lora::{LoraConfig, LoraTarget};
 
+use crate::cli::HeldWeights;
 use crate::config::{
     CorpusChoice, DigitSource, GateName, Preset, TaskKind, TokenizerKind, TrainConfig,
 };
@@ -71,6 +72,11 @@ pub struct TrainArgs {
     /// LoRA's alpha: the adapters' updates are scaled by `alpha / rank` (default: `2 * rank`).
     #[arg(long, requires = "lora_rank")]
     pub lora_alpha: Option<f64>,
+    /// How a LoRA run holds the model's frozen weights (attention, experts, feed-forward):
+    /// f32, bf16, or quantized to 8 or 4 bits with a scale per 64 values (QLoRA); norms,
+    /// routers and the adapters stay f32, embeddings bf16 below f32.
+    #[arg(long, value_enum, requires = "lora_rank")]
+    pub weights: Option<HeldWeights>,
     /// The weights that get LoRA adapters, comma-separated (default: attention).
     #[arg(long, value_enum, value_delimiter = ',', requires = "lora_rank")]
     pub lora_targets: Vec<LoraTargetChoice>,
@@ -331,7 +337,9 @@ impl TrainArgs {
             config.variant.dense = true;
         }
         if let Some(dir) = &self.init_hf {
-            config.variant.hf = Some(crate::config::HfInit::read(dir)?);
+            let mut hf = crate::config::HfInit::read(dir)?;
+            hf.weights = self.weights.unwrap_or_default();
+            config.variant.hf = Some(hf);
         }
         if let Some(rank) = self.lora_rank {
             config.variant.lora = Some(self.lora_config(rank));

@@ -70,6 +70,12 @@ impl TrainConfig {
             if let Some(lora) = &v.lora {
                 check_lora_rank(lora, &hf.config.decoder)?;
             }
+            if v.lora.is_none() && !hf.weights.is_f32() {
+                return bad(format!(
+                    "`variant.hf.weights` (`--weights`) {:?} holds the frozen weights of a LoRA run; full fine-tuning trains every weight in f32: add `--lora-rank R` or leave `--weights` out",
+                    hf.weights
+                ));
+            }
             let context = hf.config.decoder.context_length;
             if m.context_length > context {
                 return bad(format!(

@@ -8,6 +8,7 @@ use moe_models::MoeTransformerConfig;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::cli::HeldWeights;
 use crate::error::{io, Result, TrainError};
 
 /// The `variant` section of a [`TrainConfig`](super::TrainConfig): what the run trains besides
@@ -55,6 +56,10 @@ pub struct HfInit {
     /// when it names none, and in configs written before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub torch_dtype: Option<String>,
+    /// How a LoRA run holds the folder's frozen weights (`train --weights`; see
+    /// `moe_models::storage`): f32 unless told otherwise, and in configs written before it.
+    #[serde(default, skip_serializing_if = "HeldWeights::is_f32")]
+    pub weights: HeldWeights,
 }
 
 impl HfInit {
@@ -68,6 +73,7 @@ impl HfInit {
             config,
             fingerprint: Some(format!("{CONTENT}{}", content_fingerprint(dir)?)),
             torch_dtype,
+            weights: HeldWeights::F32,
         })
     }
 

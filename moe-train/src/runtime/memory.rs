@@ -7,7 +7,8 @@
 //!
 //! - per parameter: the weight, its gradient, AdamW's two moments and the update's temporary
 //!   (`5 P`), plus the accumulated gradient with gradient accumulation (`6 P`); under LoRA the
-//!   frozen weights once and that for the adapters' parameters;
+//!   frozen weights once, in the format they are held in (`train --weights`), and that for the
+//!   adapters' parameters;
 //! - per block, what the backward pass keeps for `N = batch x context` tokens: about `8 N d`
 //!   around attention, the attention scores and probabilities (`2 B h T^2`), and the feed-forward
 //!   activations (`2 N d_ff`, or `N k (2 h_e + 2 d)` plus the gate's `2 N E` in an MoE block);
@@ -65,14 +66,20 @@ pub fn estimate(config: &TrainConfig, model: &MoeTransformerConfig) -> Estimate 
     let dense_layers = s.num_layers as f64 - moe_layers;
     let blocks = s.num_layers as f64 * attention + dense_layers * dense_ffn + moe_layers * moe_ffn;
     let logits = 3.0 * tokens * model.vocab_size as f64;
-    // LoRA trains the adapters alone: the frozen weights are held once.
-    let state = match &config.variant.lora {
-        Some(lora) => parameters + copies * model.decoder.lora_params(lora) as f64,
-        None => copies * parameters,
+    // LoRA trains the adapters alone: the frozen weights are held once, in their format.
+    let state_bytes = match (&config.variant.lora, &config.variant.hf) {
+        (Some(lora), hf) => {
+            let held = hf
+                .as_ref()
+                .map_or(crate::cli::HeldWeights::F32, |hf| hf.weights);
+            let frozen = moe_models::storage::Storage::from(held).bytes_per_weight();
+            parameters * frozen + copies * model.decoder.lora_params(lora) as f64 * F32
+        }
+        (None, _) => copies * parameters * F32,
     };
     Estimate {
         parameters,
-        state_bytes: state * F32,
+        state_bytes,
         activation_bytes: (blocks + logits) * F32,
     }
 }

@@ -2,6 +2,7 @@
 
 use burn::tensor::{Bool, Device, Int, Tensor};
 use moe_core::rng::SplitMix64;
+use moe_models::storage::StorageOptions;
 use moe_models::{GenerationConfig, MoeTransformer, SamplingConfig};
 
 use super::{Evaluation, LoadMean, StepOutput, Task};
@@ -169,19 +170,36 @@ pub fn text_model(
     device: &Device,
     hf_weights: bool,
 ) -> Result<MoeTransformer> {
-    let mut model = config.text_model_config(vocab).init(device)?;
+    let model_config = config.text_model_config(vocab);
     let lora = config.variant.lora.as_ref();
+    let mut model = match &config.variant.hf {
+        // A LoRA run's frozen weights held below f32 (`--weights`): loaded straight into
+        // their format, never as an f32 model.
+        Some(hf) if lora.is_some() && !hf.weights.is_f32() => {
+            hf.check_unchanged()?;
+            let arch = moe_models::hf::HfArchitecture::from_model_type(&hf.model_type)?;
+            let options = StorageOptions::new(hf.weights.into());
+            moe_models::hf::build_with(&model_config, arch, &hf.dir, device, &options)?
+        }
+        _ => model_config.init(device)?,
+    };
     if let Some(hf) = &config.variant.hf {
-        if lora.is_some() {
+        if lora.is_some() && hf.weights.is_f32() {
             hf.check_unchanged()?;
         }
-        if hf_weights || lora.is_some() {
+        if (hf_weights || lora.is_some()) && hf.weights.is_f32() {
             let arch = moe_models::hf::HfArchitecture::from_model_type(&hf.model_type)?;
             moe_models::hf::load_into(&mut model, arch, &hf.dir)?;
         }
     }
     match lora {
-        Some(lora) => Ok(model.with_lora(lora)?),
+        Some(lora) => {
+            // The adapters are drawn from the run's seed whatever building the base drew (an
+            // f32 base draws its initial values before the file's replace them; a base held
+            // below f32 is built without values): the same run, the same adapters.
+            device.seed(config.run.seed);
+            Ok(model.with_lora(lora)?)
+        }
         None => Ok(model),
     }
 }
@@ -198,6 +216,8 @@ impl Task for TextTask {
             device,
             self.hf_weights,
         )?;
+        // A model holding its weights below f32 computes in f32 unless told otherwise.
+        let compute = compute.or(model.compute_dtype());
         Ok(model.with_compute_dtype(compute))
     }
 

@@ -148,6 +148,19 @@ impl Maker {
             .require_grad()
     }
 
+    /// A frozen weight of `shape` held in 8 bits (one scale for the tensor), the same bytes on
+    /// every device: symmetric integers from a fixed pattern.
+    fn quantized<const D: usize>(&self, shape: [usize; D]) -> Tensor<D> {
+        use burn::tensor::quantization::{QuantScheme, QuantValue, ScaleDtype};
+        let count = shape.iter().product::<usize>();
+        let values: Vec<i8> = (0..count).map(|i| ((i * 37) % 255) as i8).collect();
+        let scheme = QuantScheme::default()
+            .with_value(QuantValue::Q8S)
+            .per_tensor(ScaleDtype::F32);
+        let data = TensorData::quantized(values, shape, scheme, &[0.004], None);
+        Tensor::<D>::from_data(data, &self.device)
+    }
+
     fn ints<const D: usize>(&self, values: Vec<i64>, shape: [usize; D]) -> Tensor<D, Int> {
         Tensor::from_data(TensorData::new(values, shape), &self.device)
     }
@@ -246,6 +259,13 @@ fn cases() -> Vec<Case> {
                 offsets,
             );
             gradients(m, y, &[&x, &w, &bias])
+        }),
+        ("frozen_grouped_matmul (8-bit weight)", |m, s| {
+            let x = m.tensor([s.rows, s.width], 1);
+            let w = m.quantized([s.experts, s.width, s.hidden]);
+            let offsets = m.ints(group_offsets(s.rows, s.experts), [s.experts + 1]);
+            let y = crate::frozen_grouped_matmul(x.clone(), w, offsets);
+            gradients(m, y, &[&x])
         }),
         ("gather_rows + combine_rows", |m, s| {
             let x = m.tensor([s.rows, s.width], 1);

@@ -40,7 +40,7 @@ fn every_operation_matches_the_composed_defaults() {
         }
         for dtype in dtypes {
             let outcomes = compare(&reference, &device, &Sizes::small(), dtype);
-            assert_eq!(outcomes.len(), 16, "{backend}: every operation is compared");
+            assert_eq!(outcomes.len(), 17, "{backend}: every operation is compared");
             let failed = failures(&outcomes);
             assert!(failed.is_empty(), "{backend} {dtype:?}: {failed:?}");
         }

@@ -378,6 +378,7 @@ fn cases() -> Vec<Case> {
             std::fs::create_dir_all(dir.join("hf")).unwrap();
             std::fs::write(dir.join("hf/config.json"), "mine").unwrap();
         }),
+        case("PEFT adapters of a run that trained every weight", &["export", "--checkpoint", "{fix}/run", "--out", "{dir}/peft", "--backend", "flex", "--adapters"], 1, &["--adapters", "LoRA run", "without `--adapters`"]),
         case("export of a folder with no checkpoint", &["export", "--checkpoint", "{dir}", "--out", "{dir}/hf", "--backend", "flex"], 1, &["no checkpoint here"]),
         case("export in a layout the model does not fit", &["export", "--checkpoint", "{fix}/run", "--out", "{dir}/hf", "--arch", "mixtral", "--backend", "flex"], 1, &["Mixtral"]),
         case("export onto a file", &["export", "--checkpoint", "{fix}/run", "--out", "{dir}/model.safetensors", "--backend", "flex"], 1, &["model.safetensors", "is a file", "--out"]).prepared(|dir, _| {

@@ -327,6 +327,7 @@ fn export_on(
         no_verify: false,
         backend,
         weights: None,
+        adapters: false,
     })
     .unwrap();
     assert_eq!(layout, ExportLayout::HuggingFace(arch));
@@ -438,6 +439,12 @@ fn lora_fine_tuning_trains_adapters_alone_and_merges_them_on_export() {
     );
     assert_eq!(moe_core::lora::adapter_count(&trained.materialize()), 0);
 
+    // Adapters on routers and experts have no PEFT form here: refused by name.
+    let error = peft_export(&run, &dir.join("peft"))
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("attention projections alone"), "{error}");
+
     // A base folder changed or gone under the run is named: a weight changed in place (every
     // size kept), then a file grown.
     let weights = base.join("model.safetensors");
@@ -468,6 +475,119 @@ fn lora_fine_tuning_trains_adapters_alone_and_merges_them_on_export() {
     std::fs::remove_dir_all(&base).unwrap();
     let error = eval_error();
     assert!(error.contains(&base.display().to_string()), "{error}");
+}
+
+/// `export --adapters` of `run` into `out`.
+fn peft_export(run: &Path, out: &Path) -> moe_train::error::Result<ExportLayout> {
+    export(&ExportArgs {
+        checkpoint: run.to_path_buf(),
+        out: out.to_path_buf(),
+        arch: None,
+        no_verify: false,
+        backend: BackendChoice::Ndarray,
+        weights: None,
+        adapters: true,
+    })
+}
+
+/// Little-endian f32 bytes as values.
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+/// `export --adapters` writes a PEFT folder whose adapters, applied to the base by PEFT's rule
+/// (`W += (lora_alpha / r) B A` on each targeted `[out, in]` weight, by plain loops here), give
+/// the run's logits.
+#[test]
+fn lora_adapters_export_as_a_peft_folder() {
+    let _serial = common::serial();
+    let dir = common::temp_dir("peft");
+    let arch = HfArchitecture::Qwen2Moe;
+    let lora = LoraConfig::new(4)
+        .with_alpha(Some(6.0))
+        .with_targets(vec![LoraTarget::Attention]);
+    let (_, run, _) = fine_tune(&dir, &fixture(arch), Some(lora), 1e-2, 0.8);
+    let out = dir.join("peft");
+    assert_eq!(peft_export(&run, &out).unwrap(), ExportLayout::Peft(arch));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    let rank = config["r"].as_u64().unwrap() as usize;
+    let alpha = config["lora_alpha"].as_f64().unwrap();
+    assert_eq!((rank, alpha), (4, 6.0));
+
+    let adapter_bytes = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    let adapters = safetensors::SafeTensors::deserialize(&adapter_bytes).unwrap();
+    let base_bytes = std::fs::read(fixture(arch).join("model.safetensors")).unwrap();
+    let base = safetensors::SafeTensors::deserialize(&base_bytes).unwrap();
+    let mut applied = 0;
+    let mut tensors = Vec::new();
+    for (name, view) in base.tensors() {
+        let shape = view.shape().to_vec();
+        let mut values = f32s(view.data());
+        let module = name.strip_suffix(".weight").unwrap_or(&name);
+        let factor =
+            |f: &str| adapters.tensor(&format!("base_model.model.{module}.lora_{f}.weight"));
+        if let (Ok(a), Ok(b)) = (factor("A"), factor("B")) {
+            let (a, b) = (f32s(a.data()), f32s(b.data()));
+            let (outputs, inputs) = (shape[0], shape[1]);
+            let scale = (alpha / rank as f64) as f32;
+            for o in 0..outputs {
+                for i in 0..inputs {
+                    let sum: f32 = (0..rank).map(|j| b[o * rank + j] * a[j * inputs + i]).sum();
+                    values[o * inputs + i] += scale * sum;
+                }
+            }
+            applied += 1;
+        }
+        let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+        tensors.push((name, shape, bytes));
+    }
+    let layers = hf::read_config(&fixture(arch))
+        .unwrap()
+        .1
+        .decoder
+        .num_layers;
+    assert_eq!(
+        applied,
+        4 * layers,
+        "every attention projection has its adapter"
+    );
+    assert_eq!(adapters.len(), 2 * applied, "nothing else is in the file");
+
+    let merged = dir.join("merged");
+    std::fs::create_dir_all(&merged).unwrap();
+    for entry in std::fs::read_dir(fixture(arch)).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap() != "model.safetensors" {
+            std::fs::copy(&path, merged.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let views: Vec<_> = tensors
+        .iter()
+        .map(|(name, shape, bytes)| {
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes);
+            (name.clone(), view.unwrap())
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &merged.join("model.safetensors")).unwrap();
+    #[allow(deprecated)]
+    let device = Device::ndarray();
+    let applied_by_loops = hf::load(&merged, &device).unwrap().model;
+    let (ids, _) = expected(arch);
+    let diff = max_difference(
+        &logits_of(&applied_by_loops, &ids, &device),
+        &logits_of(&run_model(&run), &ids, &device),
+    );
+    assert!(
+        diff < 1e-4,
+        "PEFT's rule on our adapters gives logits {diff} away"
+    );
 }
 
 /// Reads every parameter of `model` in f32 (dequantizing those held in 8 or 4 bits, widening
@@ -591,6 +711,7 @@ fn export_keeps_the_source_precision_unless_told() {
             no_verify: false,
             backend: BackendChoice::Ndarray,
             weights,
+            adapters: false,
         })
         .unwrap();
         let config: serde_json::Value =

@@ -20,6 +20,7 @@
 //! ```
 
 mod config;
+pub mod peft;
 mod weights;
 
 use std::path::{Path, PathBuf};

@@ -323,6 +323,11 @@ pub struct ExportArgs {
     /// the run started from, f32 for a run trained from scratch).
     #[arg(long, value_enum)]
     pub weights: Option<ExportWeights>,
+    /// Write a LoRA run's adapters alone, as a PEFT folder (`adapter_config.json`,
+    /// `adapter_model.safetensors`) for the base it was trained on, instead of the merged model
+    /// (adapters on the attention projections only).
+    #[arg(long, conflicts_with_all = ["arch", "weights"])]
+    pub adapters: bool,
 }
 
 /// The precisions `export --weights` writes.

@@ -43,6 +43,9 @@ pub enum ExportLayout {
     HuggingFace(HfArchitecture),
     /// burn-moe's own names (see the module documentation).
     BurnMoe,
+    /// A LoRA run's adapters alone, as a PEFT folder for a base of this architecture
+    /// (`export --adapters`).
+    Peft(HfArchitecture),
 }
 
 /// Writes the checkpoint's model into `args.out`, which must be empty or absent; returns the
@@ -71,21 +74,24 @@ pub fn export(args: &ExportArgs) -> Result<ExportLayout> {
     let tokenizer_path = opened.folder.join(checkpoint::TOKENIZER_FILE);
     let tokenizer = Tokenizer::load(&tokenizer_path)?;
     let config = opened.config.text_model_config(tokenizer.vocab_size());
-    let layout = match args.arch {
+    // The Hugging Face architecture to write, `None` for burn-moe's own names.
+    let layout: Option<HfArchitecture> = match args.arch {
         Some(arch) => {
             hf::to_hf_config(&config, arch.into())?;
-            ExportLayout::HuggingFace(arch.into())
+            Some(arch.into())
         }
-        None => hf::fitting_architecture(&config)
-            .map_or(ExportLayout::BurnMoe, ExportLayout::HuggingFace),
+        None => hf::fitting_architecture(&config),
     };
     let device = backend::select_and_report(args.backend, Precision::F32)?.device;
     let model = text_model(&opened.config, tokenizer.vocab_size(), &device, false)?;
+    if args.adapters {
+        return export_adapters(&opened, load_finite(&opened.folder, model)?, out);
+    }
     // A LoRA run's adapters merge into the weights they adapt.
     let model = load_finite(&opened.folder, model)?.materialize();
     std::fs::create_dir_all(out).map_err(io(out))?;
     match layout {
-        ExportLayout::HuggingFace(arch) => {
+        Some(arch) => {
             // The tokenizer's special ids go into the config, where transformers' generation
             // and `generate --hf` read them.
             let specials = tokenizer.specials();
@@ -104,7 +110,7 @@ pub fn export(args: &ExportArgs) -> Result<ExportLayout> {
             };
             hf::save_as(&model, arch, out, base.as_ref(), format)?
         }
-        ExportLayout::BurnMoe => {
+        None => {
             let config_path = out.join("config.json");
             let json = burn::config::config_to_json(model.config());
             std::fs::write(&config_path, json).map_err(io(&config_path))?;
@@ -117,13 +123,31 @@ pub fn export(args: &ExportArgs) -> Result<ExportLayout> {
     let tokenizer_path = out.join("tokenizer.json");
     match layout {
         // In the `tokenizers` format, which transformers and `generate --hf` read.
-        ExportLayout::HuggingFace(_) => {
+        Some(_) => {
             let json = tokenizer.hf_json()?;
             std::fs::write(&tokenizer_path, json).map_err(io(&tokenizer_path))?
         }
-        ExportLayout::BurnMoe => tokenizer.save(&tokenizer_path)?,
+        None => tokenizer.save(&tokenizer_path)?,
     }
-    Ok(layout)
+    Ok(layout.map_or(ExportLayout::BurnMoe, ExportLayout::HuggingFace))
+}
+
+/// `export --adapters`: a LoRA run's adapters as a PEFT folder for the Hugging Face model the
+/// run started from ([`hf::peft::save_adapters`]).
+fn export_adapters(
+    opened: &checkpoint::Opened,
+    model: moe_models::MoeTransformer,
+    out: &std::path::Path,
+) -> Result<ExportLayout> {
+    let variant = &opened.config.variant;
+    let (Some(base), Some(_)) = (&variant.hf, &variant.lora) else {
+        return Err(TrainError::Argument(
+            "`--adapters` writes a LoRA run's adapters; this run trained every weight (export it without `--adapters`)".into(),
+        ));
+    };
+    let arch = hf::HfArchitecture::from_model_type(&base.model_type)?;
+    hf::peft::save_adapters(&model, arch, out, &base.dir.display().to_string())?;
+    Ok(ExportLayout::Peft(arch))
 }
 
 /// `burn-moe export`: writes the folder and says which layout it used.
@@ -136,6 +160,10 @@ pub fn run(args: &ExportArgs) -> Result<()> {
         ExportLayout::BurnMoe => {
             "burn-moe's own names (the model fits no Hugging Face architecture)".into()
         }
+        ExportLayout::Peft(arch) => format!(
+            "a PEFT adapter folder for the {} it was trained on",
+            arch.class_name()
+        ),
     };
     println!("wrote {} as {what}", args.out.display());
     Ok(())

@@ -25,6 +25,7 @@ fn a_checkpoint_exports_under_our_names_and_refuses_what_it_cannot_do() {
         no_verify: false,
         backend: moe_train::runtime::backend::BackendChoice::Ndarray,
         weights: None,
+        adapters: false,
     };
 
     // The trainer's models (GELU experts, adjacent rotary pairs) fit no Hugging Face layout.

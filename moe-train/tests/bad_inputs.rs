@@ -173,7 +173,10 @@ fn cases() -> Vec<Case> {
         case("LoRA rank above the weights' sides", &train(&["--init-hf", QWEN2_MOE, "--lora-rank", "100000"]), 1, &["--lora-rank", "100000", "attention projections", "at most 48"]),
         case("LoRA rank above the expert count", &train(&["--init-hf", QWEN2_MOE, "--lora-rank", "16", "--lora-targets", "router"]), 1, &["--lora-rank", "routers", "at most 8"]),
         case("LoRA alpha negative", &train(&["--init-hf", QWEN2_MOE, "--lora-rank", "4", "--lora-alpha=-2"]), 1, &["lora.alpha", "-2"]),
-        case("held weights without LoRA", &train(&["--init-hf", QWEN2_MOE, "--weights", "q4"]), 2, &["--weights", "--lora-rank"]),
+        case("held weights without LoRA", &train(&["--init-hf", QWEN2_MOE, "--weights", "q4"]), 1, &["--weights", "--lora-rank"]),
+        case("held weights without a base", &train(&["--weights", "q4"]), 2, &["--weights", "--init-hf"]),
+        case("PEFT adapters that are not there", &train(&["--init-hf", QWEN2_MOE, "--init-lora", "{dir}/nothing"]), 1, &["nothing", "adapter_config.json"]),
+        case("PEFT adapters beside a rank", &train(&["--init-hf", QWEN2_MOE, "--init-lora", "{dir}", "--lora-rank", "4"]), 2, &["--init-lora", "--lora-rank"]),
         case("QLoRA in bf16 on a backend without bf16", &["train", "--text", "{fix}/corpus.txt", "--config", "{fix}/tiny.toml", "--backend", "ndarray", "--out", "{dir}/run", "--init-hf", QWEN2_MOE, "--lora-rank", "4", "--weights", "q4"], 1, &["cannot hold weights in bf16", "flex"]),
         case("LoRA unknown target", &train(&["--init-hf", QWEN2_MOE, "--lora-rank", "4", "--lora-targets", "attention,embeddings"]), 2, &["embeddings", "attention, router, experts"]),
         // Devices.

@@ -588,6 +588,27 @@ fn lora_adapters_export_as_a_peft_folder() {
         diff < 1e-4,
         "PEFT's rule on our adapters gives logits {diff} away"
     );
+
+    // `train --init-lora` reads the folder back: a new run starts from the same adapters.
+    let opened =
+        moe_train::store::checkpoint::open(&run, moe_train::store::checkpoint::Verify::Checked)
+            .unwrap();
+    let mut config = opened.config.clone();
+    config.variant.hf.as_mut().unwrap().init_lora = Some(out.clone());
+    let vocab = config.variant.hf.as_ref().unwrap().config.vocab_size;
+    let continued = text_model(&config, vocab, &device, true).unwrap();
+    let fresh = text_model(&opened.config, vocab, &device, true).unwrap();
+    let trained = logits_of(&run_model(&run), &ids, &device);
+    let diff = max_difference(&logits_of(&continued, &ids, &device), &trained);
+    assert!(
+        diff < 1e-5,
+        "the adapters read back give logits {diff} away"
+    );
+    let moved = max_difference(&logits_of(&fresh, &ids, &device), &trained);
+    assert!(
+        moved > 1e-3,
+        "fresh adapters are {moved} away: the test cannot tell"
+    );
 }
 
 /// Reads every parameter of `model` in f32 (dequantizing those held in 8 or 4 bits, widening

@@ -9,7 +9,8 @@
 //! `base_model.model.<module>.lora_{A,B}.weight`, `<module>` the Linear's path in the
 //! transformers model (`model.layers.0.self_attn.q_proj`).
 //!
-//! Only adapters on the attention projections are written: transformers 5 holds the routers
+//! [`load_adapters`] reads such a folder back into a model with adapters attached (`train
+//! --init-lora`). Only adapters on the attention projections are written or read: transformers 5 holds the routers
 //! and the experts (fused into 3-D parameters) in modules whose PEFT form could not be checked
 //! against peft here; a model with adapters there is refused by name.
 
@@ -27,9 +28,11 @@ pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 /// The file PEFT reads an adapter's tensors from.
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 
-/// One adapted `nn.Linear`: its module path in transformers and our factors.
+/// One adapted `nn.Linear`: its module path in transformers, our weight's path and our
+/// factors.
 struct Adapted {
     module: String,
+    path: String,
     adapter: LoraAdapter,
 }
 
@@ -69,7 +72,10 @@ pub fn save_adapters(
         ));
     }
     let mut tensors = Vec::with_capacity(2 * adapted.len());
-    for Adapted { module, adapter } in &adapted {
+    for Adapted {
+        module, adapter, ..
+    } in &adapted
+    {
         let name = |factor: &str| format!("base_model.model.{module}.lora_{factor}.weight");
         tensors.push((name("A"), transposed(&adapter.a)));
         tensors.push((name("B"), transposed(&adapter.b)));
@@ -102,15 +108,16 @@ fn attention_adapters(model: &MoeTransformer) -> Vec<Adapted> {
     let mut out = Vec::new();
     for (i, block) in model.stack.blocks.iter().enumerate() {
         let attention = &block.attention;
-        for (linear, name) in [
-            (&attention.query, "q_proj"),
-            (&attention.key, "k_proj"),
-            (&attention.value, "v_proj"),
-            (&attention.output, "o_proj"),
+        for (linear, field, name) in [
+            (&attention.query, "query", "q_proj"),
+            (&attention.key, "key", "k_proj"),
+            (&attention.value, "value", "v_proj"),
+            (&attention.output, "output", "o_proj"),
         ] {
             if let Some(adapter) = linear.weight.reparameterization::<LoraAdapter>() {
                 out.push(Adapted {
                     module: format!("model.layers.{i}.self_attn.{name}"),
+                    path: format!("stack.blocks.{i}.attention.{field}.weight"),
                     adapter: adapter.clone(),
                 });
             }
@@ -152,4 +159,177 @@ fn write_tensors(tensors: &[(String, TensorData)], path: &Path) -> Result<(), Hf
         .collect::<Result<Vec<_>, _>>()?;
     let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(views, Some(metadata), path).map_err(|e| HfError::io(path, e))
+}
+
+/// `model` (with LoRA adapters attached) with the adapters of the PEFT folder `dir` loaded over
+/// its attention adapters: how a run continues from adapters trained elsewhere. The folder's
+/// `r` and `lora_alpha` must be the model's rank and `s r`; a projection the folder has no
+/// adapter for keeps its fresh one (its `B` is zero, so it changes nothing until trained).
+///
+/// # Errors
+///
+/// When the folder cannot be read, is not a LoRA adapter, targets modules other than the
+/// attention projections, or its rank, scale or shapes differ from the model's adapters.
+pub fn load_adapters(model: MoeTransformer, dir: &Path) -> Result<MoeTransformer, HfError> {
+    let (rank, alpha) = read_adapter_config(dir)?;
+    let config_path = dir.join(ADAPTER_CONFIG);
+    let bad = |what: String| HfError::Config(format!("{}: {what}", config_path.display()));
+    let adapted = attention_adapters(&model);
+    let Some(first) = adapted.first().map(|a| &a.adapter) else {
+        return Err(HfError::Unsupported(
+            "the model has no adapters on its attention projections to load a PEFT folder into"
+                .into(),
+        ));
+    };
+    let expected_alpha = first.scale * first.rank() as f64;
+    if rank != first.rank() || (alpha - expected_alpha).abs() > 1e-9 * expected_alpha.abs() {
+        return Err(bad(format!(
+            "r {rank} and lora_alpha {alpha}, where the run's adapters have rank {} and alpha {expected_alpha}",
+            first.rank()
+        )));
+    }
+    let weights_path = dir.join(ADAPTER_WEIGHTS);
+    let bytes = std::fs::read(&weights_path).map_err(|e| HfError::io(&weights_path, e))?;
+    let file = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| HfError::Weights(format!("{}: {e}", weights_path.display())))?;
+    let ours: Vec<String> = adapted
+        .iter()
+        .flat_map(|a| ["A", "B"].map(|f| format!("base_model.model.{}.lora_{f}.weight", a.module)))
+        .collect();
+    if let Some(other) = file
+        .names()
+        .into_iter()
+        .find(|name| !ours.iter().any(|o| o == name))
+    {
+        return Err(HfError::Unsupported(format!(
+            "{} holds {other}: only adapters on the attention projections load here",
+            weights_path.display()
+        )));
+    }
+    let mut loader = FactorLoader {
+        path: Vec::new(),
+        modules: adapted
+            .iter()
+            .map(|a| (a.module.clone(), a.path.clone()))
+            .collect(),
+        file: &file,
+        error: None,
+    };
+    let model = burn::module::Module::map(model, &mut loader);
+    match loader.error {
+        Some(error) => Err(error),
+        None => Ok(model),
+    }
+}
+
+/// The rank `r` and `lora_alpha` of the PEFT LoRA folder `dir`, refusing a folder whose
+/// adapters are not plain LoRA on the attention projections (`q_proj`, `k_proj`, `v_proj`,
+/// `o_proj`).
+///
+/// # Errors
+///
+/// When `adapter_config.json` cannot be read or says otherwise.
+pub fn read_adapter_config(dir: &Path) -> Result<(usize, f64), HfError> {
+    let path = dir.join(ADAPTER_CONFIG);
+    let text = std::fs::read_to_string(&path).map_err(|e| HfError::io(&path, e))?;
+    let config: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| HfError::Config(format!("{}: {e}", path.display())))?;
+    let bad = |what: String| HfError::Config(format!("{}: {what}", path.display()));
+    if config["peft_type"] != "LORA" {
+        return Err(bad(format!(
+            "peft_type is {}, not LORA",
+            config["peft_type"]
+        )));
+    }
+    for flag in ["use_dora", "use_rslora"] {
+        if config[flag].as_bool() == Some(true) {
+            return Err(bad(format!("{flag} is set; plain LoRA loads here")));
+        }
+    }
+    let attention = ["q_proj", "k_proj", "v_proj", "o_proj"];
+    let targets = config["target_modules"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if targets.is_empty()
+        || targets
+            .iter()
+            .any(|t| !attention.contains(&t.as_str().unwrap_or("")))
+    {
+        return Err(bad(format!(
+            "target_modules {}: only adapters on the attention projections ({}) load here",
+            config["target_modules"],
+            attention.join(", ")
+        )));
+    }
+    let rank = config["r"].as_u64().filter(|&r| r > 0);
+    let alpha = config["lora_alpha"]
+        .as_f64()
+        .filter(|a| a.is_finite() && *a > 0.0);
+    match (rank, alpha) {
+        (Some(rank), Some(alpha)) => Ok((rank as usize, alpha)),
+        _ => Err(bad(format!(
+            "r {} and lora_alpha {}: a positive rank and alpha are needed",
+            config["r"], config["lora_alpha"]
+        ))),
+    }
+}
+
+/// Replaces the adapters' factors with those of a PEFT file, transposed back.
+struct FactorLoader<'a> {
+    path: Vec<String>,
+    /// (transformers module, our weight path) of each adapted projection.
+    modules: Vec<(String, String)>,
+    file: &'a safetensors::SafeTensors<'a>,
+    error: Option<HfError>,
+}
+
+impl burn::module::ModuleMapper for FactorLoader<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let n = self.path.len();
+        if n < 3 || self.path[n - 2] != "lora" {
+            return param;
+        }
+        let weight = self.path[..n - 2].join(".");
+        let Some((module, _)) = self.modules.iter().find(|(_, ours)| *ours == weight) else {
+            return param;
+        };
+        let factor = if self.path[n - 1] == "a" { "A" } else { "B" };
+        let name = format!("base_model.model.{module}.lora_{factor}.weight");
+        let Ok(view) = self.file.tensor(&name) else {
+            return param; // no adapter for this projection in the folder: the fresh one stays
+        };
+        let dims = param.shape().dims::<D>();
+        let (m, n) = (dims[D - 2], dims[D - 1]);
+        if view.dtype() != safetensors::Dtype::F32 || view.shape() != [n, m] {
+            self.error = Some(HfError::Weights(format!(
+                "{name} is {:?} {:?}; the run's adapter needs F32 [{n}, {m}]",
+                view.dtype(),
+                view.shape()
+            )));
+            return param;
+        }
+        let values: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        param.map(|tensor| {
+            let device = tensor.device();
+            let loaded = Tensor::<2>::from_data(TensorData::new(values, [n, m]), &device)
+                .transpose()
+                .reshape(dims);
+            loaded
+                .cast(tensor.dtype())
+                .set_require_grad(tensor.is_require_grad())
+        })
+    }
 }

@@ -69,13 +69,18 @@ pub struct TrainArgs {
     /// merges them into the weights.
     #[arg(long, requires = "init_hf")]
     pub lora_rank: Option<usize>,
+    /// Continue from LoRA adapters trained elsewhere: a PEFT folder (`adapter_config.json`,
+    /// `adapter_model.safetensors`) for the `--init-hf` model, with adapters on the attention
+    /// projections; its `r` and `lora_alpha` set the run's.
+    #[arg(long, requires = "init_hf", conflicts_with_all = ["lora_rank", "lora_alpha", "lora_targets"])]
+    pub init_lora: Option<PathBuf>,
     /// LoRA's alpha: the adapters' updates are scaled by `alpha / rank` (default: `2 * rank`).
     #[arg(long, requires = "lora_rank")]
     pub lora_alpha: Option<f64>,
     /// How a LoRA run holds the model's frozen weights (attention, experts, feed-forward):
     /// f32, bf16, or quantized to 8 or 4 bits with a scale per 64 values (QLoRA); norms,
     /// routers and the adapters stay f32, embeddings bf16 below f32.
-    #[arg(long, value_enum, requires = "lora_rank")]
+    #[arg(long, value_enum, requires = "init_hf")]
     pub weights: Option<HeldWeights>,
     /// The weights that get LoRA adapters, comma-separated (default: attention).
     #[arg(long, value_enum, value_delimiter = ',', requires = "lora_rank")]
@@ -343,6 +348,17 @@ impl TrainArgs {
         }
         if let Some(rank) = self.lora_rank {
             config.variant.lora = Some(self.lora_config(rank));
+        }
+        if let Some(dir) = &self.init_lora {
+            let (rank, alpha) = moe_models::hf::peft::read_adapter_config(dir)?;
+            config.variant.lora = Some(
+                LoraConfig::new(rank)
+                    .with_alpha(Some(alpha))
+                    .with_targets(vec![LoraTarget::Attention]),
+            );
+            if let Some(hf) = &mut config.variant.hf {
+                hf.init_lora = Some(std::path::absolute(dir).unwrap_or_else(|_| dir.clone()));
+            }
         }
         Ok(())
     }

@@ -60,6 +60,10 @@ pub struct HfInit {
     /// `moe_models::storage`): f32 unless told otherwise, and in configs written before it.
     #[serde(default, skip_serializing_if = "HeldWeights::is_f32")]
     pub weights: HeldWeights,
+    /// The PEFT folder a LoRA run's adapters start from (`train --init-lora`); read when the
+    /// run starts, not on resume (the checkpoints hold the adapters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_lora: Option<PathBuf>,
 }
 
 impl HfInit {
@@ -74,6 +78,7 @@ impl HfInit {
             fingerprint: Some(format!("{CONTENT}{}", content_fingerprint(dir)?)),
             torch_dtype,
             weights: HeldWeights::F32,
+            init_lora: None,
         })
     }
 

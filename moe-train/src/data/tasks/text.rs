@@ -198,7 +198,17 @@ pub fn text_model(
             // f32 base draws its initial values before the file's replace them; a base held
             // below f32 is built without values): the same run, the same adapters.
             device.seed(config.run.seed);
-            Ok(model.with_lora(lora)?)
+            let model = model.with_lora(lora)?;
+            // A new run continues from a PEFT folder's adapters (`--init-lora`).
+            match config
+                .variant
+                .hf
+                .as_ref()
+                .and_then(|hf| hf.init_lora.as_ref())
+            {
+                Some(dir) if hf_weights => Ok(moe_models::hf::peft::load_adapters(model, dir)?),
+                _ => Ok(model),
+            }
         }
         None => Ok(model),
     }

@@ -69,6 +69,22 @@ pub(crate) fn on_flex<const D: usize>(tensor: &Tensor<D>) -> bool {
     }
 }
 
+/// Whether the products on `device` read weights quantized one value a byte (the form
+/// `moe_models::storage` holds q8 and q4 in): flex. Burn 0.22.1's cube kernels dequantize
+/// packed values only and stop on one-byte ones, so 8- and 4-bit weights are refused there.
+pub fn reads_byte_quantized(device: &burn::tensor::Device) -> bool {
+    #[cfg(feature = "flex")]
+    {
+        let device = device.clone().inner();
+        matches!(device.as_dispatch(), burn::backend::DispatchDevice::Flex(_))
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = device;
+        false
+    }
+}
+
 /// The length of the runs of consecutive values that share a scale under `scheme` for a
 /// tensor of `shape`: the whole tensor for a per-tensor scale, the block's extent for blocks
 /// along the last axis only that divide it; `None` for any other block shape.

@@ -226,10 +226,10 @@ impl StorageOptions {
         }
     }
 
-    /// Refuses a `device` whose backend cannot hold these formats, naming it.
-    ///
-    /// Only bf16 is asked about: Burn's backends answer no for every quantized type, yet the
-    /// ones we run (flex, the cube backends) hold them.
+    /// Refuses a `device` whose backend cannot hold these formats, naming it: bf16 where the
+    /// backend has no bf16 (Burn's answer), 8 and 4 bits where our products cannot read them
+    /// ([`moe_kernels::reads_byte_quantized`]: flex only; Burn answers no for every quantized
+    /// type, so it is not asked).
     pub fn check_device(&self, device: &burn::tensor::Device) -> Result<(), String> {
         for storage in [self.weights, self.embedding_storage()] {
             if storage == Storage::Bf16 && !device.supports_dtype(DType::BF16) {
@@ -238,6 +238,15 @@ impl StorageOptions {
                      the flex backend, which holds every format"
                 ));
             }
+        }
+        let quantized = matches!(self.weights, Storage::Q8 | Storage::Q4);
+        if quantized && !moe_kernels::reads_byte_quantized(device) {
+            return Err(format!(
+                "{device:?} cannot multiply by weights in {}: its kernels (Burn 0.22.1) do not \
+                 read 8- or 4-bit values held a byte each; run on the flex backend \
+                 (`--backend flex`), or hold them in f32 or bf16",
+                self.weights
+            ));
         }
         Ok(())
     }

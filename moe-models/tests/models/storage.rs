@@ -135,6 +135,17 @@ fn a_device_that_cannot_hold_the_format_is_named() {
     .unwrap_err()
     .to_string();
     assert!(error.contains("cannot hold weights in bf16"), "{error}");
+    // 8 bits with f32 embeddings: the products there cannot read them (flex only).
+    let options = StorageOptions {
+        weights: Storage::Q8,
+        embeddings: Some(Storage::F32),
+    };
+    let error = options.check_device(&device).unwrap_err();
+    assert!(
+        error.contains("weights in q8") && error.contains("flex"),
+        "{error}"
+    );
+    assert!(options.check_device(&Device::flex()).is_ok());
 }
 
 #[test]

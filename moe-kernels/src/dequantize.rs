@@ -57,22 +57,18 @@ pub fn dequantize_experts(w: Tensor<3>, experts: &[usize], dtype: DType) -> Tens
 
 /// Whether `tensor` lives on the flex backend.
 pub(crate) fn on_flex<const D: usize>(tensor: &Tensor<D>) -> bool {
-    #[cfg(feature = "flex")]
-    {
-        let device = tensor.device().inner();
-        matches!(device.as_dispatch(), burn::backend::DispatchDevice::Flex(_))
-    }
-    #[cfg(not(feature = "flex"))]
-    {
-        let _ = tensor;
-        false
-    }
+    is_flex(&tensor.device())
 }
 
 /// Whether the products on `device` read weights quantized one value a byte (the form
 /// `moe_models::storage` holds q8 and q4 in): flex. Burn 0.22.1's cube kernels dequantize
 /// packed values only and stop on one-byte ones, so 8- and 4-bit weights are refused there.
 pub fn reads_byte_quantized(device: &burn::tensor::Device) -> bool {
+    is_flex(device)
+}
+
+/// Whether `device` is a flex device.
+fn is_flex(device: &burn::tensor::Device) -> bool {
     #[cfg(feature = "flex")]
     {
         let device = device.clone().inner();
@@ -104,11 +100,7 @@ pub(crate) fn trailing_block(scheme: &QuantScheme, shape: &Shape) -> Option<usiz
 /// tensor, read to the host.
 fn read_quantized<const D: usize>(tensor: Tensor<D>) -> (Vec<i8>, Vec<f32>) {
     let shape = tensor.shape();
-    quantized_parts(tensor.into_data(), shape)
-}
-
-/// The values and the combined scales of quantized `data` of `shape`.
-fn quantized_parts(data: TensorData, shape: Shape) -> (Vec<i8>, Vec<f32>) {
+    let data = tensor.into_data();
     let DType::QFloat(scheme) = data.dtype() else {
         unreachable!("a quantized tensor reads back as quantized data")
     };

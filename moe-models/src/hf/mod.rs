@@ -296,6 +296,12 @@ pub fn save_as(
     let text = serde_json::to_string_pretty(&serde_json::Value::Object(config))
         .expect("a config serialises");
     std::fs::write(&config_path, text).map_err(|e| HfError::io(&config_path, e))?;
+    write_safetensors(&tensors, &dir.join("model.safetensors"))
+}
+
+/// Writes encoded `tensors` to the safetensors file `path`, marked as PyTorch's (`format: pt`,
+/// which transformers and peft expect).
+pub(crate) fn write_safetensors(tensors: &[(String, Encoded)], path: &Path) -> Result<(), HfError> {
     let views = tensors
         .iter()
         .map(|(name, (dtype, bytes, shape))| {
@@ -304,7 +310,6 @@ pub fn save_as(
                 .map_err(|e| HfError::Weights(format!("{name}: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let path = dir.join("model.safetensors");
     let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(views, Some(metadata), &path).map_err(|e| HfError::io(&path, e))
+    safetensors::serialize_to_file(views, Some(metadata), path).map_err(|e| HfError::io(path, e))
 }

@@ -139,26 +139,15 @@ fn transposed(factor: &Param<Tensor<3>>) -> TensorData {
 
 /// Writes f32 `tensors` to the safetensors file `path`.
 fn write_tensors(tensors: &[(String, TensorData)], path: &Path) -> Result<(), HfError> {
-    let encoded: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+    let encoded: Vec<(String, super::Encoded)> = tensors
         .iter()
         .map(|(name, data)| {
-            let bytes = data
-                .iter::<f32>()
-                .flat_map(|x| x.to_le_bytes())
-                .collect::<Vec<u8>>();
-            (name.clone(), bytes, data.shape().to_vec())
+            let bytes = data.iter::<f32>().flat_map(|x| x.to_le_bytes()).collect();
+            let shape = data.shape().to_vec();
+            (name.clone(), (safetensors::Dtype::F32, bytes, shape))
         })
         .collect();
-    let views = encoded
-        .iter()
-        .map(|(name, bytes, shape)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
-                .map(|view| (name.clone(), view))
-                .map_err(|e| HfError::Weights(format!("{name}: {e}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(views, Some(metadata), path).map_err(|e| HfError::io(path, e))
+    super::write_safetensors(&encoded, path)
 }
 
 /// `model` (with LoRA adapters attached) with the adapters of the PEFT folder `dir` loaded over

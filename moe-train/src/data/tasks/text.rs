@@ -172,26 +172,25 @@ pub fn text_model(
 ) -> Result<MoeTransformer> {
     let model_config = config.text_model_config(vocab);
     let lora = config.variant.lora.as_ref();
-    let mut model = match &config.variant.hf {
-        // A LoRA run's frozen weights held below f32 (`--weights`): loaded straight into
-        // their format, never as an f32 model.
-        Some(hf) if lora.is_some() && !hf.weights.is_f32() => {
-            hf.check_unchanged()?;
+    let model = match &config.variant.hf {
+        Some(hf) if hf_weights || lora.is_some() => {
+            if lora.is_some() {
+                hf.check_unchanged()?;
+            }
             let arch = moe_models::hf::HfArchitecture::from_model_type(&hf.model_type)?;
-            let options = StorageOptions::new(hf.weights.into());
-            moe_models::hf::build_with(&model_config, arch, &hf.dir, device, &options)?
+            if hf.weights.is_f32() {
+                let mut model = model_config.init(device)?;
+                moe_models::hf::load_into(&mut model, arch, &hf.dir)?;
+                model
+            } else {
+                // A LoRA run's frozen weights held below f32 (`--weights`; the config refuses
+                // them without LoRA): loaded straight into their format, never as f32.
+                let options = StorageOptions::new(hf.weights.into());
+                moe_models::hf::build_with(&model_config, arch, &hf.dir, device, &options)?
+            }
         }
         _ => model_config.init(device)?,
     };
-    if let Some(hf) = &config.variant.hf {
-        if lora.is_some() && hf.weights.is_f32() {
-            hf.check_unchanged()?;
-        }
-        if (hf_weights || lora.is_some()) && hf.weights.is_f32() {
-            let arch = moe_models::hf::HfArchitecture::from_model_type(&hf.model_type)?;
-            moe_models::hf::load_into(&mut model, arch, &hf.dir)?;
-        }
-    }
     match lora {
         Some(lora) => {
             // The adapters are drawn from the run's seed whatever building the base drew (an

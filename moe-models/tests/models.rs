@@ -26,6 +26,8 @@ mod multimodal;
 mod overfit;
 #[path = "models/parameters.rs"]
 mod parameters;
+#[path = "models/peft.rs"]
+mod peft;
 #[path = "models/placement.rs"]
 mod placement;
 #[path = "models/storage.rs"]

@@ -439,11 +439,20 @@ fn lora_fine_tuning_trains_adapters_alone_and_merges_them_on_export() {
     );
     assert_eq!(moe_core::lora::adapter_count(&trained.materialize()), 0);
 
-    // Adapters on routers and experts have no PEFT form here: refused by name.
-    let error = peft_export(&run, &dir.join("peft"))
-        .unwrap_err()
-        .to_string();
-    assert!(error.contains("attention projections alone"), "{error}");
+    // The adapters on routers and experts have a PEFT form too (the experts' gate and up
+    // adapters fused into `gate_up_proj`'s): `train --init-lora` reads the folder back to the
+    // trained model.
+    let peft_dir = dir.join("peft");
+    assert_eq!(
+        peft_export(&run, &peft_dir).unwrap(),
+        ExportLayout::Peft(arch)
+    );
+    let continued = continued_from_peft(&run, &peft_dir, &device);
+    let diff = max_difference(&logits_of(&continued, &ids, &device), &ours);
+    assert!(
+        diff < 1e-5,
+        "the adapters read back give logits {diff} away"
+    );
 
     // A base folder changed or gone under the run is named: a weight changed in place (every
     // size kept), then a file grown.
@@ -475,6 +484,19 @@ fn lora_fine_tuning_trains_adapters_alone_and_merges_them_on_export() {
     std::fs::remove_dir_all(&base).unwrap();
     let error = eval_error();
     assert!(error.contains(&base.display().to_string()), "{error}");
+}
+
+/// The model a new run of `run`'s config builds with `--init-lora peft` (the adapters sized
+/// by the folder, as the command line sizes them).
+fn continued_from_peft(run: &Path, peft: &Path, device: &Device) -> MoeTransformer {
+    let opened =
+        moe_train::store::checkpoint::open(run, moe_train::store::checkpoint::Verify::Checked)
+            .unwrap();
+    let mut config = opened.config.clone();
+    config.variant.hf.as_mut().unwrap().init_lora = Some(peft.to_path_buf());
+    config.variant.lora = Some(hf::peft::read_adapter_config(peft).unwrap().lora_config());
+    let vocab = config.variant.hf.as_ref().unwrap().config.vocab_size;
+    text_model(&config, vocab, device, true).unwrap()
 }
 
 /// `export --adapters` of `run` into `out`.
@@ -590,13 +612,11 @@ fn lora_adapters_export_as_a_peft_folder() {
     );
 
     // `train --init-lora` reads the folder back: a new run starts from the same adapters.
+    let continued = continued_from_peft(&run, &out, &device);
     let opened =
         moe_train::store::checkpoint::open(&run, moe_train::store::checkpoint::Verify::Checked)
             .unwrap();
-    let mut config = opened.config.clone();
-    config.variant.hf.as_mut().unwrap().init_lora = Some(out.clone());
-    let vocab = config.variant.hf.as_ref().unwrap().config.vocab_size;
-    let continued = text_model(&config, vocab, &device, true).unwrap();
+    let vocab = opened.config.variant.hf.as_ref().unwrap().config.vocab_size;
     let fresh = text_model(&opened.config, vocab, &device, true).unwrap();
     let trained = logits_of(&run_model(&run), &ids, &device);
     let diff = max_difference(&logits_of(&continued, &ids, &device), &trained);

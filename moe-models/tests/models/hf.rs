@@ -20,6 +20,17 @@ pub fn fixture(arch: HfArchitecture) -> PathBuf {
         .join(arch.model_type())
 }
 
+/// transformers' logits for the fixture's tokens with the weights burn-moe holds in bf16
+/// rounded to bf16 (`make_fixtures.py --bf16-weights`), `[1, T, vocab]`.
+pub fn expected_bf16(arch: HfArchitecture) -> Vec<f32> {
+    let mut store = SafetensorsStore::from_file(fixture(arch).join("expected_bf16.safetensors"));
+    let tensor = store.get_tensor("logits").unwrap().unwrap();
+    bridge::to_data(tensor)
+        .unwrap()
+        .try_to_vec::<f32>()
+        .unwrap()
+}
+
 /// The fixture's token ids and transformers' logits, `[1, T, vocab]`.
 pub fn expected(arch: HfArchitecture) -> (Vec<i64>, Vec<f32>) {
     let mut store = SafetensorsStore::from_file(fixture(arch).join("expected.safetensors"));
@@ -35,7 +46,8 @@ pub fn expected(arch: HfArchitecture) -> (Vec<i64>, Vec<f32>) {
     (ids, logits)
 }
 
-fn logits(model: &MoeTransformer, ids: &[i64], device: &Device) -> Vec<f32> {
+/// `model`'s logits for the tokens `ids`, `[1, T, vocab]`, in f32.
+pub fn logits(model: &MoeTransformer, ids: &[i64], device: &Device) -> Vec<f32> {
     let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), device);
     model
         .forward(tokens)

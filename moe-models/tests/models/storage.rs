@@ -1,5 +1,6 @@
-//! Hugging Face models held in bf16, 8 or 4 bits (`hf::Storage`), against transformers' f32
-//! logits and against the f32 model whose weights are rounded by a plain loop here.
+//! Hugging Face models held in bf16, 8 or 4 bits (`hf::Storage`), against transformers' logits
+//! with the same weights rounded to bf16, and against the f32 model whose weights are rounded
+//! by a plain loop here.
 
 use std::path::Path;
 
@@ -7,7 +8,7 @@ use burn::tensor::{bf16, DType, Device, Int, Tensor, TensorData};
 use moe_models::hf::{self, HfArchitecture, Storage, StorageOptions};
 use moe_models::MoeTransformer;
 
-use crate::hf::{expected, fixture};
+use crate::hf::{expected, expected_bf16, fixture};
 use moe_kernels::testing::max_difference;
 
 fn logits(model: &MoeTransformer, ids: &[i64], device: &Device) -> Vec<f32> {
@@ -170,13 +171,22 @@ fn bf16_weights_compute_as_the_rounded_f32_model() {
         let reference = hf::load(&dir, &device).unwrap().model;
         let diff = max_difference(&ours, &logits(&reference, &ids, &device));
         let from_transformers = max_difference(&ours, &expected);
+        // transformers on the weights rounded as `--weights bf16` holds them (f32 arithmetic):
+        // the issue's 2e-2 against transformers, met by far. (transformers' own bf16 forward
+        // pass is 0.13 - 0.87 from its f32 one on these routing-fragile fixtures.)
+        let from_bf16_weights = max_difference(&ours, &expected_bf16(arch));
         eprintln!(
             "{arch:?} in bf16: {diff:.2e} from the rounded f32 model, \
-             {from_transformers:.2e} from transformers"
+             {from_bf16_weights:.2e} from transformers on bf16 weights, \
+             {from_transformers:.2e} from transformers in f32"
         );
         assert!(
             diff < 1e-4,
             "{arch:?} in bf16: {diff} from the rounded model"
+        );
+        assert!(
+            from_bf16_weights < 1e-4,
+            "{arch:?} in bf16: {from_bf16_weights} from transformers on bf16 weights"
         );
     }
     std::fs::remove_dir_all(&root).unwrap();

@@ -70,8 +70,9 @@ pub struct TrainArgs {
     #[arg(long, requires = "init_hf")]
     pub lora_rank: Option<usize>,
     /// Continue from LoRA adapters trained elsewhere: a PEFT folder (`adapter_config.json`,
-    /// `adapter_model.safetensors`) for the `--init-hf` model, with adapters on the attention
-    /// projections; its `r` and `lora_alpha` set the run's.
+    /// `adapter_model.safetensors`) for the `--init-hf` model, with adapters on any of its
+    /// attention projections, routers and experts; the folder sets the run's rank (its
+    /// largest), alpha and targets.
     #[arg(long, requires = "init_hf", conflicts_with_all = ["lora_rank", "lora_alpha", "lora_targets"])]
     pub init_lora: Option<PathBuf>,
     /// LoRA's alpha: the adapters' updates are scaled by `alpha / rank` (default: `2 * rank`).
@@ -350,12 +351,8 @@ impl TrainArgs {
             config.variant.lora = Some(self.lora_config(rank));
         }
         if let Some(dir) = &self.init_lora {
-            let (rank, alpha) = moe_models::hf::peft::read_adapter_config(dir)?;
-            config.variant.lora = Some(
-                LoraConfig::new(rank)
-                    .with_alpha(Some(alpha))
-                    .with_targets(vec![LoraTarget::Attention]),
-            );
+            let adapters = moe_models::hf::peft::read_adapter_config(dir)?;
+            config.variant.lora = Some(adapters.lora_config());
             if let Some(hf) = &mut config.variant.hf {
                 hf.init_lora = Some(std::path::absolute(dir).unwrap_or_else(|_| dir.clone()));
             }

@@ -40,6 +40,56 @@ fn compare_hf_fixture(arch: burn_moe::models::hf::HfArchitecture, device: &Devic
     assert!(diff < 1e-4, "logits differ from transformers' by {diff}");
 }
 
+/// A Hugging Face fixture with its weights held in `storage` (8 or 4 bits; embeddings f32) on
+/// `device` gives the logits of the same held model on flex, within 1e-4: the same rounded
+/// values, stored a byte each on flex and packed into u32 words on wgpu, through Burn's
+/// quantized kernels and our frozen products.
+fn compare_held_hf_fixture(
+    arch: burn_moe::models::hf::HfArchitecture,
+    storage: burn_moe::models::hf::Storage,
+    device: &Device,
+) {
+    use burn::tensor::DType;
+    use burn_moe::models::hf::{self, StorageOptions};
+    let folder = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/hf")
+        .join(arch.model_type());
+    let options = StorageOptions {
+        weights: storage,
+        embeddings: Some(hf::Storage::F32),
+    };
+    let logits = |device: &Device| {
+        let model = hf::load_with(&folder, device, &options).unwrap().model;
+        let moe = model.stack.blocks.iter().find_map(|b| b.ffn.moe.as_ref());
+        let w_in = moe.expect("an MoE layer").experts.w_in.val();
+        let store = burn_moe::kernels::quant_store(device);
+        assert!(
+            matches!(w_in.dtype(), DType::QFloat(scheme) if Some(scheme.store) == store),
+            "the experts are held in {storage} stored as {store:?}, not {:?}",
+            w_in.dtype()
+        );
+        let ids: Vec<i64> = (1..=12).collect();
+        let tokens = Tensor::<2, burn::tensor::Int>::from_data(
+            burn::tensor::TensorData::new(ids, [1, 12]),
+            device,
+        );
+        model
+            .forward(tokens)
+            .logits
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap()
+    };
+    let (ours, flex) = (logits(device), logits(&Device::flex()));
+    let diff = ours
+        .iter()
+        .zip(&flex)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff < 1e-4, "logits differ from flex's by {diff}");
+}
+
 fn main() {
     #[allow(deprecated)]
     let reference = Device::ndarray();
@@ -80,6 +130,18 @@ fn main() {
                 ),
                 parity::catching(|| compare_hf_fixture(arch, device)),
             ));
+            for storage in [
+                burn_moe::models::hf::Storage::Q8,
+                burn_moe::models::hf::Storage::Q4,
+            ] {
+                results.push((
+                    format!(
+                        "{} fixture held in {storage}, logits against flex's",
+                        arch.class_name()
+                    ),
+                    parity::catching(|| compare_held_hf_fixture(arch, storage, device)),
+                ));
+            }
         }
         for (name, result) in results {
             match result {

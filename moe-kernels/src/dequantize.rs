@@ -11,7 +11,7 @@
 //! A grouped product needs only the experts that received rows: [`dequantize_experts`] reads
 //! those alone (decoding a token routes to 8 of OLMoE's 64 experts).
 
-use burn::tensor::quantization::{QuantScheme, QuantizedBytes};
+use burn::tensor::quantization::{QuantScheme, QuantStore, QuantizedBytes};
 use burn::tensor::{DType, Shape, Tensor, TensorData};
 use rayon::prelude::*;
 
@@ -60,11 +60,16 @@ pub(crate) fn on_flex<const D: usize>(tensor: &Tensor<D>) -> bool {
     is_flex(&tensor.device())
 }
 
-/// Whether the products on `device` read weights quantized one value a byte (the form
-/// `moe_models::storage` holds q8 and q4 in): flex. Burn 0.22.1's cube kernels dequantize
-/// packed values only and stop on one-byte ones, so 8- and 4-bit weights are refused there.
-pub fn reads_byte_quantized(device: &burn::tensor::Device) -> bool {
-    is_flex(device)
+/// How `device` holds values quantized to 8 or 4 bits, `None` where our products cannot read
+/// them: one value a byte on flex (the only form Burn 0.22.1's flex backend stores), packed
+/// into u32 words (4 or 8 values a word, along the last axis) on a cube device such as wgpu
+/// (the only form Burn's cube kernels read).
+pub fn quant_store(device: &burn::tensor::Device) -> Option<QuantStore> {
+    if is_flex(device) {
+        Some(QuantStore::Native)
+    } else {
+        crate::adapter::compiler(device).map(|_| QuantStore::PackedU32(0))
+    }
 }
 
 /// Whether `device` is a flex device.

@@ -89,7 +89,7 @@ mod flex;
 pub use activation::{gelu, silu, ActivationBackend};
 pub use adamw::{adamw_update, AdamWBackend, AdamWStep};
 pub use cross_entropy::{cross_entropy, CrossEntropyBackend};
-pub use dequantize::{dequantize, dequantize_experts, in_dtype, reads_byte_quantized};
+pub use dequantize::{dequantize, dequantize_experts, in_dtype, quant_store};
 pub use dropout::{dropout, DropoutBackend};
 pub use frozen::{
     batched_matmul_held, frozen_grouped_matmul, frozen_matmul, matmul_held, FrozenProductBackend,

@@ -87,15 +87,20 @@ impl Storage {
         }
     }
 
-    /// The Burn quantization scheme for a weight of `shape`, `None` for the float formats.
-    pub(crate) fn scheme(self, shape: &[usize]) -> Option<QuantScheme> {
+    /// The Burn quantization scheme for a weight of `shape` stored as `store` says, `None`
+    /// for the float formats and for a weight that `store` cannot pack (a last axis that is
+    /// not a whole number of u32 words: 4 values for q8, 8 for q4), which stays f32.
+    pub(crate) fn scheme(self, shape: &[usize], store: QuantStore) -> Option<QuantScheme> {
         let value = match self {
             Self::F32 | Self::Bf16 => return None,
             Self::Q8 => QuantValue::Q8S,
             Self::Q4 => QuantValue::Q4S,
         };
-        let scheme = QuantScheme::default().with_value(value);
+        let scheme = QuantScheme::default().with_value(value).with_store(store);
         let last = shape.last().copied().unwrap_or(1);
+        if matches!(store, QuantStore::PackedU32(_)) && !last.is_multiple_of(scheme.num_quants()) {
+            return None;
+        }
         Some(
             match BLOCK_SIZES
                 .into_iter()
@@ -107,11 +112,11 @@ impl Storage {
         )
     }
 
-    /// The Burn type a weight of `shape` is held in.
-    pub(crate) fn dtype(self, shape: &[usize]) -> DType {
-        match self.scheme(shape) {
-            // Quantizing on flex gives one value a byte ("native" storage).
-            Some(scheme) => DType::QFloat(scheme.with_store(QuantStore::Native)),
+    /// The Burn type a weight of `shape` is held in, quantized values stored as `store` says
+    /// ([`moe_kernels::quant_store`] of the device).
+    pub(crate) fn dtype(self, shape: &[usize], store: QuantStore) -> DType {
+        match self.scheme(shape, store) {
+            Some(scheme) => DType::QFloat(scheme),
             None if self == Self::Bf16 => DType::BF16,
             None => DType::F32,
         }
@@ -123,21 +128,21 @@ impl Storage {
             return tensor;
         }
         let device = tensor.device();
-        let data = self.encode(tensor.into_data());
+        let store = moe_kernels::quant_store(&device).unwrap_or(QuantStore::Native);
+        let data = self.encode(tensor.into_data(), store);
         let dtype = data.dtype();
         Tensor::from_data(data, (&device, dtype))
     }
 
     /// `data` (a float tensor's) in this format: f32 as it is, bf16 converted, q8/q4 quantized
-    /// on the host, ready for `Tensor::from_data` on any device.
-    pub(crate) fn encode(self, data: TensorData) -> TensorData {
-        match self {
-            Self::F32 => data,
-            Self::Bf16 => data.convert_dtype(DType::BF16),
-            Self::Q8 | Self::Q4 => {
-                let scheme = self.scheme(data.shape()).expect("a quantized format");
-                quantized(data.convert::<f32>(), &scheme)
-            }
+    /// on the host with the values stored as `store` says, ready for `Tensor::from_data` on a
+    /// device that stores them so.
+    pub(crate) fn encode(self, data: TensorData, store: QuantStore) -> TensorData {
+        match (self, self.scheme(data.shape(), store)) {
+            (Self::F32, _) => data,
+            (Self::Bf16, _) => data.convert_dtype(DType::BF16),
+            (_, Some(scheme)) => quantized(data.convert::<f32>(), &scheme),
+            (_, None) => data.convert::<f32>(),
         }
     }
 }
@@ -188,8 +193,33 @@ fn quantized(data: TensorData, scheme: &QuantScheme) -> TensorData {
                 *q = (x * inverse).round().clamp(low, high) as i8;
             }
         });
-    let scheme = scheme.with_store(QuantStore::Native);
-    TensorData::quantized(quantized, shape, scheme, &scales, None)
+    match scheme.store {
+        QuantStore::PackedU32(_) => packed(&quantized, shape, scheme, &scales),
+        _ => TensorData::quantized(quantized, shape, *scheme, &scales, None),
+    }
+}
+
+/// Quantized `values` packed into u32 words as Burn's cube kernels read them (value `i` of a
+/// word in bits `b i .. b i + b`, two's complement, `b` the value's bits; the words little
+/// endian), followed by the f32 `scales`: the bytes of a `QuantStore::PackedU32` tensor.
+fn packed(values: &[i8], shape: Vec<usize>, scheme: &QuantScheme, scales: &[f32]) -> TensorData {
+    let bits = scheme.value.size_bits();
+    let mask = (1u32 << bits) - 1;
+    let mut bytes = Vec::with_capacity(values.len() * bits / 8 + 4 * scales.len());
+    for word in values.chunks(32 / bits) {
+        let word = word.iter().enumerate().fold(0u32, |acc, (i, &q)| {
+            acc | ((q as i32 as u32) & mask) << (bits * i)
+        });
+        bytes.extend_from_slice(&word.to_le_bytes());
+    }
+    let scales = match scheme.block_size() {
+        Some(_) => scales,
+        None => &scales[..1],
+    };
+    for scale in scales {
+        bytes.extend_from_slice(&scale.to_le_bytes());
+    }
+    TensorData::from_bytes_vec(bytes, shape, DType::QFloat(*scheme))
 }
 
 /// The formats a model's parameters are held in.
@@ -226,10 +256,24 @@ impl StorageOptions {
         }
     }
 
+    /// These options for `device`: embeddings left to their default are held in f32 rather
+    /// than bf16 where the device has no bf16 (wgpu's WGSL shaders): 8- and 4-bit weights on
+    /// wgpu take f32 embeddings instead of being refused for the embeddings' format.
+    pub fn on(mut self, device: &burn::tensor::Device) -> Self {
+        if self.embeddings.is_none()
+            && self.embedding_storage() == Storage::Bf16
+            && self.weights != Storage::Bf16
+            && !device.supports_dtype(DType::BF16)
+        {
+            self.embeddings = Some(Storage::F32);
+        }
+        self
+    }
+
     /// Refuses a `device` whose backend cannot hold these formats, naming it: bf16 where the
     /// backend has no bf16 (Burn's answer), 8 and 4 bits where our products cannot read them
-    /// ([`moe_kernels::reads_byte_quantized`]: flex only; Burn answers no for every quantized
-    /// type, so it is not asked).
+    /// ([`moe_kernels::quant_store`]: flex and wgpu; Burn answers no for every quantized type,
+    /// so it is not asked).
     pub fn check_device(&self, device: &burn::tensor::Device) -> Result<(), String> {
         for storage in [self.weights, self.embedding_storage()] {
             if storage == Storage::Bf16 && !device.supports_dtype(DType::BF16) {
@@ -240,11 +284,10 @@ impl StorageOptions {
             }
         }
         let quantized = matches!(self.weights, Storage::Q8 | Storage::Q4);
-        if quantized && !moe_kernels::reads_byte_quantized(device) {
+        if quantized && moe_kernels::quant_store(device).is_none() {
             return Err(format!(
-                "{device:?} cannot multiply by weights in {}: its kernels (Burn 0.22.1) do not \
-                 read 8- or 4-bit values held a byte each; run on the flex backend \
-                 (`--backend flex`), or hold them in f32 or bf16",
+                "{device:?} cannot multiply by weights in {}: 8- and 4-bit weights run on the \
+                 flex backend (`--backend flex`) and on wgpu; or hold them in f32 or bf16",
                 self.weights
             ));
         }

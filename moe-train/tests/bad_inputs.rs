@@ -177,7 +177,8 @@ fn cases() -> Vec<Case> {
         case("held weights without a base", &train(&["--weights", "q4"]), 2, &["--weights", "--init-hf"]),
         case("PEFT adapters that are not there", &train(&["--init-hf", QWEN2_MOE, "--init-lora", "{dir}/nothing"]), 1, &["nothing", "adapter_config.json"]),
         case("PEFT adapters beside a rank", &train(&["--init-hf", QWEN2_MOE, "--init-lora", "{dir}", "--lora-rank", "4"]), 2, &["--init-lora", "--lora-rank"]),
-        case("QLoRA in bf16 on a backend without bf16", &["train", "--text", "{fix}/corpus.txt", "--config", "{fix}/tiny.toml", "--backend", "ndarray", "--out", "{dir}/run", "--init-hf", QWEN2_MOE, "--lora-rank", "4", "--weights", "q4"], 1, &["cannot hold weights in bf16", "flex"]),
+        case("QLoRA in bf16 on a backend without bf16", &["train", "--text", "{fix}/corpus.txt", "--config", "{fix}/tiny.toml", "--backend", "ndarray", "--out", "{dir}/run", "--init-hf", QWEN2_MOE, "--lora-rank", "4", "--weights", "bf16"], 1, &["cannot hold weights in bf16", "flex"]),
+        case("QLoRA in 4 bits on a backend without quantized products", &["train", "--text", "{fix}/corpus.txt", "--config", "{fix}/tiny.toml", "--backend", "ndarray", "--out", "{dir}/run", "--init-hf", QWEN2_MOE, "--lora-rank", "4", "--weights", "q4"], 1, &["cannot multiply by weights in q4", "flex", "wgpu"]),
         case("LoRA unknown target", &train(&["--init-hf", QWEN2_MOE, "--lora-rank", "4", "--lora-targets", "attention,embeddings"]), 2, &["embeddings", "attention, router, experts"]),
         // Devices.
         case("unknown device", &train(&["--devices", "local,gpu7"]), 1, &["gpu7", "ws://host:port"]),

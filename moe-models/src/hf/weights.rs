@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use burn::tensor::quantization::QuantStore;
 use burn::tensor::{Shape, TensorData};
 use burn_store::burn_pack::Tensor as PackTensor;
 use burn_store::{bridge, ModuleSnapshot, ModuleStore, SafetensorsStore};
@@ -119,11 +120,15 @@ pub(crate) fn load_weights(
     options: &StorageOptions,
 ) -> Result<(), HfError> {
     let tensors = Arc::new(open_tensors(dir)?);
+    // How the device stores 8- and 4-bit values (`StorageOptions::check_device` refused a
+    // device that has no way).
+    let device = model.token_embedding.weight.lazy_device();
+    let store = moe_kernels::quant_store(&device).unwrap_or(QuantStore::Native);
     let sources = sources(model, arch);
     let mut snapshots = Vec::with_capacity(sources.len());
     let mut missing = Vec::new();
     for source in sources {
-        match deferred(&source, options, &tensors) {
+        match deferred(&source, options, store, &tensors) {
             Ok(snapshot) => snapshots.push(snapshot),
             Err(names) => missing.extend(names),
         }
@@ -167,10 +172,12 @@ pub(crate) fn load_weights(
     Ok(())
 }
 
-/// A deferred tensor for `source` held as `options` say, or the names the file lacks.
+/// A deferred tensor for `source` held as `options` say (quantized values stored as `store`
+/// says), or the names the file lacks.
 fn deferred(
     source: &Source,
     options: &StorageOptions,
+    store: QuantStore,
     tensors: &Arc<HashMap<String, PackTensor>>,
 ) -> Result<PackTensor, Vec<String>> {
     let absent: Vec<String> = source
@@ -193,7 +200,7 @@ fn deferred(
     let names = source.names.clone();
     let (transpose, tensors) = (source.transpose, tensors.clone());
     let storage = options.storage_of(&source.path, dims.len());
-    let dtype = storage.dtype(&dims);
+    let dtype = storage.dtype(&dims, store);
     Ok(bridge::deferred(
         source.path.clone(),
         dtype,
@@ -212,7 +219,7 @@ fn deferred(
                     _ => values.extend(data),
                 }
             }
-            Ok(storage.encode(TensorData::new(values, dims.clone())))
+            Ok(storage.encode(TensorData::new(values, dims.clone()), store))
         },
     ))
 }

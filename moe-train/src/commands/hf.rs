@@ -56,7 +56,7 @@ fn open(
 ) -> Result<(HfModel, HfTokenizer, Device)> {
     let device = backend::select_and_report(backend, Precision::F32)?.device;
     let started = std::time::Instant::now();
-    let loaded = hf::load_with(dir, &device, &StorageOptions::new(storage))?;
+    let loaded = hf::load_with(dir, &device, &StorageOptions::new(storage).on(&device))?;
     let tokenizer = HfTokenizer::load(dir, &loaded.config_json)?;
     let count = loaded.model.config().parameter_count();
     eprintln!(

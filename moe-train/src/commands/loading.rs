@@ -21,7 +21,7 @@ pub(crate) fn held(
     weights: Storage,
     device: &burn::tensor::Device,
 ) -> Result<MoeTransformer> {
-    let options = StorageOptions::new(weights);
+    let options = StorageOptions::new(weights).on(device);
     options.check_device(device).map_err(TrainError::Argument)?;
     Ok(moe_models::storage::hold(model, &options))
 }

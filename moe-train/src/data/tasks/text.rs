@@ -185,7 +185,7 @@ pub fn text_model(
             } else {
                 // A LoRA run's frozen weights held below f32 (`--weights`; the config refuses
                 // them without LoRA): loaded straight into their format, never as f32.
-                let options = StorageOptions::new(hf.weights.into());
+                let options = StorageOptions::new(hf.weights.into()).on(device);
                 moe_models::hf::build_with(&model_config, arch, &hf.dir, device, &options)?
             }
         }

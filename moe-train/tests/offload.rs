@@ -48,6 +48,35 @@ fn main() {
         report.evaluation.loss
     );
     println!("offloaded experts: ok (losses within {gap:.1e})");
+    held_experts_offloaded_generate_as_on_one_device();
+}
+
+/// A Hugging Face folder held in 4 bits on wgpu (packed) with its experts in CPU memory on
+/// flex (one byte a value there) generates, greedily, the tokens it generates on wgpu alone.
+fn held_experts_offloaded_generate_as_on_one_device() {
+    use moe_models::hf::Storage;
+    use moe_models::SamplingConfig;
+    use moe_train::commands::hf::{generate, GenerationSettings};
+
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hf/olmoe");
+    let prompt = std::fs::read_to_string(dir.join("prompt.txt")).expect("the fixture's prompt");
+    let settings = |offload_experts| GenerationSettings {
+        max_tokens: 8,
+        sampling: SamplingConfig {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            seed: 0,
+        },
+        offload_experts,
+        weights: Storage::Q4,
+    };
+    let one = generate(&dir, &prompt, settings(false), BackendChoice::Wgpu).expect("generates");
+    let two =
+        generate(&dir, &prompt, settings(true), BackendChoice::Wgpu).expect("generates offloaded");
+    assert!(one.len() > prompt.len(), "nothing generated: {one:?}");
+    assert_eq!(one, two, "the offloaded q4 model generates other tokens");
+    println!("offloaded q4 experts: ok (the same 8 greedy tokens)");
 }
 
 /// Largest difference between two runs' training and validation losses.

@@ -128,8 +128,7 @@ impl Storage {
             return tensor;
         }
         let device = tensor.device();
-        let store = moe_kernels::quant_store(&device).unwrap_or(QuantStore::Native);
-        let data = self.encode(tensor.into_data(), store);
+        let data = self.encode(tensor.into_data(), store_on(&device));
         let dtype = data.dtype();
         Tensor::from_data(data, (&device, dtype))
     }
@@ -197,6 +196,12 @@ fn quantized(data: TensorData, scheme: &QuantScheme) -> TensorData {
         QuantStore::PackedU32(_) => packed(&quantized, shape, scheme, &scales),
         _ => TensorData::quantized(quantized, shape, *scheme, &scales, None),
     }
+}
+
+/// How `device` stores quantized values ([`moe_kernels::quant_store`]); one a byte where it
+/// has no way, as [`StorageOptions::check_device`] refuses 8 and 4 bits there.
+pub(crate) fn store_on(device: &burn::tensor::Device) -> QuantStore {
+    moe_kernels::quant_store(device).unwrap_or(QuantStore::Native)
 }
 
 /// Quantized `values` packed into u32 words as Burn's cube kernels read them (value `i` of a

@@ -120,10 +120,7 @@ pub(crate) fn load_weights(
     options: &StorageOptions,
 ) -> Result<(), HfError> {
     let tensors = Arc::new(open_tensors(dir)?);
-    // How the device stores 8- and 4-bit values (`StorageOptions::check_device` refused a
-    // device that has no way).
-    let device = model.token_embedding.weight.lazy_device();
-    let store = moe_kernels::quant_store(&device).unwrap_or(QuantStore::Native);
+    let store = crate::storage::store_on(&model.token_embedding.weight.lazy_device());
     let sources = sources(model, arch);
     let mut snapshots = Vec::with_capacity(sources.len());
     let mut missing = Vec::new();

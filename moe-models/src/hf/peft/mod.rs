@@ -63,8 +63,9 @@ pub fn save_adapters(
 ) -> Result<usize, HfError> {
     let _ = arch; // transformers 5 names the three architectures' modules alike
     let total = moe_core::lora::adapter_count(model);
-    let (rank, scale) = uniform_rank_and_scale(model)?;
-    let experts_adapted = sites(model, true).iter().any(|site| {
+    let every_site = sites(model, true);
+    let (rank, scale) = uniform_rank_and_scale(&every_site)?;
+    let experts_adapted = every_site.iter().any(|site| {
         matches!(site.target, PeftTarget::Parameter(DOWN)) && site.adapted() == Some(true)
     });
     let sites = sites(model, experts_adapted);
@@ -96,18 +97,11 @@ pub fn save_adapters(
         };
         let peft = factors.to_peft();
         let (r, e) = (factors.rank, factors.experts);
-        tensors.push((
-            format!("{}.lora_A.weight", site.prefix),
-            peft.a,
-            vec![r * e, factors.d_in],
-        ));
-        tensors.push((
-            format!("{}.lora_B.weight", site.prefix),
-            peft.b,
-            vec![factors.d_out, r * e],
-        ));
+        tensors.push((site.factor_name("A"), peft.a, vec![r * e, factors.d_in]));
+        tensors.push((site.factor_name("B"), peft.b, vec![factors.d_out, r * e]));
     }
-    if total == 0 || covered != total {
+    // (No adapters at all was refused above.)
+    if covered != total {
         return Err(HfError::Unsupported(format!(
             "the model has {total} adapted weight(s), {covered} of them where a transformers \
              model has a weight PEFT can adapt; export the merged model instead, without \
@@ -146,15 +140,11 @@ pub fn save_adapters(
     Ok(total)
 }
 
-/// The rank and scale every adapter of `model` shares (PEFT's config gives one default pair).
-fn uniform_rank_and_scale(model: &MoeTransformer) -> Result<(usize, f64), HfError> {
-    let adapters = sites(model, true);
-    let all = adapters.iter().flat_map(|site| match &site.form {
-        Form::Plain(ours) => vec![ours.adapter],
-        Form::GateUp { gate, up } => vec![gate.adapter, up.adapter],
-    });
+/// The rank and scale every adapter at `sites` shares (PEFT's config gives one default pair).
+fn uniform_rank_and_scale(sites: &[Site<'_>]) -> Result<(usize, f64), HfError> {
+    let all = sites.iter().flat_map(|site| site.form.ours());
     let mut first = None;
-    for adapter in all.flatten() {
+    for adapter in all.filter_map(|ours| ours.adapter) {
         let pair = (adapter.rank(), adapter.scale);
         match first {
             None => first = Some(pair),
@@ -238,7 +228,7 @@ pub fn load_adapters(model: MoeTransformer, dir: &Path) -> Result<MoeTransformer
             PeftTarget::Parameter(DOWN) if !down => continue,
             _ => {}
         }
-        let names = ["A", "B"].map(|f| format!("{}.lora_{f}.weight", site.prefix));
+        let names = ["A", "B"].map(|f| site.factor_name(f));
         let (Ok(a), Ok(b)) = (file.tensor(&names[0]), file.tensor(&names[1])) else {
             continue;
         };
@@ -295,10 +285,7 @@ fn site_factors(
 ) -> Result<Vec<(String, Factors)>, String> {
     let (rank, alpha) = config.rank_and_alpha(&site.key);
     let scale = config.scale(rank, alpha);
-    let ours: Vec<&Ours<'_>> = match &site.form {
-        Form::Plain(ours) => vec![ours],
-        Form::GateUp { gate, up } => vec![gate, up],
-    };
+    let ours = site.form.ours();
     let mut adapters = Vec::new();
     for ours in &ours {
         let Some(adapter) = ours.adapter else {

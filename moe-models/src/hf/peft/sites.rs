@@ -70,18 +70,32 @@ pub(super) struct Site<'a> {
     pub form: Form<'a>,
 }
 
+impl<'a> Form<'a> {
+    /// Our weights here: one, or the gate's then the up projection's.
+    pub fn ours(&self) -> Vec<&Ours<'a>> {
+        match self {
+            Form::Plain(ours) => vec![ours],
+            Form::GateUp { gate, up } => vec![gate, up],
+        }
+    }
+}
+
 impl Site<'_> {
     /// Whether every weight of ours at this site has an adapter (`Some(true)`), none has
     /// (`Some(false)`), or only some do (`None`: the gate and up projections differ).
     pub fn adapted(&self) -> Option<bool> {
-        match &self.form {
-            Form::Plain(ours) => Some(ours.adapter.is_some()),
-            Form::GateUp { gate, up } => match (gate.adapter, up.adapter) {
-                (Some(_), Some(_)) => Some(true),
-                (None, None) => Some(false),
-                _ => None,
-            },
+        let ours = self.form.ours();
+        let adapted = ours.iter().filter(|o| o.adapter.is_some()).count();
+        match adapted {
+            0 => Some(false),
+            n if n == ours.len() => Some(true),
+            _ => None,
         }
+    }
+
+    /// The name of PEFT's tensor for `factor` (`"A"` or `"B"`) here.
+    pub fn factor_name(&self, factor: &str) -> String {
+        format!("{}.lora_{factor}.weight", self.prefix)
     }
 }
 

@@ -400,24 +400,52 @@ impl Moe {
     /// parameters, so the replicas' gradients add up there); placed experts stay on their
     /// devices, shared by every replica, and experts without a placement move like the rest.
     pub fn replica_on(&self, device: &Device) -> Self {
+        self.replica(device, ReplicaWeights::Linked)
+    }
+
+    /// The layer on `device` as a data-parallel replica that keeps weights of its own: the
+    /// router, the shared experts and experts without a placement copied there as new leaves of
+    /// the autodiff graph ([`Module::fork`]: same parameter ids, gradients of their own, to be
+    /// reduced with the other replicas'); placed experts stay on their devices, shared by every
+    /// replica, their gradients adding up there. After the placed experts are updated, give
+    /// the replica the new ones with [`Moe::share_placed_experts`].
+    pub fn replica_with_own_weights_on(&self, device: &Device) -> Self {
+        self.replica(device, ReplicaWeights::Own)
+    }
+
+    fn replica(&self, device: &Device, weights: ReplicaWeights) -> Self {
         let placed = self.placement.is_some();
-        let moved = |experts: &Experts| match placed {
-            true => experts.clone(),
-            false => experts.clone().to_device(device),
+        let experts = match placed {
+            true => self.experts.clone(),
+            false => weights.carry(self.experts.clone(), device),
         };
         Moe {
-            router: self.router.clone().to_device(device),
-            experts: moved(&self.experts),
+            router: weights.carry(self.router.clone(), device),
+            experts,
             placed_experts: self.placed_experts.clone(),
             shared_experts: self
                 .shared_experts
                 .clone()
-                .map(|experts| experts.to_device(device)),
-            shared_gate: self.shared_gate.clone().map(|gate| gate.to_device(device)),
+                .map(|experts| weights.carry(experts, device)),
+            shared_gate: self
+                .shared_gate
+                .clone()
+                .map(|gate| weights.carry(gate, device)),
             custom_gate: self.custom_gate.clone(),
             config: self.config.clone(),
             placement: self.placement.clone(),
             gathered_ids: self.gathered_ids.clone(),
+        }
+    }
+
+    /// Takes `from`'s placed experts (the same tensors, on their devices) in place of this
+    /// replica's, when both layers have a placement; otherwise nothing changes. A replica made
+    /// by [`Moe::replica_with_own_weights_on`] shares the placed experts of the layer it was
+    /// made from, and needs their new values after each update of them.
+    pub fn share_placed_experts(&mut self, from: &Moe) {
+        if self.placement.is_some() && from.placement.is_some() {
+            self.experts = from.experts.clone();
+            self.placed_experts = from.placed_experts.clone();
         }
     }
 
@@ -620,5 +648,23 @@ impl Moe {
     /// The selection bias of auxiliary-loss-free balancing, if enabled, `[E]`.
     pub fn balance_bias(&self) -> Option<Tensor<1>> {
         self.router.selection_bias.as_ref().map(|bias| bias.val())
+    }
+}
+
+/// How a data-parallel replica holds the weights it does not share.
+#[derive(Clone, Copy)]
+enum ReplicaWeights {
+    /// Moved in the autodiff graph: gradients flow back to the original's parameters.
+    Linked,
+    /// Copied as leaves of their own ([`Module::fork`]).
+    Own,
+}
+
+impl ReplicaWeights {
+    fn carry<M: Module>(self, module: M, device: &Device) -> M {
+        match self {
+            ReplicaWeights::Linked => module.to_device(device),
+            ReplicaWeights::Own => module.fork(device),
+        }
     }
 }

@@ -221,6 +221,24 @@ impl DecoderStack {
         }
     }
 
+    /// The MoE layers [`DecoderStack::take_moe_layers`] took, back in their blocks as
+    /// data-parallel replicas on `device` with weights of their own
+    /// ([`Moe::replica_with_own_weights_on`]).
+    pub fn put_moe_layers_with_own_weights(&mut self, layers: Vec<Option<Moe>>, device: &Device) {
+        for (block, layer) in self.blocks.iter_mut().zip(layers) {
+            block.ffn.moe = layer.map(|moe| moe.replica_with_own_weights_on(device));
+        }
+    }
+
+    /// Takes `from`'s placed experts in each MoE layer ([`Moe::share_placed_experts`]).
+    pub fn share_placed_experts(&mut self, from: &DecoderStack) {
+        for (mine, theirs) in self.blocks.iter_mut().zip(&from.blocks) {
+            if let (Some(mine), Some(theirs)) = (&mut mine.ffn.moe, &theirs.ffn.moe) {
+                mine.share_placed_experts(theirs);
+            }
+        }
+    }
+
     /// Every placed parameter of the stack's MoE layers ([`Moe::sharded_params`]).
     pub fn sharded_params(&self) -> Vec<ShardedParam> {
         self.blocks

@@ -2,11 +2,14 @@
 //! replicas that share one set of weights (data parallelism).
 //!
 //! Expert parallelism (GShard, FastMoE) gives each device some of each MoE layer's experts
-//! ([`moe_core::placement`]). Data parallelism runs a slice of the batch on each device; here a
-//! replica is the model moved to its device *inside the autodiff graph*, so the gradient of
-//! every replica's loss flows back to the one set of weights and adds up there (the reduction
-//! of data-parallel training, done by Burn's autodiff). Placed experts are not copied: each
-//! replica sends its tokens to the experts' devices. Both are data in the model, not branches.
+//! ([`moe_core::placement`]). Data parallelism runs a slice of the batch on each device, on a
+//! replica of two kinds: moved to its device *inside the autodiff graph*
+//! ([`ExpertParallel::replica_on`]), so the gradient of every replica's loss flows back to the
+//! one set of weights and adds up there; or holding weights of its own across steps
+//! ([`ExpertParallel::replica_with_own_weights_on`]), whose gradients the training loop sums
+//! over the replicas before each applies the same update (as PyTorch's DDP does). Placed experts
+//! are not copied: each replica sends its tokens to the experts' devices. Both are data in the
+//! model, not branches.
 
 use burn::module::Module;
 use burn::tensor::Device;
@@ -59,6 +62,26 @@ pub trait ExpertParallel: Module + Sized {
         let mut replica = model.to_device(device);
         replica.stack_mut().put_moe_layers(layers, device);
         replica
+    }
+
+    /// The model as a data-parallel replica on `device` that keeps weights of its own across
+    /// steps: every parameter copied there as a new leaf of the autodiff graph
+    /// ([`Module::fork`]: the same ids, gradients of its own, which the training loop reduces
+    /// over the replicas), except placed experts, which stay on their devices and serve every
+    /// replica. After each update of the placed experts, [`ExpertParallel::share_placed_experts`].
+    fn replica_with_own_weights_on(&self, device: &Device) -> Self {
+        let mut model = self.clone();
+        let layers = model.stack_mut().take_moe_layers();
+        let mut replica = model.fork(device);
+        replica
+            .stack_mut()
+            .put_moe_layers_with_own_weights(layers, device);
+        replica
+    }
+
+    /// Takes `from`'s placed experts (the same tensors) in place of this replica's.
+    fn share_placed_experts(&mut self, from: &Self) {
+        self.stack_mut().share_placed_experts(from.stack());
     }
 }
 

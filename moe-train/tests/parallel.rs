@@ -125,6 +125,7 @@ fn on(config: &TrainConfig, devices: &[&str], parallel: Parallelism) -> TrainCon
 fn options(out: &Path) -> RunOptions {
     RunOptions {
         remote_token: Some(TOKEN.into()),
+        compare_replicas: true,
         ..RunOptions::new(out)
     }
 }
@@ -220,6 +221,14 @@ fn a_batch_split_over_devices_trains_as_accumulated_slices() {
         let out = dir.join(format!("two-{parallel:?}"));
         let two = run(on(&config, &["flex", "ndarray"], parallel), &out);
         assert_same_model((&one, &dir.join("one")), (&two, &out), parallel.name());
+        // Two backends apply the same update to the same summed gradients.
+        let report = two.data_parallel.expect("a data-parallel run");
+        let gap = report.replica_gap.expect("compared");
+        assert!(
+            gap < 1e-6,
+            "{}: the replicas differ by {gap}",
+            parallel.name()
+        );
     }
 }
 
@@ -230,6 +239,13 @@ fn checkpoints_resume_on_another_number_of_devices() {
     let mut config = config;
     config.run.checkpoint_every = 4;
     let whole = run(config.clone(), &dir.join("whole"));
+    // The same run data parallel on two devices (the losses it logs are the mean over its
+    // slices, where an accumulating run logs its last micro-batch's).
+    let data_devices = ["flex", "ndarray"];
+    let whole_data = run(
+        on(&config, &data_devices, Parallelism::Data),
+        &dir.join("whole-data"),
+    );
     let stop_at_4 = |config: TrainConfig, out: &Path| {
         let options = RunOptions {
             stop_after: Some(4),
@@ -247,21 +263,34 @@ fn checkpoints_resume_on_another_number_of_devices() {
         )
         .unwrap()
     };
-    // Two devices, then one; one, then two others.
-    for (name, before, after) in [
-        ("2-1", vec!["flex", "ndarray"], vec!["local"]),
-        ("1-2", vec!["local"], vec!["ndarray", "flex"]),
+    // Two devices, then one; one, then two others; data parallel on two devices before and
+    // after (the replicas' optimizers start from the checkpoint's state: fresh ones would
+    // train otherwise).
+    let (experts, data) = (Parallelism::Experts, Parallelism::Data);
+    for (name, before, after, parallel) in [
+        ("2-1", vec!["flex", "ndarray"], vec!["local"], experts),
+        ("1-2", vec!["local"], vec!["ndarray", "flex"], experts),
+        (
+            "2-2-data",
+            data_devices.to_vec(),
+            data_devices.to_vec(),
+            data,
+        ),
     ] {
+        let (whole, whole_dir) = match parallel {
+            Parallelism::Data => (&whole_data, dir.join("whole-data")),
+            _ => (&whole, dir.join("whole")),
+        };
         let out = dir.join(name);
-        stop_at_4(on(&config, &before, Parallelism::Experts), &out);
-        let second = resume(on(&config, &after, Parallelism::Experts), &out);
+        stop_at_4(on(&config, &before, parallel), &out);
+        let second = resume(on(&config, &after, parallel), &out);
         let gap = whole.train_losses[4..]
             .iter()
             .zip(&second.train_losses)
             .map(|((_, a), (_, b))| (a - b).abs())
             .fold(0.0, f64::max);
         assert!(gap < 1e-4, "{name}: the resumed losses differ by {gap}");
-        assert!(weight_gap(&dir.join("whole"), &out) < 1e-4, "{name}");
+        assert!(weight_gap(&whole_dir, &out) < 1e-4, "{name}");
     }
 }
 
@@ -337,6 +366,56 @@ fn ten_steps_over_loopback_servers_match_one_device() {
         (&three, &dir.join("three")),
         "loopback",
     );
+    let report = three.data_parallel.expect("a data-parallel run reports");
+    assert_eq!(report.replica_gap, Some(0.0), "the replicas drifted apart");
+    // The placed experts are not replicated: the all-reduce sums the rest.
+    assert!(report.replicated_values < three.parameters.0);
+}
+
+/// Data parallelism over the local device and two loopback servers: the replicas end the run
+/// with the first device's weights bit for bit, the run trains as one device accumulating
+/// three slices, and each device sends and receives what a reduce-scatter and all-gather of
+/// every gradient move: `2 (N - 1) / N` times the parameters' bytes per step, against
+/// `2 (N - 1)` times for the first device when it broadcast the weights and gathered the
+/// gradients (a parameter server).
+#[test]
+fn replicas_over_loopback_servers_stay_identical_and_move_an_all_reduce() {
+    let _serial = common::serial();
+    let servers = [Server::start(Some(TOKEN)), Server::start(Some(TOKEN))];
+    let steps = 6;
+    let (dir, config) = config("parallel-replicas", steps);
+    let one = run(accumulating(&config, 3), &dir.join("one"));
+    let devices = ["local", servers[0].url.as_str(), servers[1].url.as_str()];
+    let three = run(on(&config, &devices, Parallelism::Data), &dir.join("three"));
+    assert_same_model(
+        (&one, &dir.join("one")),
+        (&three, &dir.join("three")),
+        "replicas",
+    );
+    let report = three.data_parallel.expect("a data-parallel run reports");
+    assert_eq!(report.replica_gap, Some(0.0), "the replicas drifted apart");
+    // Every parameter of the tiny model is trained and replicated (no expert is placed).
+    let values = three.parameters.0 as f64;
+    assert_eq!(report.replicated_values, three.parameters.0);
+    assert_eq!(report.ledger.reductions, steps as u64);
+    let n = devices.len() as f64;
+    let expected = 2.0 * (n - 1.0) / n * values * 4.0 * steps as f64;
+    for (device, (&sent, &received)) in report
+        .ledger
+        .sent
+        .iter()
+        .zip(&report.ledger.received)
+        .enumerate()
+    {
+        for (what, bytes) in [("sent", sent), ("received", received)] {
+            // Shards differ in length by one value at most.
+            let slack = 4.0 * n * steps as f64;
+            assert!(
+                (bytes as f64 - expected).abs() <= slack,
+                "device {device} {what} {bytes} bytes, the formula says {expected}"
+            );
+        }
+    }
 }
 
 /// A server killed in the middle of a run: the run stops within a bounded time with an error

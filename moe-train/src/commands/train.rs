@@ -30,6 +30,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             on_step: None,
             remote_token: crate::cli::token_or_env(&args.token),
             verify,
+            compare_replicas: false,
         },
     )?;
     if summary.interrupted {
@@ -54,6 +55,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
             training::loss_digits(*loss),
             training::perplexity(*loss)
         );
+    }
+    if let Some(report) = &summary.data_parallel {
+        println!("{}", report.describe());
     }
     for plot in &summary.plots {
         println!("plot: {}", plot.display());

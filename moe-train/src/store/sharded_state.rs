@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 
+use burn::module::ParamId;
 use burn::tensor::Bytes;
 use burn_pack::{DType, Reader, Scalar, Shape, Writer};
 use moe_core::placement::ShardedParam;
@@ -243,6 +244,28 @@ pub fn split(bytes: Bytes, sharded: &[ShardedParam]) -> Result<Bytes, String> {
                 .collect();
             pack.put(id.val(), pieces, &scalars, path.as_ref());
         }
+    }
+    pack.write()
+}
+
+/// The optimizer record `bytes` with only the states of the parameters `keep` (a replica's
+/// optimizer starts from the states of the parameters it updates, and holds no other).
+pub fn keep_only(bytes: Bytes, keep: &[ParamId]) -> Result<Bytes, String> {
+    let mut pack = Pack::read(bytes)?;
+    let keep: std::collections::HashSet<u64> = keep.iter().map(|id| id.val()).collect();
+    let ids: std::collections::BTreeSet<u64> = pack
+        .tensors
+        .iter()
+        .filter_map(|entry| entry.param_id)
+        .chain(
+            pack.scalars
+                .keys()
+                .filter_map(|key| key.split_once('.')?.0.parse().ok()),
+        )
+        .collect();
+    for id in ids.into_iter().filter(|id| !keep.contains(id)) {
+        pack.take_tensors(id);
+        pack.take_rest(id);
     }
     pack.write()
 }

@@ -48,6 +48,9 @@ pub struct GradientNorms {
     pub scaled: Tensor<1>,
     /// The global norm of the loss's gradients before clipping, `[1]`.
     pub norm: Tensor<1>,
+    /// What every gradient was multiplied by, `[1]` (`None`: nothing was done to them): the
+    /// same factor for the data-parallel replicas' gradients ([`scale_gradients`]).
+    pub factor: Option<Tensor<1>>,
 }
 
 /// Multiplies `grads` of `module` by `unscale` (`1 / S` under loss scaling,
@@ -78,8 +81,21 @@ pub fn unscale_and_clip<M: Module>(
         (Some(factor), None) | (None, Some(factor)) => Some(factor),
         (None, None) => None,
     };
-    if let Some(scale) = factor {
-        module.visit(&mut Scale { grads, scale });
+    if let Some(scale) = &factor {
+        scale_gradients(grads, module, scale.clone());
     }
-    Some(GradientNorms { scaled, norm })
+    Some(GradientNorms {
+        scaled,
+        norm,
+        factor,
+    })
+}
+
+/// Multiplies each gradient of `module`'s parameters in `grads` by `factor` (`[1]`, moved to
+/// each gradient's device).
+pub fn scale_gradients<M: Module>(grads: &mut GradientsParams, module: &M, factor: Tensor<1>) {
+    module.visit(&mut Scale {
+        grads,
+        scale: factor,
+    });
 }

@@ -84,7 +84,14 @@ impl Optimizer for FusedAdamW {
             .veto
             .as_ref()
             .and_then(UpdateVeto::get)
-            .map(|keep| (keep, tensor.clone(), moments.clone()));
+            // The flag lives on the model's device; a replica's parameter may be elsewhere.
+            .map(|keep| {
+                (
+                    keep.to_device(&tensor.device()),
+                    tensor.clone(),
+                    moments.clone(),
+                )
+            });
         let (mut tensor, mut moment_1, mut moment_2) = adamw_update(tensor, grad, moments, step);
         if let Some((keep, old, old_moments)) = previous {
             // A select, not a blend: a skipped step's values may be NaN or infinite.

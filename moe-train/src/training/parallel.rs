@@ -3,12 +3,13 @@
 //!
 //! A device is a local backend (`flex`, `ndarray`, `wgpu`, or `local` for the one `--backend`
 //! picks) or a Burn remote server (`ws://host:port`, started with `burn-moe serve`). The first
-//! device holds the model and the optimizer's state; with expert parallelism each MoE layer's
-//! experts are spread over all the devices ([`moe_models::ExpertParallel`]), with data
-//! parallelism every micro-batch is split over them and their gradients are averaged on the
-//! first (Burn's autodiff adds the replicas' gradients up; each replica's loss is scaled by the
-//! share of the batch it saw). Both at once is the default: replicated attention, sharded
-//! experts, as DeepSpeed-MoE and FastMoE train.
+//! device holds the model that is saved; with expert parallelism each MoE layer's experts are
+//! spread over all the devices ([`moe_models::ExpertParallel`]), with data parallelism every
+//! micro-batch is split over them, each device keeps a replica of the model with its own
+//! optimizer, and the replicas' gradients are summed by an all-reduce before each applies the
+//! same update ([`crate::training::replicas`]; each replica's loss is scaled by the share of
+//! the batch it saw). Both at once is the default: replicated attention, sharded experts, as
+//! DeepSpeed-MoE and FastMoE train.
 
 use std::fmt;
 

@@ -26,6 +26,7 @@ use crate::runtime::memory;
 use crate::store::checkpoint::{self, DataRecord, TrainingState, Verify};
 use crate::store::run_dir::{Claim, RunDir};
 use crate::training::parallel::Layout;
+use crate::training::replicas::DataParallelReport;
 use crate::training::session::Session;
 
 /// Keeps the data sampler's stream apart from other uses of the seed.
@@ -54,6 +55,10 @@ pub struct RunOptions {
     pub remote_token: Option<String>,
     /// Whether `resume` checks the checkpoint's files against their checksums.
     pub verify: Verify,
+    /// At the end of a data-parallel run, read every replica's weights back and compare them
+    /// with the first device's ([`DataParallelReport::replica_gap`]): a check for tests, which
+    /// moves the replicated weights once more.
+    pub compare_replicas: bool,
 }
 
 impl RunOptions {
@@ -69,6 +74,7 @@ impl RunOptions {
             on_step: None,
             remote_token: None,
             verify: Verify::Checked,
+            compare_replicas: false,
         }
     }
 }
@@ -111,6 +117,8 @@ pub struct RunSummary {
     pub tokens_per_second: f64,
     /// Parameters: total and active per token.
     pub parameters: (usize, usize),
+    /// What the data-parallel replicas did (when each micro-batch was split over devices).
+    pub data_parallel: Option<DataParallelReport>,
 }
 
 impl RunSummary {
@@ -135,6 +143,7 @@ impl RunSummary {
             plots: Vec::new(),
             tokens_per_second: 0.0,
             parameters,
+            data_parallel: None,
         }
     }
 }

@@ -6,7 +6,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor};
 
 use crate::data::tasks::StepOutput;
-use crate::training::clip::unscale_and_clip;
+use crate::training::clip::{unscale_and_clip, GradientNorms};
 use crate::training::divergence::NonFiniteWatch;
 use crate::training::loss_scale::{LossScaler, UpdateVeto, GROWTH_INTERVAL};
 
@@ -72,8 +72,8 @@ pub(super) struct Gating<'a> {
 /// The end of a step, after the backward passes: the gradients unscaled (mixed precision) and
 /// clipped in one multiplication, the loss and norm watched for non-finite values, the scale
 /// moved and the step skipped if the gradients overflowed (or, when asked, if the loss or norm
-/// is not finite), and the optimizer's update. Returns the model and the gradient norm before
-/// clipping.
+/// is not finite), and the optimizer's update. Returns the model and the norms (with the factor
+/// the gradients were multiplied by, for the data-parallel replicas).
 pub(super) fn apply_gradients<M: Module>(
     model: M,
     mut grads: GradientsParams,
@@ -81,7 +81,7 @@ pub(super) fn apply_gradients<M: Module>(
     gating: Gating<'_>,
     lr: f64,
     max_norm: f64,
-) -> (M, Option<Tensor<1>>) {
+) -> (M, Option<GradientNorms>) {
     let unscale = gating
         .mixed
         .as_ref()
@@ -108,5 +108,5 @@ pub(super) fn apply_gradients<M: Module>(
         veto.set(keep);
     }
     let model = optimizer.step(lr, model, grads);
-    (model, norms.map(|norms| norms.norm))
+    (model, norms)
 }

@@ -115,6 +115,11 @@ impl<'a, T: Task> Session<'a, T> {
             .take()
             .expect("the model is in place after the steps");
         let mut summary = self.summary;
+        let compare = self.options.compare_replicas;
+        summary.data_parallel = self
+            .replicas
+            .as_ref()
+            .map(|replicas| replicas.report(&model, compare));
         summary.tokens_per_second = trained as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
         summary.plots = plots::draw(out, &metrics::read(self.log.path())?);
         if !summary.interrupted && self.config.run.samples > 0 {

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Gradients, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use moe_core::rng::{SplitMix64, GOLDEN_GAMMA};
 use moe_models::ExpertParallel;
@@ -29,6 +29,7 @@ use crate::training::loss_scale::{LossScaler, UpdateVeto, GROWTH_INTERVAL};
 use crate::training::optimizer::FusedAdamW;
 use crate::training::parallel::Layout;
 use crate::training::readout::StepReadout;
+use crate::training::replicas::Replicas;
 use crate::training::run::{Resumed, RunOptions, RunSummary, DATA_STREAM};
 use crate::training::schedule::learning_rate;
 use crate::training::step::{apply_gradients, averaged, Gating, MixedPrecision};
@@ -47,6 +48,8 @@ pub(super) struct Session<'a, T: Task> {
     /// The model; out of its place only while the optimizer updates it.
     model: Option<T::Model>,
     optimizer: burn::optim::ModuleOptimizer,
+    /// The replicas of the other devices each micro-batch is split over (data parallelism).
+    replicas: Option<Replicas<T::Model>>,
     mixed: Option<MixedPrecision>,
     /// The flag the optimizer reads (present under mixed precision or skipping).
     veto: Option<UpdateVeto>,
@@ -94,11 +97,14 @@ impl<'a, T: Task> Session<'a, T> {
         let mut mixed =
             (selected.precision != Precision::F32).then(|| MixedPrecision::new(&device));
         let veto = (mixed.is_some() || on_nonfinite == OnNonFinite::Skip).then(UpdateVeto::default);
-        let mut adamw = FusedAdamW::new(config.optim.weight_decay as f32);
-        if let Some(veto) = &veto {
-            adamw = adamw.with_veto(veto.clone());
-        }
-        let mut optimizer = adamw.init();
+        let fresh_optimizer = || {
+            let adamw = FusedAdamW::new(config.optim.weight_decay as f32);
+            match &veto {
+                Some(veto) => adamw.with_veto(veto.clone()).init(),
+                None => adamw.init(),
+            }
+        };
+        let mut optimizer = fresh_optimizer();
         let mut state = fresh_state(seed);
         if let Some(resumed) = resume {
             model = checkpoint::load_model(&resumed.folder, model)?;
@@ -119,6 +125,16 @@ impl<'a, T: Task> Session<'a, T> {
                 mixed.scaler = LossScaler::restore(&device, saved_scale, GROWTH_INTERVAL);
             }
         }
+        let data_devices = layout.data_devices();
+        let replicas = match data_devices.len() > 1 {
+            true => Some(Replicas::new(
+                &model,
+                &data_devices,
+                &optimizer,
+                fresh_optimizer,
+            )?),
+            false => None,
+        };
         let parameters = (model.num_params(), count_active(config, &model));
         write_config(out, config)?;
         let log = MetricsLog::open(out, resume.map(|r| r.state.step))?;
@@ -154,6 +170,7 @@ impl<'a, T: Task> Session<'a, T> {
             layout,
             model: Some(model),
             optimizer,
+            replicas,
             mixed,
             veto,
             state,
@@ -288,7 +305,9 @@ impl<'a, T: Task> Session<'a, T> {
         let seed = config.run.seed;
         self.device
             .seed(seed ^ (step as u64).wrapping_mul(GOLDEN_GAMMA));
-        let mut accumulator = GradientsAccumulator::new();
+        let devices = self.layout.data_devices().len();
+        let mut accumulators: Vec<GradientsAccumulator<T::Model>> =
+            (0..devices).map(|_| GradientsAccumulator::new()).collect();
         let mut last = None;
         let mut step_loss: Option<Tensor<1>> = None;
         for _ in 0..config.optim.grad_accum {
@@ -306,20 +325,30 @@ impl<'a, T: Task> Session<'a, T> {
                 Some(sum) => sum + detached,
                 None => detached,
             });
-            let grads = GradientsParams::from_grads(loss.backward(), self.model());
-            accumulator.accumulate(self.model(), grads);
+            self.accumulate(loss.backward(), &mut accumulators);
             self.interval.1 += output.tokens;
             self.state.tokens_seen += output.tokens as u64;
             last = Some(output);
         }
         let lr = learning_rate(step, config.run.steps, &config.optim);
+        let mut grads: Vec<GradientsParams> = accumulators
+            .into_iter()
+            .map(|mut accumulator| accumulator.grads())
+            .collect();
+        if let Some(replicas) = &mut self.replicas {
+            replicas.all_reduce(
+                &mut grads,
+                self.model.as_ref().expect("the model is in place"),
+            );
+        }
+        let model_grads = grads.remove(0);
         let model = self
             .model
             .take()
             .expect("the model is in place between steps");
-        let (model, grad_norm) = apply_gradients(
+        let (model, norms) = apply_gradients(
             model,
-            accumulator.grads(),
+            model_grads,
             &mut self.optimizer,
             Gating {
                 mixed: self.mixed.as_mut(),
@@ -332,6 +361,11 @@ impl<'a, T: Task> Session<'a, T> {
             lr,
             config.optim.grad_clip,
         );
+        if let Some(replicas) = &mut self.replicas {
+            let factor = norms.as_ref().and_then(|norms| norms.factor.as_ref());
+            replicas.update(grads, factor, lr, &model);
+        }
+        let grad_norm = norms.map(|norms| norms.norm);
         self.model = Some(model);
         self.state.step = step;
         self.state.data_rng = self.rng.0;
@@ -344,10 +378,11 @@ impl<'a, T: Task> Session<'a, T> {
     }
 
     /// One micro-batch's loss: on the model's device, or split over the data-parallel devices,
-    /// each slice on a replica there ([`ExpertParallel::replica_on`]); their losses come to
-    /// the model's device and are averaged, so one backward pass from the result averages
-    /// their gradients into the model's parameters (as one device's pass over the whole
-    /// micro-batch would). The routing statistics logged are the first device's slice's.
+    /// each slice on the replica there ([`Replicas`]); their losses come to the model's device
+    /// and are averaged, so one backward pass from the result gives each replica the gradient
+    /// of its share (summed over the replicas at the end of the step, as one device's pass
+    /// over the whole micro-batch would give). The routing statistics logged are the first
+    /// device's slice's.
     fn micro_batch(&mut self) -> StepOutput {
         let devices = self.layout.data_devices();
         let sequences = self.config.optim.batch_size / devices.len();
@@ -356,16 +391,35 @@ impl<'a, T: Task> Session<'a, T> {
             .as_ref()
             .expect("the model is in place between steps");
         let mut outputs = Vec::with_capacity(devices.len());
-        for device in &devices {
-            let output = if *device == self.device {
-                self.task.step(model, &mut self.rng, sequences, device)
-            } else {
-                let replica = model.replica_on(device);
-                self.task.step(&replica, &mut self.rng, sequences, device)
+        for (index, device) in devices.iter().enumerate() {
+            let replica = match (&self.replicas, index) {
+                (Some(replicas), 1..) => replicas.replica(index),
+                _ => model,
             };
-            outputs.push(output);
+            outputs.push(self.task.step(replica, &mut self.rng, sequences, device));
         }
         averaged(outputs, &self.device)
+    }
+
+    /// A micro-batch's gradients (`grads`, one backward pass through every replica) added to
+    /// each device's accumulator: the model's, then each replica's.
+    fn accumulate(
+        &self,
+        mut grads: Gradients,
+        accumulators: &mut [GradientsAccumulator<T::Model>],
+    ) {
+        let model = self.model();
+        let Some(replicas) = &self.replicas else {
+            accumulators[0].accumulate(model, GradientsParams::from_grads(grads, model));
+            return;
+        };
+        let per_device = replicas.gradients(&mut grads, model);
+        for (index, (accumulator, grads)) in accumulators.iter_mut().zip(per_device).enumerate() {
+            match index {
+                0 => accumulator.accumulate(model, grads),
+                _ => accumulator.accumulate(replicas.replica(index), grads),
+            }
+        }
     }
 
     /// Reads the step's figures back (one read of the device), stops on a divergence, logs a

@@ -4,7 +4,7 @@
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
-use burn::tensor::Tensor;
+use burn::tensor::{Device, Tensor};
 
 struct SquaredNorm<'a> {
     grads: &'a GradientsParams,
@@ -29,13 +29,26 @@ impl ModuleVisitor for SquaredNorm<'_> {
 
 struct Scale<'a> {
     grads: &'a mut GradientsParams,
-    scale: Tensor<1>,
+    /// The factor on each device a gradient lives on, moved there once (a transfer to a
+    /// remote device is a message).
+    scales: Vec<Tensor<1>>,
+}
+
+impl Scale<'_> {
+    fn on(&mut self, device: &Device) -> Tensor<1> {
+        if let Some(scale) = self.scales.iter().find(|scale| scale.device() == *device) {
+            return scale.clone();
+        }
+        let scale = self.scales[0].clone().to_device(device);
+        self.scales.push(scale.clone());
+        scale
+    }
 }
 
 impl ModuleVisitor for Scale<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if let Some(grad) = self.grads.remove::<D>(param.id) {
-            let scale = self.scale.clone().to_device(&grad.device()).reshape([1; D]);
+            let scale = self.on(&grad.device()).reshape([1; D]);
             self.grads.register(param.id, grad * scale);
         }
     }
@@ -96,6 +109,6 @@ pub fn unscale_and_clip<M: Module>(
 pub fn scale_gradients<M: Module>(grads: &mut GradientsParams, module: &M, factor: Tensor<1>) {
     module.visit(&mut Scale {
         grads,
-        scale: factor,
+        scales: vec![factor],
     });
 }

@@ -276,7 +276,7 @@ fn reduce_scatter(flat: &[Tensor<1>], ledger: &mut TransferLedger) -> Vec<Tensor
             let home = flat[owner].device();
             let mut pieces = flat.iter().enumerate().map(|(from, values)| {
                 ledger.record(from, owner, bytes * range.len() as u64);
-                values.clone().slice(range.clone()).to_device(&home)
+                moved(values.clone().slice(range.clone()), &home)
             });
             let first = pieces.next().expect("at least one device");
             pieces.fold(first, |sum, piece| sum + piece)
@@ -297,10 +297,19 @@ fn all_gather(
         .map(|(owner, shard)| {
             let bytes = shard.dtype().size() as u64 * shard.dims()[0] as u64;
             ledger.record(owner, index, bytes);
-            shard.clone().to_device(device)
+            moved(shard.clone(), device)
         })
         .collect();
     Tensor::cat(pieces, 0)
+}
+
+/// `tensor` on `device`, untouched when it is there already (a remote device is not asked to
+/// copy a tensor to itself).
+fn moved(tensor: Tensor<1>, device: &Device) -> Tensor<1> {
+    match tensor.device() == *device {
+        true => tensor,
+        false => tensor.to_device(device),
+    }
 }
 
 /// `len` values cut into `parts` contiguous shards whose lengths differ by at most one.

@@ -4,10 +4,12 @@
 # machine's cores with the client, so this measures the overhead of remote devices, not a
 # speed-up. Also the bytes the loopback interface carried per step (/proc/net/dev: every
 # message between the client and the servers and between servers, with TCP/IP headers, the
-# run's one evaluation too; run nothing else on loopback meanwhile). Usage: bench/devices.sh PRESET STEPS [BATCH] [PARALLEL]
-# (prints one table row per layout; PARALLEL is --parallel's value, both by default)
+# run's one evaluation too; run nothing else on loopback meanwhile).
+# Usage: bench/devices.sh PRESET STEPS [BATCH] [PARALLEL] [ALL_REDUCE]
+# (prints one table row per layout; PARALLEL and ALL_REDUCE are --parallel's and --all-reduce's
+# values, both and f32 by default)
 set -euo pipefail
-preset=${1:-tiny}; steps=${2:-20}; batch=${3:-12}; parallel=${4:-both}
+preset=${1:-tiny}; steps=${2:-20}; batch=${3:-12}; parallel=${4:-both}; all_reduce=${5:-f32}
 bin=${BURN_MOE:-${CARGO_TARGET_DIR:-target}/release/burn-moe}
 work=$(mktemp -d)
 cleanup() { [ "$BASHPID" = "$$" ] || return 0; kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"; }
@@ -44,5 +46,5 @@ run() {
 echo "| preset | devices | tokens/s | MB over loopback per step |"
 echo "|---|---|---|---|"
 run "1 local" --devices local
-run "2 loopback servers" --devices "${urls[0]},${urls[1]}"
-run "3 loopback servers" --devices "${urls[0]},${urls[1]},${urls[2]}"
+run "2 loopback servers" --all-reduce "$all_reduce" --devices "${urls[0]},${urls[1]}"
+run "3 loopback servers" --all-reduce "$all_reduce" --devices "${urls[0]},${urls[1]},${urls[2]}"

@@ -189,6 +189,7 @@ fn cases() -> Vec<Case> {
         case("server that is not there", &train(&["--devices", "local,ws://127.0.0.1:9"]), 1, &["ws://127.0.0.1:9", "could not connect", "burn-moe serve"]),
         case("negative balance weight", &train(&["--aux-loss-weight=-1"]), 1, &["model.moe.losses.balance_weight", "--aux-loss-weight"]),
         case("NaN balance weight", &train(&["--aux-loss-weight", "nan"]), 1, &["model.moe.losses.balance_weight", "--aux-loss-weight"]),
+        case("bf16 all-reduce on ndarray", &train(&["--devices", "flex,ndarray", "--parallel", "data", "--all-reduce", "bf16"]), 1, &["--all-reduce bf16", "device 2", "--all-reduce f32"]),
         case("offloaded experts of a dense model", &train(&["--offload-experts", "--dense"]), 1, &["--offload-experts", "--dense", "without experts"]),
         case("offloaded experts spread over devices", &train(&["--offload-experts", "--devices", "flex,ndarray", "--parallel", "experts"]), 1, &["--offload-experts", "--parallel experts", "--parallel data"]),
         case("negative z-loss weight", &train(&["--z-loss-weight=-0.5"]), 1, &["model.moe.losses.z_loss_weight", "--z-loss-weight", "-0.5"]),

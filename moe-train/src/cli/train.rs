@@ -15,6 +15,7 @@ use crate::runtime::backend::{BackendChoice, Precision};
 use crate::store::checkpoint;
 use crate::training::divergence::OnNonFinite;
 use crate::training::parallel::Parallelism;
+use crate::training::replicas::ReducePrecision;
 
 /// The weights `--lora-targets` names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -116,6 +117,11 @@ pub struct TrainArgs {
     /// over them (`both`, the default), or only one of the two.
     #[arg(long, value_enum)]
     pub parallel: Option<Parallelism>,
+    /// What the data-parallel replicas' gradients travel as: `f32` (the default), or `bf16`
+    /// (half the bytes; each device's gradients and the sums rounded to bf16, on devices that
+    /// hold bf16: flex, CUDA).
+    #[arg(long, value_enum)]
+    pub all_reduce: Option<ReducePrecision>,
     /// Keep every MoE layer's experts (and their optimizer state) in CPU memory, the rest of
     /// the model on the GPU.
     #[arg(long)]
@@ -291,6 +297,7 @@ impl TrainArgs {
         set(&mut run.backend, self.backend);
         set(&mut run.devices, self.devices.clone());
         set(&mut run.parallel, self.parallel);
+        set(&mut run.all_reduce, self.all_reduce);
         if self.offload_experts {
             run.offload_experts = true;
         }
@@ -470,6 +477,11 @@ impl TrainArgs {
         warn(
             self.parallel.is_some() && config.run.devices.len() < 2,
             "`--parallel` has no effect on one device (it says how several `--devices` are used)",
+        );
+        warn(
+            self.all_reduce.is_some()
+                && (config.run.devices.len() < 2 || !config.run.parallel.splits_batch()),
+            "`--all-reduce` has no effect without data parallelism (several `--devices`, `--parallel both` or `data`)",
         );
         let remote = config
             .run

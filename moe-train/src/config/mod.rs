@@ -23,6 +23,7 @@ use crate::error::{io, Result, TrainError};
 use crate::runtime::backend::{BackendChoice, Precision};
 use crate::training::divergence::{ExplosionRule, OnNonFinite};
 use crate::training::parallel::{DeviceSpec, Parallelism};
+use crate::training::replicas::ReducePrecision;
 
 mod file;
 mod legacy;
@@ -228,6 +229,9 @@ pub struct RunConfig {
     /// How a run on several devices uses them.
     #[serde(default)]
     pub parallel: Parallelism,
+    /// What the data-parallel replicas' gradients travel as in the all-reduce (`--all-reduce`).
+    #[serde(default)]
+    pub all_reduce: ReducePrecision,
     /// Keep every MoE layer's experts, with their gradients and AdamW moments, in CPU memory
     /// (the flex backend) and the rest of the model on the run's device (`--offload-experts`):
     /// for a GPU whose memory holds the model without its experts. Built on expert placement:

@@ -69,6 +69,7 @@ impl Preset {
                 explosion: ExplosionRule::default(),
                 devices: Vec::new(),
                 parallel: Parallelism::Both,
+                all_reduce: ReducePrecision::F32,
                 offload_experts: false,
             },
         };

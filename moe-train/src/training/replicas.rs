@@ -24,18 +24,53 @@
 //! so the replicas stay identical (PyTorch's `DistributedDataParallel` works the same way,
 //! with NCCL's all-reduce). What each device sent and received is counted in a
 //! [`TransferLedger`].
+//!
+//! With [`ReducePrecision::Bf16`] the gradients travel in bf16, half the bytes (PyTorch's
+//! `bf16_compress_hook` does the same): each device's gradients are rounded to bf16, each
+//! owner adds its pieces in f32 and rounds the sum to bf16, and every device, the owner too,
+//! takes that rounded sum, so the replicas still stay identical.
 
 use std::collections::HashSet;
 use std::ops::Range;
 
 use burn::module::{ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsParams, ModuleOptimizer};
-use burn::tensor::{Device, Gradients, Tensor};
+use burn::tensor::{DType, Device, Gradients, Tensor};
 use moe_models::ExpertParallel;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
 use crate::store::sharded_state;
 use crate::training::clip::scale_gradients;
+
+/// What the replicas' gradients travel as in the all-reduce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReducePrecision {
+    /// As computed, in f32.
+    #[default]
+    F32,
+    /// Rounded to bf16: half the bytes, sums with bf16's 8 significant bits.
+    Bf16,
+}
+
+impl ReducePrecision {
+    /// The name `--all-reduce` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReducePrecision::F32 => "f32",
+            ReducePrecision::Bf16 => "bf16",
+        }
+    }
+
+    /// The type the gradients travel as.
+    fn dtype(self) -> DType {
+        match self {
+            ReducePrecision::F32 => DType::F32,
+            ReducePrecision::Bf16 => DType::BF16,
+        }
+    }
+}
 
 /// Bytes each data-parallel device sent and received in gradient reductions, in device order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -103,18 +138,33 @@ pub struct Replicas<M> {
     replicated: HashSet<ParamId>,
     ledger: TransferLedger,
     replicated_values: usize,
+    precision: ReducePrecision,
 }
 
 impl<M: ExpertParallel> Replicas<M> {
     /// Replicas of `model` on `devices` (with autodiff; `devices[0]` is `model`'s own and gets
     /// none), each with an optimizer built by `fresh_optimizer` holding the states `optimizer`
-    /// (the model's, perhaps resumed) has for the replicated parameters.
+    /// (the model's, perhaps resumed) has for the replicated parameters; the gradients travel
+    /// as `precision` says. Refuses bf16 where a device does not hold it.
     pub fn new(
         model: &M,
         devices: &[Device],
         optimizer: &ModuleOptimizer,
         fresh_optimizer: impl Fn() -> ModuleOptimizer,
+        precision: ReducePrecision,
     ) -> Result<Self> {
+        let dtype = precision.dtype();
+        if let Some((index, _)) = devices
+            .iter()
+            .enumerate()
+            .find(|(_, device)| !device.supports_dtype(dtype))
+        {
+            return Err(TrainError::Config(format!(
+                "`--all-reduce {}`: device {} of `--devices` does not hold {dtype:?} tensors (WGSL and ndarray have no bf16): give `--all-reduce f32`",
+                precision.name(),
+                index + 1
+            )));
+        }
         let others: Vec<M> = devices
             .iter()
             .skip(1)
@@ -152,6 +202,7 @@ impl<M: ExpertParallel> Replicas<M> {
             replicated,
             ledger: TransferLedger::new(devices.len()),
             replicated_values,
+            precision,
         })
     }
 
@@ -186,7 +237,8 @@ impl<M: ExpertParallel> Replicas<M> {
                     pieces: Vec::new(),
                 };
                 module.visit(&mut visitor);
-                (!visitor.pieces.is_empty()).then(|| Tensor::cat(visitor.pieces, 0))
+                (!visitor.pieces.is_empty())
+                    .then(|| Tensor::cat(visitor.pieces, 0).cast(self.precision.dtype()))
             })
             .collect();
         let Some(flat) = flat.into_iter().collect::<Option<Vec<_>>>() else {
@@ -194,7 +246,8 @@ impl<M: ExpertParallel> Replicas<M> {
         };
         let summed = reduce_scatter(&flat, &mut self.ledger);
         for (index, (module, grads)) in modules.iter().zip(grads.iter_mut()).enumerate() {
-            let whole = all_gather(&summed, index, &flat[index].device(), &mut self.ledger);
+            let whole = all_gather(&summed, index, &flat[index].device(), &mut self.ledger)
+                .cast(DType::F32);
             module.visit(&mut Unflatten {
                 grads,
                 replicated: &self.replicated,
@@ -265,7 +318,8 @@ impl<M: ExpertParallel> Replicas<M> {
     }
 }
 
-/// Shard `i` of every device's `flat` summed on device `i`, in device order.
+/// Shard `i` of every device's `flat` summed on device `i`, in device order, in f32, and
+/// returned in `flat`'s type.
 fn reduce_scatter(flat: &[Tensor<1>], ledger: &mut TransferLedger) -> Vec<Tensor<1>> {
     let bytes = flat[0].dtype().size() as u64;
     let ranges = shards(flat[0].dims()[0], flat.len());
@@ -278,8 +332,10 @@ fn reduce_scatter(flat: &[Tensor<1>], ledger: &mut TransferLedger) -> Vec<Tensor
                 ledger.record(from, owner, bytes * range.len() as u64);
                 moved(values.clone().slice(range.clone()), &home)
             });
-            let first = pieces.next().expect("at least one device");
-            pieces.fold(first, |sum, piece| sum + piece)
+            let first = pieces.next().expect("at least one device").cast(DType::F32);
+            pieces
+                .fold(first, |sum, piece| sum + piece.cast(DType::F32))
+                .cast(flat[owner].dtype())
         })
         .collect()
 }

@@ -132,6 +132,7 @@ impl<'a, T: Task> Session<'a, T> {
                 &data_devices,
                 &optimizer,
                 fresh_optimizer,
+                config.run.all_reduce,
             )?),
             false => None,
         };

@@ -100,20 +100,61 @@ fn slice_loss(
     out.cross_entropy.to_device(home).mul_scalar(share)
 }
 
+/// The set-up of the replica tests: the model on the CPU, the flex device, and 24 rows of
+/// token ids (inputs then targets) to split in halves.
+struct Halves {
+    home: Device,
+    flex: Device,
+    model: MoeTransformer,
+    inputs: Vec<usize>,
+    targets: Vec<usize>,
+}
+
+impl Halves {
+    fn new() -> Self {
+        let home = cpu().autodiff();
+        home.seed(9);
+        let model = tiny(PositionKind::Rotary, CapacityConfig::dropless())
+            .init(&home)
+            .unwrap();
+        Self {
+            flex: Device::flex().autodiff(),
+            model,
+            home,
+            inputs: random_ids(2 * 12, VOCAB, 11),
+            targets: random_ids(2 * 12, VOCAB, 12),
+        }
+    }
+
+    /// Rows `range`: their inputs, then their targets.
+    fn rows(&self, range: std::ops::Range<usize>) -> Vec<usize> {
+        let mut ids = self.inputs[range.clone()].to_vec();
+        ids.extend_from_slice(&self.targets[range]);
+        ids
+    }
+
+    /// The model in one stack and with its experts placed over both devices.
+    fn models(&self) -> [(&'static str, MoeTransformer); 2] {
+        let placed = self
+            .model
+            .clone()
+            .with_expert_placement(&[self.flex.clone(), self.home.clone()])
+            .unwrap();
+        [
+            ("one stack", self.model.clone()),
+            ("placed experts", placed),
+        ]
+    }
+}
+
 /// Two data-parallel replicas, each on half the batch (one in place, one on flex), with their
 /// losses averaged: one backward pass gives the model's weights the gradient of the whole
 /// batch on one device (so the replicas' gradients are averaged, not summed), with the
 /// experts in one stack and placed over both devices.
 #[test]
 fn replicas_average_their_gradients_into_the_model() {
-    let home = cpu().autodiff();
-    let flex = Device::flex().autodiff();
-    home.seed(9);
-    let single = tiny(PositionKind::Rotary, CapacityConfig::dropless())
-        .init(&home)
-        .unwrap();
-    let inputs = random_ids(2 * 12, VOCAB, 11);
-    let targets = random_ids(2 * 12, VOCAB, 12);
+    let halves = Halves::new();
+    let (home, flex) = (&halves.home, &halves.flex);
     let gradients = |model: &MoeTransformer, loss: burn::tensor::Tensor<1>| {
         let grads = loss.backward();
         let router = first_router(model);
@@ -122,25 +163,54 @@ fn replicas_average_their_gradients_into_the_model() {
             values(router.val().grad(&grads).unwrap()),
         ]
     };
-    let rows = |range: std::ops::Range<usize>| {
-        let mut ids = inputs[range.clone()].to_vec();
-        ids.extend_from_slice(&targets[range]);
-        ids
-    };
+    let single = &halves.model;
     let whole = gradients(
-        &single,
-        slice_loss(&single, &rows(0..24), &home, &home, 1.0),
+        single,
+        slice_loss(single, &halves.rows(0..24), home, home, 1.0),
     );
-    let placed = single
-        .clone()
-        .with_expert_placement(&[flex.clone(), home.clone()])
-        .unwrap();
-    for (name, model) in [("one stack", single), ("placed experts", placed)] {
-        let replica = model.replica_on(&flex);
-        let loss = slice_loss(&model, &rows(0..12), &home, &home, 0.5)
-            + slice_loss(&replica, &rows(12..24), &flex, &home, 0.5);
+    for (name, model) in halves.models() {
+        let replica = model.replica_on(flex);
+        let loss = slice_loss(&model, &halves.rows(0..12), home, home, 0.5)
+            + slice_loss(&replica, &halves.rows(12..24), flex, home, 0.5);
         for (want, got) in whole.iter().zip(gradients(&model, loss)) {
             moe_kernels::testing::assert_close(name, &got, want, 1e-5);
         }
+    }
+}
+
+/// A replica that keeps weights of its own: one backward pass gives the model's weights the
+/// gradient of its own half of the batch and the replica's weights that of the other half
+/// (their sum is the whole batch's gradient, which neither holds alone), with the experts in
+/// one stack and placed over both devices (then shared by the two).
+#[test]
+fn a_replica_with_its_own_weights_takes_its_own_gradient() {
+    let halves = Halves::new();
+    let (home, flex) = (&halves.home, &halves.flex);
+    let embedding_grad = |model: &MoeTransformer, grads: &burn::tensor::Gradients| {
+        values(model.token_embedding.weight.val().grad(grads).unwrap())
+    };
+    let single = &halves.model;
+    let whole_loss = slice_loss(single, &halves.rows(0..24), home, home, 1.0);
+    let whole = embedding_grad(single, &whole_loss.backward());
+    for (name, model) in halves.models() {
+        let replica = model.replica_with_own_weights_on(flex);
+        let loss = slice_loss(&model, &halves.rows(0..12), home, home, 0.5)
+            + slice_loss(&replica, &halves.rows(12..24), flex, home, 0.5);
+        let grads = loss.backward();
+        let (own, theirs) = (
+            embedding_grad(&model, &grads),
+            embedding_grad(&replica, &grads),
+        );
+        let sum: Vec<f64> = own.iter().zip(&theirs).map(|(a, b)| a + b).collect();
+        moe_kernels::testing::assert_close(name, &sum, &whole, 1e-5);
+        let apart = own
+            .iter()
+            .zip(&whole)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            apart > 1e-4,
+            "{name}: the model took the replica's gradient too"
+        );
     }
 }

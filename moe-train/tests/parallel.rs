@@ -358,15 +358,7 @@ fn an_expert_parallel_layer_over_loopback_servers_matches_one_device() {
 fn ten_steps_over_loopback_servers_match_one_device() {
     let _serial = common::serial();
     let servers = [Server::start(Some(TOKEN)), Server::start(Some(TOKEN))];
-    let (dir, config) = config("parallel-loopback", 10);
-    let one = run(accumulating(&config, 3), &dir.join("one"));
-    let devices = ["local", servers[0].url.as_str(), servers[1].url.as_str()];
-    let three = run(on(&config, &devices, Parallelism::Both), &dir.join("three"));
-    assert_same_model(
-        (&one, &dir.join("one")),
-        (&three, &dir.join("three")),
-        "loopback",
-    );
+    let (_dir, _, three) = three_against_one(&servers, "parallel-loopback", 10, Parallelism::Both);
     let report = three.data_parallel.expect("a data-parallel run reports");
     assert_eq!(report.replica_gap, Some(0.0), "the replicas drifted apart");
     // The placed experts are not replicated: the all-reduce sums the rest.
@@ -384,15 +376,9 @@ fn replicas_over_loopback_servers_stay_identical_and_move_an_all_reduce() {
     let _serial = common::serial();
     let servers = [Server::start(Some(TOKEN)), Server::start(Some(TOKEN))];
     let steps = 6;
-    let (dir, config) = config("parallel-replicas", steps);
-    let one = run(accumulating(&config, 3), &dir.join("one"));
-    let devices = ["local", servers[0].url.as_str(), servers[1].url.as_str()];
-    let three = run(on(&config, &devices, Parallelism::Data), &dir.join("three"));
-    assert_same_model(
-        (&one, &dir.join("one")),
-        (&three, &dir.join("three")),
-        "replicas",
-    );
+    let (dir, config, three) =
+        three_against_one(&servers, "parallel-replicas", steps, Parallelism::Data);
+    let devices = loopback_devices(&servers);
     assert_all_reduce(&three, devices.len(), steps, 4);
     // In bf16 the gradients travel in half the bytes, the replicas still agree bit for bit,
     // and the run stays near the f32 one (each gradient rounded to bf16's 8 significant bits).
@@ -404,6 +390,28 @@ fn replicas_over_loopback_servers_stay_identical_and_move_an_all_reduce() {
     // Measured: 1.5e-5 over 6 steps.
     assert!(gap < 1e-3, "bf16 all-reduce: losses {gap} from f32's");
     assert!(gap > 0.0, "bf16 all-reduce: the gradients were not rounded");
+}
+
+/// The local device and the two `servers`.
+fn loopback_devices(servers: &[Server; 2]) -> [&str; 3] {
+    ["local", servers[0].url.as_str(), servers[1].url.as_str()]
+}
+
+/// A run of `steps` steps over the local device and the two `servers` (`parallel`), checked
+/// against one local device accumulating three slices (validation loss and weights within
+/// 1e-4); returns its folder, its config on one device and its summary.
+fn three_against_one(
+    servers: &[Server; 2],
+    name: &str,
+    steps: usize,
+    parallel: Parallelism,
+) -> (common::TempDir, TrainConfig, RunSummary) {
+    let (dir, config) = config(name, steps);
+    let one = run(accumulating(&config, 3), &dir.join("one"));
+    let devices = loopback_devices(servers);
+    let three = run(on(&config, &devices, parallel), &dir.join("three"));
+    assert_same_model((&one, &dir.join("one")), (&three, &dir.join("three")), name);
+    (dir, config, three)
 }
 
 /// Checks a data-parallel run of `steps` steps on `devices` devices, every parameter

@@ -177,17 +177,13 @@ impl<M: ExpertParallel> Replicas<M> {
             .collect();
         let mut trained = TrainedParams::default();
         model.visit(&mut trained);
-        let replicated: HashSet<ParamId> = trained
-            .ids
+        let replicated_sizes: Vec<(ParamId, usize)> = trained
+            .0
             .into_iter()
-            .filter(|id| !placed.contains(id))
+            .filter(|(id, _)| !placed.contains(id))
             .collect();
-        let replicated_values = trained
-            .sizes
-            .iter()
-            .filter(|(id, _)| replicated.contains(id))
-            .map(|(_, size)| size)
-            .sum();
+        let replicated_values = replicated_sizes.iter().map(|(_, size)| size).sum();
+        let replicated: HashSet<ParamId> = replicated_sizes.into_iter().map(|(id, _)| id).collect();
         let state = optimizer_state(optimizer, &replicated)?;
         let optimizers = others
             .iter()
@@ -204,6 +200,11 @@ impl<M: ExpertParallel> Replicas<M> {
             replicated_values,
             precision,
         })
+    }
+
+    /// The data-parallel devices, the model's included.
+    pub fn devices(&self) -> usize {
+        self.others.len() + 1
     }
 
     /// The replica on data-parallel device `index` (`index >= 1`; device 0 holds the model).
@@ -294,25 +295,29 @@ impl<M: ExpertParallel> Replicas<M> {
         }
     }
 
-    /// The largest difference between a replica's replicated weights and `model`'s.
+    /// The largest difference between a replica's replicated weights and `model`'s (infinite
+    /// when a device's weights cannot be read back).
     fn replica_gap(&self, model: &M) -> f64 {
         let values = |module: &M| {
             let mut read = ReadReplicated {
                 replicated: &self.replicated,
-                values: Vec::new(),
+                values: Some(Vec::new()),
             };
             module.visit(&mut read);
             read.values
         };
-        let reference = values(model);
+        let Some(reference) = values(model) else {
+            return f64::INFINITY;
+        };
         self.others
             .iter()
-            .map(|replica| {
-                values(replica)
+            .map(|replica| match values(replica) {
+                Some(values) => values
                     .iter()
                     .zip(&reference)
                     .map(|(a, b)| (a - b).abs() as f64)
-                    .fold(0.0, f64::max)
+                    .fold(0.0, f64::max),
+                None => f64::INFINITY,
             })
             .fold(0.0, f64::max)
     }
@@ -388,18 +393,14 @@ fn optimizer_state(
         .map_err(|error| TrainError::Config(format!("the replicas' optimizer state: {error}")))
 }
 
-/// The ids and sizes of the parameters that are trained (that take a gradient).
+/// The id and size of each parameter that is trained (that takes a gradient).
 #[derive(Default)]
-struct TrainedParams {
-    ids: Vec<ParamId>,
-    sizes: Vec<(ParamId, usize)>,
-}
+struct TrainedParams(Vec<(ParamId, usize)>);
 
 impl ModuleVisitor for TrainedParams {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if param.is_require_grad() {
-            self.ids.push(param.id);
-            self.sizes.push((param.id, param.shape().num_elements()));
+            self.0.push((param.id, param.shape().num_elements()));
         }
     }
 }
@@ -447,19 +448,26 @@ impl ModuleVisitor for Unflatten<'_> {
     }
 }
 
-/// The replicated parameters' values, read to the host, end to end.
+/// The replicated parameters' values, read to the host, end to end (`None` once a read
+/// fails).
 struct ReadReplicated<'a> {
     replicated: &'a HashSet<ParamId>,
-    values: Vec<f32>,
+    values: Option<Vec<f32>>,
 }
 
 impl ModuleVisitor for ReadReplicated<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if self.replicated.contains(&param.id) {
-            let values = param.val().into_data().convert::<f32>();
-            if let Ok(values) = values.try_into_vec::<f32>() {
-                self.values.extend(values);
-            }
+        if !self.replicated.contains(&param.id) {
+            return;
+        }
+        let read = param
+            .val()
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>();
+        match (&mut self.values, read) {
+            (Some(values), Ok(read)) => values.extend(read),
+            _ => self.values = None,
         }
     }
 }

@@ -306,7 +306,7 @@ impl<'a, T: Task> Session<'a, T> {
         let seed = config.run.seed;
         self.device
             .seed(seed ^ (step as u64).wrapping_mul(GOLDEN_GAMMA));
-        let devices = self.layout.data_devices().len();
+        let devices = self.replicas.as_ref().map_or(1, Replicas::devices);
         let mut accumulators: Vec<GradientsAccumulator<T::Model>> =
             (0..devices).map(|_| GradientsAccumulator::new()).collect();
         let mut last = None;

@@ -16,8 +16,9 @@
 //!   the same way (the gate activation of SwiGLU experts).
 //! - [`softmax()`], [`log_softmax()`]: along one dimension, with gradients from the output
 //!   alone; on flex one vectorised pass per row and direction (Burn composes five ops and
-//!   flex's `exp` is scalar libm). [`causal_softmax()`]: attention's softmax with the causal
-//!   mask folded in (no mask tensor; flex skips the masked keys).
+//!   flex's `exp` is scalar libm); on wgpu one cube per row and direction.
+//!   [`causal_softmax()`]: attention's softmax with the causal mask folded in (no mask tensor;
+//!   flex and cube skip the masked keys).
 //! - [`adamw_update()`]: one AdamW step of a parameter (burn-optim's formula and order); on
 //!   flex one parallel pass that writes the parameter and both moments once, instead of a dozen
 //!   element-wise ops on one core.
@@ -49,11 +50,13 @@
 //!   their `[slots, d]` intermediates; on wgpu the scatter-adds as parallel gathers over each
 //!   token's listed rows (no float atomics, deterministic).
 //! - [`rms_norm()`]: RMSNorm with its gradients for the input and the scale, one autodiff node
-//!   that keeps only its inputs; on flex one pass over the rows per direction (Burn's `RmsNorm`
-//!   composes six ops and keeps most of their outputs).
+//!   that keeps only its inputs; on flex one pass over the rows per direction, on wgpu one
+//!   launch forward and two backward (Burn's `RmsNorm` composes six ops and keeps most of their
+//!   outputs).
 //! - [`rotary()`]: rotary position encoding, its gradient the inverse rotation (nothing saved
-//!   but the angle tables); on flex one pass over the rows (Burn's `RotaryEncoding` runs a
-//!   batched matmul with a `[2, 4]` sign matrix and keeps twice the input).
+//!   but the angle tables); on flex one pass over the rows, on wgpu one launch (Burn's
+//!   `RotaryEncoding` runs a batched matmul with a `[2, 4]` sign matrix and keeps twice the
+//!   input).
 
 #![warn(missing_docs)]
 

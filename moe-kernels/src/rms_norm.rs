@@ -44,16 +44,19 @@ pub fn rms_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, epsilon: f64) ->
 }
 
 /// Backends that run RMSNorm as one operation. The default bodies compose Burn's ops (correct
-/// everywhere); flex overrides both with one pass over the rows.
-#[moe_extension]
+/// everywhere); flex overrides both with one pass over the rows, cube with one launch forward
+/// and two backward.
+#[moe_extension(fusion)]
 pub trait RmsNormBackend: Backend {
     /// `γ ⊙ x / √(mean(x²) + ε)` along the last dimension of `x`.
+    #[fusion(dtype = x, shape = x)]
     fn rms_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, epsilon: f64) -> FloatTensor<Self> {
         composed_rms_norm::<Self>(x, gamma, epsilon)
     }
 
     /// `(grad_x, grad_γ)` of [`rms_norm`](Self::rms_norm) given its inputs and the gradient
     /// `grad` of its output.
+    #[fusion(meta = |x, gamma, _grad, _epsilon| (x.clone(), gamma.clone()))]
     fn rms_norm_backward(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
@@ -122,9 +125,6 @@ pub(crate) fn composed_rms_norm_backward<B: Backend>(
 
 #[cfg(feature = "ndarray")]
 impl RmsNormBackend for burn::backend::NdArray {}
-
-#[cfg(feature = "wgpu")]
-impl RmsNormBackend for burn::backend::Cube {}
 
 /// The backward step of [`rms_norm`], from its saved inputs.
 #[derive(Debug)]

@@ -50,33 +50,39 @@ pub fn rotary<const D: usize>(x: Tensor<D>, cos: Tensor<2>, sin: Tensor<2>) -> T
         x.into_dispatch(),
         cos.into_dispatch(),
         sin.into_dispatch(),
+        false,
     ))
 }
 
 /// Backends that rotate feature pairs as one operation (see [`rotary`]). The default body
-/// composes Burn's ops (correct everywhere); flex overrides it with one pass over the rows.
-#[moe_extension]
+/// composes Burn's ops (correct everywhere); flex overrides it with one pass over the rows,
+/// cube with one launch.
+#[moe_extension(fusion)]
 pub trait RotaryBackend: Backend {
     /// `x: [..., positions, 2 * pairs]` with pair `i` of the row at position `p` rotated by
-    /// the angle of cosine `cos[p, i]` and sine `sin[p, i]`. Rotating by `(cos, -sin)` undoes
-    /// it, which is also its gradient.
+    /// the angle of cosine `cos[p, i]` and sine `sin[p, i]`, or by its opposite (sine
+    /// `-sin[p, i]`) when `inverse`: that undoes the rotation, and is also its gradient.
+    #[fusion(dtype = x, shape = x)]
     fn rotate_pairs(
         x: FloatTensor<Self>,
         cos: FloatTensor<Self>,
         sin: FloatTensor<Self>,
+        inverse: bool,
     ) -> FloatTensor<Self> {
-        composed_rotate_pairs::<Self>(x, cos, sin)
+        composed_rotate_pairs::<Self>(x, cos, sin, inverse)
     }
 }
 
 /// [`RotaryBackend::rotate_pairs`] from Burn's ops: `y = x ⊙ C + swap(x) ⊙ S`, where
 /// `swap` exchanges the two members of each pair, `C` repeats each cosine twice and `S` holds
-/// `(-sin, sin)` for each pair.
+/// `(-sin, sin)` for each pair (`(sin, -sin)` for the inverse).
 pub(crate) fn composed_rotate_pairs<B: Backend>(
     x: FloatTensor<B>,
     cos: FloatTensor<B>,
     sin: FloatTensor<B>,
+    inverse: bool,
 ) -> FloatTensor<B> {
+    let sin = if inverse { B::float_neg(sin) } else { sin };
     let shape = x.shape();
     let [positions, pairs] = [cos.shape()[0], cos.shape()[1]];
     let rows = shape.num_elements() / (2 * positions * pairs).max(1);
@@ -104,16 +110,13 @@ pub(crate) fn composed_rotate_pairs<B: Backend>(
 #[cfg(feature = "ndarray")]
 impl RotaryBackend for burn::backend::NdArray {}
 
-#[cfg(feature = "wgpu")]
-impl RotaryBackend for burn::backend::Cube {}
-
 /// The backward step of [`rotary`]: the inverse rotation of the output's gradient.
 #[derive(Debug)]
 struct RotaryBackward;
 
 impl<B: Backend + RotaryBackend> Backward<B, 1> for RotaryBackward {
-    /// The tables `(cos, sin)`.
-    type State = (FloatTensor<B>, FloatTensor<B>);
+    /// The tables `(cos, sin)` and whether the forward rotation was the inverse one.
+    type State = (FloatTensor<B>, FloatTensor<B>, bool);
 
     fn backward(
         self,
@@ -121,11 +124,11 @@ impl<B: Backend + RotaryBackend> Backward<B, 1> for RotaryBackward {
         grads: &mut Gradients,
         _checkpointer: &mut Checkpointer,
     ) {
-        let (cos, sin) = ops.state;
+        let (cos, sin, inverse) = ops.state;
         let [x_node] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
         if let Some(node) = x_node {
-            grads.register::<B>(node.id, B::rotate_pairs(grad, cos, B::float_neg(sin)));
+            grads.register::<B>(node.id, B::rotate_pairs(grad, cos, sin, !inverse));
         }
     }
 }
@@ -135,6 +138,7 @@ impl<B: Backend + RotaryBackend, C: CheckpointStrategy> RotaryBackend for Autodi
         x: FloatTensor<Self>,
         cos: FloatTensor<Self>,
         sin: FloatTensor<Self>,
+        inverse: bool,
     ) -> FloatTensor<Self> {
         let (cos, sin) = (cos.into_primitive(), sin.into_primitive());
         match RotaryBackward
@@ -143,10 +147,12 @@ impl<B: Backend + RotaryBackend, C: CheckpointStrategy> RotaryBackend for Autodi
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let output = B::rotate_pairs(x.into_primitive(), cos.clone(), sin.clone());
-                prep.finish((cos, sin), output)
+                let output = B::rotate_pairs(x.into_primitive(), cos.clone(), sin.clone(), inverse);
+                prep.finish((cos, sin, inverse), output)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::rotate_pairs(x.into_primitive(), cos, sin)),
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::rotate_pairs(x.into_primitive(), cos, sin, inverse))
+            }
         }
     }
 }

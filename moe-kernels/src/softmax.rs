@@ -78,10 +78,12 @@ pub fn log_softmax<const D: usize>(x: Tensor<D>, dim: usize) -> Tensor<D> {
 }
 
 /// Backends that run a softmax along the last dimension as one operation. The default bodies
-/// compose Burn's ops (correct everywhere); flex overrides both with one pass per row.
-#[moe_extension]
+/// compose Burn's ops (correct everywhere); flex overrides both with one pass per row, cube
+/// with one launch per direction.
+#[moe_extension(fusion)]
 pub trait SoftmaxBackend: Backend {
     /// Softmax along the last dimension of `x`.
+    #[fusion(dtype = x, shape = x)]
     fn softmax_last(x: FloatTensor<Self>) -> FloatTensor<Self> {
         composed_softmax::<Self>(x)
     }
@@ -89,6 +91,7 @@ pub trait SoftmaxBackend: Backend {
     /// `y ⊙ (grad - Σ grad ⊙ y)` along the last dimension: the gradient of
     /// [`softmax_last`](Self::softmax_last) given its output `y` and the gradient `grad` of
     /// that output.
+    #[fusion(dtype = y, shape = y)]
     fn softmax_last_backward(y: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
         composed_softmax_backward::<Self>(y, grad)
     }
@@ -96,11 +99,13 @@ pub trait SoftmaxBackend: Backend {
     /// [`causal_softmax`]: softmax along the last dimension of `x: [.., queries, keys]` with
     /// key `j` of query `i` masked out when `j > i + offset`. Its gradient is
     /// [`softmax_last_backward`](Self::softmax_last_backward) of its output.
+    #[fusion(dtype = x, shape = x)]
     fn causal_softmax_last(x: FloatTensor<Self>, offset: usize) -> FloatTensor<Self> {
         composed_causal_softmax::<Self>(x, offset)
     }
 
     /// Log-softmax along the last dimension of `x`.
+    #[fusion(dtype = x, shape = x)]
     fn log_softmax_last(x: FloatTensor<Self>) -> FloatTensor<Self> {
         composed_log_softmax::<Self>(x)
     }
@@ -108,6 +113,7 @@ pub trait SoftmaxBackend: Backend {
     /// `grad - e^z Σ grad` along the last dimension: the gradient of
     /// [`log_softmax_last`](Self::log_softmax_last) given its output `z` and the gradient
     /// `grad` of that output.
+    #[fusion(dtype = z, shape = z)]
     fn log_softmax_last_backward(
         z: FloatTensor<Self>,
         grad: FloatTensor<Self>,
@@ -184,9 +190,6 @@ pub(crate) fn composed_log_softmax_backward<B: Backend>(
 
 #[cfg(feature = "ndarray")]
 impl SoftmaxBackend for burn::backend::NdArray {}
-
-#[cfg(feature = "wgpu")]
-impl SoftmaxBackend for burn::backend::Cube {}
 
 impl<B: Backend + SoftmaxBackend, C: CheckpointStrategy> SoftmaxBackend for Autodiff<B, C> {
     fn softmax_last(x: FloatTensor<Self>) -> FloatTensor<Self> {

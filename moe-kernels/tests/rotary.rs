@@ -8,7 +8,7 @@ use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use moe_kernels::rotary;
 
 mod common;
-use common::{assert_close, devices, host, values, DTYPES};
+use common::{assert_close, devices_with_wgpu, dtypes, host, values};
 
 /// The angle of pair `i` at position `p`: `p / 10000^(2i / d)`, as RoFormer sets them.
 fn angle(p: usize, i: usize, d: usize) -> f64 {
@@ -51,8 +51,8 @@ fn check([batch, positions, d]: [usize; 3]) {
     let (x_values, g_values) = (values(len, 5), values(len, 3));
     let (y_ref, grad_ref) = reference(&x_values, &g_values, positions, d);
     let (cos, sin) = tables(positions, d);
-    for (backend, device) in devices() {
-        for (dtype, tolerance) in DTYPES {
+    for (backend, device) in devices_with_wgpu() {
+        for (dtype, tolerance) in dtypes(&device) {
             for transposed in [false, true] {
                 let what = format!(
                     "{backend} {dtype:?} [{batch}, {positions}, {d}] transposed={transposed}"
@@ -116,7 +116,7 @@ fn rows_split_over_several_tasks_match_the_loops() {
 #[test]
 fn matches_burns_rotary_encoding() {
     let ([batch, heads, positions, d], start) = ([2, 3, 6, 8], 2);
-    for (backend, device) in devices() {
+    for (backend, device) in devices_with_wgpu() {
         let encoding = RotaryEncodingConfig::new(16, d).init(&device);
         let x = Tensor::<4>::from_data(
             TensorData::new(

@@ -8,7 +8,7 @@ use burn::tensor::{Device, FloatDType, Tensor, TensorData};
 use moe_kernels::{causal_softmax, log_softmax, softmax};
 
 mod common;
-use common::{assert_close, devices, host};
+use common::{assert_close, devices_with_wgpu, host};
 
 /// An operation under test: softmax or log-softmax along a dimension.
 type Operation<const D: usize> = fn(Tensor<D>, usize) -> Tensor<D>;
@@ -23,6 +23,19 @@ const OPERATIONS: [Named; 2] = [
 ];
 
 const DTYPES: [(FloatDType, f64); 2] = [(FloatDType::F32, 2e-6), (FloatDType::F64, 1e-13)];
+
+/// The entries of [`DTYPES`] `backend` computes in. On wgpu only f32: the cube kernels compute
+/// in f32, and f64 (which llvmpipe offers) falls back to Burn's composed ops, whose f64 `exp`
+/// is wrong there in Burn 0.22.1 (its softmax of `[-2, -1.63, -1.26, -0.89]` comes out as
+/// 0.234, 0.339, 0.247, 0.180 against 0.132, 0.191, 0.277, 0.400): not ours to test, and not
+/// a dtype burn-moe trains in.
+fn supported((backend, device): &(&'static str, Device)) -> Vec<(FloatDType, f64)> {
+    DTYPES
+        .into_iter()
+        .filter(|(dtype, _)| device.supports_dtype(*dtype))
+        .filter(|(dtype, _)| *backend != "wgpu" || *dtype == FloatDType::F32)
+        .collect()
+}
 
 /// Values in about [-12, 12], every fifth of them `-inf` when `masked` (never a whole row:
 /// the first element of a row is kept, as the diagonal of a causal mask is).
@@ -182,8 +195,8 @@ type Case = (Named, (&'static str, Device), (FloatDType, f64));
 fn cases() -> Vec<Case> {
     let mut cases = Vec::new();
     for operation in OPERATIONS {
-        for device in devices() {
-            for dtype in DTYPES {
+        for device in devices_with_wgpu() {
+            for dtype in supported(&device) {
                 cases.push((operation, device.clone(), dtype));
             }
         }
@@ -213,9 +226,12 @@ fn causal_softmax_is_softmax_over_the_visible_keys() {
             })
             .collect();
         let expected = reference(&masked, &g, keys);
-        for ((backend, device), (dtype, tolerance)) in devices()
-            .into_iter()
-            .flat_map(|device| DTYPES.map(|dtype| (device.clone(), dtype)))
+        for ((backend, device), (dtype, tolerance)) in
+            devices_with_wgpu().into_iter().flat_map(|device| {
+                supported(&device)
+                    .into_iter()
+                    .map(move |dtype| (device.clone(), dtype))
+            })
         {
             let what =
                 format!("causal {backend} {dtype:?} [{batch}, {queries}, {keys}] offset {offset}");

@@ -24,6 +24,7 @@ use cubecl::prelude::*;
 use cubecl::{calculate_cube_count_elemwise, CubeDim};
 
 use super::index::index_within;
+use super::rows::{row_exp_sum, row_maximum};
 use super::{empty_like_shape, float_and_int_dtypes, one_cube_per_row, scan_units, GRID_AXIS};
 use crate::cross_entropy::CrossEntropyBackend;
 
@@ -84,29 +85,6 @@ impl CrossEntropyBackend for CubeBackend {
     }
 }
 
-/// Reduces `shared[0..units]` into `shared[0]` (the maximum, or the sum), unit 0 walking the
-/// values in order (a fixed order: the same sum on every run).
-#[cube]
-fn reduce_in_order(
-    shared: &mut Shared<[f32]>,
-    #[comptime] units: usize,
-    #[comptime] maximum: bool,
-) {
-    if UNIT_POS == 0 {
-        let mut combined = shared[0];
-        for other in 1..units {
-            let value = shared[other];
-            if maximum {
-                combined = f32::max(combined, value);
-            } else {
-                combined += value;
-            }
-        }
-        shared[0] = combined;
-    }
-    sync_cube();
-}
-
 /// One cube per row `r` (`CUBE_POS_Y * 65,535 + CUBE_POS_X`): `m = max_j x[r, j]`,
 /// `lse[r] = m + ln Σ_j e^{x[r, j] - m}` and `loss[r] = lse[r] - x[r, t]`, in f32. Unit `u`
 /// reads the classes `u, u + units, ...`.
@@ -128,26 +106,19 @@ fn cross_entropy_forward_kernel<F: Float, I: Int>(
     let unit = UNIT_POS as usize;
     let mut shared = Shared::<[f32]>::new_slice(units);
 
-    let mut largest = f32::min_value();
-    for j in range_stepped(unit, classes, units) {
-        largest = f32::max(largest, f32::cast_from(logits[row_start + j * column]));
-    }
-    shared[unit] = largest;
-    sync_cube();
-    reduce_in_order(&mut shared, units, true);
-    let maximum = shared[0];
-    sync_cube();
-
-    let mut sum = 0.0f32;
-    for j in range_stepped(unit, classes, units) {
-        sum += f32::exp(f32::cast_from(logits[row_start + j * column]) - maximum);
-    }
-    shared[unit] = sum;
-    sync_cube();
-    reduce_in_order(&mut shared, units, false);
+    let maximum = row_maximum(logits, row_start, column, classes, &mut shared, units);
+    let sum = row_exp_sum(
+        logits,
+        row_start,
+        column,
+        classes,
+        maximum,
+        &mut shared,
+        units,
+    );
 
     if unit == 0 {
-        let normaliser = maximum + f32::ln(shared[0]);
+        let normaliser = maximum + f32::ln(sum);
         let target = index_within(targets, row, classes);
         let mut picked = 0.0f32;
         if target < classes {

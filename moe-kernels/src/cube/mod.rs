@@ -21,7 +21,11 @@ mod cross_entropy;
 mod gather_scatter;
 mod grouped_matmul;
 mod index;
+mod rms_norm;
+mod rotary;
 mod routing;
+mod rows;
+mod softmax;
 mod tile;
 
 /// The most cubes along one grid axis that every wgpu adapter accepts: kernels with one cube
@@ -44,6 +48,14 @@ fn float_and_int_dtypes(float: &CubeTensor, int: &CubeTensor) -> [ElemType; 2] {
         dtype_to_storage_type(float.dtype),
         dtype_to_storage_type(int.dtype),
     ]
+}
+
+/// Whether a kernel that computes in f32 serves `dtype`: f32 and the 16-bit floats (read and
+/// written in their own type). f64, which some adapters have, keeps Burn's composed ops, which
+/// compute in it.
+fn computes_in_f32(dtype: burn::tensor::DType) -> bool {
+    use burn::tensor::DType;
+    matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
 }
 
 /// A new contiguous tensor of `like`'s dtype on its device, uninitialised.

@@ -13,21 +13,21 @@ use super::{contiguous, rows_per_task, written_rows, Float};
 const CHUNK: usize = 1 << 15;
 
 impl RotaryBackend for Flex {
-    fn rotate_pairs(x: FlexTensor, cos: FlexTensor, sin: FlexTensor) -> FlexTensor {
+    fn rotate_pairs(x: FlexTensor, cos: FlexTensor, sin: FlexTensor, inverse: bool) -> FlexTensor {
         if cos.dtype() != x.dtype() || sin.dtype() != x.dtype() {
-            return composed_rotate_pairs::<Flex>(x, cos, sin);
+            return composed_rotate_pairs::<Flex>(x, cos, sin, inverse);
         }
         match x.dtype() {
-            DType::F32 => rotate::<f32>(x, cos, sin),
-            DType::F64 => rotate::<f64>(x, cos, sin),
-            _ => composed_rotate_pairs::<Flex>(x, cos, sin),
+            DType::F32 => rotate::<f32>(x, cos, sin, inverse),
+            DType::F64 => rotate::<f64>(x, cos, sin, inverse),
+            _ => composed_rotate_pairs::<Flex>(x, cos, sin, inverse),
         }
     }
 }
 
 /// `y[2i] = a c - b s`, `y[2i + 1] = a s + b c` for each pair `(a, b)` of each row, `c` and
-/// `s` taken from the row's position (`row % positions`).
-fn rotate<E: Float>(x: FlexTensor, cos: FlexTensor, sin: FlexTensor) -> FlexTensor {
+/// `s` taken from the row's position (`row % positions`), negated when `inverse`.
+fn rotate<E: Float>(x: FlexTensor, cos: FlexTensor, sin: FlexTensor, inverse: bool) -> FlexTensor {
     let shape = x.shape();
     let [positions, pairs] = [cos.shape()[0], cos.shape()[1]];
     let row = 2 * pairs;
@@ -53,6 +53,7 @@ fn rotate<E: Float>(x: FlexTensor, cos: FlexTensor, sin: FlexTensor) -> FlexTens
                 .zip(out.chunks_exact_mut(2))
                 .zip(cos.iter().zip(sin));
             for ((x, out), (&c, &s)) in pairs {
+                let s = if inverse { E::ZERO - s } else { s };
                 let (a, b) = (x[0], x[1]);
                 out[0].write(a * c - b * s);
                 out[1].write(a * s + b * c);

@@ -25,13 +25,15 @@ use burn::tensor::{Shape, Slice, Tensor};
 use moe_macros::moe_extension;
 
 /// `x: [..., positions, d]` with each pair `(x[2i], x[2i + 1])` of the row at position `p`
-/// rotated by the angle whose cosine and sine are `cos[p, i]` and `sin[p, i]`
-/// (`[positions, d / 2]` each), differentiable in `x` (the tables are constants).
+/// rotated by the angle whose cosine and sine are `cos[p, i mod pairs]` and
+/// `sin[p, i mod pairs]` (`[positions, pairs]` each, `pairs` dividing `d / 2`), differentiable
+/// in `x` (the tables are constants). Tables shorter than the row serve rows that hold several
+/// heads side by side: `d = heads x 2 pairs`, every head rotated alike.
 ///
 /// # Panics
 ///
-/// If `x` has fewer than two dimensions, or its last two are not `[positions, 2 * pairs]` for
-/// tables of shape `[positions, pairs]`.
+/// If `x` has fewer than two dimensions, or its last two are not `[positions, 2 k pairs]`
+/// (`k >= 1`) for tables of shape `[positions, pairs]`.
 pub fn rotary<const D: usize>(x: Tensor<D>, cos: Tensor<2>, sin: Tensor<2>) -> Tensor<D> {
     let dims = x.dims();
     assert!(
@@ -39,10 +41,11 @@ pub fn rotary<const D: usize>(x: Tensor<D>, cos: Tensor<2>, sin: Tensor<2>) -> T
         "rotary: x must have a position and a feature dimension"
     );
     let [positions, pairs] = cos.dims();
+    let fits = pairs > 0 && dims[D - 1] % (2 * pairs) == 0 && dims[D - 1] > 0;
     assert!(
-        sin.dims() == [positions, pairs] && dims[D - 2] == positions && dims[D - 1] == 2 * pairs,
-        "rotary: x is {dims:?}, cos {:?} and sin {:?}; expected [.., positions, 2 * pairs] and \
-         [positions, pairs] twice",
+        sin.dims() == [positions, pairs] && dims[D - 2] == positions && fits,
+        "rotary: x is {dims:?}, cos {:?} and sin {:?}; expected [.., positions, 2 k pairs] \
+         (k >= 1) and [positions, pairs] twice",
         cos.dims(),
         sin.dims()
     );
@@ -59,9 +62,10 @@ pub fn rotary<const D: usize>(x: Tensor<D>, cos: Tensor<2>, sin: Tensor<2>) -> T
 /// cube with one launch.
 #[moe_extension(fusion)]
 pub trait RotaryBackend: Backend {
-    /// `x: [..., positions, 2 * pairs]` with pair `i` of the row at position `p` rotated by
-    /// the angle of cosine `cos[p, i]` and sine `sin[p, i]`, or by its opposite (sine
-    /// `-sin[p, i]`) when `inverse`: that undoes the rotation, and is also its gradient.
+    /// `x: [..., positions, 2 k pairs]` with pair `i` of the row at position `p` rotated by
+    /// the angle of cosine `cos[p, i mod pairs]` and sine `sin[p, i mod pairs]`, or by its
+    /// opposite (the sine negated) when `inverse`: that undoes the rotation, and is also its
+    /// gradient.
     #[fusion(dtype = x, shape = x)]
     fn rotate_pairs(
         x: FloatTensor<Self>,
@@ -75,7 +79,8 @@ pub trait RotaryBackend: Backend {
 
 /// [`RotaryBackend::rotate_pairs`] from Burn's ops: `y = x ⊙ C + swap(x) ⊙ S`, where
 /// `swap` exchanges the two members of each pair, `C` repeats each cosine twice and `S` holds
-/// `(-sin, sin)` for each pair (`(sin, -sin)` for the inverse).
+/// `(-sin, sin)` for each pair (`(sin, -sin)` for the inverse), both broadcast over the `k`
+/// groups of `pairs` pairs in a row.
 pub(crate) fn composed_rotate_pairs<B: Backend>(
     x: FloatTensor<B>,
     cos: FloatTensor<B>,
@@ -85,11 +90,12 @@ pub(crate) fn composed_rotate_pairs<B: Backend>(
     let sin = if inverse { B::float_neg(sin) } else { sin };
     let shape = x.shape();
     let [positions, pairs] = [cos.shape()[0], cos.shape()[1]];
-    let rows = shape.num_elements() / (2 * positions * pairs).max(1);
-    let column = |t: FloatTensor<B>| B::float_reshape(t, Shape::new([1, positions, pairs, 1]));
-    let both = B::float_cat(vec![column(cos.clone()), column(cos)], 3);
-    let signed = B::float_cat(vec![column(B::float_neg(sin.clone())), column(sin)], 3);
-    let x = B::float_reshape(x, Shape::new([rows, positions, pairs, 2]));
+    let groups = shape[shape.num_dims() - 1] / (2 * pairs).max(1);
+    let rows = shape.num_elements() / (2 * positions * groups * pairs).max(1);
+    let column = |t: FloatTensor<B>| B::float_reshape(t, Shape::new([1, positions, 1, pairs, 1]));
+    let both = B::float_cat(vec![column(cos.clone()), column(cos)], 4);
+    let signed = B::float_cat(vec![column(B::float_neg(sin.clone())), column(sin)], 4);
+    let x = B::float_reshape(x, Shape::new([rows, positions, groups, pairs, 2]));
     // The pair's members exchanged by two slices (not `float_flip`, which Burn 0.22.1's
     // remote backend cannot run: its server fails with "expected int handle").
     let member = |i: usize| {
@@ -97,12 +103,13 @@ pub(crate) fn composed_rotate_pairs<B: Backend>(
         let slices = [
             all(rows),
             all(positions),
+            all(groups),
             all(pairs),
             Slice::new(i as isize, Some(i as isize + 1), 1),
         ];
         B::float_slice(x.clone(), &slices)
     };
-    let swapped = B::float_cat(vec![member(1), member(0)], 3);
+    let swapped = B::float_cat(vec![member(1), member(0)], 4);
     let y = B::float_add(B::float_mul(x, both), B::float_mul(swapped, signed));
     B::float_reshape(y, shape)
 }

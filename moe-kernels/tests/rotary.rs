@@ -26,15 +26,24 @@ fn tables(positions: usize, d: usize) -> (Vec<f64>, Vec<f64>) {
     )
 }
 
-/// `(y, grad_x)` for `x: [rows, positions, d]` and the loss `sum(y * g)`, by loops: the pair
-/// `(a, b)` at position `p` turns by `+θ` forwards; its gradient turns `g`'s pair by `-θ`.
-fn reference(x: &[f64], g: &[f64], positions: usize, d: usize) -> (Vec<f64>, Vec<f64>) {
+/// `(y, grad_x)` for `x: [rows, positions, d]` whose rows hold `heads` heads side by side and
+/// the loss `sum(y * g)`, by loops: the pair `(a, b)` at position `p`, pair `i` of its head,
+/// turns by `+θ` forwards; its gradient turns `g`'s pair by `-θ`.
+fn reference(
+    x: &[f64],
+    g: &[f64],
+    positions: usize,
+    d: usize,
+    heads: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    let head = d / heads;
     let mut y = vec![0.0; x.len()];
     let mut grad = vec![0.0; x.len()];
     for row in 0..x.len() / d {
         let p = row % positions;
         for i in 0..d / 2 {
-            let (c, s) = (angle(p, i, d).cos(), angle(p, i, d).sin());
+            let a = angle(p, i % (head / 2), head);
+            let (c, s) = (a.cos(), a.sin());
             let (j, k) = (row * d + 2 * i, row * d + 2 * i + 1);
             y[j] = x[j] * c - x[k] * s;
             y[k] = x[j] * s + x[k] * c;
@@ -45,17 +54,19 @@ fn reference(x: &[f64], g: &[f64], positions: usize, d: usize) -> (Vec<f64>, Vec
     (y, grad)
 }
 
-/// `[batch, positions, d]` on every backend and dtype, contiguous and as a transposed view.
-fn check([batch, positions, d]: [usize; 3]) {
+/// `[batch, positions, d]` on every backend and dtype, contiguous and as a transposed view,
+/// rows of `heads` heads rotated by one head's tables.
+fn check([batch, positions, d]: [usize; 3], heads: usize) {
     let len = batch * positions * d;
     let (x_values, g_values) = (values(len, 5), values(len, 3));
-    let (y_ref, grad_ref) = reference(&x_values, &g_values, positions, d);
-    let (cos, sin) = tables(positions, d);
+    let (y_ref, grad_ref) = reference(&x_values, &g_values, positions, d, heads);
+    let (cos, sin) = tables(positions, d / heads);
     for (backend, device) in devices_with_wgpu() {
         for (dtype, tolerance) in dtypes(&device) {
             for transposed in [false, true] {
                 let what = format!(
-                    "{backend} {dtype:?} [{batch}, {positions}, {d}] transposed={transposed}"
+                    "{backend} {dtype:?} [{batch}, {positions}, {d}] heads={heads} \
+                     transposed={transposed}"
                 );
                 let x = if transposed {
                     // Stored as [positions, batch, d], viewed as [batch, positions, d].
@@ -81,7 +92,7 @@ fn check([batch, positions, d]: [usize; 3]) {
                 // Created in `dtype` directly: through f32, f64's tables would lose digits.
                 let table = |v: &[f64]| {
                     Tensor::<2>::from_data(
-                        TensorData::new(v.to_vec(), [positions, d / 2]),
+                        TensorData::new(v.to_vec(), [positions, d / heads / 2]),
                         (&device, DType::from(dtype)),
                     )
                 };
@@ -102,15 +113,21 @@ fn check([batch, positions, d]: [usize; 3]) {
 
 #[test]
 fn rotations_match_the_loops() {
-    check([3, 5, 6]);
-    check([1, 1, 2]);
+    check([3, 5, 6], 1);
+    check([1, 1, 2], 1);
+}
+
+#[test]
+fn tables_of_one_head_rotate_every_head_of_a_row() {
+    check([2, 5, 12], 3);
+    check([1, 3, 8], 4);
 }
 
 #[test]
 fn rows_split_over_several_tasks_match_the_loops() {
     // 280 rows of 256: about 72 K elements, several of flex's 32 K-element tasks, whose first
     // rows are not at position 0.
-    check([40, 7, 256]);
+    check([40, 7, 256], 1);
 }
 
 #[test]
@@ -152,11 +169,11 @@ fn shapes_that_do_not_fit_the_tables_are_refused() {
         )
     });
     let message = *result
-        .expect_err("6 features need 3 pairs")
+        .expect_err("6 features are 3 pairs, not a multiple of 2")
         .downcast::<String>()
         .unwrap();
     assert!(
-        message.contains("expected [.., positions, 2 * pairs]"),
+        message.contains("expected [.., positions, 2 k pairs]"),
         "{message}"
     );
 }

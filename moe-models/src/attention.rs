@@ -2,7 +2,7 @@
 
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Linear};
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Device, Tensor, TensorData};
 use moe_kernels::{causal_softmax, multi_head_matmul, rotary, HeadLayout};
 
 use crate::decoder::{DecoderConfig, PositionKind, RotaryPairing};
@@ -120,9 +120,11 @@ impl CausalSelfAttention {
         }
         let mut value = split(value, self.num_kv_heads);
         if let Some(settings) = self.rotary {
-            // Rotated before the heads are split, while the rows are still contiguous.
-            query = rotate(query, settings, start, heads, head_dim);
-            key = rotate(key, settings, start, self.num_kv_heads, head_dim);
+            // Rotated before the heads are split, while the rows are still contiguous; one
+            // head's tables serve every head of the queries and the keys.
+            let tables = rotation_tables(settings.theta, head_dim, start, length, &query.device());
+            query = rotate(query, settings, &tables, heads, head_dim);
+            key = rotate(key, settings, &tables, self.num_kv_heads, head_dim);
         }
         // Scaling the queries rather than the scores: the same product, on a tensor
         // `keys / head_dim` times smaller, and while its rows are contiguous.
@@ -171,15 +173,15 @@ fn repeat_heads(x: Tensor<4>, groups: usize) -> Tensor<4> {
     ])
 }
 
-/// Rotary positions on `x: [batch, length, heads * head_dim]` whose first row is position
-/// `start`. The half-split pairing is brought to the adjacent one by reordering each head's
+/// Rotary positions on `x: [batch, length, heads * head_dim]` by one head's `(cos, sin)`
+/// tables ([`rotation_tables`]), each head rotated alike. The half-split pairing is brought to the adjacent one by reordering each head's
 /// coordinates `(x_0 .. x_{d/2-1}, x_{d/2} .. x_{d-1})` into `(x_0, x_{d/2}, x_1, ...)`;
 /// queries and keys are reordered alike, so their dot products, and so attention, are those of
 /// the half-split rotation.
 fn rotate(
     x: Tensor<3>,
     settings: RotarySettings,
-    start: usize,
+    (cos, sin): &(Tensor<2>, Tensor<2>),
     heads: usize,
     head_dim: usize,
 ) -> Tensor<3> {
@@ -191,35 +193,33 @@ fn rotate(
             .swap_dims(3, 4)
             .reshape([batch, length, width]),
     };
-    let (cos, sin) = rotation_tables(settings.theta, head_dim, start, length, heads, &x.device());
-    let (cos, sin) = (cos.cast(x.dtype()), sin.cast(x.dtype()));
+    let (cos, sin) = (cos.clone().cast(x.dtype()), sin.clone().cast(x.dtype()));
     rotary(x, cos, sin)
 }
 
 /// The cosines and sines of the rotary angles `θ_i p` at positions `p` in `start..start +
-/// length`, with `θ_i = base^(-2i / head_dim)`, `[length, heads * head_dim / 2]`: the
-/// `head_dim / 2` angles of one head repeated for every head, so that they rotate a
-/// `[batch, length, heads * head_dim]` tensor whose heads are not yet split. Computed in f32 on
-/// the device, as the reference implementations compute them.
+/// length`, with `θ_i = base^(-2i / head_dim)`, `[length, head_dim / 2]`: one head's angles,
+/// which [`rotary`] applies to every head of a `[batch, length, heads * head_dim]` tensor whose
+/// heads are not yet split. Computed in f32, as the reference implementations compute them,
+/// on the host: the tables are small (`length x head_dim / 2`) and an upload launches no
+/// kernel, where building them on the device took seven launches per layer on wgpu.
 fn rotation_tables(
     base: f64,
     head_dim: usize,
     start: usize,
     length: usize,
-    heads: usize,
     device: &Device,
 ) -> (Tensor<2>, Tensor<2>) {
     let pairs = head_dim / 2;
-    let frequencies = Tensor::<1, Int>::arange(0..pairs as i64, device)
-        .float()
-        .mul_scalar(-2.0 * base.ln() / head_dim as f64)
-        .exp();
-    let positions = Tensor::<1, Int>::arange(start as i64..(start + length) as i64, device)
-        .float()
-        .unsqueeze_dim::<2>(1);
-    let angles = positions * frequencies.unsqueeze_dim::<2>(0);
+    let step = (-2.0 * base.ln() / head_dim as f64) as f32;
+    let frequencies: Vec<f32> = (0..pairs).map(|i| (i as f32 * step).exp()).collect();
+    let angles: Vec<f32> = (start..start + length)
+        .flat_map(|p| frequencies.iter().map(move |f| p as f32 * f))
+        .collect();
+    let table =
+        |values: Vec<f32>| Tensor::from_data(TensorData::new(values, [length, pairs]), device);
     (
-        angles.clone().cos().repeat_dim(1, heads),
-        angles.sin().repeat_dim(1, heads),
+        table(angles.iter().map(|a| a.cos()).collect()),
+        table(angles.iter().map(|a| a.sin()).collect()),
     )
 }

@@ -27,6 +27,7 @@ impl RotaryBackend for CubeBackend {
             return output;
         }
         let [positions, pairs] = [cos.shape()[0], cos.shape()[1]];
+        let row_pairs = x.shape()[x.shape().num_dims() - 1] / 2;
         let client = x.client.clone();
         let cube_dim = CubeDim::new(&client, units);
         let cube_count = calculate_cube_count_elemwise(&client, units, cube_dim);
@@ -41,6 +42,7 @@ impl RotaryBackend for CubeBackend {
             output.clone().into_tensor_arg(),
             positions,
             pairs,
+            row_pairs,
             units,
             inverse,
             dtype,
@@ -49,10 +51,11 @@ impl RotaryBackend for CubeBackend {
     }
 }
 
-/// One unit per pair `q` of the contiguous `x` (pair `i = q mod pairs` of the row at position
-/// `p = (q / pairs) mod positions`): with `(a, b) = (x[2q], x[2q + 1])`, `c = cos[p, i]` and
-/// `s = ±sin[p, i]` (minus for the inverse rotation), `y[2q] = a c - b s` and
-/// `y[2q + 1] = a s + b c`, in f32. The tables are read through their strides.
+/// One unit per pair `q` of the contiguous `x` (pair `i = q mod row_pairs` of the row at
+/// position `p = (q / row_pairs) mod positions`): with `(a, b) = (x[2q], x[2q + 1])`,
+/// `c = cos[p, i mod pairs]` and `s = ±sin[p, i mod pairs]` (minus for the inverse rotation),
+/// `y[2q] = a c - b s` and `y[2q + 1] = a s + b c`, in f32. The tables are read through their
+/// strides.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn rotary_kernel<F: Float>(
@@ -62,6 +65,7 @@ fn rotary_kernel<F: Float>(
     output: &mut Tensor<F>,
     positions: usize,
     pairs: usize,
+    row_pairs: usize,
     units: usize,
     #[comptime] inverse: bool,
     #[define(F)] _dtype: ElemType,
@@ -70,8 +74,8 @@ fn rotary_kernel<F: Float>(
     if q >= units {
         terminate!();
     }
-    let i = q % pairs;
-    let p = (q / pairs) % positions;
+    let i = q % row_pairs % pairs;
+    let p = (q / row_pairs) % positions;
     let c = f32::cast_from(cos[p * cos.stride(0) + i * cos.stride(1)]);
     let mut s = f32::cast_from(sin[p * sin.stride(0) + i * sin.stride(1)]);
     if inverse {

@@ -30,7 +30,8 @@ impl RotaryBackend for Flex {
 fn rotate<E: Float>(x: FlexTensor, cos: FlexTensor, sin: FlexTensor, inverse: bool) -> FlexTensor {
     let shape = x.shape();
     let [positions, pairs] = [cos.shape()[0], cos.shape()[1]];
-    let row = 2 * pairs;
+    // The whole row: `k` groups (heads) of `pairs` pairs, each rotated by the same tables.
+    let row = shape[shape.num_dims() - 1];
     let (x, cos, sin) = (
         contiguous::<E>(x),
         contiguous::<E>(cos),
@@ -51,7 +52,7 @@ fn rotate<E: Float>(x: FlexTensor, cos: FlexTensor, sin: FlexTensor, inverse: bo
             let pairs = x
                 .chunks_exact(2)
                 .zip(out.chunks_exact_mut(2))
-                .zip(cos.iter().zip(sin));
+                .zip(cos.iter().zip(sin).cycle());
             for ((x, out), (&c, &s)) in pairs {
                 let s = if inverse { E::ZERO - s } else { s };
                 let (a, b) = (x[0], x[1]);

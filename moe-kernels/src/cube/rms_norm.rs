@@ -17,10 +17,9 @@ use burn::backend::ops::FloatTensorOps;
 use burn::backend::wgpu::{CubeBackend, CubeTensor};
 use burn::backend::TensorMetadata;
 use burn::tensor::Shape;
-use burn_cubecl::kernel::into_contiguous;
 use cubecl::prelude::*;
 
-use super::rows::{reduce_in_order, RowLaunch};
+use super::rows::{reduce_in_order, row_start, RowLaunch};
 use super::{computes_in_f32, empty_like_shape, GRID_AXIS};
 use crate::rms_norm::{composed_rms_norm, composed_rms_norm_backward, RmsNormBackend};
 
@@ -29,7 +28,6 @@ impl RmsNormBackend for CubeBackend {
         if gamma.dtype != x.dtype || !computes_in_f32(x.dtype) {
             return composed_rms_norm::<CubeBackend>(x, gamma, epsilon);
         }
-        let x = into_contiguous(x);
         let output = empty_like_shape(&x, x.shape());
         let Some(launch) = RowLaunch::over(&x) else {
             return output;
@@ -59,7 +57,6 @@ impl RmsNormBackend for CubeBackend {
         if gamma.dtype != x.dtype || grad.dtype != x.dtype || !computes_in_f32(x.dtype) {
             return composed_rms_norm_backward::<CubeBackend>(x, gamma, grad, epsilon);
         }
-        let (x, grad) = (into_contiguous(x), into_contiguous(grad));
         let grad_x = empty_like_shape(&x, x.shape());
         let n = gamma.shape()[0];
         let Some(launch) = RowLaunch::over(&x) else {
@@ -88,7 +85,8 @@ impl RmsNormBackend for CubeBackend {
     }
 }
 
-/// One cube per row `r` (`CUBE_POS_Y * 65,535 + CUBE_POS_X`) of the contiguous `x`:
+/// One cube per row `r` (`CUBE_POS_Y * 65,535 + CUBE_POS_X`) of `x` (read through its
+/// strides), into the contiguous output:
 /// `ρ = 1 / √(Σ_j x[r, j]² / n + ε)`, then `y[r, j] = γ[j] x[r, j] ρ`, in f32.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
@@ -106,12 +104,12 @@ fn rms_norm_forward_kernel<F: Float>(
     if row >= rows {
         terminate!();
     }
-    let start = row * n;
+    let (start, step) = (row_start(x, row), x.stride(x.rank() - 1));
     let unit = UNIT_POS as usize;
     let mut shared = Shared::<[f32]>::new_slice(units);
     let mut squares = 0.0f32;
     for j in range_stepped(unit, n, units) {
-        let value = f32::cast_from(x[start + j]);
+        let value = f32::cast_from(x[start + j * step]);
         squares += value * value;
     }
     shared[unit] = squares;
@@ -120,11 +118,13 @@ fn rms_norm_forward_kernel<F: Float>(
     let inverse_rms = 1.0f32 / f32::sqrt(shared[0] / f32::cast_from(n) + epsilon);
     for j in range_stepped(unit, n, units) {
         let scale = f32::cast_from(gamma[j * gamma.stride(0)]);
-        output[start + j] = F::cast_from(f32::cast_from(x[start + j]) * inverse_rms * scale);
+        let value = f32::cast_from(x[start + j * step]);
+        output[row * n + j] = F::cast_from(value * inverse_rms * scale);
     }
 }
 
-/// One cube per row `r` of the contiguous `x` and `g`: with `ρ` as forward, `x̂ = x ρ` and
+/// One cube per row `r` of `x` and `g` (read through their strides), into contiguous outputs:
+/// with `ρ` as forward, `x̂ = x ρ` and
 /// `m = ρ Σ_j g[j] γ[j] x[j] / n` (the mean of `g ⊙ γ ⊙ x̂`),
 /// `grad_x[r, j] = ρ (g[j] γ[j] - x̂[j] m)` and `scaled[r, j] = g[j] x̂[j]` (whose sum over the
 /// rows is `grad_γ`), in f32.
@@ -146,17 +146,18 @@ fn rms_norm_backward_kernel<F: Float>(
     if row >= rows {
         terminate!();
     }
-    let start = row * n;
+    let (start, step) = (row_start(x, row), x.stride(x.rank() - 1));
+    let (grad_start, grad_step) = (row_start(grad, row), grad.stride(grad.rank() - 1));
     let unit = UNIT_POS as usize;
     let mut squares_shared = Shared::<[f32]>::new_slice(units);
     let mut dot_shared = Shared::<[f32]>::new_slice(units);
     let mut squares = 0.0f32;
     let mut dot = 0.0f32;
     for j in range_stepped(unit, n, units) {
-        let value = f32::cast_from(x[start + j]);
+        let value = f32::cast_from(x[start + j * step]);
         let scale = f32::cast_from(gamma[j * gamma.stride(0)]);
         squares += value * value;
-        dot += f32::cast_from(grad[start + j]) * scale * value;
+        dot += f32::cast_from(grad[grad_start + j * grad_step]) * scale * value;
     }
     squares_shared[unit] = squares;
     dot_shared[unit] = dot;
@@ -166,10 +167,10 @@ fn rms_norm_backward_kernel<F: Float>(
     let inverse_rms = 1.0f32 / f32::sqrt(squares_shared[0] / f32::cast_from(n) + epsilon);
     let mean = inverse_rms * dot_shared[0] / f32::cast_from(n);
     for j in range_stepped(unit, n, units) {
-        let normed = f32::cast_from(x[start + j]) * inverse_rms;
-        let g = f32::cast_from(grad[start + j]);
+        let normed = f32::cast_from(x[start + j * step]) * inverse_rms;
+        let g = f32::cast_from(grad[grad_start + j * grad_step]);
         let scale = f32::cast_from(gamma[j * gamma.stride(0)]);
-        grad_x[start + j] = F::cast_from(inverse_rms * (g * scale - normed * mean));
-        scaled[start + j] = F::cast_from(g * normed);
+        grad_x[row * n + j] = F::cast_from(inverse_rms * (g * scale - normed * mean));
+        scaled[row * n + j] = F::cast_from(g * normed);
     }
 }

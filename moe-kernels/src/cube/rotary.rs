@@ -2,16 +2,16 @@
 //! form is two slices, two concatenations, four multiplies and an add each way, with the
 //! zero fills and slice-assigns of their gradients: about 14 launches per call).
 //!
-//! Work: `P` units for `P` pairs, each two reads of `x`, one of each table and two writes (no
-//! loop).
+//! Work: `P` units for `P` pairs, each two reads of `x` (found through its strides, a step per
+//! dimension of `x`), one of each table and two writes; no loop over rows or features.
 
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::wgpu::{CubeBackend, CubeTensor};
 use burn::backend::TensorMetadata;
-use burn_cubecl::kernel::into_contiguous;
 use cubecl::prelude::*;
 use cubecl::{calculate_cube_count_elemwise, CubeDim};
 
+use super::rows::row_start;
 use super::{computes_in_f32, empty_like_shape};
 use crate::rotary::{composed_rotate_pairs, RotaryBackend};
 
@@ -20,7 +20,6 @@ impl RotaryBackend for CubeBackend {
         if cos.dtype != x.dtype || sin.dtype != x.dtype || !computes_in_f32(x.dtype) {
             return composed_rotate_pairs::<CubeBackend>(x, cos, sin, inverse);
         }
-        let x = into_contiguous(x);
         let output = empty_like_shape(&x, x.shape());
         let units = x.shape().num_elements() / 2;
         if units == 0 {
@@ -51,11 +50,11 @@ impl RotaryBackend for CubeBackend {
     }
 }
 
-/// One unit per pair `q` of the contiguous `x` (pair `i = q mod row_pairs` of the row at
-/// position `p = (q / row_pairs) mod positions`): with `(a, b) = (x[2q], x[2q + 1])`,
-/// `c = cos[p, i mod pairs]` and `s = ±sin[p, i mod pairs]` (minus for the inverse rotation),
-/// `y[2q] = a c - b s` and `y[2q + 1] = a s + b c`, in f32. The tables are read through their
-/// strides.
+/// One unit per pair `q` of `x` in row-major order (pair `q mod row_pairs` of row
+/// `r = q / row_pairs`, at position `p = r mod positions`; `x` read through its strides): with
+/// `(a, b)` the pair, `i = (q mod row_pairs) mod pairs`, `c = cos[p, i]` and `s = ±sin[p, i]`
+/// (minus for the inverse rotation), `y[2q] = a c - b s` and `y[2q + 1] = a s + b c`
+/// (contiguous), in f32. The tables are read through their strides.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn rotary_kernel<F: Float>(
@@ -74,15 +73,18 @@ fn rotary_kernel<F: Float>(
     if q >= units {
         terminate!();
     }
-    let i = q % row_pairs % pairs;
-    let p = (q / row_pairs) % positions;
+    let (row, pair) = (q / row_pairs, q % row_pairs);
+    let i = pair % pairs;
+    let p = row % positions;
     let c = f32::cast_from(cos[p * cos.stride(0) + i * cos.stride(1)]);
     let mut s = f32::cast_from(sin[p * sin.stride(0) + i * sin.stride(1)]);
     if inverse {
         s = -s;
     }
-    let a = f32::cast_from(x[2 * q]);
-    let b = f32::cast_from(x[2 * q + 1]);
+    let step = x.stride(x.rank() - 1);
+    let first = row_start(x, row) + 2 * pair * step;
+    let a = f32::cast_from(x[first]);
+    let b = f32::cast_from(x[first + step]);
     output[2 * q] = F::cast_from(a * c - b * s);
     output[2 * q + 1] = F::cast_from(a * s + b * c);
 }

@@ -5,6 +5,10 @@
 //! `u, u + units, ...` and keeps its partial result, then unit 0 combines the partial results
 //! in unit order. The order is fixed, so the result does not depend on scheduling (the same
 //! bits on every run), and no unit's loop grows with the number of rows.
+//!
+//! The kernels read their inputs through their strides ([`row_start`]), so a permuted or
+//! broadcast input costs no copy (a launch of its own, and a pass over the tensor); they write
+//! contiguous outputs.
 
 use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::wgpu::CubeTensor;
@@ -54,6 +58,24 @@ impl RowLaunch {
     pub fn cube_dim(&self) -> CubeDim {
         CubeDim::new_1d(self.units as u32)
     }
+}
+
+/// Where row `row` of `x` starts in its storage, `x` seen as rows of its last dimension in
+/// row-major order, whatever its strides: the row's index taken apart over the leading
+/// dimensions, each part times its stride. Element `j` of the row is `j` last-dimension strides
+/// further.
+#[cube]
+pub(super) fn row_start<F: Float>(x: &Tensor<F>, row: usize) -> usize {
+    let leading = x.rank() - 1;
+    let mut remaining = row;
+    let mut start = 0usize;
+    for k in 0..leading {
+        let dim = leading - 1 - k;
+        let size = x.shape(dim);
+        start += (remaining % size) * x.stride(dim);
+        remaining /= size;
+    }
+    start
 }
 
 /// Reduces `shared[0..units]` into `shared[0]` (the maximum, or the sum), unit 0 walking the

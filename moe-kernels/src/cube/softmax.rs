@@ -16,10 +16,9 @@
 
 use burn::backend::wgpu::{CubeBackend, CubeTensor};
 use burn::backend::TensorMetadata;
-use burn_cubecl::kernel::into_contiguous;
 use cubecl::prelude::*;
 
-use super::rows::{reduce_in_order, row_exp_sum, row_maximum, RowLaunch};
+use super::rows::{reduce_in_order, row_exp_sum, row_maximum, row_start, RowLaunch};
 use super::{computes_in_f32, empty_like_shape, GRID_AXIS};
 use crate::softmax::{
     composed_causal_softmax, composed_log_softmax, composed_log_softmax_backward, composed_softmax,
@@ -77,7 +76,6 @@ impl SoftmaxBackend for CubeBackend {
 
 /// One launch of [`softmax_forward_kernel`] over the rows of `x`'s last dimension.
 fn forward(x: CubeTensor, pass: Forward) -> CubeTensor {
-    let x = into_contiguous(x);
     let output = empty_like_shape(&x, x.shape());
     let Some(launch) = RowLaunch::over(&x) else {
         return output;
@@ -110,7 +108,6 @@ fn forward(x: CubeTensor, pass: Forward) -> CubeTensor {
 /// One launch of [`softmax_backward_kernel`]: the gradient from the output `y` (or `z`, for
 /// the log-softmax) and the output's gradient.
 fn backward(output: CubeTensor, grad: CubeTensor, log: bool) -> CubeTensor {
-    let (output, grad) = (into_contiguous(output), into_contiguous(grad));
     let grad_x = empty_like_shape(&output, output.shape());
     let Some(launch) = RowLaunch::over(&output) else {
         return grad_x;
@@ -131,7 +128,8 @@ fn backward(output: CubeTensor, grad: CubeTensor, log: bool) -> CubeTensor {
     grad_x
 }
 
-/// One cube per row `r` (`CUBE_POS_Y * 65,535 + CUBE_POS_X`) of the contiguous `x`, over its
+/// One cube per row `r` (`CUBE_POS_Y * 65,535 + CUBE_POS_X`) of `x` (read through its
+/// strides, written contiguous), over its
 /// visible keys `j < v` (`v = n`, or `min(n, r mod queries + offset + 1)` when `causal`):
 /// `m = max_j x[j]`, `s = Σ_j e^{x[j] - m}`, then `y[j] = e^{x[j] - m} / s`, or
 /// `x[j] - m - ln s` for the log-softmax; a masked key's output is 0. In f32.
@@ -153,7 +151,7 @@ fn softmax_forward_kernel<F: Float>(
     if row >= rows {
         terminate!();
     }
-    let start = row * n;
+    let (start, step) = (row_start(x, row), x.stride(x.rank() - 1));
     let unit = UNIT_POS as usize;
     let mut visible = n;
     if causal {
@@ -161,22 +159,23 @@ fn softmax_forward_kernel<F: Float>(
     }
     let mut shared = Shared::<[f32]>::new_slice(units);
 
-    let maximum = row_maximum(x, start, 1, visible, &mut shared, units);
-    let total = row_exp_sum(x, start, 1, visible, maximum, &mut shared, units);
+    let maximum = row_maximum(x, start, step, visible, &mut shared, units);
+    let total = row_exp_sum(x, start, step, visible, maximum, &mut shared, units);
 
     for j in range_stepped(unit, n, units) {
-        let shifted = f32::cast_from(x[start + j]) - maximum;
+        let shifted = f32::cast_from(x[start + j * step]) - maximum;
         let mut value = 0.0f32;
         if log {
             value = shifted - f32::ln(total);
         } else if j < visible {
             value = f32::exp(shifted) / total;
         }
-        output[start + j] = F::cast_from(value);
+        output[row * n + j] = F::cast_from(value);
     }
 }
 
-/// One cube per row `r` of the contiguous output `y` and gradient `g`: for the softmax
+/// One cube per row `r` of the output `y` and gradient `g` (read through their strides): for
+/// the softmax
 /// `grad[j] = y[j] (g[j] - Σ_k g[k] y[k])`; for the log-softmax (`y` is `z`)
 /// `grad[j] = g[j] - e^{z[j]} Σ_k g[k]`. In f32.
 #[cube(launch)]
@@ -195,16 +194,17 @@ fn softmax_backward_kernel<F: Float>(
     if row >= rows {
         terminate!();
     }
-    let start = row * n;
+    let (y_start, y_step) = (row_start(y, row), y.stride(y.rank() - 1));
+    let (grad_start, grad_step) = (row_start(grad, row), grad.stride(grad.rank() - 1));
     let unit = UNIT_POS as usize;
     let mut shared = Shared::<[f32]>::new_slice(units);
     let mut sum = 0.0f32;
     for j in range_stepped(unit, n, units) {
-        let g = f32::cast_from(grad[start + j]);
+        let g = f32::cast_from(grad[grad_start + j * grad_step]);
         if log {
             sum += g;
         } else {
-            sum += g * f32::cast_from(y[start + j]);
+            sum += g * f32::cast_from(y[y_start + j * y_step]);
         }
     }
     shared[unit] = sum;
@@ -212,12 +212,12 @@ fn softmax_backward_kernel<F: Float>(
     reduce_in_order(&mut shared, units, false);
     let total = shared[0];
     for j in range_stepped(unit, n, units) {
-        let g = f32::cast_from(grad[start + j]);
-        let out = f32::cast_from(y[start + j]);
+        let g = f32::cast_from(grad[grad_start + j * grad_step]);
+        let out = f32::cast_from(y[y_start + j * y_step]);
         let mut value = out * (g - total);
         if log {
             value = g - f32::exp(out) * total;
         }
-        grad_x[start + j] = F::cast_from(value);
+        grad_x[row * n + j] = F::cast_from(value);
     }
 }

@@ -41,7 +41,7 @@ pub fn rotary<const D: usize>(x: Tensor<D>, cos: Tensor<2>, sin: Tensor<2>) -> T
         "rotary: x must have a position and a feature dimension"
     );
     let [positions, pairs] = cos.dims();
-    let fits = pairs > 0 && dims[D - 1] % (2 * pairs) == 0 && dims[D - 1] > 0;
+    let fits = pairs > 0 && dims[D - 1] > 0 && dims[D - 1].is_multiple_of(2 * pairs);
     assert!(
         sin.dims() == [positions, pairs] && dims[D - 2] == positions && fits,
         "rotary: x is {dims:?}, cos {:?} and sin {:?}; expected [.., positions, 2 k pairs] \

@@ -25,7 +25,7 @@ use cubecl::{calculate_cube_count_elemwise, CubeDim};
 
 use super::index::index_within;
 use super::rows::{row_exp_sum, row_maximum};
-use super::{empty_like_shape, float_and_int_dtypes, one_cube_per_row, scan_units, GRID_AXIS};
+use super::{cube_row, empty_like_shape, float_and_int_dtypes, one_cube_per_row, scan_units};
 use crate::cross_entropy::CrossEntropyBackend;
 
 impl CrossEntropyBackend for CubeBackend {
@@ -97,7 +97,7 @@ fn cross_entropy_forward_kernel<F: Float, I: Int>(
     #[comptime] units: usize,
     #[define(F, I)] _dtypes: [ElemType; 2],
 ) {
-    let row = CUBE_POS_Y as usize * GRID_AXIS + CUBE_POS_X as usize;
+    let row = cube_row();
     if row >= logits.shape(0) {
         terminate!();
     }

@@ -43,7 +43,7 @@ use burn::tensor::DType;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 
 use super::tile::{multiply, patch_sum, stage, zero_sums, BlockView, Quad, STEP, WIDTH};
-use super::{empty_like_shape, float_and_int_dtypes, one_cube_per_row, scan_units, GRID_AXIS};
+use super::{cube_row, empty_like_shape, float_and_int_dtypes, one_cube_per_row, scan_units};
 use crate::adapter::SHARED_MEMORY_BYTES;
 use crate::grouped_matmul::GroupedMatmulBackend;
 
@@ -698,7 +698,7 @@ fn grouped_bias_kernel<F: Float, I: Int>(
     #[define(F, I)] _dtypes: [ElemType; 2],
 ) {
     let rows = x.shape(0);
-    let row = CUBE_POS_Y as usize * GRID_AXIS + CUBE_POS_X as usize;
+    let row = cube_row();
     if row >= rows {
         terminate!();
     }

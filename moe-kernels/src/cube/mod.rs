@@ -33,13 +33,21 @@ mod tile;
 const GRID_AXIS: usize = 65_535;
 
 /// One cube per row for `rows` rows, `GRID_AXIS` along x and the rest along y: the kernel
-/// finds its row as `CUBE_POS_Y * GRID_AXIS + CUBE_POS_X` (and stops past `rows`).
+/// finds its row with [`cube_row`] (and stops past `rows`).
 fn one_cube_per_row(rows: usize) -> CubeCount {
     CubeCount::Static(
         rows.min(GRID_AXIS) as u32,
         rows.div_ceil(GRID_AXIS) as u32,
         1,
     )
+}
+
+/// The row of this unit's cube in a grid laid out by [`one_cube_per_row`]:
+/// `CUBE_POS_Y * GRID_AXIS + CUBE_POS_X`.
+#[cubecl::cube]
+fn cube_row() -> usize {
+    use cubecl::prelude::*;
+    CUBE_POS_Y as usize * GRID_AXIS + CUBE_POS_X as usize
 }
 
 /// The float and integer storage types of a kernel's `#[define(F, I)]`, in that order.

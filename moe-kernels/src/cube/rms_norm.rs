@@ -20,7 +20,7 @@ use burn::tensor::Shape;
 use cubecl::prelude::*;
 
 use super::rows::{reduce_in_order, row_start, RowLaunch};
-use super::{computes_in_f32, empty_like_shape, GRID_AXIS};
+use super::{computes_in_f32, cube_row, empty_like_shape};
 use crate::rms_norm::{composed_rms_norm, composed_rms_norm_backward, RmsNormBackend};
 
 impl RmsNormBackend for CubeBackend {
@@ -100,7 +100,7 @@ fn rms_norm_forward_kernel<F: Float>(
     #[comptime] units: usize,
     #[define(F)] _dtype: ElemType,
 ) {
-    let row = CUBE_POS_Y as usize * GRID_AXIS + CUBE_POS_X as usize;
+    let row = cube_row();
     if row >= rows {
         terminate!();
     }
@@ -142,7 +142,7 @@ fn rms_norm_backward_kernel<F: Float>(
     #[comptime] units: usize,
     #[define(F)] _dtype: ElemType,
 ) {
-    let row = CUBE_POS_Y as usize * GRID_AXIS + CUBE_POS_X as usize;
+    let row = cube_row();
     if row >= rows {
         terminate!();
     }

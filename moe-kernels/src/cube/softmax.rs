@@ -19,7 +19,7 @@ use burn::backend::TensorMetadata;
 use cubecl::prelude::*;
 
 use super::rows::{reduce_in_order, row_exp_sum, row_maximum, row_start, RowLaunch};
-use super::{computes_in_f32, empty_like_shape, GRID_AXIS};
+use super::{computes_in_f32, cube_row, empty_like_shape};
 use crate::softmax::{
     composed_causal_softmax, composed_log_softmax, composed_log_softmax_backward, composed_softmax,
     composed_softmax_backward, SoftmaxBackend,
@@ -147,7 +147,7 @@ fn softmax_forward_kernel<F: Float>(
     #[comptime] log: bool,
     #[define(F)] _dtype: ElemType,
 ) {
-    let row = CUBE_POS_Y as usize * GRID_AXIS + CUBE_POS_X as usize;
+    let row = cube_row();
     if row >= rows {
         terminate!();
     }
@@ -190,7 +190,7 @@ fn softmax_backward_kernel<F: Float>(
     #[comptime] log: bool,
     #[define(F)] _dtype: ElemType,
 ) {
-    let row = CUBE_POS_Y as usize * GRID_AXIS + CUBE_POS_X as usize;
+    let row = cube_row();
     if row >= rows {
         terminate!();
     }

@@ -2,7 +2,7 @@
 
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Linear};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 use moe_kernels::{causal_softmax, multi_head_matmul, rotary, HeadLayout};
 
 use crate::decoder::{DecoderConfig, PositionKind, RotaryPairing};
@@ -122,7 +122,8 @@ impl CausalSelfAttention {
         if let Some(settings) = self.rotary {
             // Rotated before the heads are split, while the rows are still contiguous; one
             // head's tables serve every head of the queries and the keys.
-            let tables = rotation_tables(settings.theta, head_dim, start, length, &query.device());
+            let (device, dtype) = (query.device(), query.dtype());
+            let tables = rotation_tables(settings.theta, head_dim, start, length, &device, dtype);
             query = rotate(query, settings, &tables, heads, head_dim);
             key = rotate(key, settings, &tables, self.num_kv_heads, head_dim);
         }
@@ -174,10 +175,11 @@ fn repeat_heads(x: Tensor<4>, groups: usize) -> Tensor<4> {
 }
 
 /// Rotary positions on `x: [batch, length, heads * head_dim]` by one head's `(cos, sin)`
-/// tables ([`rotation_tables`]), each head rotated alike. The half-split pairing is brought to the adjacent one by reordering each head's
-/// coordinates `(x_0 .. x_{d/2-1}, x_{d/2} .. x_{d-1})` into `(x_0, x_{d/2}, x_1, ...)`;
-/// queries and keys are reordered alike, so their dot products, and so attention, are those of
-/// the half-split rotation.
+/// tables ([`rotation_tables`], in `x`'s dtype), each head rotated alike. The half-split
+/// pairing is brought to the adjacent one by reordering each head's coordinates
+/// `(x_0 .. x_{d/2-1}, x_{d/2} .. x_{d-1})` into `(x_0, x_{d/2}, x_1, ...)`; queries and keys
+/// are reordered alike, so their dot products, and so attention, are those of the half-split
+/// rotation.
 fn rotate(
     x: Tensor<3>,
     settings: RotarySettings,
@@ -193,22 +195,23 @@ fn rotate(
             .swap_dims(3, 4)
             .reshape([batch, length, width]),
     };
-    let (cos, sin) = (cos.clone().cast(x.dtype()), sin.clone().cast(x.dtype()));
-    rotary(x, cos, sin)
+    rotary(x, cos.clone(), sin.clone())
 }
 
 /// The cosines and sines of the rotary angles `θ_i p` at positions `p` in `start..start +
 /// length`, with `θ_i = base^(-2i / head_dim)`, `[length, head_dim / 2]`: one head's angles,
 /// which [`rotary`] applies to every head of a `[batch, length, heads * head_dim]` tensor whose
 /// heads are not yet split. Computed in f32, as the reference implementations compute them,
-/// on the host: the tables are small (`length x head_dim / 2`) and an upload launches no
-/// kernel, where building them on the device took seven launches per layer on wgpu.
+/// on the host (the tables are small, `length x head_dim / 2`, and an upload launches no
+/// kernel, where building them on the device took seven launches per layer on wgpu), then
+/// cast once to `dtype`, the queries' and keys'.
 fn rotation_tables(
     base: f64,
     head_dim: usize,
     start: usize,
     length: usize,
     device: &Device,
+    dtype: DType,
 ) -> (Tensor<2>, Tensor<2>) {
     let pairs = head_dim / 2;
     let step = (-2.0 * base.ln() / head_dim as f64) as f32;
@@ -216,8 +219,9 @@ fn rotation_tables(
     let angles: Vec<f32> = (start..start + length)
         .flat_map(|p| frequencies.iter().map(move |f| p as f32 * f))
         .collect();
-    let table =
-        |values: Vec<f32>| Tensor::from_data(TensorData::new(values, [length, pairs]), device);
+    let table = |values: Vec<f32>| {
+        Tensor::<2>::from_data(TensorData::new(values, [length, pairs]), device).cast(dtype)
+    };
     (
         table(angles.iter().map(|a| a.cos()).collect()),
         table(angles.iter().map(|a| a.sin()).collect()),

@@ -69,7 +69,7 @@ pub fn batched_matmul(x: Tensor<3>, w: Tensor<3>) -> Tensor<3> {
 }
 
 /// How [`multi_head_matmul`] stores its `[B, H, M, N]` output (the values are the same either
-/// way; only the backends with their own kernel, flex, follow it).
+/// way; the backends with their own kernel, flex and cube, follow it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HeadLayout {
     /// Row-major `[B, H, M, N]`: each head's matrix in one piece, as a row-wise softmax over
@@ -92,8 +92,10 @@ impl HeadLayout {
 
 /// `y[b, h] = x[b, h] · w[b, h]` for `x: [B, H, M, K]` and `w: [B, H, K, N]`, giving
 /// `[B, H, M, N]` stored as `layout` says; differentiable in both. The operands may be any
-/// views (attention's `swap_dims` of `[B, L, H, d]` projections): flex reads them through their
-/// strides and stores each gradient like its operand.
+/// views (attention's `swap_dims` of `[B, L, H, d]` projections): flex and cube read them
+/// through their strides, and each gradient is stored like its operand where the backend can
+/// see the operand's strides (flex, and cube unfused; under Burn's fusion, which records
+/// operations before their layouts exist, the gradients are stored row-major).
 ///
 /// # Panics
 ///
@@ -114,21 +116,26 @@ pub fn multi_head_matmul(x: Tensor<4>, w: Tensor<4>, layout: HeadLayout) -> Tens
 }
 
 /// Backends that multiply matrices. The default bodies are Burn's matmul; flex overrides them
-/// with GEMM calls that write their output once.
-#[moe_extension]
+/// with GEMM calls that write their output once, cube overrides the multi-head product with a
+/// kernel that reads attention's head views through their strides (Burn's matmul copies them
+/// to contiguous tensors first: about a dozen copies per attention layer and step).
+#[moe_extension(fusion)]
 pub trait MatmulBackend: Backend {
     /// `[M, K] x [K, N] -> [M, N]` (see [`matmul`]).
+    #[fusion(default)]
     fn matmul_2d(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::float_matmul(x, w)
     }
 
     /// `[E, M, K] x [E, K, N] -> [E, M, N]` (see [`batched_matmul`]).
+    #[fusion(default)]
     fn batched_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::float_matmul(x, w)
     }
 
     /// `[B, H, M, K] x [B, H, K, N] -> [B, H, M, N]` (see [`multi_head_matmul`]), stored with
     /// its dimensions in `order` (outermost first) where the backend can.
+    #[fusion(dtype = x, shape = burn::tensor::Shape::new([x[0], x[1], x[2], w[3]]))]
     fn multi_head_matmul(
         x: FloatTensor<Self>,
         w: FloatTensor<Self>,
@@ -141,6 +148,7 @@ pub trait MatmulBackend: Backend {
     /// The dimensions of a rank-4 `x` in the order its storage holds them, outermost first:
     /// where [`multi_head_matmul`]'s backward pass stores `x`'s gradient. Row-major unless the
     /// backend knows better.
+    #[fusion(default)]
     fn storage_order(x: &FloatTensor<Self>) -> [usize; 4] {
         let _ = x;
         [0, 1, 2, 3]
@@ -149,9 +157,6 @@ pub trait MatmulBackend: Backend {
 
 #[cfg(feature = "ndarray")]
 impl MatmulBackend for burn::backend::NdArray {}
-
-#[cfg(feature = "wgpu")]
-impl MatmulBackend for burn::backend::Cube {}
 
 /// Which of the backend's products an operation is.
 #[derive(Debug, Clone, Copy)]

@@ -119,17 +119,24 @@ impl CausalSelfAttention {
             value = value.clamp(-clip, clip);
         }
         let mut value = split(value, self.num_kv_heads);
+        // The scores' scale `1 / sqrt(head_dim)` is applied to the queries rather than the
+        // scores: the same product, on a tensor `keys / head_dim` times smaller. With rotary
+        // positions it rides in the queries' rotation tables (a rotation scaled by `s` is the
+        // rotation of `x` times `s`), which costs no pass over the queries at all.
+        let scale = 1.0 / (head_dim as f64).sqrt();
         if let Some(settings) = self.rotary {
             // Rotated before the heads are split, while the rows are still contiguous; one
             // head's tables serve every head of the queries and the keys.
             let (device, dtype) = (query.device(), query.dtype());
-            let tables = rotation_tables(settings.theta, head_dim, start, length, &device, dtype);
-            query = rotate(query, settings, &tables, heads, head_dim);
-            key = rotate(key, settings, &tables, self.num_kv_heads, head_dim);
+            let angles = RotaryAngles::new(settings.theta, head_dim, start, length);
+            let query_tables = angles.tables(scale, &device, dtype);
+            query = rotate(query, settings, &query_tables, heads, head_dim);
+            let key_tables = angles.tables(1.0, &device, dtype);
+            key = rotate(key, settings, &key_tables, self.num_kv_heads, head_dim);
+        } else {
+            query = query.div_scalar((head_dim as f64).sqrt());
         }
-        // Scaling the queries rather than the scores: the same product, on a tensor
-        // `keys / head_dim` times smaller, and while its rows are contiguous.
-        let query = split(query.div_scalar((head_dim as f64).sqrt()), heads);
+        let query = split(query, heads);
         let mut key = split(key, self.num_kv_heads);
         if let Some(cache) = cache {
             if let Some(past) = cache.take() {
@@ -175,7 +182,7 @@ fn repeat_heads(x: Tensor<4>, groups: usize) -> Tensor<4> {
 }
 
 /// Rotary positions on `x: [batch, length, heads * head_dim]` by one head's `(cos, sin)`
-/// tables ([`rotation_tables`], in `x`'s dtype), each head rotated alike. The half-split
+/// tables ([`RotaryAngles::tables`], in `x`'s dtype), each head rotated alike. The half-split
 /// pairing is brought to the adjacent one by reordering each head's coordinates
 /// `(x_0 .. x_{d/2-1}, x_{d/2} .. x_{d-1})` into `(x_0, x_{d/2}, x_1, ...)`; queries and keys
 /// are reordered alike, so their dot products, and so attention, are those of the half-split
@@ -198,32 +205,43 @@ fn rotate(
     rotary(x, cos.clone(), sin.clone())
 }
 
-/// The cosines and sines of the rotary angles `θ_i p` at positions `p` in `start..start +
-/// length`, with `θ_i = base^(-2i / head_dim)`, `[length, head_dim / 2]`: one head's angles,
-/// which [`rotary`] applies to every head of a `[batch, length, heads * head_dim]` tensor whose
-/// heads are not yet split. Computed in f32, as the reference implementations compute them,
-/// on the host (the tables are small, `length x head_dim / 2`, and an upload launches no
-/// kernel, where building them on the device took seven launches per layer on wgpu), then
-/// cast once to `dtype`, the queries' and keys'.
-fn rotation_tables(
-    base: f64,
-    head_dim: usize,
-    start: usize,
+/// The rotary angles `θ_i p` at positions `p` in `start..start + length`, with
+/// `θ_i = base^(-2i / head_dim)`: one head's angles, `[length, head_dim / 2]`, computed in f32
+/// as the reference implementations compute them, on the host (they are small, and an upload
+/// launches no kernel, where building them on the device took seven launches per layer on
+/// wgpu).
+struct RotaryAngles {
+    angles: Vec<f32>,
     length: usize,
-    device: &Device,
-    dtype: DType,
-) -> (Tensor<2>, Tensor<2>) {
-    let pairs = head_dim / 2;
-    let step = (-2.0 * base.ln() / head_dim as f64) as f32;
-    let frequencies: Vec<f32> = (0..pairs).map(|i| (i as f32 * step).exp()).collect();
-    let angles: Vec<f32> = (start..start + length)
-        .flat_map(|p| frequencies.iter().map(move |f| p as f32 * f))
-        .collect();
-    let table = |values: Vec<f32>| {
-        Tensor::<2>::from_data(TensorData::new(values, [length, pairs]), device).cast(dtype)
-    };
-    (
-        table(angles.iter().map(|a| a.cos()).collect()),
-        table(angles.iter().map(|a| a.sin()).collect()),
-    )
+    pairs: usize,
+}
+
+impl RotaryAngles {
+    fn new(base: f64, head_dim: usize, start: usize, length: usize) -> Self {
+        let pairs = head_dim / 2;
+        let step = (-2.0 * base.ln() / head_dim as f64) as f32;
+        let frequencies: Vec<f32> = (0..pairs).map(|i| (i as f32 * step).exp()).collect();
+        let angles = (start..start + length)
+            .flat_map(|p| frequencies.iter().map(move |f| p as f32 * f))
+            .collect();
+        Self {
+            angles,
+            length,
+            pairs,
+        }
+    }
+
+    /// `(s cos θ, s sin θ)` for the scale `s`, in `dtype` on `device`: the tables [`rotary`]
+    /// applies to every head of a `[batch, length, heads * head_dim]` tensor whose heads are
+    /// not yet split, rotating and scaling by `s` at once. Converted on the host, so no cast
+    /// runs on the device.
+    fn tables(&self, scale: f64, device: &Device, dtype: DType) -> (Tensor<2>, Tensor<2>) {
+        let scale = scale as f32;
+        let table = |f: fn(f32) -> f32| {
+            let values: Vec<f32> = self.angles.iter().map(|&a| scale * f(a)).collect();
+            let data = TensorData::new(values, [self.length, self.pairs]).convert_dtype(dtype);
+            Tensor::<2>::from_data(data, device)
+        };
+        (table(f32::cos), table(f32::sin))
+    }
 }

@@ -21,6 +21,7 @@ mod cross_entropy;
 mod gather_scatter;
 mod grouped_matmul;
 mod index;
+mod matmul;
 mod rms_norm;
 mod rotary;
 mod routing;

@@ -1,10 +1,11 @@
-//! The tiled product the grouped and multi-head matmul kernels share ([`block_product`]): a cube of
-//! `side x side` units computes a `side tm x side tn` block of `A · B`, stepping through the inner
-//! dimension `STEP` at a time. Each step stages a `side tm x STEP` block of `A` and a `STEP x side
-//! tn` block of `B` in shared memory as vectors of 4 (each unit stages `tm STEP / 4 side` and `tn
-//! STEP / 4 side` vectors), then each unit multiplies its own `tm x tn` patch (rows `tm ty..tm (ty
-//! + 1)`, columns `tn tx..tn (tx + 1)`) from registers: per step of the inner dimension it reads
-//! `tm / 4 + tn / 4` vectors from shared memory for `tm tn` multiply-adds.
+//! The tiled product the grouped and multi-head matmul kernels share ([`block_product`]): a
+//! cube of `side x side` units computes a `side tm x side tn` block of `A · B`, stepping
+//! through the inner dimension `STEP` at a time. Each step stages a `side tm x STEP` block of
+//! `A` and a `STEP x side tn` block of `B` in shared memory as vectors of 4 (each unit stages
+//! `tm STEP / 4 side` and `tn STEP / 4 side` vectors), then each unit multiplies its own
+//! `tm x tn` patch (rows `tm ty..tm (ty + 1)`, columns `tn tx..tn (tx + 1)`) from registers:
+//! per step of the inner dimension it reads `tm / 4 + tn / 4` vectors from shared memory for
+//! `tm tn` multiply-adds.
 //!
 //! Products are formed in the operands' type and summed in f32: with f16 operands the
 //! multiplies are f16 (half the conversions of widening each operand) and the sums keep f32's

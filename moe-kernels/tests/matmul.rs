@@ -5,7 +5,9 @@
 //! multi-head products of attention's head-split views stored either way.
 
 use burn::tensor::{Device, FloatDType, Tensor, TensorData};
-use moe_kernels::{batched_matmul, matmul, multi_head_matmul, HeadLayout};
+use moe_kernels::{
+    batched_matmul, matmul, multi_head_matmul, multi_head_matmul_of_views, HeadLayout,
+};
 
 mod common;
 use common::{
@@ -263,7 +265,12 @@ fn check_heads([batch, heads, m, k, n]: [usize; 5]) {
                         dtype,
                         &device,
                     );
-                    let y = multi_head_matmul(x.clone(), w.clone(), layout);
+                    // Row-major operands through the plain form, views with their storage stated.
+                    let y = if (x_order, w_order) == (row_major, row_major) {
+                        multi_head_matmul(x.clone(), w.clone(), layout)
+                    } else {
+                        multi_head_matmul_of_views(x.clone(), x_order, w.clone(), w_order, layout)
+                    };
                     assert_eq!(y.dims(), [batch, heads, m, n], "{what}: shape");
                     let grads = (y.clone() * g).sum().backward();
                     assert_close(

@@ -3,7 +3,7 @@
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Linear};
 use burn::tensor::{DType, Device, Tensor, TensorData};
-use moe_kernels::{causal_softmax, multi_head_matmul, rotary, HeadLayout};
+use moe_kernels::{causal_softmax, multi_head_matmul_of_views, rotary, HeadLayout};
 
 use crate::decoder::{DecoderConfig, PositionKind, RotaryPairing};
 use crate::dropout::apply_dropout;
@@ -138,10 +138,14 @@ impl CausalSelfAttention {
         }
         let query = split(query, heads);
         let mut key = split(key, self.num_kv_heads);
+        // How the keys and values are stored: as views of their projections, unless the cache
+        // or the repeated heads made new (row-major) tensors of them.
+        let mut kv_stored = SPLIT_HEADS;
         if let Some(cache) = cache {
             if let Some(past) = cache.take() {
                 key = Tensor::cat(vec![past.key, key], 2);
                 value = Tensor::cat(vec![past.value, value], 2);
+                kv_stored = ROW_MAJOR;
             }
             *cache = Some(LayerCache {
                 key: key.clone(),
@@ -149,20 +153,47 @@ impl CausalSelfAttention {
             });
         }
         let groups = heads / self.num_kv_heads;
+        if groups > 1 {
+            kv_stored = ROW_MAJOR;
+        }
         let (key, value) = (repeat_heads(key, groups), repeat_heads(value, groups));
 
         // The heads stay views of the `[batch, length, d_model]` projections: the products read
         // them through their strides, the context comes out with each position's heads side
-        // by side, and (on flex) nothing is copied to split or merge the heads.
-        let scores = multi_head_matmul(query, key.swap_dims(2, 3), HeadLayout::Separate);
+        // by side, the gradients are stored as their operands are, and (on flex and cube)
+        // nothing is copied to split or merge the heads either way.
+        let scores = multi_head_matmul_of_views(
+            query,
+            SPLIT_HEADS,
+            key.swap_dims(2, 3),
+            transposed(kv_stored),
+            HeadLayout::Separate,
+        );
         // Query `i` is position `start + i` and sees the keys up to it.
         let weights = causal_softmax(scores, start);
         let weights = apply_dropout(&self.dropout, weights);
-        let context = multi_head_matmul(weights, value, HeadLayout::Merged)
-            .swap_dims(1, 2)
-            .reshape([batch, length, d_model]);
+        let context =
+            multi_head_matmul_of_views(weights, ROW_MAJOR, value, kv_stored, HeadLayout::Merged)
+                .swap_dims(1, 2)
+                .reshape([batch, length, d_model]);
         projection::apply(&self.output, context)
     }
+}
+
+/// The storage order (dimensions outermost first) of `[batch, heads, positions, head_dim]`
+/// heads split from a `[batch, positions, heads * head_dim]` projection.
+const SPLIT_HEADS: [usize; 4] = [0, 2, 1, 3];
+
+/// The storage order of a row-major `[batch, heads, positions, head_dim]` tensor.
+const ROW_MAJOR: [usize; 4] = [0, 1, 2, 3];
+
+/// The storage order of `x.swap_dims(2, 3)` for `x` stored in `order`.
+fn transposed(order: [usize; 4]) -> [usize; 4] {
+    order.map(|dim| match dim {
+        2 => 3,
+        3 => 2,
+        other => other,
+    })
 }
 
 /// `x: [batch, kv_heads, positions, head_dim]` with each head repeated `groups` times in

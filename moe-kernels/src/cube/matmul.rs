@@ -29,7 +29,8 @@ use super::{computes_in_f32, empty_like_shape, GRID_AXIS};
 use crate::matmul::MatmulBackend;
 
 impl MatmulBackend for CubeBackend {
-    fn multi_head_matmul(x: CubeTensor, w: CubeTensor, order: [usize; 4]) -> CubeTensor {
+    fn multi_head_matmul(x: CubeTensor, w: CubeTensor, orders: [[usize; 4]; 3]) -> CubeTensor {
+        let order = orders[0];
         let (x_shape, w_shape) = (x.shape(), w.shape());
         let [batch, heads, rows] = [x_shape[0], x_shape[1], x_shape[2]];
         let columns = w_shape[3];
@@ -78,15 +79,15 @@ impl MatmulBackend for CubeBackend {
         output
     }
 
-    fn storage_order(x: &CubeTensor) -> [usize; 4] {
+    fn storage_order(x: &CubeTensor) -> Option<[usize; 4]> {
         let strides = x.meta.strides();
         if strides.len() != 4 {
-            return [0, 1, 2, 3];
+            return Some([0, 1, 2, 3]);
         }
         // Largest stride first; a tie (a dimension of size 1) keeps the logical order.
         let mut order = [0, 1, 2, 3];
         order.sort_by_key(|&dim| std::cmp::Reverse(strides[dim]));
-        order
+        Some(order)
     }
 }
 

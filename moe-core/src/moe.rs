@@ -524,8 +524,7 @@ impl Moe {
             self.config.d_model
         );
         let num_tokens = shape[..D - 1].iter().product::<usize>();
-        let compete = self.config.gate.is_expert_choice() || !self.config.capacity.dropless;
-        let order = TokenOrder::new(&shape, compete);
+        let order = TokenOrder::new(&shape);
         let tokens = order.flatten(x);
 
         // The router computes in its weights' precision (f32 under mixed precision), as

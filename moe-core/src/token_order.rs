@@ -8,9 +8,7 @@ use burn::tensor::{Bool, Tensor};
 /// batch, then all second positions, ...), so under [`DropPolicy::Position`] a token competes
 /// only with tokens at the same or earlier positions: changing a later token of any sequence
 /// never changes an earlier token's routing, which keeps decoders causal also in batches.
-/// A `[tokens, d_model]` input keeps its order, and so does any input when tokens do not
-/// compete (dropless routing by the tokens' own choice): there each token's routing and output
-/// are its own whatever the order, and keeping it spares a transposing copy each way.
+/// A `[tokens, d_model]` input keeps its order.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct TokenOrder {
     batch: usize,
@@ -18,11 +16,9 @@ pub(crate) struct TokenOrder {
 }
 
 impl TokenOrder {
-    /// The order for an input of `shape`, position-major where the tokens `compete` for
-    /// capacity (a capacity limit, or experts choosing their tokens).
-    pub(crate) fn new(shape: &[usize], compete: bool) -> Self {
+    pub(crate) fn new(shape: &[usize]) -> Self {
         let rank = shape.len();
-        if rank >= 3 && compete {
+        if rank >= 3 {
             Self {
                 batch: shape[..rank - 2].iter().product(),
                 seq: shape[rank - 2],
@@ -30,7 +26,7 @@ impl TokenOrder {
         } else {
             Self {
                 batch: 1,
-                seq: shape[..rank.saturating_sub(1)].iter().product(),
+                seq: shape[0],
             }
         }
     }

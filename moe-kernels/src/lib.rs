@@ -99,10 +99,7 @@ pub use frozen::{
 };
 pub use gather_scatter::{combine_rows, gather_rows, permute_rows, GatherScatterBackend};
 pub use grouped_matmul::{grouped_bias, grouped_matmul, grouped_matmul_held, GroupedMatmulBackend};
-pub use matmul::{
-    batched_matmul, matmul, multi_head_matmul, multi_head_matmul_of_views, HeadLayout,
-    MatmulBackend,
-};
+pub use matmul::{batched_matmul, matmul, multi_head_matmul, HeadLayout, MatmulBackend};
 pub use rms_norm::{rms_norm, RmsNormBackend};
 pub use rotary::{rotary, RotaryBackend};
 pub use routing::{exclusive_cumsum, invert_slots, RoutingBackend};

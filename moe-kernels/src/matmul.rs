@@ -69,7 +69,7 @@ pub fn batched_matmul(x: Tensor<3>, w: Tensor<3>) -> Tensor<3> {
 }
 
 /// How [`multi_head_matmul`] stores its `[B, H, M, N]` output (the values are the same either
-/// way; the backends with their own kernel, flex and cube, follow it).
+/// way; only the backends with their own kernel, flex, follow it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HeadLayout {
     /// Row-major `[B, H, M, N]`: each head's matrix in one piece, as a row-wise softmax over
@@ -92,35 +92,13 @@ impl HeadLayout {
 
 /// `y[b, h] = x[b, h] · w[b, h]` for `x: [B, H, M, K]` and `w: [B, H, K, N]`, giving
 /// `[B, H, M, N]` stored as `layout` says; differentiable in both. The operands may be any
-/// views (attention's `swap_dims` of `[B, L, H, d]` projections): flex and cube read them
-/// through their strides, and each gradient is stored like its operand where the backend can
-/// see the operand's strides (flex, and cube unfused). Under Burn's fusion, which records
-/// operations before their layouts exist, the gradients are stored row-major: where the caller
-/// knows how its operands are stored, [`multi_head_matmul_of_views`] says so.
+/// views (attention's `swap_dims` of `[B, L, H, d]` projections): flex reads them through their
+/// strides and stores each gradient like its operand.
 ///
 /// # Panics
 ///
 /// If the batch or head counts differ or the inner sizes do not match.
 pub fn multi_head_matmul(x: Tensor<4>, w: Tensor<4>, layout: HeadLayout) -> Tensor<4> {
-    multi_head_matmul_of_views(x, ROW_MAJOR, w, ROW_MAJOR, layout)
-}
-
-/// [`multi_head_matmul`] of operands whose storage order the caller states: `x_stored` and
-/// `w_stored` list the operands' dimensions in the order their storage holds them, outermost
-/// first (`[0, 2, 1, 3]` for heads split from `[B, L, H, d]`, `[0, 3, 1, 2]` for their
-/// transpose). Each gradient is stored in its operand's order, so that undoing the split
-/// copies nothing; a backend that sees the strides itself (flex) uses what it sees.
-///
-/// # Panics
-///
-/// As [`multi_head_matmul`].
-pub fn multi_head_matmul_of_views(
-    x: Tensor<4>,
-    x_stored: [usize; 4],
-    w: Tensor<4>,
-    w_stored: [usize; 4],
-    layout: HeadLayout,
-) -> Tensor<4> {
     let ([batch, heads, _, inner], [w_batch, w_heads, w_inner, _]) = (x.dims(), w.dims());
     assert!(
         batch == w_batch && heads == w_heads && inner == w_inner,
@@ -131,58 +109,49 @@ pub fn multi_head_matmul_of_views(
     Tensor::from_dispatch(<Dispatch as MatmulBackend>::multi_head_matmul(
         x.into_dispatch(),
         w.into_dispatch(),
-        [layout.storage_order(), x_stored, w_stored],
+        layout.storage_order(),
     ))
 }
 
-/// The storage order of a row-major rank-4 tensor.
-const ROW_MAJOR: [usize; 4] = [0, 1, 2, 3];
-
 /// Backends that multiply matrices. The default bodies are Burn's matmul; flex overrides them
-/// with GEMM calls that write their output once, cube overrides the multi-head product with a
-/// kernel that reads attention's head views through their strides (Burn's matmul copies them
-/// to contiguous tensors first: about a dozen copies per attention layer and step).
-#[moe_extension(fusion)]
+/// with GEMM calls that write their output once.
+#[moe_extension]
 pub trait MatmulBackend: Backend {
     /// `[M, K] x [K, N] -> [M, N]` (see [`matmul`]).
-    #[fusion(default)]
     fn matmul_2d(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::float_matmul(x, w)
     }
 
     /// `[E, M, K] x [E, K, N] -> [E, M, N]` (see [`batched_matmul`]).
-    #[fusion(default)]
     fn batched_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::float_matmul(x, w)
     }
 
-    /// `[B, H, M, K] x [B, H, K, N] -> [B, H, M, N]` (see [`multi_head_matmul_of_views`]).
-    /// `orders` lists dimensions outermost first: `orders[0]` is the order to store the output
-    /// in, where the backend can; `orders[1]` and `orders[2]` are the caller's word on how `x`
-    /// and `w` are stored (the backward pass stores their gradients so when
-    /// [`MatmulBackend::storage_order`] cannot see it).
-    #[fusion(dtype = x, shape = burn::tensor::Shape::new([x[0], x[1], x[2], w[3]]))]
+    /// `[B, H, M, K] x [B, H, K, N] -> [B, H, M, N]` (see [`multi_head_matmul`]), stored with
+    /// its dimensions in `order` (outermost first) where the backend can.
     fn multi_head_matmul(
         x: FloatTensor<Self>,
         w: FloatTensor<Self>,
-        orders: [[usize; 4]; 3],
+        order: [usize; 4],
     ) -> FloatTensor<Self> {
-        let _ = orders;
+        let _ = order;
         Self::float_matmul(x, w)
     }
 
-    /// The dimensions of a rank-4 `x` in the order its storage holds them, outermost first,
-    /// where the backend can see its strides (`None` where it cannot: Burn's fusion records
-    /// operations before their layouts exist).
-    #[fusion(default)]
-    fn storage_order(x: &FloatTensor<Self>) -> Option<[usize; 4]> {
+    /// The dimensions of a rank-4 `x` in the order its storage holds them, outermost first:
+    /// where [`multi_head_matmul`]'s backward pass stores `x`'s gradient. Row-major unless the
+    /// backend knows better.
+    fn storage_order(x: &FloatTensor<Self>) -> [usize; 4] {
         let _ = x;
-        None
+        [0, 1, 2, 3]
     }
 }
 
 #[cfg(feature = "ndarray")]
 impl MatmulBackend for burn::backend::NdArray {}
+
+#[cfg(feature = "wgpu")]
+impl MatmulBackend for burn::backend::Cube {}
 
 /// Which of the backend's products an operation is.
 #[derive(Debug, Clone, Copy)]
@@ -210,7 +179,7 @@ impl Product {
         match self {
             Product::Matrix => B::matmul_2d(x, w),
             Product::Batched => B::batched_matmul(x, w),
-            Product::Heads { .. } => B::multi_head_matmul(x, w, [order, ROW_MAJOR, ROW_MAJOR]),
+            Product::Heads { .. } => B::multi_head_matmul(x, w, order),
         }
     }
 
@@ -218,7 +187,7 @@ impl Product {
     fn gradient_orders(self) -> [[usize; 4]; 2] {
         match self {
             Product::Heads { x_order, w_order } => [x_order, w_order],
-            Product::Matrix | Product::Batched => [ROW_MAJOR; 2],
+            Product::Matrix | Product::Batched => [[0, 1, 2, 3]; 2],
         }
     }
 }
@@ -298,16 +267,16 @@ impl<B: Backend + MatmulBackend, C: CheckpointStrategy> MatmulBackend for Autodi
     fn multi_head_matmul(
         x: FloatTensor<Self>,
         w: FloatTensor<Self>,
-        [order, x_stored, w_stored]: [[usize; 4]; 3],
+        order: [usize; 4],
     ) -> FloatTensor<Self> {
         let product = Product::Heads {
-            x_order: B::storage_order(x.primitive()).unwrap_or(x_stored),
-            w_order: B::storage_order(w.primitive()).unwrap_or(w_stored),
+            x_order: B::storage_order(x.primitive()),
+            w_order: B::storage_order(w.primitive()),
         };
         tracked_product::<B, C>(x, w, product, order)
     }
 
-    fn storage_order(x: &FloatTensor<Self>) -> Option<[usize; 4]> {
+    fn storage_order(x: &FloatTensor<Self>) -> [usize; 4] {
         B::storage_order(x.primitive())
     }
 }

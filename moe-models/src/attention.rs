@@ -3,7 +3,7 @@
 use burn::module::Module;
 use burn::nn::{Dropout, DropoutConfig, Linear};
 use burn::tensor::{DType, Device, Tensor, TensorData};
-use moe_kernels::{causal_softmax, multi_head_matmul_of_views, rotary, HeadLayout};
+use moe_kernels::{causal_softmax, multi_head_matmul, rotary, HeadLayout};
 
 use crate::decoder::{DecoderConfig, PositionKind, RotaryPairing};
 use crate::dropout::apply_dropout;
@@ -119,33 +119,22 @@ impl CausalSelfAttention {
             value = value.clamp(-clip, clip);
         }
         let mut value = split(value, self.num_kv_heads);
-        // The scores' scale `1 / sqrt(head_dim)` is applied to the queries rather than the
-        // scores: the same product, on a tensor `keys / head_dim` times smaller. With rotary
-        // positions it rides in the queries' rotation tables (a rotation scaled by `s` is the
-        // rotation of `x` times `s`), which costs no pass over the queries at all.
-        let scale = 1.0 / (head_dim as f64).sqrt();
         if let Some(settings) = self.rotary {
             // Rotated before the heads are split, while the rows are still contiguous; one
             // head's tables serve every head of the queries and the keys.
             let (device, dtype) = (query.device(), query.dtype());
-            let angles = RotaryAngles::new(settings.theta, head_dim, start, length);
-            let query_tables = angles.tables(scale, &device, dtype);
-            query = rotate(query, settings, &query_tables, heads, head_dim);
-            let key_tables = angles.tables(1.0, &device, dtype);
-            key = rotate(key, settings, &key_tables, self.num_kv_heads, head_dim);
-        } else {
-            query = query.div_scalar((head_dim as f64).sqrt());
+            let tables = rotation_tables(settings.theta, head_dim, start, length, &device, dtype);
+            query = rotate(query, settings, &tables, heads, head_dim);
+            key = rotate(key, settings, &tables, self.num_kv_heads, head_dim);
         }
-        let query = split(query, heads);
+        // Scaling the queries rather than the scores: the same product, on a tensor
+        // `keys / head_dim` times smaller, and while its rows are contiguous.
+        let query = split(query.div_scalar((head_dim as f64).sqrt()), heads);
         let mut key = split(key, self.num_kv_heads);
-        // How the keys and values are stored: as views of their projections, unless the cache
-        // or the repeated heads made new (row-major) tensors of them.
-        let mut kv_stored = SPLIT_HEADS;
         if let Some(cache) = cache {
             if let Some(past) = cache.take() {
                 key = Tensor::cat(vec![past.key, key], 2);
                 value = Tensor::cat(vec![past.value, value], 2);
-                kv_stored = ROW_MAJOR;
             }
             *cache = Some(LayerCache {
                 key: key.clone(),
@@ -153,47 +142,20 @@ impl CausalSelfAttention {
             });
         }
         let groups = heads / self.num_kv_heads;
-        if groups > 1 {
-            kv_stored = ROW_MAJOR;
-        }
         let (key, value) = (repeat_heads(key, groups), repeat_heads(value, groups));
 
         // The heads stay views of the `[batch, length, d_model]` projections: the products read
         // them through their strides, the context comes out with each position's heads side
-        // by side, the gradients are stored as their operands are, and (on flex and cube)
-        // nothing is copied to split or merge the heads either way.
-        let scores = multi_head_matmul_of_views(
-            query,
-            SPLIT_HEADS,
-            key.swap_dims(2, 3),
-            transposed(kv_stored),
-            HeadLayout::Separate,
-        );
+        // by side, and (on flex) nothing is copied to split or merge the heads.
+        let scores = multi_head_matmul(query, key.swap_dims(2, 3), HeadLayout::Separate);
         // Query `i` is position `start + i` and sees the keys up to it.
         let weights = causal_softmax(scores, start);
         let weights = apply_dropout(&self.dropout, weights);
-        let context =
-            multi_head_matmul_of_views(weights, ROW_MAJOR, value, kv_stored, HeadLayout::Merged)
-                .swap_dims(1, 2)
-                .reshape([batch, length, d_model]);
+        let context = multi_head_matmul(weights, value, HeadLayout::Merged)
+            .swap_dims(1, 2)
+            .reshape([batch, length, d_model]);
         projection::apply(&self.output, context)
     }
-}
-
-/// The storage order (dimensions outermost first) of `[batch, heads, positions, head_dim]`
-/// heads split from a `[batch, positions, heads * head_dim]` projection.
-const SPLIT_HEADS: [usize; 4] = [0, 2, 1, 3];
-
-/// The storage order of a row-major `[batch, heads, positions, head_dim]` tensor.
-const ROW_MAJOR: [usize; 4] = [0, 1, 2, 3];
-
-/// The storage order of `x.swap_dims(2, 3)` for `x` stored in `order`.
-fn transposed(order: [usize; 4]) -> [usize; 4] {
-    order.map(|dim| match dim {
-        2 => 3,
-        3 => 2,
-        other => other,
-    })
 }
 
 /// `x: [batch, kv_heads, positions, head_dim]` with each head repeated `groups` times in
@@ -213,7 +175,7 @@ fn repeat_heads(x: Tensor<4>, groups: usize) -> Tensor<4> {
 }
 
 /// Rotary positions on `x: [batch, length, heads * head_dim]` by one head's `(cos, sin)`
-/// tables ([`RotaryAngles::tables`], in `x`'s dtype), each head rotated alike. The half-split
+/// tables ([`rotation_tables`], in `x`'s dtype), each head rotated alike. The half-split
 /// pairing is brought to the adjacent one by reordering each head's coordinates
 /// `(x_0 .. x_{d/2-1}, x_{d/2} .. x_{d-1})` into `(x_0, x_{d/2}, x_1, ...)`; queries and keys
 /// are reordered alike, so their dot products, and so attention, are those of the half-split
@@ -236,43 +198,32 @@ fn rotate(
     rotary(x, cos.clone(), sin.clone())
 }
 
-/// The rotary angles `θ_i p` at positions `p` in `start..start + length`, with
-/// `θ_i = base^(-2i / head_dim)`: one head's angles, `[length, head_dim / 2]`, computed in f32
-/// as the reference implementations compute them, on the host (they are small, and an upload
-/// launches no kernel, where building them on the device took seven launches per layer on
-/// wgpu).
-struct RotaryAngles {
-    angles: Vec<f32>,
+/// The cosines and sines of the rotary angles `θ_i p` at positions `p` in `start..start +
+/// length`, with `θ_i = base^(-2i / head_dim)`, `[length, head_dim / 2]`: one head's angles,
+/// which [`rotary`] applies to every head of a `[batch, length, heads * head_dim]` tensor whose
+/// heads are not yet split. Computed in f32, as the reference implementations compute them,
+/// on the host (the tables are small, `length x head_dim / 2`, and an upload launches no
+/// kernel, where building them on the device took seven launches per layer on wgpu), then
+/// cast once to `dtype`, the queries' and keys'.
+fn rotation_tables(
+    base: f64,
+    head_dim: usize,
+    start: usize,
     length: usize,
-    pairs: usize,
-}
-
-impl RotaryAngles {
-    fn new(base: f64, head_dim: usize, start: usize, length: usize) -> Self {
-        let pairs = head_dim / 2;
-        let step = (-2.0 * base.ln() / head_dim as f64) as f32;
-        let frequencies: Vec<f32> = (0..pairs).map(|i| (i as f32 * step).exp()).collect();
-        let angles = (start..start + length)
-            .flat_map(|p| frequencies.iter().map(move |f| p as f32 * f))
-            .collect();
-        Self {
-            angles,
-            length,
-            pairs,
-        }
-    }
-
-    /// `(s cos θ, s sin θ)` for the scale `s`, in `dtype` on `device`: the tables [`rotary`]
-    /// applies to every head of a `[batch, length, heads * head_dim]` tensor whose heads are
-    /// not yet split, rotating and scaling by `s` at once. Converted on the host, so no cast
-    /// runs on the device.
-    fn tables(&self, scale: f64, device: &Device, dtype: DType) -> (Tensor<2>, Tensor<2>) {
-        let scale = scale as f32;
-        let table = |f: fn(f32) -> f32| {
-            let values: Vec<f32> = self.angles.iter().map(|&a| scale * f(a)).collect();
-            let data = TensorData::new(values, [self.length, self.pairs]).convert_dtype(dtype);
-            Tensor::<2>::from_data(data, device)
-        };
-        (table(f32::cos), table(f32::sin))
-    }
+    device: &Device,
+    dtype: DType,
+) -> (Tensor<2>, Tensor<2>) {
+    let pairs = head_dim / 2;
+    let step = (-2.0 * base.ln() / head_dim as f64) as f32;
+    let frequencies: Vec<f32> = (0..pairs).map(|i| (i as f32 * step).exp()).collect();
+    let angles: Vec<f32> = (start..start + length)
+        .flat_map(|p| frequencies.iter().map(move |f| p as f32 * f))
+        .collect();
+    let table = |values: Vec<f32>| {
+        Tensor::<2>::from_data(TensorData::new(values, [length, pairs]), device).cast(dtype)
+    };
+    (
+        table(angles.iter().map(|a| a.cos()).collect()),
+        table(angles.iter().map(|a| a.sin()).collect()),
+    )
 }

@@ -26,7 +26,7 @@
 //! | `reduce_chunks_kernel` | `ceil(K N / u) x E` x `u` | unit 0: `E + 1` offsets; each: its group's chunk count, `ceil(rows / R)`, additions |
 //! | `grouped_bias_kernel` | `S` x `min(N, u)` | unit 0: `E + 1` offsets; each: `ceil(N / u)` additions |
 //!
-//! `b x b` units of `tm x tn` sums each ([`Tiling`](super::tile::Tiling): 16 x 16 units of up to 8 x 8 on a GPU,
+//! `b x b` units of `tm x tn` sums each ([`Tiling`]: 16 x 16 units of up to 8 x 8 on a GPU,
 //! 8 x 8 of up to 16 x 16 on llvmpipe). The cubes of the first kernel past the groups' tiles
 //! write the zeros of the rows no group covers (`tm tn` each). `u` is 256 (or fewer where the
 //! device allows fewer). `R` is 256 unless the chunk sums would
@@ -35,15 +35,101 @@
 use burn::backend::wgpu::{CubeBackend, CubeTensor};
 use burn::backend::TensorMetadata;
 use burn::tensor::Shape;
+use cubecl::client::Client;
 use cubecl::prelude::*;
 use cubecl::{CubeCount, CubeDim};
 
 use burn::tensor::DType;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 
-use super::tile::{block_product, patch_sum, BlockView, Tiling, STEP};
+use super::tile::{multiply, patch_sum, stage, zero_sums, BlockView, Quad, STEP, WIDTH};
 use super::{cube_row, empty_like_shape, float_and_int_dtypes, one_cube_per_row, scan_units};
+use crate::adapter::SHARED_MEMORY_BYTES;
 use crate::grouped_matmul::GroupedMatmulBackend;
+
+/// How a product is tiled: a cube of `side x side` units, each computing a `tm x tn` patch,
+/// so a cube's block is `side tm x side tn`.
+///
+/// On a GPU: 16 x 16 units of up to 8 x 8, the classic register-blocked SGEMM shape (64 f32
+/// sums per thread). On a software rasteriser (llvmpipe, which runs a workgroup's invocations
+/// as SIMD lanes of one CPU thread, every shared-memory read a gather): 8 x 8 units of up to
+/// 16 x 16, the shape that measured fastest there (BENCHMARKS.md, W7): fewer invocations per
+/// barrier and more multiply-adds per vector read. Patches shrink (to 4) where the output is
+/// narrower than the block. `BURN_MOE_TILING=side,tm,tn` overrides it
+/// (for measurements; tilings the kernels cannot run are ignored). The tiling changes speed,
+/// never results beyond rounding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Tiling {
+    side: usize,
+    tm: usize,
+    tn: usize,
+}
+
+impl Tiling {
+    /// The tiling for an output of about `rows` rows per group and `columns` columns on
+    /// `client`'s device: patches no taller or wider than the output needs.
+    fn choose(client: &Client, rows: usize, columns: usize) -> Self {
+        if let Some(tiling) = Self::overridden() {
+            return tiling;
+        }
+        let software = client.properties().identity.physical.is_none();
+        let (side, largest) = if software { (8, 16) } else { (16, 8) };
+        // The smallest patch of whole vectors whose block covers `extent`, at most `largest`.
+        let patch = |extent: usize| {
+            let mut patch = WIDTH;
+            while patch < largest && side * patch < extent {
+                patch *= 2;
+            }
+            patch
+        };
+        Self {
+            side,
+            tm: patch(rows),
+            tn: patch(columns),
+        }
+    }
+
+    fn overridden() -> Option<Self> {
+        let text = std::env::var("BURN_MOE_TILING").ok()?;
+        let parts: Vec<usize> = text
+            .split(',')
+            .filter_map(|part| part.trim().parse().ok())
+            .collect();
+        let [side, tm, tn] = parts[..] else {
+            return None;
+        };
+        let tiling = Self { side, tm, tn };
+        tiling.runs().then_some(tiling)
+    }
+
+    /// Whether the kernels can run it: patches of whole vectors, at most 256 units, every
+    /// unit staging whole vectors, and the two staged blocks within 16 KiB of f32.
+    fn runs(&self) -> bool {
+        let Self { side, tm, tn } = *self;
+        let units = side * side;
+        side > 0
+            && tm % WIDTH == 0
+            && tn % WIDTH == 0
+            && tm > 0
+            && tn > 0
+            && units <= 256
+            && (side * tm / WIDTH * STEP).is_multiple_of(units)
+            && (side * tn / WIDTH * STEP).is_multiple_of(units)
+            && side * (tm + tn) * STEP * 4 <= SHARED_MEMORY_BYTES as usize
+    }
+
+    fn block_rows(&self) -> usize {
+        self.side * self.tm
+    }
+
+    fn block_columns(&self) -> usize {
+        self.side * self.tn
+    }
+
+    fn cube_dim(&self) -> CubeDim {
+        CubeDim::new_2d(self.side as u32, self.side as u32)
+    }
+}
 
 /// Whether dimension `contiguous` of `tensor` is the one with stride 1 (read along it).
 fn along(tensor: &CubeTensor, contiguous: usize) -> bool {
@@ -410,31 +496,31 @@ fn grouped_matmul_kernel<F: Float, I: Int>(
     }
     let (x_row, x_column) = (x.stride(0), x.stride(1));
     let (w_row, w_column) = (w.stride(1), w.stride(2));
-    let x_view = BlockView {
-        base: first_row * x_row,
-        m_stride: x_row,
-        s_stride: x_column,
-        m_count: group_end - first_row,
-        s_count: inner,
-    };
-    let w_view = BlockView {
-        base: expert * w.stride(0) + first_column * w_column,
-        m_stride: w_column,
-        s_stride: w_row,
-        m_count: columns - first_column,
-        s_count: inner,
-    };
-    let sums = block_product(
-        x,
-        x_view,
-        w,
-        w_view,
-        side,
-        tm,
-        tn,
-        x_along_rows,
-        w_along_columns,
-    );
+    let w_start = expert * w.stride(0) + first_column * w_column;
+    let mut x_block = Shared::<[Quad<F>]>::new_slice(comptime!(side * tm * STEP / WIDTH));
+    let mut w_block = Shared::<[Quad<F>]>::new_slice(comptime!(side * tn * STEP / WIDTH));
+    let mut sums = zero_sums(tm, tn);
+    for k0 in range_stepped(0, inner, STEP) {
+        let x_view = BlockView {
+            base: first_row * x_row + k0 * x_column,
+            m_stride: x_row,
+            s_stride: x_column,
+            m_count: group_end - first_row,
+            s_count: inner - k0,
+        };
+        let w_view = BlockView {
+            base: w_start + k0 * w_row,
+            m_stride: w_column,
+            s_stride: w_row,
+            m_count: columns - first_column,
+            s_count: inner - k0,
+        };
+        stage(x, x_view, &mut x_block, bm, x_along_rows, side);
+        stage(w, w_view, &mut w_block, bn, w_along_columns, side);
+        sync_cube();
+        multiply(&x_block, &w_block, &mut sums, tm, tn, side);
+        sync_cube();
+    }
     // Through the strides: the zero-filled output may have padded rows.
     let (ty, tx) = (UNIT_POS_Y as usize, UNIT_POS_X as usize);
     let (out_row, out_column) = (output.stride(0), output.stride(1));
@@ -489,32 +575,38 @@ fn grouped_weight_grad_kernel<F: Float, I: Int>(
     let first_column = CUBE_POS_Y as usize * bn;
     let (x_row, x_column) = (x.stride(0), x.stride(1));
     let (grad_row, grad_column) = (grad.stride(0), grad.stride(1));
-    // The inner dimension is the chunk's rows: x's block is its transpose.
-    let x_view = BlockView {
-        base: start * x_row + first_k * x_column,
-        m_stride: x_column,
-        s_stride: x_row,
-        m_count: inner - first_k,
-        s_count: end - start,
-    };
-    let grad_view = BlockView {
-        base: start * grad_row + first_column * grad_column,
-        m_stride: grad_column,
-        s_stride: grad_row,
-        m_count: columns - first_column,
-        s_count: end - start,
-    };
-    let sums = block_product(
-        x,
-        x_view,
-        grad,
-        grad_view,
-        side,
-        tm,
-        tn,
-        x_along_columns,
-        grad_along_columns,
-    );
+    let mut x_block = Shared::<[Quad<F>]>::new_slice(comptime!(side * tm * STEP / WIDTH));
+    let mut grad_block = Shared::<[Quad<F>]>::new_slice(comptime!(side * tn * STEP / WIDTH));
+    let mut sums = zero_sums(tm, tn);
+    for r0 in range_stepped(start, end, STEP) {
+        // The inner dimension is the rows: x's block is its transpose.
+        let x_view = BlockView {
+            base: r0 * x_row + first_k * x_column,
+            m_stride: x_column,
+            s_stride: x_row,
+            m_count: inner - first_k,
+            s_count: end - r0,
+        };
+        let grad_view = BlockView {
+            base: r0 * grad_row + first_column * grad_column,
+            m_stride: grad_column,
+            s_stride: grad_row,
+            m_count: columns - first_column,
+            s_count: end - r0,
+        };
+        stage(x, x_view, &mut x_block, bm, x_along_columns, side);
+        stage(
+            grad,
+            grad_view,
+            &mut grad_block,
+            bn,
+            grad_along_columns,
+            side,
+        );
+        sync_cube();
+        multiply(&x_block, &grad_block, &mut sums, tm, tn, side);
+        sync_cube();
+    }
     let (ty, tx) = (UNIT_POS_Y as usize, UNIT_POS_X as usize);
     #[unroll]
     for i in 0..tm {

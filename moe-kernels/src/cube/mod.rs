@@ -21,7 +21,6 @@ mod cross_entropy;
 mod gather_scatter;
 mod grouped_matmul;
 mod index;
-mod matmul;
 mod rms_norm;
 mod rotary;
 mod routing;

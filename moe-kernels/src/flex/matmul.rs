@@ -43,8 +43,7 @@ impl MatmulBackend for Flex {
             .unwrap_or_else(|| Flex::float_matmul(x, w))
     }
 
-    fn multi_head_matmul(x: FlexTensor, w: FlexTensor, orders: [StorageOrder; 3]) -> FlexTensor {
-        let order = orders[0];
+    fn multi_head_matmul(x: FlexTensor, w: FlexTensor, order: StorageOrder) -> FlexTensor {
         let (x_shape, w_shape) = (x.shape(), w.shape());
         let [batch, heads, rows, inner] = [x_shape[0], x_shape[1], x_shape[2], x_shape[3]];
         let columns = w_shape[3];
@@ -61,14 +60,14 @@ impl MatmulBackend for Flex {
             .unwrap_or_else(|| Flex::float_matmul(x, w))
     }
 
-    fn storage_order(x: &FlexTensor) -> Option<StorageOrder> {
+    fn storage_order(x: &FlexTensor) -> StorageOrder {
         let strides = x.layout().strides();
         if strides.len() != 4 {
-            return Some(ROW_MAJOR);
+            return ROW_MAJOR;
         }
         // Largest stride first; a tie (a dimension of size 1) keeps the logical order.
         let mut order = ROW_MAJOR;
         order.sort_by_key(|&dim| std::cmp::Reverse(strides[dim].unsigned_abs()));
-        Some(order)
+        order
     }
 }
